@@ -45,6 +45,16 @@ def test_jsonl_parquet_and_dataset_dirs_give_one_document_per_row(tmp_path: Path
     assert docs == ["j1", "j2", "p1", "p2", "d1", "d2"]
 
 
+def test_a_plain_data_dir_goes_through_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # keep ~/.cache clean
+    (tmp_path / "shards").mkdir()
+    _write_jsonl(tmp_path / "shards" / "part0.jsonl", [{"text": "s1"}, {"text": "s2"}])
+    _write_jsonl(tmp_path / "shards" / "part1.jsonl", [{"text": "s3"}])
+    assert sorted(iter_documents([tmp_path / "shards"])) == ["s1", "s2", "s3"]
+
+
 def test_missing_and_empty_inputs_are_reported_together(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").touch()
     (tmp_path / "emptydir").mkdir()
