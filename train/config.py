@@ -1,0 +1,332 @@
+"""The job configuration: a YAML recipe plus ``key=value`` overrides, validated before anything runs.
+
+A recipe has one section per concern (``model``, ``data``, ``train``, ``parallel``, ``log``, ``sample``).
+Every field carries a one-line ``help``; unknown keys, wrong types and impossible values are reported as one
+``ConfigError`` that names the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model import ModelArgs, ModelConfigError, get_preset
+
+
+class ConfigError(ValueError):
+    """A recipe, override or DeepSpeed config that cannot run; the message says which key and what to do."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelSection:
+    preset: str = _f("tiny", "Named ModelArgs preset (model/args.py PRESETS); other keys here override its fields.")
+    overrides: dict[str, Any] = _f({}, "ModelArgs fields that replace the preset's (written inline in YAML).")
+
+
+@dataclass
+class DataSection:
+    corpus: str = _f("shakespeare", "Built-in corpus to fetch and prepare ('shakespeare'), or 'files' to use `files`.")
+    files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (when corpus='files').")
+    text_field: str = _f("text", "Field holding the document text in JSONL, parquet and HF datasets.")
+    tokenizer: str | None = _f(None, "Local HF tokenizer directory; None trains a byte-level BPE on the corpus.")
+    vocab_size: int = _f(2048, "Vocabulary size of the BPE trained when `tokenizer` is None.")
+    prepared_dir: str | None = _f(None, "Prepared token data directory; None derives one under cache_dir.")
+    cache_dir: str = _f(".cache/tessera", "Where corpora, trained tokenizers and prepared data are cached.")
+    val_fraction: float = _f(0.05, "Fraction of documents held out for validation when preparing.")
+    split_seed: int = _f(0, "Seed of the document-level train/validation split (independent of train.seed).")
+    seq_len: int = _f(256, "Training sequence length in tokens (at most model.max_seq_len).")
+    sampling: str = _f("random", "'blocks': disjoint consecutive blocks; 'random': blocks at random offsets.")
+    samples_per_epoch: int | None = _f(None, "Samples in one pass for sampling='random' (None: tokens / seq_len).")
+
+
+@dataclass
+class TrainSection:
+    steps: int = _f(1000, "Optimizer steps to run.")
+    global_batch_size: int = _f(32, "Sequences per optimizer step over all data-parallel ranks.")
+    micro_batch_size: int = _f(8, "Sequences per forward/backward on one rank; accumulation makes up the rest.")
+    lr: float = _f(1e-3, "Peak learning rate after warm-up.")
+    min_lr: float = _f(1e-4, "Learning rate at the end of the cosine decay.")
+    warmup_steps: int = _f(100, "Linear warm-up steps from 0 to lr.")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (norms and biases are never decayed).")
+    beta1: float = _f(0.9, "AdamW beta1.")
+    beta2: float = _f(0.95, "AdamW beta2.")
+    eps: float = _f(1e-8, "AdamW epsilon.")
+    grad_clip: float = _f(1.0, "Global gradient-norm clipping threshold (0 disables).")
+    seed: int = _f(1337, "Seed for weight initialisation, data order and sampling.")
+    eval_interval: int = _f(200, "Evaluate validation loss every this many steps (0: only at the end).")
+    eval_batches: int = _f(20, "Validation micro-batches per evaluation, split across data-parallel ranks.")
+    log_interval: int = _f(10, "Write a metrics row every this many steps.")
+    save_interval: int = _f(0, "Save a checkpoint every this many steps (0: only at the end).")
+    out_dir: str = _f("runs/shakespeare", "Run directory: checkpoints, metrics.jsonl, resolved config, wandb.")
+
+
+@dataclass
+class ParallelSection:
+    tp: int = _f(1, "Tensor-parallel degree (ranks that split each layer).")
+    pp: int = _f(1, "Pipeline-parallel degree (stages the layer list is cut into).")
+
+
+@dataclass
+class LogSection:
+    wandb: str = _f("offline", "wandb mode: 'offline' (local files), 'online', or 'disabled'.")
+    wandb_project: str = _f("tessera", "wandb project name.")
+    run_name: str | None = _f(None, "Run name for wandb and plots (None: the out_dir's name).")
+    progress: bool = _f(True, "Show a progress bar on rank 0.")
+
+
+@dataclass
+class SampleSection:
+    prompt: str = _f("ROMEO:", "Prompt for the sample generated at the end of training.")
+    max_new_tokens: int = _f(120, "Tokens to generate for the final sample (0 skips it).")
+    temperature: float = _f(0.8, "Sampling temperature (0: greedy).")
+    top_k: int | None = _f(50, "Keep only the k most likely tokens (None: off).")
+    top_p: float | None = _f(None, "Nucleus sampling threshold (None: off).")
+    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages tokens already in the sequence.")
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    log: LogSection = field(default_factory=LogSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def model_args(self, vocab_size: int | None = None) -> ModelArgs:
+        """The preset with this recipe's overrides (and the tokenizer's vocab size when given), validated."""
+        args = dataclasses.replace(get_preset(self.model.preset), **self.model.overrides)
+        if vocab_size is not None and "vocab_size" not in self.model.overrides:
+            args = dataclasses.replace(args, vocab_size=vocab_size)
+        try:
+            args.validate()
+        except ModelConfigError as e:
+            raise ConfigError(f"model: {e}") from None
+        return args
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = {"preset": self.model.preset, **self.model.overrides}
+        return d
+
+
+# ----------------------------------------------------------------------------- parsing and validation
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(where, value, opt)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single path is a list of one
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{where}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return str(value)
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def _section_from_dict(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"Unknown config key '{name}.{key}'.{_suggest(key, names)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _model_section(raw: Any) -> ModelSection:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: expected a mapping of keys, got {raw!r}.")
+    raw = dict(raw)
+    preset = raw.pop("preset", ModelSection.preset)
+    arg_fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
+    hints = typing.get_type_hints(ModelArgs)
+    overrides = {}
+    for key, value in raw.items():
+        if key not in arg_fields:
+            raise ConfigError(f"Unknown config key 'model.{key}'.{_suggest(key, ['preset', *arg_fields])}")
+        overrides[key] = _coerce(f"model.{key}", value, hints[key])
+    return ModelSection(preset=str(preset), overrides=overrides)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataSection,
+    "train": TrainSection,
+    "parallel": ParallelSection,
+    "log": LogSection,
+    "sample": SampleSection,
+}
+
+
+def config_from_dict(raw: dict[str, Any]) -> JobConfig:
+    """Build and validate a JobConfig from a nested dict (the parsed YAML with overrides applied)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"A recipe must be a mapping of sections, got {type(raw).__name__}.")
+    known = ["model", *_SECTIONS]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"Unknown config section '{key}'.{_suggest(key, known)}")
+    cfg = JobConfig(
+        model=_model_section(raw.get("model")),
+        **{k: _section_from_dict(k, cls, raw.get(k)) for k, cls in _SECTIONS.items()},
+    )
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override to the nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"Override '{override}' is not of the form section.key=value (e.g. train.lr=3e-4).")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"Override key '{dotted}' must be section.key (e.g. train.steps=100, model.n_layers=2).")
+    section, key = parts
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"Override '{override}': section '{section}' is not a mapping in the recipe.")
+    raw[section][key] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML recipe (None: all defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file. Recipes live in train/configs/.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e}).") from None
+    for o in overrides:
+        apply_override(raw, o)
+    return config_from_dict(raw)
+
+
+def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{where}={value}: must be {bound}.")
+
+
+def validate(cfg: JobConfig) -> None:
+    """Checks that need no device, files or process group; the rest are in ``check_batch_geometry``."""
+    args = cfg.model_args()
+    d, t = cfg.data, cfg.train
+    if d.corpus not in ("shakespeare", "files"):
+        raise ConfigError(f"data.corpus={d.corpus!r}: use 'shakespeare' or 'files' (and list data.files).")
+    if d.corpus == "files" and not d.files:
+        raise ConfigError("data.corpus='files' but data.files is empty: list text/JSONL/parquet files.")
+    if d.sampling not in ("blocks", "random"):
+        raise ConfigError(f"data.sampling={d.sampling!r}: use 'blocks' or 'random'.")
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > args.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is longer than the model allows (model.max_seq_len={args.max_seq_len}): "
+            f"lower data.seq_len or raise model.max_seq_len."
+        )
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction}: must be between 0 and 1 (exclusive).")
+    if d.tokenizer is None and d.vocab_size < 260:
+        raise ConfigError(f"data.vocab_size={d.vocab_size}: a byte-level BPE needs at least 260 tokens.")
+    for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eval_batches", "log_interval"):
+        _positive(f"train.{name}", getattr(t, name))
+    for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "save_interval"):
+        _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine decays from lr to min_lr.")
+    if t.warmup_steps > t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}.")
+    if cfg.log.wandb not in ("offline", "online", "disabled"):
+        raise ConfigError(f"log.wandb={cfg.log.wandb!r}: use 'offline', 'online' or 'disabled'.")
+    _positive("parallel.tp", cfg.parallel.tp)
+    _positive("parallel.pp", cfg.parallel.pp)
+    if cfg.sample.temperature < 0:
+        raise ConfigError(f"sample.temperature={cfg.sample.temperature}: must be >= 0 (0 is greedy).")
+
+
+def check_batch_geometry(cfg: JobConfig, dp_size: int) -> int:
+    """Gradient-accumulation steps for this data-parallel size, or a ConfigError naming the fields."""
+    gb, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if gb % (mb * dp_size):
+        raise ConfigError(
+            f"train.global_batch_size={gb} does not factor into train.micro_batch_size={mb} x accumulation x "
+            f"data-parallel size={dp_size}: choose a global batch that is a multiple of {mb * dp_size}."
+        )
+    return gb // (mb * dp_size)
+
+
+def describe_fields() -> str:
+    """Every recipe key with its default and help line, for ``main.py --help-config``."""
+    lines = []
+    for section, cls in {"model": ModelSection, **_SECTIONS}.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)

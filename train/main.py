@@ -1,0 +1,268 @@
+"""Tessera's one entry point.
+
+    python train/main.py [--config RECIPE.yaml] [--ds_config NAME|PATH] [--resume auto] [section.key=value ...]
+    torchrun --nproc_per_node 2 train/main.py ...
+    deepspeed --num_accelerators 2 train/main.py --ds_config ds_configs/zero3.json ...
+
+Everything that can be checked without a device (recipe, overrides, DeepSpeed config, batch geometry, run
+directory, corpus, tokenizer) is checked first; a problem ends the run with one line and exit code 2,
+before any process group starts or any file is written.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repo root, never from train/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import torch
+import yaml
+
+from model import ModelArgs, ModelConfigError, Transformer, generate
+from parallel.dims import ParallelConfigError, ParallelDims
+from train.checkpoint import checkpoint_root, latest_complete, load_checkpoint, read_meta
+from train.config import ConfigError, JobConfig, describe_fields, load_config
+from train.data import BlockDataset, DataError, GlobalOrder, eval_batches, micro_batches
+from train.data_setup import DataBundle, setup_data
+from train.distributed import DistEnv, device_for, init_distributed, read_env
+from train.ds_config import load_ds_config, resolve_ds_config
+from train.metrics import MetricsLogger
+from train.optim import build_optimizer, build_scheduler, param_groups
+from train.trainer import TrainState, evaluate, train
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
+USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError)
+log = logging.getLogger("tessera")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train/main.py", description="Train a decoder LM with DeepSpeed.")
+    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="YAML recipe (default: %(default)s)")
+    p.add_argument("--ds_config", default=None,
+                   help="DeepSpeed JSON, a path or a name in ds_configs/ (default: cpu without CUDA, else zero0)")
+    p.add_argument("--resume", default="never",
+                   help="'auto': continue from the newest complete checkpoint in train.out_dir if there is one; "
+                        "a checkpoint directory: continue from it; 'never' (default): refuse a used out_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything decided before touching a device."""
+
+    cfg: JobConfig
+    env: DistEnv
+    dims: ParallelDims
+    ds_config: dict[str, Any]
+    bundle: DataBundle
+    model_args: ModelArgs
+    resume_from: Path | None
+
+
+def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
+    out_dir = Path(cfg.train.out_dir)
+    if resume == "auto":
+        return latest_complete(out_dir)
+    if resume == "never":
+        used = checkpoint_root(out_dir).exists() or (out_dir / "metrics.jsonl").exists()
+        if used:
+            raise ConfigError(
+                f"train.out_dir={out_dir} already holds a run: pass --resume auto to continue it, or choose "
+                f"another train.out_dir (nothing there was touched)."
+            )
+        return None
+    tag_dir = Path(resume)
+    if not (tag_dir / "tessera.json").is_file():
+        raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it).")
+    return tag_dir
+
+
+def plan(args: argparse.Namespace) -> Plan:
+    cfg = load_config(args.config, args.overrides)
+    env = read_env(args.local_rank)
+    dims = ParallelDims(env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    dims.require_supported()
+    ds_name = args.ds_config or ("zero0" if torch.cuda.is_available() else "cpu")
+    bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
+    resume_from = _resume_target(cfg, args.resume)
+    bundle = setup_data(cfg)
+    model_args = cfg.model_args(vocab_size=bundle.data.vocab_size)
+    if model_args.vocab_size < bundle.data.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
+                          f"{bundle.data.vocab_size}: remove the override or raise it.")
+    if resume_from is not None:
+        meta = read_meta(resume_from)
+        if meta.get("model_args") != dataclasses.asdict(model_args):
+            raise ConfigError(f"--resume: the checkpoint {resume_from} holds a different model "
+                              f"({meta.get('model_args')}); resume with the recipe it was trained with.")
+        if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
+            raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
+    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from)
+
+
+def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
+    """Build on the meta device, materialise on ``device``, initialise deterministically from ``seed``."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def _setup_logging(env: DistEnv) -> None:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def run(p: Plan) -> dict[str, Any]:
+    import deepspeed
+
+    cfg, env = p.cfg, p.env
+    t = cfg.train
+    out_dir = Path(t.out_dir)
+    init_distributed(env)
+    device = device_for(env)
+    dp_rank, dp_size = env.rank // (p.dims.tp * p.dims.pp), p.dims.dp
+
+    model = build_model(p.model_args, device, t.seed)
+    n_params = sum(x.numel() for x in model.parameters())
+    optimizer = None if "optimizer" in p.ds_config else build_optimizer(model, t)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=None if optimizer is not None else param_groups(model, t.weight_decay),
+        lr_scheduler=lambda opt: build_scheduler(opt, t),
+        config=p.ds_config,
+    )
+
+    meta = {
+        "run_id": uuid.uuid4().hex[:12],
+        "config": cfg.to_dict(),
+        "model_args": dataclasses.asdict(p.model_args),
+        "tokenizer": p.bundle.tokenizer_id,
+        "tokenizer_dir": str(p.bundle.tokenizer_dir),
+        "prepared_dir": str(p.bundle.prepared_dir),
+        "code_version": _code_version(),
+    }
+    state = TrainState(meta=meta)
+    if p.resume_from is not None:
+        saved = load_checkpoint(engine, p.resume_from, rank=env.rank)
+        state.step, state.consumed_samples = int(saved["step"]), int(saved["consumed_samples"])
+        meta["run_id"] = saved.get("run_id", meta["run_id"])
+
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2))
+        log.info("model: %s parameters, %s", f"{n_params:,}", p.model_args)
+        log.info("world %d (dp %d), ZeRO stage %d, grad accumulation %d, %s", env.world_size, dp_size,
+                 engine.zero_optimization_stage(), engine.gradient_accumulation_steps(), device)
+        if p.resume_from is not None:
+            log.info("resumed from %s at step %d (%d samples consumed)", p.resume_from, state.step,
+                     state.consumed_samples)
+
+    logger = MetricsLogger(
+        out_dir, enabled=env.is_main, total_steps=t.steps, start_step=state.step, progress=cfg.log.progress,
+        wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
+        run_name=cfg.log.run_name or out_dir.name, run_id=meta["run_id"], config=cfg.to_dict(),
+    )
+    data = p.bundle.data
+    train_ds = BlockDataset(data.split("train"), cfg.data.seq_len, mode=cfg.data.sampling, seed=t.seed,
+                            num_samples=cfg.data.samples_per_epoch)
+    val_ds = BlockDataset(data.split("val"), cfg.data.seq_len, mode="blocks")
+    order = GlobalOrder(len(train_ds), seed=t.seed, shuffle=True)
+
+    def batches(consumed: int):
+        return micro_batches(train_ds, order, consumed_samples=consumed, global_batch=t.global_batch_size,
+                             micro_batch=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+
+    def val_batches():
+        return eval_batches(val_ds, micro_batch=t.micro_batch_size, max_batches=t.eval_batches,
+                            dp_rank=dp_rank, dp_size=dp_size)
+
+    start = time.perf_counter()
+    result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
+                   grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device, rank=env.rank)
+    if not result:  # resumed a finished run: nothing to train, still report
+        val_loss, val_ppl = evaluate(engine, val_batches, device)
+        result = {"val_loss": val_loss, "val_ppl": val_ppl}
+    sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device)
+    summary = {"steps": state.step, "train_time_s": round(time.perf_counter() - start, 1), "params": n_params,
+               **result, "sample": sample}
+    logger.close(summary)
+    if env.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"\nvalidation loss {result['val_loss']:.4f} | perplexity {result['val_ppl']:.2f}")
+        if sample is not None:
+            print(f"--- sample ---\n{sample}\n--------------")
+    return summary
+
+
+def _sample(cfg: JobConfig, model: torch.nn.Module, tokenizer_dir: Path, device: torch.device) -> str | None:
+    """Every rank generates the same text (same seed): ZeRO-3 gathers layers collectively as it goes."""
+    s = cfg.sample
+    if s.max_new_tokens == 0:
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    ids = torch.tensor([tok.encode(s.prompt) or [tok.eos_token_id]], device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    out = generate(model, ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                   repetition_penalty=s.repetition_penalty, stop_tokens=(tok.eos_token_id,), generator=gen)
+    return tok.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+def _code_version() -> str:
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    env = read_env(args.local_rank)
+    _setup_logging(env)
+    try:
+        p = plan(args)
+    except USER_ERRORS as e:
+        if env.is_main:
+            print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    run(p)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
