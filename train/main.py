@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from typing import Any
 
 import torch
@@ -126,6 +127,9 @@ def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer
 
 
 def _setup_logging(env: DistEnv) -> None:
+    # DeepSpeed calls collectives that torch has renamed; the warning says nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                            category=FutureWarning)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -1,0 +1,69 @@
+"""Shared fixtures: run the real entry point as a subprocess, with its caches kept inside the test run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "train" / "main.py"
+SMOKE = REPO / "train" / "configs" / "smoke.yaml"
+
+
+def free_port() -> int:
+    from train.distributed import free_port as _free_port
+
+    return _free_port()
+
+
+def child_env(tmp: Path) -> dict[str, str]:
+    """Environment for a launched training job: no inherited rendezvous, caches under ``tmp``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", WANDB_MODE="offline", WANDB_DIR=str(tmp / "wandb"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", DS_ACCELERATOR="cpu")
+    return env
+
+
+def run_job(cmd: list[str], tmp: Path, *, timeout: int = 600, env: dict[str, str] | None = None,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a launcher command from the repo root; a hang becomes a test failure after ``timeout`` seconds."""
+    proc = subprocess.run(cmd, cwd=REPO, env=env or child_env(tmp), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def python_main(*args: str) -> list[str]:
+    return [sys.executable, str(MAIN), *args]
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_rows(run_dir) if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One corpus/tokenizer/prepared-data cache for every end-to-end test of the session."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def zero3_test_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ds_configs/zero3.json with every parameter partitioned, however small (FACTS.md)."""
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_test.json"
+    path.write_text(json.dumps(cfg))
+    return path
