@@ -80,7 +80,7 @@ def attention(
     sinks: (Hq,) sink logits or None; dropout_p: dropout on the attention probabilities
     (pass 0.0 in eval); scale: defaults to 1/sqrt(D). Returns (B, T, Hq, D).
     """
-    B, T, Hq, D = q.shape
+    _, T, Hq, D = q.shape  # (B, T, Hq, D)
     S, Hkv = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")

@@ -20,7 +20,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.args import ModelArgs
 from model.attention import attention

@@ -323,8 +323,10 @@ def check_batch_geometry(cfg: JobConfig, dp_size: int) -> int:
 
 def describe_fields() -> str:
     """Every recipe key with its default and help line, for ``main.py --help-config``."""
-    lines = []
-    for section, cls in {"model": ModelSection, **_SECTIONS}.items():
+    preset = dataclasses.fields(ModelSection)[0]
+    lines = ["model:", f"  preset = {preset.default!r}  # {preset.metadata['help']}"]
+    lines += [f"  {f.name}  # {f.metadata['help']}" for f in dataclasses.fields(ModelArgs)]
+    for section, cls in _SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()

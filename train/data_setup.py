@@ -9,10 +9,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from train.config import ConfigError, JobConfig
 from train.data import PreparedData, ensure_shakespeare, prepare_corpus, tokenizer_identity

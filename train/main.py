@@ -240,7 +240,7 @@ def _code_version() -> str:
     try:
         root = Path(__file__).resolve().parents[1]
         return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
+                              text=True, timeout=5, check=False).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,13 @@ def _common(out_dir: Path, cache: Path, *extra: str) -> list[str]:
             *extra]
 
 
+def _launcher(name: str) -> str:
+    """The launcher installed beside this interpreter (the venv's), whatever PATH says."""
+    return str(Path(sys.executable).parent / name)
+
+
 def _deepspeed(n: int, *args: str) -> list[str]:
-    return ["deepspeed", "--num_accelerators", str(n), "--master_port", str(free_port()), str(MAIN), *args]
+    return [_launcher("deepspeed"), "--num_accelerators", str(n), "--master_port", str(free_port()), str(MAIN), *args]
 
 
 def test_python_run_reports_perplexity_sample_checkpoint(tmp_path: Path, data_cache: Path) -> None:
@@ -80,7 +86,7 @@ def test_launchers_and_zero_stages_agree(tmp_path: Path, data_cache: Path, zero3
     reference = train_losses(single)
     for name, ds in (("zero2", "zero2"), ("zero3", str(zero3_test_config))):
         out = tmp_path / name
-        cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(MAIN),
+        cmd = [_launcher("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(MAIN),
                *_common(out, data_cache, *steps), "--ds_config", ds]
         run_job(cmd, tmp_path)
         got = train_losses(out)

@@ -59,7 +59,8 @@ def _snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     proc = subprocess.run(python_main("--config", str(SMOKE), "train.lrr=1e-3", f"train.out_dir={tmp_path}/r"),
-                          cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tessera: error:")]
     assert len(errors) == 1 and "Unknown config key 'train.lrr'" in errors[0] and "Did you mean 'lr'" in errors[0]

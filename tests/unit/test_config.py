@@ -78,7 +78,7 @@ def test_batch_geometry() -> None:
 
 def test_every_key_is_documented() -> None:
     text = describe_fields()
-    for key in ("seq_len", "global_batch_size", "wandb", "temperature", "tp"):
+    for key in ("seq_len", "global_batch_size", "wandb", "temperature", "tp", "preset", "n_kv_heads", "rope_theta"):
         assert key in text
     assert "#" in text
 

@@ -6,11 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from model import ModelArgs, ModelConfigError, Transformer, generate  # noqa: E402
-from model.hf import args_from_hf_config, from_hf_state_dict, to_hf_llama_config, to_hf_state_dict  # noqa: E402
+from model import ModelArgs, ModelConfigError, Transformer, generate
+from model.hf import args_from_hf_config, from_hf_state_dict, to_hf_llama_config, to_hf_state_dict
 
 
 def small_args(**overrides: object) -> ModelArgs:

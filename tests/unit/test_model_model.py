@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 import model as model_package
 from model import KVCache, ModelArgs, Transformer
