@@ -78,7 +78,9 @@ class MetricsLogger:
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        # strict JSON: non-finite numbers (an overflowed grad norm) are written as null
+        row = {k: ((round(v, 6) if math.isfinite(v) else None) if isinstance(v, float) else v)
+               for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._wandb is not None:
