@@ -14,7 +14,10 @@ class ModelConfigError(ValueError):
 
 @dataclass
 class ModelArgs:
-    """Shape and initialisation of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, optional sinks)."""
+    """Shape and initialisation of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, optional sinks).
+
+    With `attn_bias` it is also the Qwen2 architecture (q/k/v biases).
+    """
 
     dim: int = field(default=4096, metadata={"help": "model (residual stream) width"})
     n_layers: int = field(default=32, metadata={"help": "number of transformer blocks"})
@@ -36,6 +39,9 @@ class ModelArgs:
     )
     attn_sinks: bool = field(
         default=False, metadata={"help": "learned per-head sink logit in the softmax (gpt-oss style)"}
+    )
+    attn_bias: bool = field(
+        default=False, metadata={"help": "biases on the q/k/v projections (Qwen2 style; o_proj has none)"}
     )
     dropout: float = field(
         default=0.0, metadata={"help": "dropout on attention probabilities and on each residual branch"}
@@ -77,6 +83,10 @@ class ModelArgs:
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to a positive integer")
+        for name, value in {"tie_embeddings": self.tie_embeddings, "attn_sinks": self.attn_sinks,
+                            "attn_bias": self.attn_bias}.items():
+            if not isinstance(value, bool):
+                raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to true or false")
         for name, value in {"norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
                             "init_std": self.init_std}.items():
             if not value > 0:
@@ -108,9 +118,10 @@ class ModelArgs:
         q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         attention = self.dim * q_width + 2 * self.dim * kv_width + q_width * self.dim
         sinks = self.n_heads if self.attn_sinks else 0
+        biases = q_width + 2 * kv_width if self.attn_bias else 0
         mlp = 3 * self.dim * self.ffn_dim
         norms = 2 * self.dim
-        body = self.n_layers * (attention + sinks + mlp + norms) + self.dim  # + final norm
+        body = self.n_layers * (attention + sinks + biases + mlp + norms) + self.dim  # + final norm
         if not include_embeddings:
             return body
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)

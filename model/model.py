@@ -46,22 +46,24 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with RoPE, GQA and an optional learned sink logit per head."""
+    """Multi-head self-attention with RoPE, GQA, optional q/k/v biases and an optional sink logit per head."""
 
     def __init__(self, args: ModelArgs, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id  # index of this layer's slot in a KVCache
         self.head_dim = args.head_dim
         self.dropout = args.dropout
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=False)
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attn_bias)
+        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.attn_bias)
+        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.attn_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(args.n_heads)) if args.attn_sinks else None
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.normal_(proj.weight, mean=0.0, std=std)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
         nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
         if self.sinks is not None:
             nn.init.zeros_(self.sinks)
