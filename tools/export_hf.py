@@ -1,0 +1,66 @@
+"""Export a Tessera checkpoint as a Hugging Face model directory (transformers loads it, no custom code).
+
+Examples:
+    python tools/export_hf.py runs/shakespeare                       # newest complete checkpoint
+    python tools/export_hf.py runs/shakespeare/checkpoints/step_00000200 --out hf/step200 --dtype bfloat16
+
+CKPT is a run directory (its newest complete checkpoint is used), its checkpoints/ directory, or one
+checkpoint (checkpoints/step_N). Any ZeRO stage 0-3 works. The output holds model.safetensors,
+config.json (LlamaConfig; Qwen2Config for a model with q/k/v biases), generation_config.json and the
+tokenizer files; by default it is written to RUN_DIR/hf/step_N. The output path is printed on success.
+A checkpoint that cannot be exported is reported in one line, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from train.export import EXPORT_DTYPES, ExportError, export_hf, resolve_checkpoint
+
+PROG = "export_hf"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of this tool."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("ckpt", type=Path, metavar="CKPT",
+                        help="run dir, its checkpoints/ dir, or checkpoints/step_N")
+    parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/hf/step_N)")
+    parser.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32",
+                        help="dtype of the saved weights (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--tokenizer", type=Path, metavar="DIR",
+                        help="the run's tokenizer dir, if it moved (its tokenizer.json must be unchanged)")
+    return parser
+
+
+def default_out(tag_dir: Path) -> Path:
+    """RUN_DIR/hf/step_N for the checkpoint RUN_DIR/checkpoints/step_N."""
+    return tag_dir.parent.parent / "hf" / tag_dir.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the tool; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():  # DeepSpeed's consolidation needs no accelerator; say so, quietly
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        tag_dir = resolve_checkpoint(args.ckpt)
+        out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=EXPORT_DTYPES[args.dtype],
+                        overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
+    except ExportError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

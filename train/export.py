@@ -1,0 +1,249 @@
+"""Export a Tessera checkpoint to a Hugging Face model directory that transformers loads with no custom code.
+
+    tag_dir = resolve_checkpoint("runs/smoke")              # the newest complete checkpoint of a run
+    state = consolidated_state_dict(tag_dir)                # Tessera names, any ZeRO stage 0-3
+    export_hf("runs/smoke", "runs/smoke/hf", dtype=torch.bfloat16)
+
+The output directory holds `model.safetensors` (or shards plus `model.safetensors.index.json`),
+`config.json` (a `LlamaConfig`, or a `Qwen2Config` for a model with q/k/v biases) with the tokenizer's
+bos/eos/pad ids, `generation_config.json` and the tokenizer files the run trained with. It is written
+into a temporary directory beside the target and renamed into place, so a failed export leaves nothing.
+
+Weights come from DeepSpeed's own files: under ZeRO-0 the full `module` state dict of
+`mp_rank_00_model_states.pt`; under ZeRO 1-3 DeepSpeed's `zero_to_fp32` consolidation of the fp32
+master weights. Checkpoint files are unpickled (`weights_only=False`): export only your own runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import ModelArgs, ModelConfigError
+from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
+from train.checkpoint import CKPT_DIR, META_FILE, latest_complete, read_meta
+from train.data.corpus import DataError, atomic_dir, sha256_file
+from train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+log = logging.getLogger("tessera")
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The --dtype choices of an export, by name."""
+TOKENIZER_FILES = (
+    TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+)
+"""Files copied from the run's tokenizer dir when present (tokenizer.json must be)."""
+_STAGE0_FILE = "mp_rank_00_model_states.pt"
+_ZERO_OPTIM_GLOB = "zero_pp_rank_*_mp_rank_*_optim_states.pt"
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported; the message names the path, the problem and the fix."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The complete checkpoint tag dir named by `path`: a tag dir, a run's checkpoints/ dir or a run dir.
+
+    For a run dir it is the newest complete checkpoint. A tag dir without tessera.json is incomplete
+    (still being written, or cut off) and is refused.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise ExportError(f"{p}: no such directory; pass a run dir or a checkpoint dir (checkpoints/step_N)")
+    if (p / META_FILE).is_file():
+        return p
+    run_dir = p.parent if p.name == CKPT_DIR else p
+    if (run_dir / CKPT_DIR).is_dir():
+        tag_dir = latest_complete(run_dir)
+        if tag_dir is None:
+            raise ExportError(f"{run_dir}: no complete checkpoint under {CKPT_DIR}/ (none has {META_FILE})")
+        return tag_dir
+    if any(p.glob("*model_states.pt")):
+        raise ExportError(f"{p}: incomplete checkpoint (no {META_FILE}); export a complete one")
+    raise ExportError(f"{p}: neither a Tessera run dir nor a checkpoint dir (no {META_FILE}, no {CKPT_DIR}/)")
+
+
+def checkpoint_model_args(meta: dict[str, Any], tag_dir: Path) -> ModelArgs:
+    """The ModelArgs a checkpoint was trained with, from its tessera.json."""
+    fields = meta.get("model_args")
+    if not isinstance(fields, dict):
+        raise ExportError(f"{tag_dir / META_FILE}: no model_args; this checkpoint was not written by Tessera")
+    try:
+        return ModelArgs(**fields).validate()
+    except (TypeError, ModelConfigError) as err:  # a field this version does not know, or a bad value
+        raise ExportError(
+            f"{tag_dir / META_FILE}: model_args do not fit this Tessera version ({err})"
+        ) from err
+
+
+def _refuse_unsupported_layout(tag_dir: Path) -> None:
+    """Tensor- and pipeline-parallel checkpoints need re-assembly this exporter does not do."""
+    if any(tag_dir.glob("layer_*-model_states.pt")):
+        raise ExportError(
+            f"{tag_dir}: a pipeline-parallel checkpoint (layer_*-model_states.pt) cannot be exported"
+        )
+    if any(tag_dir.glob("*mp_rank_01*")):
+        raise ExportError(f"{tag_dir}: a tensor-parallel checkpoint (mp_rank_01 files) cannot be exported")
+
+
+def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full model state dict (Tessera names, on CPU) of a DeepSpeed checkpoint of any ZeRO stage.
+
+    ZeRO 1-3 (per-rank `zero_pp_rank_*_optim_states.pt`): DeepSpeed's `zero_to_fp32` rebuilds the
+    fp32 master weights. ZeRO-0: the `module` entry of `mp_rank_00_model_states.pt` (the weights in the
+    precision they were trained in). A tied head appears under both of its names.
+    """
+    tag = Path(tag_dir)
+    _refuse_unsupported_layout(tag)
+    if any(tag.glob(_ZERO_OPTIM_GLOB)):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        chatter = io.StringIO()  # zero_to_fp32 prints its progress; keep stdout for the caller
+        try:
+            with contextlib.redirect_stdout(chatter):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+        except (FileNotFoundError, ValueError) as err:
+            raise ExportError(f"{tag}: DeepSpeed could not consolidate this ZeRO checkpoint ({err})") from err
+        log.debug("zero_to_fp32: %s", chatter.getvalue())
+        return {name: _own_storage(tensor) for name, tensor in state.items()}
+    stage0 = tag / _STAGE0_FILE
+    if not stage0.is_file():
+        raise ExportError(f"{tag}: no DeepSpeed model states ({_STAGE0_FILE} or {_ZERO_OPTIM_GLOB}) in it")
+    try:
+        saved = torch.load(stage0, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise ExportError(f"{stage0}: unreadable ({err}); the checkpoint is damaged, export another") from err
+    module = saved.get("module") if isinstance(saved, dict) else None
+    if not module:
+        raise ExportError(
+            f"{stage0}: holds no 'module' state dict; was it written by engine.save_checkpoint?"
+        )
+    if any(tag.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        log.warning("%s: bf16 ZeRO-0 checkpoint: exporting the bf16 module weights "
+                    "(its fp32 master weights are not used)", tag)
+    return {name: tensor.detach().clone() for name, tensor in module.items()}
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied when it is a view into a larger buffer (ZeRO 1/2 flat groups), so it saves alone."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
+
+
+def _tokenizer_dir(meta: dict[str, Any], tag_dir: Path, override: Path | None) -> Path:
+    """The run's tokenizer dir (or `override`), checked against the sha256 the run recorded.
+
+    Without an override: `tokenizer_dir` as recorded (it may be relative to where the run started),
+    else the absolute path in the tokenizer identity.
+    """
+    recorded = [meta.get("tokenizer_dir"), (meta.get("tokenizer") or {}).get("path")]
+    candidates = [override] if override else [Path(p) for p in recorded if p]
+    tok_dir = next((c for c in candidates if (c / TOKENIZER_FILE).is_file()), None)
+    if tok_dir is None:
+        raise ExportError(
+            f"{tag_dir / META_FILE}: no {TOKENIZER_FILE} in the tokenizer dir "
+            f"{', '.join(map(str, candidates)) or '(none recorded)'}; "
+            f"pass the tokenizer the run used (--tokenizer DIR)"
+        )
+    expected = (meta.get("tokenizer") or {}).get("sha256")
+    if expected and sha256_file(tok_dir / TOKENIZER_FILE) != expected:
+        raise ExportError(
+            f"{tok_dir / TOKENIZER_FILE} differs from the tokenizer the run trained with "
+            f"(sha256 {expected[:12]}); pass the original one (--tokenizer DIR)"
+        )
+    return tok_dir
+
+
+def _token_ids(tok_dir: Path, vocab_size: int) -> dict[str, int | None]:
+    """bos/eos/pad ids of the tokenizer; refuse one with more tokens than the model has rows."""
+    tokenizer = load_tokenizer(tok_dir)
+    if len(tokenizer) > vocab_size:
+        raise ExportError(
+            f"tokenizer {tok_dir} has {len(tokenizer)} tokens but the model only {vocab_size} "
+            f"embedding rows; "
+            f"pass the tokenizer the run used (--tokenizer DIR)"
+        )
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def hf_weights(
+    state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """HF-named, contiguous tensors in `dtype`; a tied head is left out (transformers re-ties it on load)."""
+    hf_state = to_hf_state_dict(state)
+    if args.tie_embeddings:
+        hf_state.pop("lm_head.weight", None)
+    return {name: t.to(dtype).contiguous() if t.is_floating_point() else t for name, t in hf_state.items()}
+
+
+def export_hf(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write the checkpoint as an HF `LlamaForCausalLM` (or `Qwen2ForCausalLM`) dir at `out_dir`; return it.
+
+    checkpoint: anything `resolve_checkpoint` accepts. dtype: of the saved weights. overwrite:
+    replace an existing `out_dir` (else it is refused). tokenizer_dir: use this tokenizer instead of
+    the one the run recorded (it must have the same tokenizer.json). Raises `ExportError`.
+    """
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    tag_dir = resolve_checkpoint(checkpoint)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ExportError(f"--out {out} already exists; choose another directory or pass --overwrite")
+    if dtype not in EXPORT_DTYPES.values():
+        raise ExportError(f"dtype={dtype} is not supported: use one of {', '.join(EXPORT_DTYPES)}")
+    try:
+        meta = read_meta(tag_dir)
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{tag_dir / META_FILE}: not valid JSON ({err})") from err
+    args = checkpoint_model_args(meta, tag_dir)
+    try:
+        config = to_hf_config(args)
+    except ModelConfigError as err:
+        raise ExportError(f"{tag_dir}: cannot be exported: {err}") from err
+    tok_dir = _tokenizer_dir(meta, tag_dir, Path(tokenizer_dir) if tokenizer_dir else None)
+    token_ids = _token_ids(tok_dir, args.vocab_size)
+
+    state = consolidated_state_dict(tag_dir)
+    try:
+        check_state_dict(args, state, str(tag_dir))
+    except ModelConfigError as err:
+        raise ExportError(str(err)) from err
+    for name, value in token_ids.items():
+        setattr(config, name, value)
+    config.dtype = dtype
+    config.architectures = ["Qwen2ForCausalLM" if args.attn_bias else "LlamaForCausalLM"]
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            save_torch_state_dict(hf_weights(state, args, dtype), tmp, max_shard_size=max_shard_size)
+            config.save_pretrained(tmp)
+            GenerationConfig(**token_ids).save_pretrained(tmp)
+            for name in TOKENIZER_FILES:
+                if (tok_dir / name).is_file():
+                    shutil.copy2(tok_dir / name, tmp / name)
+    except DataError as err:  # out_dir appeared while exporting
+        raise ExportError(str(err)) from err
+    log.info("exported %s (step %s) to %s", tag_dir, meta.get("step"), out)
+    return out
