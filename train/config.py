@@ -70,6 +70,9 @@ class TrainSection:
     eval_batches: int = _f(20, "Validation micro-batches per evaluation, split across data-parallel ranks.")
     log_interval: int = _f(10, "Write a metrics row every this many steps.")
     save_interval: int = _f(0, "Save a checkpoint every this many steps (0: only at the end).")
+    keep_last: int = _f(3, "Newest complete checkpoints kept besides the best one (0 keeps all).")
+    best_smoothing: float = _f(0.5, "EMA factor of the validation loss that picks the best checkpoint (0: raw).")
+    dist_timeout_s: int = _f(1800, "Seconds a collective waits for the other ranks; a dead rank then ends the job.")
     out_dir: str = _f("runs/shakespeare", "Run directory: checkpoints, metrics.jsonl, resolved config, wandb.")
 
 
@@ -298,6 +301,10 @@ def validate(cfg: JobConfig) -> None:
         _positive(f"train.{name}", getattr(t, name))
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "save_interval"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
+    _positive("train.keep_last", t.keep_last, allow_zero=True)
+    _positive("train.dist_timeout_s", t.dist_timeout_s)
+    if not 0.0 <= t.best_smoothing < 1.0:
+        raise ConfigError(f"train.best_smoothing={t.best_smoothing}: must be in [0, 1).")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}: the cosine decays from lr to min_lr.")
     if t.warmup_steps > t.steps:

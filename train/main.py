@@ -32,7 +32,16 @@ import yaml
 
 from model import ModelArgs, ModelConfigError, Transformer, generate
 from parallel.dims import ParallelConfigError, ParallelDims
-from train.checkpoint import checkpoint_root, latest_complete, load_checkpoint, read_meta
+from train.checkpoint import (
+    CheckpointError,
+    CheckpointWriter,
+    check_free_space,
+    checkpoint_root,
+    latest_complete,
+    load_checkpoint,
+    read_meta,
+    remove_partial,
+)
 from train.config import ConfigError, JobConfig, describe_fields, load_config
 from train.data import BlockDataset, DataError, GlobalOrder, eval_batches, micro_batches
 from train.data_setup import DataBundle, setup_data
@@ -43,7 +52,9 @@ from train.optim import build_optimizer, build_scheduler, param_groups
 from train.trainer import TrainState, evaluate, train
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
-USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError)
+USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError, CheckpointError)
+# Bytes per parameter in a checkpoint: fp32 weights (4) + Adam moments (8) + an fp32 master copy under bf16 (4).
+CKPT_BYTES_PER_PARAM = 16
 log = logging.getLogger("tessera")
 
 
@@ -108,12 +119,18 @@ def plan(args: argparse.Namespace) -> Plan:
                           f"{bundle.data.vocab_size}: remove the override or raise it.")
     if resume_from is not None:
         meta = read_meta(resume_from)
-        if meta.get("model_args") != dataclasses.asdict(model_args):
+        if ModelArgs(**meta.get("model_args", {})) != model_args:
             raise ConfigError(f"--resume: the checkpoint {resume_from} holds a different model "
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
+    check_free_space(cfg.train.out_dir, checkpoint_estimate(model_args), "one checkpoint")
     return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from)
+
+
+def checkpoint_estimate(args: ModelArgs) -> int:
+    """Bytes one checkpoint of this model takes, before one has been written and measured."""
+    return args.num_params() * CKPT_BYTES_PER_PARAM + 2**20
 
 
 def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
@@ -141,7 +158,7 @@ def run(p: Plan) -> dict[str, Any]:
     cfg, env = p.cfg, p.env
     t = cfg.train
     out_dir = Path(t.out_dir)
-    init_distributed(env)
+    init_distributed(env, timeout_s=t.dist_timeout_s)
     device = device_for(env)
     dp_rank, dp_size = env.rank // (p.dims.tp * p.dims.pp), p.dims.dp
 
@@ -169,7 +186,13 @@ def run(p: Plan) -> dict[str, Any]:
     if p.resume_from is not None:
         saved = load_checkpoint(engine, p.resume_from, rank=env.rank)
         state.step, state.consumed_samples = int(saved["step"]), int(saved["consumed_samples"])
+        state.val_ema, state.best_val_ema = saved.get("val_ema"), saved.get("best_val_ema")
         meta["run_id"] = saved.get("run_id", meta["run_id"])
+    if env.is_main:
+        for stale in remove_partial(out_dir):
+            log.info("removed %s, a checkpoint an earlier run did not finish writing", stale)
+    checkpoints = CheckpointWriter(out_dir, rank=env.rank, keep_last=t.keep_last,
+                                   estimate_bytes=checkpoint_estimate(p.model_args))
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -203,7 +226,8 @@ def run(p: Plan) -> dict[str, Any]:
 
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
-                   grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device, rank=env.rank)
+                   grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device,
+                   checkpoints=checkpoints)
     if not result:  # resumed a finished run: nothing to train, still report
         val_loss, val_ppl = evaluate(engine, val_batches, device)
         result = {"val_loss": val_loss, "val_ppl": val_ppl}
@@ -260,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 2
-    run(p)
+    try:
+        run(p)
+    except CheckpointError as e:  # raised on every rank together, after the partial write was removed
+        if env.is_main:
+            print(f"tessera: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,14 +6,13 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.checkpoint import save_checkpoint
+from train.checkpoint import CheckpointWriter
 from train.config import JobConfig
 from train.metrics import MetricsLogger, peak_memory_gb
 
@@ -26,7 +25,22 @@ class TrainState:
 
     step: int = 0  # optimizer steps completed
     consumed_samples: int = 0  # global samples consumed (independent of the data-parallel size)
+    val_ema: float | None = None  # smoothed validation loss (exponential moving average over evaluations)
+    best_val_ema: float | None = None  # lowest smoothed validation loss, the one the best checkpoint holds
     meta: dict[str, Any] = field(default_factory=dict)  # static checkpoint metadata (config, model, tokenizer)
+
+    def observe_val_loss(self, val_loss: float, smoothing: float) -> bool:
+        """Fold a validation loss into the EMA; True when the smoothed loss is the best so far."""
+        ema = val_loss if self.val_ema is None else smoothing * self.val_ema + (1 - smoothing) * val_loss
+        self.val_ema = ema
+        if self.best_val_ema is None or ema < self.best_val_ema:
+            self.best_val_ema = ema
+            return True
+        return False
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**self.meta, "consumed_samples": self.consumed_samples, "val_ema": self.val_ema,
+                "best_val_ema": self.best_val_ema}
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,11 +92,10 @@ def train(
     grad_accum: int,
     logger: MetricsLogger,
     device: torch.device,
-    rank: int,
+    checkpoints: CheckpointWriter,
 ) -> dict[str, float]:
     """Run from ``state.step`` to ``cfg.train.steps``; returns the last validation result."""
     t = cfg.train
-    out_dir = Path(t.out_dir)
     tokens_per_step = t.global_batch_size * cfg.data.seq_len
     stream = batches(state.consumed_samples)
     engine.train()
@@ -126,15 +139,17 @@ def train(
             window_start, window_steps = time.perf_counter(), 0
 
         last_step = state.step == t.steps
+        best = False
         if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
             val_loss, val_ppl = evaluate(engine, val_batches, device)
+            best = state.observe_val_loss(val_loss, t.best_smoothing)
             last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
-            logger.log({"step": state.step, **last_eval})
-            logger.write(f"step {state.step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}")
+            logger.log({"step": state.step, **last_eval, "val_ema": state.val_ema})
+            logger.write(f"step {state.step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}"
+                         f"{'  (best so far)' if best else ''}")
             window_start, window_steps = time.perf_counter(), 0
-        if last_step or (t.save_interval and state.step % t.save_interval == 0):
-            meta = {**state.meta, "consumed_samples": state.consumed_samples, **last_eval}
-            path = save_checkpoint(engine, out_dir, state.step, meta, rank=rank)
+        if last_step or best or (t.save_interval and state.step % t.save_interval == 0):
+            path = checkpoints.save(engine, state.step, {**state.checkpoint_meta(), **last_eval}, best=best)
             logger.write(f"step {state.step}: checkpoint saved to {path}")
             window_start, window_steps = time.perf_counter(), 0
     return last_eval

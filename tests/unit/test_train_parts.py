@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
     assert lr_at(60, t) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way through the cosine
     assert lr_at(110, t) == pytest.approx(1e-4)
     rates = [lr_at(s, t) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(rates))
 
 
 def test_scheduler_follows_lr_at() -> None:
