@@ -164,7 +164,7 @@ def run(p: Plan) -> dict[str, Any]:
 
     model = build_model(p.model_args, device, t.seed)
     n_params = sum(x.numel() for x in model.parameters())
-    optimizer = None if "optimizer" in p.ds_config else build_optimizer(model, t)
+    optimizer = None if "optimizer" in p.ds_config else build_optimizer(model, t, p.ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

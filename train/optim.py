@@ -33,9 +33,39 @@ def lr_at(step: int, t: TrainSection) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, t: TrainSection) -> torch.optim.Optimizer:
-    """torch AdamW: it works under every ZeRO stage and needs no compiled op."""
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips its step on every rank when any rank's gradients are not finite.
+
+    DeepSpeed's ZeRO 1-3 and bf16 optimizers already do this; fp32 without ZeRO hands the raw optimizer
+    the gradients, where one NaN would reach every weight. This follows DeepSpeed's own protocol: the engine
+    reads ``overflow`` after ``step()``, counts a skipped step and holds the LR schedule back.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        import torch.distributed as dist
+
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank is inside step() at the boundary
+        self.overflow = bool(bad.item())
+        return None if self.overflow else super().step(closure)
+
+
+def build_optimizer(model: nn.Module, t: TrainSection, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+    """torch AdamW (every ZeRO stage takes it, no compiled op); without ZeRO and half precision, the
+    non-finite-skipping subclass, since nothing else would guard the weights there."""
+    cls = torch.optim.AdamW
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
+    if stage == 0 and not half:
+        cls = SkipNonFiniteAdamW
+    return cls(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:

@@ -31,7 +31,8 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:
 def test_scheduler_follows_lr_at() -> None:
     t = TrainSection(steps=20, lr=2e-3, min_lr=2e-4, warmup_steps=5)
     model = torch.nn.Linear(4, 4)
-    opt = build_optimizer(model, t)
+    opt = build_optimizer(model, t, {"zero_optimization": {"stage": 2}})
+    assert type(opt) is torch.optim.AdamW  # ZeRO 1-3 accept only the optimizers DeepSpeed knows
     sched = build_scheduler(opt, t)
     for step in range(20):
         assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, t))
@@ -80,3 +81,18 @@ def test_metrics_rows_and_resume_truncation(tmp_path: Path) -> None:
     # a run resumed from its step-4 checkpoint redoes steps 5 and 6: their old rows go
     _logger(tmp_path, 4).close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_fp32_without_zero_skips_non_finite_steps() -> None:
+    t = TrainSection(steps=10, lr=1e-2, min_lr=1e-3, warmup_steps=1)
+    model = torch.nn.Linear(4, 4)
+    opt = build_optimizer(model, t, {"zero_optimization": {"stage": 0}})
+    assert opt.__class__.__name__ == "SkipNonFiniteAdamW"
+    before = model.weight.detach().clone()
+    model(torch.ones(2, 4)).sum().mul(float("nan")).backward()
+    opt.step()
+    assert opt.overflow and torch.equal(model.weight, before) and not opt.state  # nothing moved
+    opt.zero_grad()
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert not opt.overflow and not torch.equal(model.weight, before)
