@@ -70,6 +70,11 @@ class TrainSection:
     eval_batches: int = _f(20, "Validation micro-batches per evaluation, split across data-parallel ranks.")
     log_interval: int = _f(10, "Write a metrics row every this many steps.")
     save_interval: int = _f(0, "Save a checkpoint every this many steps (0: only at the end).")
+    max_bad_steps: int = _f(3, "Skipped (non-finite) steps in a row before rolling back to the last checkpoint "
+                                  "and moving past those batches (0: stop at the first).")
+    max_rollbacks: int = _f(3, "Rollbacks allowed in one run before it stops with an error.")
+    spike_zscore: float = _f(6.0, "A loss this many standard deviations above its running EMA is a spike (0: off).")
+    spike_action: str = _f("warn", "On a loss spike: 'warn' logs it; 'rollback' also rolls back past the batch.")
     keep_last: int = _f(3, "Newest complete checkpoints kept besides the best one (0 keeps all).")
     best_smoothing: float = _f(0.5, "EMA factor of the validation loss that picks the best checkpoint (0: raw).")
     dist_timeout_s: int = _f(1800, "Seconds a collective waits for the other ranks; a dead rank then ends the job.")
@@ -302,6 +307,11 @@ def validate(cfg: JobConfig) -> None:
     for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "save_interval"):
         _positive(f"train.{name}", getattr(t, name), allow_zero=True)
     _positive("train.keep_last", t.keep_last, allow_zero=True)
+    _positive("train.max_bad_steps", t.max_bad_steps, allow_zero=True)
+    _positive("train.max_rollbacks", t.max_rollbacks, allow_zero=True)
+    _positive("train.spike_zscore", t.spike_zscore, allow_zero=True)
+    if t.spike_action not in ("warn", "rollback"):
+        raise ConfigError(f"train.spike_action={t.spike_action!r}: use 'warn' or 'rollback'.")
     _positive("train.dist_timeout_s", t.dist_timeout_s)
     if not 0.0 <= t.best_smoothing < 1.0:
         raise ConfigError(f"train.best_smoothing={t.best_smoothing}: must be in [0, 1).")

@@ -51,18 +51,19 @@ class MetricsLogger:
         self._bar = None
         if not enabled:
             return
-        self._truncate_after(start_step)
+        self.truncate_after(start_step)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
         if wandb_mode != "disabled":
             self._wandb = self._start_wandb(out_dir, wandb_mode, wandb_project, run_name, run_id, config)
 
-    def _truncate_after(self, step: int) -> None:
-        """On resume, drop rows of steps the resumed run will redo, so the file shows one curve."""
-        if not self.path.exists():
+    def truncate_after(self, step: int) -> None:
+        """On resume or rollback, drop rows of steps the run will redo, so the file shows one curve."""
+        if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        # events (skipped steps, spikes, rollbacks) stay: they are the history of what was redone
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step or "event" in r]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

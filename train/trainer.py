@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from train.checkpoint import CheckpointWriter
+from train.checkpoint import CheckpointWriter, latest_complete, load_checkpoint
 from train.config import JobConfig
+from train.faults import failpoint_hit
+from train.guards import BadStepCounter, SpikeDetector, TrainingDiverged
 from train.metrics import MetricsLogger, peak_memory_gb
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -82,74 +84,165 @@ def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.
     return loss, math.exp(min(loss, 50.0))
 
 
-def train(
-    cfg: JobConfig,
-    engine: Any,
-    state: TrainState,
-    *,
-    batches: Callable[[int], Iterator[Batch]],
-    val_batches: Callable[[], Iterator[Batch]],
-    grad_accum: int,
-    logger: MetricsLogger,
-    device: torch.device,
-    checkpoints: CheckpointWriter,
-) -> dict[str, float]:
-    """Run from ``state.step`` to ``cfg.train.steps``; returns the last validation result."""
-    t = cfg.train
-    tokens_per_step = t.global_batch_size * cfg.data.seq_len
-    stream = batches(state.consumed_samples)
-    engine.train()
-    window_start, window_steps = time.perf_counter(), 0
-    last_eval: dict[str, float] = {}
-    while state.step < t.steps:
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
-        log_now = (state.step + 1) % t.log_interval == 0 or state.step + 1 == t.steps
+class Trainer:
+    """Runs optimizer steps through the engine, with evaluation, checkpoints and the bad-step guards."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        engine: Any,
+        state: TrainState,
+        *,
+        batches: Callable[[int], Iterator[Batch]],
+        val_batches: Callable[[], Iterator[Batch]],
+        grad_accum: int,
+        logger: MetricsLogger,
+        device: torch.device,
+        checkpoints: CheckpointWriter,
+    ) -> None:
+        self.cfg, self.t = cfg, cfg.train
+        self.engine, self.state = engine, state
+        self.batches, self.val_batches = batches, val_batches
+        self.grad_accum, self.logger, self.device, self.checkpoints = grad_accum, logger, device, checkpoints
+        self.spikes = SpikeDetector(zscore=self.t.spike_zscore)
+        self.bad_steps = BadStepCounter(max_bad_steps=self.t.max_bad_steps, max_rollbacks=self.t.max_rollbacks)
+        self.stream = batches(state.consumed_samples)
+        self.last_eval: dict[str, float] = {}
+
+    def run(self) -> dict[str, float]:
+        """Train from ``state.step`` to ``train.steps``; return the last validation result."""
+        t, state = self.t, self.state
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        self.engine.train()
+        window_start, window_steps = time.perf_counter(), 0
+        while state.step < t.steps:
+            lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
+            log_now = (state.step + 1) % t.log_interval == 0 or state.step + 1 == t.steps
+            loss_avg, grad_norm = self._step(want_grad_norm=log_now)
+            state.step += 1
+            state.consumed_samples += t.global_batch_size
+            window_steps += 1
+            if not (self.engine.was_step_applied() and math.isfinite(loss_avg)):
+                self._bad_step(loss_avg)
+                continue
+            self.bad_steps.good()
+            z = self.spikes.update(loss_avg)
+            if z is not None and self._spike(loss_avg, z):
+                continue
+            tok_s = tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9)
+            self.logger.progress(state.step, loss=f"{loss_avg:.4f}", tok_s=f"{tok_s:,.0f}")
+            if log_now:
+                if grad_norm is None:
+                    grad_norm = self.engine.get_global_grad_norm()
+                self.logger.log({
+                    "step": state.step,
+                    "loss": loss_avg,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tok_s,
+                    "consumed_samples": state.consumed_samples,
+                    "skipped_steps": self.bad_steps.skipped_total,
+                    "mem_gb": peak_memory_gb(self.device),
+                })
+                window_start, window_steps = time.perf_counter(), 0
+            if self._evaluate_and_save():
+                window_start, window_steps = time.perf_counter(), 0
+        return self.last_eval
+
+    def _step(self, *, want_grad_norm: bool) -> tuple[float, float | None]:
+        """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over ranks."""
         loss_sum, grad_norm = 0.0, None
-        for micro in range(grad_accum):
-            x, y = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = lm_loss(engine(x), y)
-            engine.backward(loss)
-            if log_now and micro == grad_accum - 1 and _engine_skips_grad_norm(engine):
-                grad_norm = _grad_norm(engine.module)
-            engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
+        batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
+        for micro in range(self.grad_accum):
+            x, y = next(self.stream)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            loss = lm_loss(self.engine(x), y)
+            loss = _injected_fault(loss, batch_no)
+            self.engine.backward(loss)
+            if want_grad_norm and micro == self.grad_accum - 1 and _engine_skips_grad_norm(self.engine):
+                grad_norm = _grad_norm(self.engine.module)
+            self.engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
             loss_sum += loss.item()
-        state.step += 1
-        state.consumed_samples += t.global_batch_size
-        window_steps += 1
-        loss_avg = _mean_over_ranks(loss_sum / grad_accum, device)
-        if not math.isfinite(loss_avg):
-            raise FloatingPointError(f"loss is {loss_avg} at step {state.step}: lower train.lr or check the data.")
-        elapsed = time.perf_counter() - window_start
-        tok_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-        logger.progress(state.step, loss=f"{loss_avg:.4f}", tok_s=f"{tok_s:,.0f}")
+        return _mean_over_ranks(loss_sum / self.grad_accum, self.device), grad_norm
 
-        if log_now:
-            if grad_norm is None:
-                grad_norm = engine.get_global_grad_norm()
-            logger.log({
-                "step": state.step,
-                "loss": loss_avg,
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tok_s,
-                "consumed_samples": state.consumed_samples,
-                "mem_gb": peak_memory_gb(device),
-            })
-            window_start, window_steps = time.perf_counter(), 0
+    def _bad_step(self, loss_avg: float) -> None:
+        """The optimizer skipped this step on every rank (non-finite loss or gradients)."""
+        step = self.state.step
+        rollback = self.bad_steps.bad()
+        self.logger.log({"step": step, "event": "skipped", "loss": loss_avg,
+                         "consumed_samples": self.state.consumed_samples,
+                         "skipped_steps": self.bad_steps.skipped_total})
+        self.logger.write(f"step {step}: non-finite loss or gradients (loss {loss_avg}); update skipped on "
+                          f"every rank ({self.bad_steps.streak} in a row)")
+        if rollback:
+            self._rollback(f"{self.bad_steps.streak} bad steps in a row")
 
+    def _spike(self, loss_avg: float, z: float) -> bool:
+        """Report a loss spike; True when it rolled the run back."""
+        step = self.state.step
+        self.logger.log({"step": step, "event": "spike", "loss": loss_avg, "zscore": z})
+        self.logger.write(f"step {step}: loss spike {loss_avg:.4f} (z-score {z:.1f} against the running mean "
+                          f"{self.spikes.mean:.4f})")
+        if self.t.spike_action != "rollback":
+            return False
+        self.bad_steps.streak = 1
+        self._rollback(f"a loss spike (z-score {z:.1f})")
+        return True
+
+    def _rollback(self, why: str) -> None:
+        """Reload the last complete checkpoint and continue with the data after the offending batches."""
+        import torch.distributed as dist
+
+        bad_step, consumed = self.state.step, self.state.consumed_samples
+        self.bad_steps.begin_rollback(bad_step)
+        target = latest_complete(self.checkpoints.out_dir)
+        if target is None:
+            raise TrainingDiverged(f"step {bad_step}: {why} and no checkpoint to roll back to; set "
+                                   f"train.save_interval so one exists, or lower train.lr.")
+        saved = load_checkpoint(self.engine, target, rank=dist.get_rank())
+        self.state.step = int(saved["step"])
+        self.state.val_ema, self.state.best_val_ema = saved.get("val_ema"), saved.get("best_val_ema")
+        self.state.consumed_samples = consumed  # move past the batches that went bad
+        self.stream = self.batches(consumed)
+        self.logger.truncate_after(self.state.step)
+        self.logger.progress(self.state.step)
+        self.logger.log({"step": self.state.step, "event": "rollback", "from_step": bad_step,
+                         "consumed_samples": consumed, "reason": why})
+        self.logger.write(f"step {bad_step}: {why}; rolled back to {target.name}, continuing with the data "
+                          f"after sample {consumed}")
+
+    def _evaluate_and_save(self) -> bool:
+        """Evaluate and checkpoint when due; True when anything ran (the throughput window restarts)."""
+        t, state = self.t, self.state
         last_step = state.step == t.steps
-        best = False
+        best = ran = False
         if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
-            val_loss, val_ppl = evaluate(engine, val_batches, device)
+            val_loss, val_ppl = evaluate(self.engine, self.val_batches, self.device)
             best = state.observe_val_loss(val_loss, t.best_smoothing)
-            last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
-            logger.log({"step": state.step, **last_eval, "val_ema": state.val_ema})
-            logger.write(f"step {state.step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}"
-                         f"{'  (best so far)' if best else ''}")
-            window_start, window_steps = time.perf_counter(), 0
+            self.last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
+            self.logger.log({"step": state.step, **self.last_eval, "val_ema": state.val_ema})
+            self.logger.write(f"step {state.step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}"
+                              f"{'  (best so far)' if best else ''}")
+            ran = True
         if last_step or best or (t.save_interval and state.step % t.save_interval == 0):
-            path = checkpoints.save(engine, state.step, {**state.checkpoint_meta(), **last_eval}, best=best)
-            logger.write(f"step {state.step}: checkpoint saved to {path}")
-            window_start, window_steps = time.perf_counter(), 0
-    return last_eval
+            meta = {**state.checkpoint_meta(), **self.last_eval}
+            path = self.checkpoints.save(self.engine, state.step, meta, best=best)
+            self.logger.write(f"step {state.step}: checkpoint saved to {path}")
+            ran = True
+        return ran
+
+
+def _injected_fault(loss: torch.Tensor, batch_no: int) -> torch.Tensor:
+    """Test faults on the last rank: a NaN loss (``nan_batch@N``) or a 20x loss (``spike_batch@N``)."""
+    if dist.get_rank() != dist.get_world_size() - 1:
+        return loss
+    if failpoint_hit("nan_batch", batch_no):
+        return loss * float("nan")
+    if failpoint_hit("spike_batch", batch_no):
+        return loss * 20.0
+    return loss
+
+
+def train(cfg: JobConfig, engine: Any, state: TrainState, **parts: Any) -> dict[str, float]:
+    """Run a ``Trainer`` (keyword parts as in its constructor); return the last validation result."""
+    return Trainer(cfg, engine, state, **parts).run()

@@ -73,14 +73,15 @@ def test_metrics_rows_and_resume_truncation(tmp_path: Path) -> None:
     for step in range(1, 7):
         log.log({"step": step, "loss": 1.0 / step, "lr": 1e-3, "grad_norm": float("nan")})
     log.log({"step": 5, "val_loss": 0.5, "val_ppl": math.exp(0.5)})
+    log.log({"step": 6, "event": "skipped", "loss": float("nan")})
     log.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 5, 6]
     assert rows[0]["grad_norm"] is None  # non-finite numbers become null: the file stays strict JSON
     json.dumps(rows, allow_nan=False)
-    # a run resumed from its step-4 checkpoint redoes steps 5 and 6: their old rows go
+    # a run resumed from its step-4 checkpoint redoes steps 5 and 6: their old rows go, events stay
     _logger(tmp_path, 4).close()
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 6]
 
 
 def test_fp32_without_zero_skips_non_finite_steps() -> None:
