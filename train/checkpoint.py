@@ -6,6 +6,7 @@ Layout under ``<out_dir>/checkpoints``::
         rng_rank00000.pt    RNG states of each rank
         tessera.json        metadata: config, model args, tokenizer, consumed samples, code version, ...
     step_00000100.tmp/      a checkpoint being written (never resumed from; removed on the next start)
+    step_00000100.universal/  its universal copy, made when a run resumes on another number of ranks
     latest                  the newest complete tag, moved into place last
     best                    the tag with the lowest smoothed (EMA) validation loss
 
@@ -32,6 +33,7 @@ import torch
 CKPT_DIR = "checkpoints"
 META_FILE = "tessera.json"
 TMP_SUFFIX = ".tmp"
+UNIVERSAL_SUFFIX = ".universal"  # a DeepSpeed universal copy of a checkpoint (train/resize.py), never resumed
 FORMAT_VERSION = 1
 
 
@@ -103,7 +105,7 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(TMP_SUFFIX)
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith((TMP_SUFFIX, UNIVERSAL_SUFFIX))
              and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
@@ -239,14 +241,24 @@ class CheckpointWriter:
         for old in done[: -self.keep_last]:
             if old.name != best_tag:
                 shutil.rmtree(old)
+                shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
-    """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata."""
+def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, universal: Path | None = None) -> dict[str, Any]:
+    """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata.
+
+    ``universal``: a universal copy of ``tag_dir`` to restore the engine from instead (the engine was
+    initialised to load universal checkpoints); metadata and RNG states still come from ``tag_dir``.
+    """
     meta = read_meta(tag_dir)
-    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    source = universal if universal is not None else tag_dir
+    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {tag_dir}.")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {source}.")
+    if universal is not None:
+        from train.resize import repair_universal_load  # train.resize imports this module
+
+        repair_universal_load(engine, universal)
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -1,0 +1,184 @@
+"""Resuming on a different number of data-parallel ranks.
+
+The data position (consumed samples) does not depend on the number of ranks; the engine state may:
+
+* ZeRO 0 keeps whole optimizer states in one file, and DeepSpeed loads it at any world size.
+* ZeRO 1-3 split the optimizer states (and, for ZeRO 3, the weights) over the ranks that saved them, and
+  DeepSpeed refuses to load them at another world size. Such a checkpoint is converted once, by rank 0, into
+  DeepSpeed's *universal* format (one file per parameter and state) beside it::
+
+      checkpoints/step_00000100/             the checkpoint as saved (still the one that counts)
+      checkpoints/step_00000100.universal/   its universal copy, reused by later resumes from it
+
+  The engine is then initialised with ``"checkpoint": {"load_universal": true}`` for that one load (the
+  ds_config.json of the run keeps the plain config, so later resumes load their own checkpoints natively).
+
+DeepSpeed 0.19.8's universal load under ZeRO 3 gives every parameter group the hyper-parameters of the first
+one and lets all groups share one Adam ``step`` tensor; ``repair_universal_load`` undoes both.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.checkpoint import TMP_SUFFIX, UNIVERSAL_SUFFIX, CheckpointError, read_meta
+
+SOURCE_FILE = "tessera_source.json"  # in a universal copy: which save of the checkpoint it was made from
+CONVERT_MODULE = "deepspeed.checkpoint.ds_to_universal"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resize:
+    """A resume whose checkpoint was saved by ``saved_world_size`` ranks and is loaded by ``world_size``."""
+
+    saved_world_size: int
+    world_size: int
+    zero_stage: int
+
+    @property
+    def needs_universal(self) -> bool:
+        """ZeRO 1-3 states are partitioned by rank and must go through the universal format."""
+        return self.zero_stage >= 1
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    """The ZeRO stage of a resolved DeepSpeed config (0 when it has no ``zero_optimization`` section)."""
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def plan_resize(meta: dict[str, Any], *, world_size: int, ds_config: dict[str, Any]) -> Resize | None:
+    """The resize a resume from a checkpoint with metadata ``meta`` needs, or None for the same world size.
+
+    A checkpoint whose metadata does not record its world size is taken to match; should it not, DeepSpeed's
+    own load refuses it.
+    """
+    saved = meta.get("world_size")
+    if saved is None or int(saved) == world_size:
+        return None
+    return Resize(saved_world_size=int(saved), world_size=world_size, zero_stage=zero_stage(ds_config))
+
+
+def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``ds_config`` that makes the engine load a universal checkpoint (for one load only)."""
+    ds = copy.deepcopy(ds_config)
+    ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    """Where the universal copy of checkpoint ``tag_dir`` lives."""
+    return tag_dir.with_name(tag_dir.name + UNIVERSAL_SUFFIX)
+
+
+def _source_stamp(tag_dir: Path) -> dict[str, Any]:
+    """What identifies one save of ``tag_dir`` (a step saved again after a rollback gets a new stamp)."""
+    meta = read_meta(tag_dir)
+    return {"tag": tag_dir.name, "step": meta.get("step"), "saved_at": meta.get("saved_at"),
+            "world_size": meta.get("world_size")}
+
+
+def is_current(tag_dir: Path) -> bool:
+    """Whether a finished universal copy of this very save of ``tag_dir`` exists."""
+    stamp = universal_dir(tag_dir) / SOURCE_FILE
+    try:
+        return json.loads(stamp.read_text()) == _source_stamp(tag_dir)
+    except (OSError, ValueError):
+        return False
+
+
+def convert(tag_dir: Path) -> Path:
+    """Write the universal copy of ``tag_dir`` (atomically: a ``.tmp`` directory renamed) and return it.
+
+    An up-to-date copy is reused. Runs DeepSpeed's converter in a child process; any failure raises
+    CheckpointError and leaves ``tag_dir`` untouched.
+    """
+    final = universal_dir(tag_dir)
+    if is_current(tag_dir):
+        return final
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    latest_universal = tag_dir.parent / "latest_universal"  # the converter writes it; Tessera loads by tag
+    try:
+        for stale in (tmp, final):
+            if stale.exists():
+                shutil.rmtree(stale)
+        cmd = [sys.executable, "-m", CONVERT_MODULE, "--input_folder", str(tag_dir), "--output_folder", str(tmp),
+               "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            cause = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1].strip()
+            raise CheckpointError(f"could not convert {tag_dir} to a universal checkpoint for the new world size "
+                                  f"({CONVERT_MODULE} exited {proc.returncode}: {cause})")
+        (tmp / SOURCE_FILE).write_text(json.dumps(_source_stamp(tag_dir)))
+        os.replace(tmp, final)
+    except OSError as e:
+        raise CheckpointError(f"could not write the universal copy of {tag_dir} to {final}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest_universal.unlink(missing_ok=True)
+    return final
+
+
+def prepare_universal(tag_dir: Path, *, rank: int) -> tuple[Path, bool]:
+    """Collective: rank 0 converts ``tag_dir`` (or reuses its copy) while the others wait.
+
+    Returns the universal directory and whether it was reused. Raises CheckpointError on every rank when
+    the conversion failed.
+    """
+    import torch.distributed as dist
+
+    reused, error = False, None
+    if rank == 0:
+        reused = is_current(tag_dir)
+        try:
+            convert(tag_dir)
+        except CheckpointError as e:
+            error = str(e)
+    outcome: list[Any] = [(reused, error)]
+    dist.broadcast_object_list(outcome, src=0)
+    reused, error = outcome[0]
+    if error is not None:
+        raise CheckpointError(error)
+    return universal_dir(tag_dir), reused
+
+
+def repair_universal_load(engine: Any, source: Path) -> None:
+    """Undo what DeepSpeed 0.19.8's ZeRO-3 universal load gets wrong; nothing to do for ZeRO 1 and 2.
+
+    Each parameter group gets the hyper-parameters saved for it (the load copies the first group's, so the
+    no-decay group would decay), and each flat fp32 partition its own Adam ``step`` (the load shares one
+    tensor, which the optimizer then advances once per group and step).
+    """
+    if engine.zero_optimization_stage() != 3:
+        return
+    inner = engine.optimizer.optimizer
+    saved = torch.load(source / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    groups = saved.get("optimizer_state_dict", {}).get("param_groups", [])
+    if len(groups) != len(inner.param_groups):
+        raise CheckpointError(f"{source}: the universal checkpoint has {len(groups)} parameter groups, the "
+                              f"optimizer {len(inner.param_groups)}; resume with the recipe it was trained with.")
+    for group, saved_group in zip(inner.param_groups, groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = inner.state.get(flat, {})
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def describe(resize: Resize, tag_dir: Path, *, reused: bool) -> str:
+    """The one log line of a resized resume."""
+    head = f"world size changed from {resize.saved_world_size} to {resize.world_size}"
+    if not resize.needs_universal:
+        return f"{head}: the ZeRO-0 checkpoint {tag_dir.name} loads as saved"
+    how = "reused its universal copy" if reused else "converted it to a universal checkpoint"
+    return f"{head}: ZeRO-{resize.zero_stage} checkpoint {tag_dir.name}, {how} {universal_dir(tag_dir).name}"
+
