@@ -244,21 +244,21 @@ class CheckpointWriter:
                 shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, universal: Path | None = None) -> dict[str, Any]:
+def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata.
 
-    ``universal``: a universal copy of ``tag_dir`` to restore the engine from instead (the engine was
-    initialised to load universal checkpoints); metadata and RNG states still come from ``tag_dir``.
+    Collective. A checkpoint saved by another number of ranks is loaded through ``train.resize``.
     """
-    meta = read_meta(tag_dir)
-    source = universal if universal is not None else tag_dir
-    path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {source}.")
-    if universal is not None:
-        from train.resize import repair_universal_load  # train.resize imports this module
+    from train.resize import load_universal, resized_source  # train.resize imports this module
 
-        repair_universal_load(engine, universal)
+    meta = read_meta(tag_dir)
+    universal = resized_source(engine, tag_dir, meta, rank=rank)
+    if universal is None:
+        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        path = load_universal(engine, universal)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
         set_rng_state(torch.load(rng_file, weights_only=False))

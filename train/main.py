@@ -49,7 +49,6 @@ from train.distributed import DistEnv, device_for, init_distributed, read_env
 from train.ds_config import load_ds_config, resolve_ds_config
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
-from train.resize import Resize, describe, plan_resize, prepare_universal, with_universal_load
 from train.trainer import TrainState, evaluate, train
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
@@ -84,7 +83,6 @@ class Plan:
     bundle: DataBundle
     model_args: ModelArgs
     resume_from: Path | None
-    resize: Resize | None = None  # the checkpoint was saved by another number of ranks
 
 
 def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
@@ -119,7 +117,6 @@ def plan(args: argparse.Namespace) -> Plan:
     if model_args.vocab_size < bundle.data.vocab_size:
         raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
                           f"{bundle.data.vocab_size}: remove the override or raise it.")
-    resize = None
     if resume_from is not None:
         meta = read_meta(resume_from)
         if ModelArgs(**meta.get("model_args", {})) != model_args:
@@ -127,9 +124,8 @@ def plan(args: argparse.Namespace) -> Plan:
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
-        resize = plan_resize(meta, world_size=env.world_size, ds_config=ds_config)
     check_free_space(cfg.train.out_dir, checkpoint_estimate(model_args), "one checkpoint")
-    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, resize)
+    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from)
 
 
 def checkpoint_estimate(args: ModelArgs) -> int:
@@ -165,13 +161,6 @@ def run(p: Plan) -> dict[str, Any]:
     init_distributed(env, timeout_s=t.dist_timeout_s)
     device = device_for(env)
     dp_rank, dp_size = env.rank // (p.dims.tp * p.dims.pp), p.dims.dp
-    universal, reused, engine_config = None, False, p.ds_config
-    if p.resume_from is not None and p.resize is not None:
-        if p.resize.needs_universal:  # before the engine exists: DeepSpeed reads load_universal at initialize
-            universal, reused = prepare_universal(p.resume_from, rank=env.rank)
-            engine_config = with_universal_load(p.ds_config)  # this engine only; ds_config.json keeps p.ds_config
-        if env.is_main:
-            log.info(describe(p.resize, p.resume_from, reused=reused))
 
     model = build_model(p.model_args, device, t.seed)
     n_params = sum(x.numel() for x in model.parameters())
@@ -181,7 +170,7 @@ def run(p: Plan) -> dict[str, Any]:
         optimizer=optimizer,
         model_parameters=None if optimizer is not None else param_groups(model, t.weight_decay),
         lr_scheduler=lambda opt: build_scheduler(opt, t),
-        config=engine_config,
+        config=p.ds_config,
     )
 
     meta = {
@@ -195,7 +184,7 @@ def run(p: Plan) -> dict[str, Any]:
     }
     state = TrainState(meta=meta)
     if p.resume_from is not None:
-        saved = load_checkpoint(engine, p.resume_from, rank=env.rank, universal=universal)
+        saved = load_checkpoint(engine, p.resume_from, rank=env.rank)
         state.step, state.consumed_samples = int(saved["step"]), int(saved["consumed_samples"])
         state.val_ema, state.best_val_ema = saved.get("val_ema"), saved.get("best_val_ema")
         meta["run_id"] = saved.get("run_id", meta["run_id"])

@@ -10,8 +10,11 @@ The data position (consumed samples) does not depend on the number of ranks; the
       checkpoints/step_00000100/             the checkpoint as saved (still the one that counts)
       checkpoints/step_00000100.universal/   its universal copy, reused by later resumes from it
 
-  The engine is then initialised with ``"checkpoint": {"load_universal": true}`` for that one load (the
-  ds_config.json of the run keeps the plain config, so later resumes load their own checkpoints natively).
+  The engine loads that copy with DeepSpeed's ``load_universal`` switch on for this one load only: a later
+  load in the same run (a rollback) or a later resume reads the run's own checkpoints natively.
+
+``train.checkpoint.load_checkpoint`` goes through ``resized_source`` for every load, so a resume and a
+rollback to a checkpoint of the old world size take the same path.
 
 DeepSpeed 0.19.8's universal load under ZeRO 3 gives every parameter group the hyper-parameters of the first
 one and lets all groups share one Adam ``step`` tensor; ``repair_universal_load`` undoes both.
@@ -19,13 +22,15 @@ one and lets all groups share one Adam ``step`` tensor; ``repair_universal_load`
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ from train.checkpoint import TMP_SUFFIX, UNIVERSAL_SUFFIX, CheckpointError, read
 
 SOURCE_FILE = "tessera_source.json"  # in a universal copy: which save of the checkpoint it was made from
 CONVERT_MODULE = "deepspeed.checkpoint.ds_to_universal"
+log = logging.getLogger("tessera")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +57,7 @@ class Resize:
         return self.zero_stage >= 1
 
 
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    """The ZeRO stage of a resolved DeepSpeed config (0 when it has no ``zero_optimization`` section)."""
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-
-def plan_resize(meta: dict[str, Any], *, world_size: int, ds_config: dict[str, Any]) -> Resize | None:
+def plan_resize(meta: dict[str, Any], *, world_size: int, zero_stage: int) -> Resize | None:
     """The resize a resume from a checkpoint with metadata ``meta`` needs, or None for the same world size.
 
     A checkpoint whose metadata does not record its world size is taken to match; should it not, DeepSpeed's
@@ -65,14 +66,7 @@ def plan_resize(meta: dict[str, Any], *, world_size: int, ds_config: dict[str, A
     saved = meta.get("world_size")
     if saved is None or int(saved) == world_size:
         return None
-    return Resize(saved_world_size=int(saved), world_size=world_size, zero_stage=zero_stage(ds_config))
-
-
-def with_universal_load(ds_config: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``ds_config`` that makes the engine load a universal checkpoint (for one load only)."""
-    ds = copy.deepcopy(ds_config)
-    ds.setdefault("checkpoint", {})["load_universal"] = True
-    return ds
+    return Resize(saved_world_size=int(saved), world_size=world_size, zero_stage=zero_stage)
 
 
 def universal_dir(tag_dir: Path) -> Path:
@@ -149,6 +143,50 @@ def prepare_universal(tag_dir: Path, *, rank: int) -> tuple[Path, bool]:
     if error is not None:
         raise CheckpointError(error)
     return universal_dir(tag_dir), reused
+
+
+def resized_source(engine: Any, tag_dir: Path, meta: dict[str, Any], *, rank: int) -> Path | None:
+    """Collective: the universal copy to load ``tag_dir`` from, or None when it loads as saved.
+
+    Logs one line on rank 0 when the world size differs from the checkpoint's.
+    """
+    import torch.distributed as dist
+
+    resize = plan_resize(meta, world_size=dist.get_world_size(), zero_stage=engine.zero_optimization_stage())
+    if resize is None:
+        return None
+    universal, reused = prepare_universal(tag_dir, rank=rank) if resize.needs_universal else (None, False)
+    if rank == 0:
+        log.info(describe(resize, tag_dir, reused=reused))
+    return universal
+
+
+@contextlib.contextmanager
+def universal_switch(engine: Any) -> Iterator[None]:
+    """DeepSpeed's ``load_universal`` switch on for the loads inside the block, as it was afterwards.
+
+    DeepSpeed reads the switch from the engine's parsed config at each load (nothing set up at initialise
+    time depends on it), so scoping it to one load is exact.
+    """
+    config = getattr(engine, "_config", None)
+    if config is None or not hasattr(config, "load_universal_checkpoint"):
+        raise CheckpointError("this DeepSpeed version has no load_universal switch on its engine; resume with "
+                              "the number of ranks the checkpoint was saved with.")
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = before
+
+
+def load_universal(engine: Any, universal: Path) -> str | None:
+    """Load the engine state from a universal copy; the path DeepSpeed loaded, or None if it found nothing."""
+    with universal_switch(engine):
+        path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+    if path is not None:
+        repair_universal_load(engine, universal)
+    return path
 
 
 def repair_universal_load(engine: Any, source: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import complete_checkpoints, latest_complete
+from train.checkpoint import CheckpointError, complete_checkpoints, latest_complete
 from train.resize import (
     SOURCE_FILE,
     Resize,
@@ -16,8 +16,7 @@ from train.resize import (
     is_current,
     plan_resize,
     universal_dir,
-    with_universal_load,
-    zero_stage,
+    universal_switch,
 )
 
 
@@ -30,31 +29,42 @@ def _checkpoint(root: Path, step: int, *, saved_at: float = 1.0, world_size: int
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_same_world_size_needs_nothing(stage: int) -> None:
-    ds = {"zero_optimization": {"stage": stage}}
-    assert plan_resize({"world_size": 4}, world_size=4, ds_config=ds) is None
+    assert plan_resize({"world_size": 4}, world_size=4, zero_stage=stage) is None
 
 
 def test_unknown_world_size_is_taken_as_the_same() -> None:
-    assert plan_resize({}, world_size=3, ds_config={"zero_optimization": {"stage": 2}}) is None
+    assert plan_resize({}, world_size=3, zero_stage=2) is None
 
 
 @pytest.mark.parametrize("stage, universal", [(0, False), (1, True), (2, True), (3, True)])
 def test_another_world_size_needs_a_universal_copy_only_under_zero_1_to_3(stage: int, universal: bool) -> None:
-    resize = plan_resize({"world_size": 2}, world_size=1, ds_config={"zero_optimization": {"stage": stage}})
+    resize = plan_resize({"world_size": 2}, world_size=1, zero_stage=stage)
     assert resize == Resize(saved_world_size=2, world_size=1, zero_stage=stage)
     assert resize.needs_universal is universal
 
 
-def test_zero_stage_defaults_to_0() -> None:
-    assert zero_stage({}) == 0 and zero_stage({"zero_optimization": {"stage": 3}}) == 3
+class _Config:
+    load_universal_checkpoint = False
 
 
-def test_universal_load_is_set_on_a_copy_only() -> None:
-    ds = {"zero_optimization": {"stage": 2}, "checkpoint": {"tag_validation": "Warn"}}
-    out = with_universal_load(ds)
-    assert out["checkpoint"] == {"tag_validation": "Warn", "load_universal": True}
-    assert ds["checkpoint"] == {"tag_validation": "Warn"}
-    assert with_universal_load({})["checkpoint"] == {"load_universal": True}
+class _Engine:
+    def __init__(self) -> None:
+        self._config = _Config()
+
+
+def test_universal_switch_is_on_inside_the_block_only() -> None:
+    engine = _Engine()
+    with universal_switch(engine):
+        assert engine._config.load_universal_checkpoint is True
+    assert engine._config.load_universal_checkpoint is False
+    with pytest.raises(ValueError), universal_switch(engine):
+        raise ValueError("a failed load")
+    assert engine._config.load_universal_checkpoint is False
+
+
+def test_universal_switch_without_the_switch_is_one_clear_error() -> None:
+    with pytest.raises(CheckpointError, match="no load_universal switch"), universal_switch(object()):
+        pass
 
 
 def test_the_copy_lies_beside_the_checkpoint_and_is_never_resumed_from(tmp_path: Path) -> None:
