@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MAIN, SMOKE, free_port, python_main, read_rows, run_job, train_losses
+from tests.conftest import MAIN, SMOKE, child_env, free_port, python_main, read_rows, run_job, train_losses
 from train.checkpoint import CheckpointError, complete_checkpoints
 from train.resize import convert
 
@@ -124,3 +124,21 @@ def test_a_checkpoint_that_cannot_be_converted_fails_in_one_line(tmp_path: Path)
     with pytest.raises(CheckpointError, match=f"could not convert {tag_dir} to a universal checkpoint"):
         convert(tag_dir)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [TAG]  # no copy, no tmp, no latest
+
+
+def test_rollback_in_a_resized_run_reloads_the_old_world_size_checkpoint(tmp_path: Path, data_cache: Path,
+                                                                         references,
+                                                                         ds_configs: dict[int, str]) -> None:
+    """ZeRO-2 from 2 ranks to 1, then bad steps 12-14 roll back to step 10 (saved by 2 ranks) mid-run."""
+    out = tmp_path / "run"
+    _stopped_at_step_10(references(2), out)
+    env = {**child_env(tmp_path), "TESSERA_FAILPOINT": "nan_batch@12-14"}
+    proc = run_job(_launch(1, *_args(out, data_cache, ds_configs[2], "--resume", "auto")), tmp_path, env=env)
+    assert "converted it to a universal checkpoint" in proc.stderr
+    assert "reused its universal copy" in proc.stderr  # the rollback's load
+    assert "rolled back to step_00000010" in proc.stderr
+    rows = [r for r in read_rows(out) if "loss" in r and "event" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    (rollback,) = [r for r in read_rows(out) if r.get("event") == "rollback"]
+    assert rollback["step"] == 10 and rollback["consumed_samples"] == 14 * 8  # past the three bad batches
+    assert rows[-1]["consumed_samples"] == (14 + 10) * 8
