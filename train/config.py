@@ -18,6 +18,10 @@ from typing import Any
 import yaml
 
 from model import ModelArgs, ModelConfigError, get_preset
+from model.hf import args_from_hf_config, load_hf_config
+
+# ModelArgs fields a recipe may still set when starting from pretrained weights.
+INIT_FROM_OVERRIDES = {"max_seq_len", "dropout"}
 
 
 class ConfigError(ValueError):
@@ -33,6 +37,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelSection:
     preset: str = _f("tiny", "Named ModelArgs preset (model/args.py PRESETS); other keys here override its fields.")
+    init_from: str | None = _f(None, "Local HF Llama / Mistral / Qwen2 directory to start from (replaces preset).")
     overrides: dict[str, Any] = _f({}, "ModelArgs fields that replace the preset's (written inline in YAML).")
 
 
@@ -115,19 +120,33 @@ class JobConfig:
     sample: SampleSection = field(default_factory=SampleSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
-        """The preset with this recipe's overrides (and the tokenizer's vocab size when given), validated."""
-        args = dataclasses.replace(get_preset(self.model.preset), **self.model.overrides)
-        if vocab_size is not None and "vocab_size" not in self.model.overrides:
-            args = dataclasses.replace(args, vocab_size=vocab_size)
+        """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
+
+        A preset's vocabulary follows the tokenizer (``vocab_size``); a pretrained model keeps its own.
+        """
+        m = self.model
         try:
-            args.validate()
+            if m.init_from is not None:
+                shape = sorted(set(m.overrides) - INIT_FROM_OVERRIDES)
+                if shape:
+                    raise ConfigError(
+                        f"model.{shape[0]} cannot be changed for model.init_from={m.init_from} (the weights fix "
+                        f"the shape); only {', '.join(sorted(INIT_FROM_OVERRIDES))} can be set."
+                    )
+                hf_config = load_hf_config(m.init_from)
+                args = args_from_hf_config(hf_config, max_seq_len=m.overrides.get("max_seq_len"))
+                return dataclasses.replace(args, **m.overrides).validate()
+            args = dataclasses.replace(get_preset(m.preset), **m.overrides)
+            if vocab_size is not None and "vocab_size" not in m.overrides:
+                args = dataclasses.replace(args, vocab_size=vocab_size)
+            return args.validate()
         except ModelConfigError as e:
-            raise ConfigError(f"model: {e}") from None
-        return args
+            where = f"model.init_from={m.init_from}" if m.init_from else "model"
+            raise ConfigError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["model"] = {"preset": self.model.preset, **self.model.overrides}
+        d["model"] = {"preset": self.model.preset, "init_from": self.model.init_from, **self.model.overrides}
         return d
 
 
@@ -210,14 +229,16 @@ def _model_section(raw: Any) -> ModelSection:
         raise ConfigError(f"model: expected a mapping of keys, got {raw!r}.")
     raw = dict(raw)
     preset = raw.pop("preset", ModelSection.preset)
+    init_from = _coerce("model.init_from", raw.pop("init_from", None), str | None)
     arg_fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
     hints = typing.get_type_hints(ModelArgs)
     overrides = {}
     for key, value in raw.items():
         if key not in arg_fields:
-            raise ConfigError(f"Unknown config key 'model.{key}'.{_suggest(key, ['preset', *arg_fields])}")
+            known = ["preset", "init_from", *arg_fields]
+            raise ConfigError(f"Unknown config key 'model.{key}'.{_suggest(key, known)}")
         overrides[key] = _coerce(f"model.{key}", value, hints[key])
-    return ModelSection(preset=str(preset), overrides=overrides)
+    return ModelSection(preset=str(preset), init_from=init_from, overrides=overrides)
 
 
 _SECTIONS: dict[str, type] = {
@@ -340,8 +361,9 @@ def check_batch_geometry(cfg: JobConfig, dp_size: int) -> int:
 
 def describe_fields() -> str:
     """Every recipe key with its default and help line, for ``main.py --help-config``."""
-    preset = dataclasses.fields(ModelSection)[0]
-    lines = ["model:", f"  preset = {preset.default!r}  # {preset.metadata['help']}"]
+    lines = ["model:"]
+    for f in dataclasses.fields(ModelSection)[:2]:
+        lines.append(f"  {f.name} = {f.default!r}  # {f.metadata['help']}")
     lines += [f"  {f.name}  # {f.metadata['help']}" for f in dataclasses.fields(ModelArgs)]
     for section, cls in _SECTIONS.items():
         lines.append(f"{section}:")

@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from model import ModelArgs, ModelConfigError, Transformer, generate
+from model.hf import load_hf_pretrained
 from parallel.dims import ParallelConfigError, ParallelDims
 from train.checkpoint import (
     CheckpointError,
@@ -47,6 +48,7 @@ from train.data import BlockDataset, DataError, GlobalOrder, eval_batches, micro
 from train.data_setup import DataBundle, setup_data
 from train.distributed import DistEnv, device_for, init_distributed, read_env
 from train.ds_config import load_ds_config, resolve_ds_config
+from train.guards import TrainingDiverged
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
 from train.trainer import TrainState, evaluate, train
@@ -163,6 +165,10 @@ def run(p: Plan) -> dict[str, Any]:
     dp_rank, dp_size = env.rank // (p.dims.tp * p.dims.pp), p.dims.dp
 
     model = build_model(p.model_args, device, t.seed)
+    if cfg.model.init_from is not None:  # every rank loads the full weights before ZeRO partitions them
+        _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
+        model.load_state_dict(weights)
+        log.info("weights loaded from %s", cfg.model.init_from)
     n_params = sum(x.numel() for x in model.parameters())
     optimizer = None if "optimizer" in p.ds_config else build_optimizer(model, t, p.ds_config)
     engine, _, _, _ = deepspeed.initialize(
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(p)
-    except CheckpointError as e:  # raised on every rank together, after the partial write was removed
+    except (CheckpointError, TrainingDiverged) as e:  # raised on every rank together
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 1

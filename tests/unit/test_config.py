@@ -142,3 +142,18 @@ def test_ds_config_lookup(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_ds_config(str(bad))
+
+
+def test_init_from_reads_the_pretrained_shape(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=600, max_position_embeddings=512).save_pretrained(tmp_path)
+    cfg = load_config(RECIPES / "smoke.yaml", [f"model.init_from={tmp_path}", "model.max_seq_len=128"])
+    args = cfg.model_args(vocab_size=512)
+    assert (args.dim, args.n_layers, args.kv_heads, args.ffn_dim) == (64, 2, 2, 128)
+    assert args.vocab_size == 600 and args.max_seq_len == 128  # the weights keep their vocabulary
+    with pytest.raises(ConfigError, match="model.dim cannot be changed for model.init_from"):
+        load_config(RECIPES / "smoke.yaml", [f"model.init_from={tmp_path}", "model.dim=128"])
+    with pytest.raises(ConfigError, match="model.init_from="):
+        load_config(RECIPES / "smoke.yaml", [f"model.init_from={tmp_path / 'missing'}"])
