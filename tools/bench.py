@@ -1,0 +1,100 @@
+"""Benchmarks whose figures go to BENCHMARKS.md (always with the command and the machine).
+
+    python tools/bench.py checkpoint --preset llama3-1b --out /tmp/ckpt_bench [--json result.json]
+
+``checkpoint``: builds the model of a preset (optionally resized), gives every parameter full AdamW state
+(as after the first step, without spending memory on gradients), hands it to a one-process DeepSpeed engine
+(ZeRO-0, fp32: the state every stage writes in total) and times Tessera's checkpoint save (the whole pause a
+save puts into training: DeepSpeed files, RNG states, metadata, rename, rotation) and load into a fresh
+engine. Reports seconds, bytes and GB/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import Transformer, get_preset
+from train.checkpoint import CheckpointWriter, dir_bytes, load_checkpoint
+from train.distributed import init_distributed, read_env
+
+
+def _engine(args: Any, lr: float, *, with_state: bool) -> Any:
+    import deepspeed
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    for p in model.parameters() if with_state else ():  # the state AdamW holds after its first step
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
+    config = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 0},
+              "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    env = read_env()
+    init_distributed(env)
+    args = dataclasses.replace(get_preset(preset), **overrides).validate()
+    if out.exists():
+        raise SystemExit(f"error: --out {out} exists; give a new directory (it is deleted afterwards)")
+    engine = _engine(args, 1e-4, with_state=True)
+    writer = CheckpointWriter(out, rank=0, keep_last=0, estimate_bytes=args.num_params() * 16)
+    start = time.perf_counter()
+    tag_dir = writer.save(engine, 1, {"model_args": dataclasses.asdict(args)})
+    save_s = time.perf_counter() - start
+    size = dir_bytes(tag_dir)
+    engine.optimizer.state.clear()  # free the first copy before the load makes the second
+    engine.module.to_empty(device="meta")
+    del engine
+    gc.collect()
+    fresh = _engine(args, 1e-4, with_state=False)  # loading creates the Adam state: one copy in memory
+    start = time.perf_counter()
+    load_checkpoint(fresh, tag_dir, rank=0)
+    load_s = time.perf_counter() - start
+    shutil.rmtree(out)
+    return {
+        "preset": preset, "overrides": overrides, "params": args.num_params(), "checkpoint_bytes": size,
+        "save_s": round(save_s, 2), "save_GBps": round(size / save_s / 1e9, 3),
+        "load_s": round(load_s, 2), "load_GBps": round(size / load_s / 1e9, 3),
+        "training_paused_s": round(save_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    ck = sub.add_parser("checkpoint", help="save/load time and throughput of a full training state")
+    ck.add_argument("--preset", default="llama3-1b", help="model preset (model/args.py)")
+    ck.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT",
+                    help="integer ModelArgs overrides, e.g. n_layers=8 vocab_size=32000")
+    ck.add_argument("--out", type=Path, required=True, help="scratch directory on the disk to measure")
+    ck.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
+    result = bench_checkpoint(args.preset, args.out, overrides)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
