@@ -1,4 +1,4 @@
-"""End to end on the real Shakespeare corpus: the three launch forms, ZeRO-3 on two gloo ranks, exact resume."""
+"""End to end on the real Shakespeare corpus: the three launch forms, ZeRO 1-3 on two gloo ranks, exact resume."""
 
 from __future__ import annotations
 
@@ -49,17 +49,20 @@ def test_python_run_reports_perplexity_sample_checkpoint(tmp_path: Path, data_ca
     assert list((out / "wandb").glob("offline-run-*")), "wandb offline run directory missing"
 
 
-def test_zero3_two_ranks_trains_and_resumes_exactly(tmp_path: Path, data_cache: Path, zero3_test_config: Path) -> None:
-    """deepspeed launcher, ZeRO-3 over 2 gloo ranks: loss falls; resuming at step 10 replays steps 11-20 exactly."""
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_train_and_resume_exactly(tmp_path: Path, data_cache: Path, zero3_test_config: Path,
+                                            stage: int) -> None:
+    """deepspeed launcher, ZeRO 1-3 over 2 gloo ranks: loss falls; resuming at step 10 replays 11-20 exactly."""
+    ds = str(zero3_test_config) if stage == 3 else f"zero{stage}"
     full = tmp_path / "full"
-    run_job(_deepspeed(2, *_common(full, data_cache), "--ds_config", str(zero3_test_config)), tmp_path)
+    run_job(_deepspeed(2, *_common(full, data_cache), "--ds_config", ds), tmp_path)
     losses = train_losses(full)
     assert len(losses) == 20
     first, last = sum(losses[s] for s in range(1, 4)) / 3, sum(losses[s] for s in range(18, 21)) / 3
     assert last < first - 0.5, f"loss did not fall: {first:.3f} -> {last:.3f}"
     ckpt = full / "checkpoints" / "step_00000010"
-    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_model_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    assert sorted(p.name for p in ckpt.glob("zero_pp_rank_*_optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
 
     # A run that stopped right after its step-10 checkpoint: same files, `latest` at step 10.
     resumed = tmp_path / "resumed"
@@ -69,8 +72,7 @@ def test_zero3_two_ranks_trains_and_resumes_exactly(tmp_path: Path, data_cache: 
     rows = [r for r in read_rows(full) if r["step"] <= 12]  # rows past the checkpoint must be dropped on resume
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    proc = run_job(_deepspeed(2, *_common(resumed, data_cache), "--ds_config", str(zero3_test_config),
-                              "--resume", "auto"), tmp_path)
+    proc = run_job(_deepspeed(2, *_common(resumed, data_cache), "--ds_config", ds, "--resume", "auto"), tmp_path)
     assert "resumed from" in proc.stderr
     assert [r["step"] for r in read_rows(resumed) if "loss" in r] == list(range(1, 21))  # no step twice
     again = train_losses(resumed)
