@@ -165,7 +165,7 @@ def run(p: Plan) -> dict[str, Any]:
     dp_rank, dp_size = env.rank // (p.dims.tp * p.dims.pp), p.dims.dp
 
     model = build_model(p.model_args, device, t.seed)
-    if cfg.model.init_from is not None:  # every rank loads the full weights before ZeRO partitions them
+    if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then ZeRO
         _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
