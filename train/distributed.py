@@ -73,7 +73,3 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         verbose=False,
     )
-
-
-def bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()

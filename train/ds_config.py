@@ -99,10 +99,6 @@ def resolve_ds_config(
     return ds
 
 
-def zero_stage(ds: dict[str, Any]) -> int:
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
 def _find_auto(obj: Any, path: str = "") -> str | None:
     if obj == "auto":
         return path or "<root>"
