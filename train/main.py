@@ -85,6 +85,8 @@ class Plan:
     bundle: DataBundle
     model_args: ModelArgs
     resume_from: Path | None
+    train_ds: BlockDataset
+    val_ds: BlockDataset
 
 
 def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
@@ -126,8 +128,24 @@ def plan(args: argparse.Namespace) -> Plan:
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
+    train_ds, val_ds = _datasets(cfg, bundle, dims.dp)
     check_free_space(cfg.train.out_dir, checkpoint_estimate(model_args), "one checkpoint")
-    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from)
+    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds)
+
+
+def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[BlockDataset, BlockDataset]:
+    """Training and validation blocks; splits too short for one sequence or one evaluation round fail here."""
+    d, t = cfg.data, cfg.train
+    train_ds = BlockDataset(bundle.data.split("train"), d.seq_len, mode=d.sampling, seed=t.seed,
+                            num_samples=d.samples_per_epoch)
+    val_ds = BlockDataset(bundle.data.split("val"), d.seq_len, mode="blocks")
+    if len(val_ds) < t.micro_batch_size * dp_size:
+        raise ConfigError(
+            f"the validation split of {bundle.prepared_dir} holds {len(val_ds)} blocks of data.seq_len={d.seq_len}, "
+            f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed to "
+            f"evaluate: raise data.val_fraction, or lower data.seq_len or train.micro_batch_size."
+        )
+    return train_ds, val_ds
 
 
 def checkpoint_estimate(args: ModelArgs) -> int:
@@ -216,10 +234,7 @@ def run(p: Plan) -> dict[str, Any]:
         wandb_mode=cfg.log.wandb, wandb_project=cfg.log.wandb_project,
         run_name=cfg.log.run_name or out_dir.name, run_id=meta["run_id"], config=cfg.to_dict(),
     )
-    data = p.bundle.data
-    train_ds = BlockDataset(data.split("train"), cfg.data.seq_len, mode=cfg.data.sampling, seed=t.seed,
-                            num_samples=cfg.data.samples_per_epoch)
-    val_ds = BlockDataset(data.split("val"), cfg.data.seq_len, mode="blocks")
+    train_ds, val_ds = p.train_ds, p.val_ds
     order = GlobalOrder(len(train_ds), seed=t.seed, shuffle=True)
 
     def batches(consumed: int):
@@ -292,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(p)
-    except (CheckpointError, TrainingDiverged) as e:  # raised on every rank together
+    # raised on every rank together: a checkpoint that cannot be written or read, a run that keeps diverging,
+    # pretrained weights that do not match their config
+    except (CheckpointError, TrainingDiverged, ModelConfigError) as e:
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 1

@@ -83,6 +83,8 @@ def test_valid_plan_prepares_data_once(clean_env: pytest.MonkeyPatch, corpus: di
         (["data.seq_len=4096"], ConfigError, "data.seq_len=4096 is longer than the model allows"),
         (["data.files=[/nonexistent/corpus.txt]"], ConfigError, "/nonexistent/corpus.txt not found"),
         (["model.vocab_size=100"], ConfigError, "model.vocab_size=100 is smaller than the tokenizer's 512"),
+        (["data.seq_len=256", "train.micro_batch_size=64", "train.global_batch_size=64"], ConfigError,
+         "fewer than train.micro_batch_size=64 x 1 data-parallel ranks needed to evaluate"),
     ],
 )
 def test_config_errors_before_anything_runs(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path,
