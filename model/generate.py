@@ -28,9 +28,12 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        shape = (batch_size, max_len, n_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        # Allocated per layer on first use, with the head count of the keys written (under tensor parallelism
+        # a rank caches only its own heads, fewer than n_kv_heads).
+        self.shape = (batch_size, max_len, n_kv_heads, head_dim)
+        self.device, self.dtype = device, dtype
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
         self.max_len = max_len
         self.length = 0
 
@@ -56,9 +59,15 @@ class KVCache:
             raise ValueError(
                 f"KVCache holds max_len={self.max_len} positions, {end} needed: allocate a larger max_len"
             )
-        self.k[layer_id][:, self.length : end] = k
-        self.v[layer_id][:, self.length : end] = v
-        return self.k[layer_id][:, :end], self.v[layer_id][:, :end]
+        k_all, v_all = self.k[layer_id], self.v[layer_id]
+        if k_all is None or v_all is None:
+            B, max_len, _, D = self.shape
+            shape = (B, max_len, k.shape[2], D)  # (B, max_len, Hkv, D)
+            k_all = self.k[layer_id] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            v_all = self.v[layer_id] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        k_all[:, self.length : end] = k
+        v_all[:, self.length : end] = v
+        return k_all[:, :end], v_all[:, :end]
 
     def advance(self, n: int) -> None:
         """Mark n more positions as cached (called once per forward, after every layer has updated)."""

@@ -16,7 +16,10 @@ Building on the meta device, then materialising::
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,6 +61,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.attn_bias)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.sinks = nn.Parameter(torch.zeros(args.n_heads)) if args.attn_sinks else None
+        # Context for drawing attention dropout; tensor parallelism gives each rank its own stream here.
+        self.dropout_rng: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -76,16 +81,19 @@ class Attention(nn.Module):
         position_ids: torch.Tensor,
         cache: KVCache | None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        # Head counts come from the projections' widths, so tensor-parallel shards work unchanged.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
+        # Shapes come from the projections' outputs, not from x: under tensor parallelism the heads are this
+        # rank's share and, with sequence parallelism, x holds a slice of the sequence that q_proj gathers.
+        q = self.q_proj(x)
+        B, T = q.shape[:2]
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         q, k = apply_rope(q, k, rope_cos, rope_sin, position_ids)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, S, Hkv, D): cached positions + these T
         dropout_p = self.dropout if self.training else 0.0
-        out = attention(q, k, v, causal=True, sinks=self.sinks, dropout_p=dropout_p)  # (B, T, Hq, D)
+        with self.dropout_rng() if dropout_p > 0 else contextlib.nullcontext():
+            out = attention(q, k, v, causal=True, sinks=self.sinks, dropout_p=dropout_p)  # (B, T, Hq, D)
         return self.o_proj(out.reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -207,8 +215,9 @@ class Transformer(nn.Module):
             h = input_ids  # hidden states from the previous pipeline stage
         else:
             h = self.embed_tokens(input_ids)  # (B, T, dim)
+        # The length of the input, not of h: under sequence parallelism h holds this rank's slice of it.
+        T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
 
-        T = h.shape[1]
         if position_ids is None:
             start = 0 if cache is None else cache.length
             if start + T > self.args.max_seq_len:

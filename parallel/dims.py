@@ -1,17 +1,27 @@
-"""Parallel degrees of a job and their consistency with the world size."""
+"""Parallel degrees of a job, their consistency with the world size and with the model's shape.
+
+Every check here runs before any process group exists, on every rank alike, so a bad layout ends
+the job with one message instead of a hang in the first collective.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.args import ModelArgs
+
 
 class ParallelConfigError(ValueError):
-    """Parallel degrees that cannot tile the world; the message names the degree and the fix."""
+    """Parallel degrees that cannot tile the world or the model; the message names the degree and the fix."""
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """How ``world_size`` ranks are split: ``world_size = dp * tp * pp``."""
+    """How ``world_size`` ranks are split: ``world_size = pp * dp * tp``.
+
+    Rank order is Megatron's: tensor-parallel ranks are adjacent (they talk most, so they share a node),
+    then data-parallel, then pipeline stages: ``rank = (pp_rank * dp + dp_rank) * tp + tp_rank``.
+    """
 
     world_size: int
     tp: int = 1  # tensor-parallel degree: ranks that share each layer
@@ -32,11 +42,64 @@ class ParallelDims:
         """Data-parallel degree: model replicas that see different samples."""
         return self.world_size // (self.tp * self.pp)
 
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(pp_rank, dp_rank, tp_rank) of a global rank."""
+        if not 0 <= rank < self.world_size:
+            raise ParallelConfigError(f"rank {rank} is outside the world of {self.world_size}")
+        return rank // (self.dp * self.tp), (rank // self.tp) % self.dp, rank % self.tp
+
+    def rank_of(self, pp_rank: int, dp_rank: int, tp_rank: int) -> int:
+        """Global rank at the given coordinates (the inverse of `coords`)."""
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def tp_groups(self) -> list[list[int]]:
+        """Ranks of every tensor-parallel group (adjacent ranks)."""
+        return [[self.rank_of(p, d, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Ranks of every data-parallel group (same stage and TP slice, different replica)."""
+        return [[self.rank_of(p, d, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        """Ranks of every pipeline (same replica and TP slice, one rank per stage)."""
+        return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+    def mp_groups(self) -> list[list[int]]:
+        """Ranks of every model-parallel group: one whole replica (all its stages and TP slices)."""
+        return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
+
     def require_supported(self) -> None:
-        """This release trains data-parallel replicas (with ZeRO); TP and PP layers are not in it yet."""
-        for name in ("tp", "pp"):
-            if getattr(self, name) != 1:
+        """Pipeline stages are not in this release; tensor parallelism is."""
+        if self.pp != 1:
+            raise ParallelConfigError(
+                f"parallel.pp={self.pp}: pipeline parallelism is not in this release; set parallel.pp=1 and "
+                f"use parallel.tp and a ZeRO-3 config to fit a large model."
+            )
+
+    def check_model(self, args: ModelArgs, *, seq_len: int, sequence_parallel: bool) -> None:
+        """Refuse a tensor-parallel degree the model's shape (or the sequence length) cannot be split by."""
+        if self.tp == 1:
+            return
+        checks = (
+            ("n_heads", args.n_heads, "query heads"),
+            ("n_kv_heads", args.kv_heads, "key/value heads"),
+            ("ffn_hidden_dim", args.ffn_dim, "SwiGLU hidden units"),
+        )
+        for field_name, value, what in checks:
+            if value % self.tp:
                 raise ParallelConfigError(
-                    f"parallel.{name}={getattr(self, name)}: this release runs data parallelism with ZeRO 0-3 only; "
-                    f"set parallel.{name}=1 and use a ZeRO-3 config to shard large models."
+                    f"parallel.tp={self.tp} does not divide the model's {value} {what} (model.{field_name}): "
+                    f"each tensor-parallel rank must own whole {what}; choose a tp that divides {value}."
                 )
+        if sequence_parallel and seq_len % self.tp:
+            raise ParallelConfigError(
+                f"parallel.sequence_parallel=true splits each sequence over parallel.tp={self.tp} ranks, but "
+                f"data.seq_len={seq_len} is not divisible by {self.tp}: choose a seq_len that is a multiple of "
+                f"{self.tp} or turn sequence parallelism off."
+            )
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 1) -> int:
+    """The vocabulary rounded up so each of ``tp`` ranks holds the same number of rows (times ``multiple``)."""
+    unit = tp * multiple
+    return -(-vocab_size // unit) * unit

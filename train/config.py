@@ -90,6 +90,9 @@ class TrainSection:
 class ParallelSection:
     tp: int = _f(1, "Tensor-parallel degree (ranks that split each layer).")
     pp: int = _f(1, "Pipeline-parallel degree (stages the layer list is cut into).")
+    sequence_parallel: bool = _f(
+        False, "With tp > 1, split norms, dropout and residuals along the sequence (less activation memory)."
+    )
 
 
 @dataclass

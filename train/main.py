@@ -33,6 +33,8 @@ import yaml
 from model import ModelArgs, ModelConfigError, Transformer, generate
 from model.hf import load_hf_pretrained
 from parallel.dims import ParallelConfigError, ParallelDims
+from parallel.groups import build_process_groups
+from parallel.tp import FullLogits, TPContext, apply_tp, tp_lm_loss
 from train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -51,7 +53,7 @@ from train.ds_config import load_ds_config, resolve_ds_config
 from train.guards import TrainingDiverged
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
-from train.trainer import TrainState, evaluate, train
+from train.trainer import TrainState, evaluate, lm_loss, train
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
 USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError, CheckpointError)
@@ -121,8 +123,10 @@ def plan(args: argparse.Namespace) -> Plan:
     if model_args.vocab_size < bundle.data.vocab_size:
         raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
                           f"{bundle.data.vocab_size}: remove the override or raise it.")
+    dims.check_model(model_args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
     if resume_from is not None:
         meta = read_meta(resume_from)
+        _check_resume_layout(meta, resume_from, dims)
         if ModelArgs(**meta.get("model_args", {})) != model_args:
             raise ConfigError(f"--resume: the checkpoint {resume_from} holds a different model "
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
@@ -131,6 +135,19 @@ def plan(args: argparse.Namespace) -> Plan:
     train_ds, val_ds = _datasets(cfg, bundle, dims.dp)
     check_free_space(cfg.train.out_dir, checkpoint_estimate(model_args), "one checkpoint")
     return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds)
+
+
+def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims) -> None:
+    """A tensor-parallel checkpoint resumes with the same tp, and at the same world size."""
+    saved_tp = int(meta.get("config", {}).get("parallel", {}).get("tp", 1))
+    if saved_tp != dims.tp:
+        raise ConfigError(f"--resume: {tag_dir} was trained with parallel.tp={saved_tp}, this run has "
+                          f"parallel.tp={dims.tp}; resume with parallel.tp={saved_tp} (a checkpoint's tensor-parallel "
+                          f"degree cannot be changed on resume).")
+    saved_world = meta.get("world_size")
+    if dims.tp > 1 and saved_world is not None and int(saved_world) != dims.world_size:
+        raise ConfigError(f"--resume: {tag_dir} is a tensor-parallel checkpoint of {saved_world} ranks; resume it "
+                          f"on {saved_world} ranks (changing the data-parallel size of a tp > 1 run is not supported).")
 
 
 def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[BlockDataset, BlockDataset]:
@@ -180,14 +197,20 @@ def run(p: Plan) -> dict[str, Any]:
     out_dir = Path(t.out_dir)
     init_distributed(env, timeout_s=t.dist_timeout_s)
     device = device_for(env)
-    dp_rank, dp_size = env.rank // (p.dims.tp * p.dims.pp), p.dims.dp
+    groups = build_process_groups(p.dims)
+    dp_rank, dp_size = groups.dp_rank, p.dims.dp
 
-    model = build_model(p.model_args, device, t.seed)
-    if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then ZeRO
+    # The whole model is built and initialised (or loaded) first, then split: every tp degree starts from the
+    # same weights. With tp > 1 the whole model lives on the host until it is split.
+    model = build_model(p.model_args, device if p.dims.tp == 1 else torch.device("cpu"), t.seed)
+    n_params = sum(x.numel() for x in model.parameters())
+    if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then TP / ZeRO
         _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
-    n_params = sum(x.numel() for x in model.parameters())
+    tp_ctx = apply_tp(model, groups.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=t.seed)
+    model.to(device)
+    loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
     optimizer = None if "optimizer" in p.ds_config else build_optimizer(model, t, p.ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -195,6 +218,7 @@ def run(p: Plan) -> dict[str, Any]:
         model_parameters=None if optimizer is not None else param_groups(model, t.weight_decay),
         lr_scheduler=lambda opt: build_scheduler(opt, t),
         config=p.ds_config,
+        mpu=groups,
     )
 
     meta = {
@@ -223,7 +247,8 @@ def run(p: Plan) -> dict[str, Any]:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2))
         log.info("model: %s parameters, %s", f"{n_params:,}", p.model_args)
-        log.info("world %d (dp %d), ZeRO stage %d, grad accumulation %d, %s", env.world_size, dp_size,
+        log.info("world %d (dp %d x tp %d%s), ZeRO stage %d, grad accumulation %d, %s", env.world_size, dp_size,
+                 p.dims.tp, ", sequence parallel" if tp_ctx.sequence_parallel else "",
                  engine.zero_optimization_stage(), engine.gradient_accumulation_steps(), device)
         if p.resume_from is not None:
             log.info("resumed from %s at step %d (%d samples consumed)", p.resume_from, state.step,
@@ -248,11 +273,11 @@ def run(p: Plan) -> dict[str, Any]:
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
                    grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device,
-                   checkpoints=checkpoints)
+                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx)
     if not result:  # resumed a finished run: nothing to train, still report
-        val_loss, val_ppl = evaluate(engine, val_batches, device)
+        val_loss, val_ppl = evaluate(engine, val_batches, device, loss_fn)
         result = {"val_loss": val_loss, "val_ppl": val_ppl}
-    sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device)
+    sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device, tp_ctx)
     summary = {"steps": state.step, "train_time_s": round(time.perf_counter() - start, 1), "params": n_params,
                **result, "sample": sample}
     logger.close(summary)
@@ -264,11 +289,14 @@ def run(p: Plan) -> dict[str, Any]:
     return summary
 
 
-def _sample(cfg: JobConfig, model: torch.nn.Module, tokenizer_dir: Path, device: torch.device) -> str | None:
-    """Every rank generates the same text (same seed): ZeRO-3 gathers layers collectively as it goes."""
+def _sample(cfg: JobConfig, model: torch.nn.Module, tokenizer_dir: Path, device: torch.device,
+            tp_ctx: TPContext) -> str | None:
+    """Every rank generates the same text (same seed): ZeRO-3 gathers layers and TP the logits as it goes."""
     s = cfg.sample
     if s.max_new_tokens == 0:
         return None
+    if tp_ctx.size > 1:
+        model = FullLogits(model, tp_ctx)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from parallel.layers import TPContext
 from train.checkpoint import CheckpointWriter, latest_complete, load_checkpoint
 from train.config import JobConfig
 from train.faults import failpoint_hit
@@ -19,6 +20,7 @@ from train.guards import BadStepCounter, SpikeDetector, TrainingDiverged
 from train.metrics import MetricsLogger, peak_memory_gb
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> mean loss
 
 
 @dataclass
@@ -63,21 +65,34 @@ def _engine_skips_grad_norm(engine: Any) -> bool:
 
 
 @torch.no_grad()
-def _grad_norm(module: torch.nn.Module) -> float:
-    """L2 norm of the (already data-parallel averaged) gradients of an unsharded replica."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
+def _grad_norm(module: torch.nn.Module, tp_ctx: TPContext | None = None) -> float:
+    """L2 norm of the (already data-parallel averaged) gradients of a replica that ZeRO does not shard.
+
+    Under tensor parallelism each rank holds a shard of the split parameters and a copy of the replicated
+    ones: the split ones are summed over the group, the replicated ones counted once (from TP rank 0).
+    """
+    split = tp_ctx is not None and tp_ctx.size > 1
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is None or (split and tp_ctx.rank != 0 and not getattr(p, "tensor_model_parallel", False)):
+            continue
+        squares += torch.linalg.vector_norm(p.grad.double()).cpu() ** 2
+    if split:
+        squares = squares.to(next(module.parameters()).device)
+        dist.all_reduce(squares, group=tp_ctx.group)
+    return squares.sqrt().item()
 
 
 @torch.no_grad()
-def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.device) -> tuple[float, float]:
-    """Token-weighted validation loss over all ranks and its perplexity."""
+def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.device,
+             loss_fn: LossFn = lm_loss) -> tuple[float, float]:
+    """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike)."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
     for x, y in batches():
         x, y = x.to(device), y.to(device)
         n = (y != -100).sum()
-        totals += torch.stack([lm_loss(engine(x), y).double() * n, n.double()])
+        totals += torch.stack([loss_fn(engine(x), y).double() * n, n.double()])
     dist.all_reduce(totals)
     engine.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -99,11 +114,14 @@ class Trainer:
         logger: MetricsLogger,
         device: torch.device,
         checkpoints: CheckpointWriter,
+        loss_fn: LossFn = lm_loss,
+        tp_ctx: TPContext | None = None,
     ) -> None:
         self.cfg, self.t = cfg, cfg.train
         self.engine, self.state = engine, state
         self.batches, self.val_batches = batches, val_batches
         self.grad_accum, self.logger, self.device, self.checkpoints = grad_accum, logger, device, checkpoints
+        self.loss_fn, self.tp_ctx = loss_fn, tp_ctx
         self.spikes = SpikeDetector(zscore=self.t.spike_zscore)
         self.bad_steps = BadStepCounter(max_bad_steps=self.t.max_bad_steps, max_rollbacks=self.t.max_rollbacks)
         self.stream = batches(state.consumed_samples)
@@ -156,11 +174,11 @@ class Trainer:
         for micro in range(self.grad_accum):
             x, y = next(self.stream)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss = lm_loss(self.engine(x), y)
+            loss = self.loss_fn(self.engine(x), y)
             loss = _injected_fault(loss, batch_no)
             self.engine.backward(loss)
             if want_grad_norm and micro == self.grad_accum - 1 and _engine_skips_grad_norm(self.engine):
-                grad_norm = _grad_norm(self.engine.module)
+                grad_norm = _grad_norm(self.engine.module, self.tp_ctx)
             self.engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
             loss_sum += loss.item()
         return _mean_over_ranks(loss_sum / self.grad_accum, self.device), grad_norm
@@ -217,7 +235,7 @@ class Trainer:
         last_step = state.step == t.steps
         best = ran = False
         if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
-            val_loss, val_ppl = evaluate(self.engine, self.val_batches, self.device)
+            val_loss, val_ppl = evaluate(self.engine, self.val_batches, self.device, self.loss_fn)
             best = state.observe_val_loss(val_loss, t.best_smoothing)
             self.last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
             self.logger.log({"step": state.step, **self.last_eval, "val_ema": state.val_ema})

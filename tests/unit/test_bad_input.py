@@ -136,3 +136,25 @@ def test_used_run_directory_is_refused_and_kept(clean_env: pytest.MonkeyPatch, c
     with pytest.raises(ConfigError, match="holds a different model"):
         plan(parse_args([*_files_args(corpus, tmp_path), "--resume", "auto"]))
     assert _snapshot(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize(
+    "world, extra, fragment",
+    [
+        ("4", ["parallel.tp=4"], "parallel.tp=4 does not divide the model's 2 key/value heads"),
+        ("3", ["parallel.tp=2"], "world size 3 is not divisible by parallel.tp=2 x parallel.pp=1"),
+        ("2", ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=33"],
+         "data.seq_len=33 is not divisible by 2"),
+        ("2", ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not in this release"),
+    ],
+)
+def test_parallel_layout_errors_before_any_process_group(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path,
+                                                         world: str, extra: list[str], fragment: str) -> None:
+    clean_env.setenv("RANK", "1")  # any rank: every rank reaches the same verdict before a collective runs
+    clean_env.setenv("WORLD_SIZE", world)
+    from parallel.dims import ParallelConfigError
+
+    with pytest.raises(ParallelConfigError) as err:
+        plan(parse_args(_files_args(corpus, tmp_path, *extra)))
+    assert fragment in str(err.value)
+    assert isinstance(err.value, USER_ERRORS) and not (tmp_path / "run").exists()

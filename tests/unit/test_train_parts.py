@@ -58,9 +58,9 @@ def test_parallel_dims() -> None:
         ParallelDims(8, tp=3)
     with pytest.raises(ParallelConfigError, match="parallel.tp=0"):
         ParallelDims(8, tp=0)
-    with pytest.raises(ParallelConfigError, match="parallel.tp=2: this release"):
-        ParallelDims(4, tp=2).require_supported()
-    ParallelDims(4).require_supported()
+    with pytest.raises(ParallelConfigError, match="parallel.pp=2: pipeline parallelism is not in this release"):
+        ParallelDims(4, pp=2).require_supported()
+    ParallelDims(4, tp=2).require_supported()
 
 
 def _logger(out: Path, start_step: int) -> MetricsLogger:

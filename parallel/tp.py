@@ -1,0 +1,231 @@
+"""Tensor parallelism as a transformation of the plain model: a plan, `apply_tp`, and the way back.
+
+    groups = build_process_groups(ParallelDims(world, tp=2))
+    ctx = apply_tp(model, groups.tp_group, sequence_parallel=True, seed=cfg.train.seed)
+    loss = tp_lm_loss(model, ctx)(model(x), y)          # vocab-parallel cross-entropy
+    full = gather_full_state_dict(model)                # the plain model's state dict, on every rank
+
+A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_proj``) to a style:
+
+- ``column``: `nn.Linear` split by output features (q/k/v, gate/up: heads and hidden units per rank);
+- ``row``: `nn.Linear` split by input features, outputs summed (o_proj, down_proj);
+- ``vocab``: `nn.Embedding` split by token rows; ``vocab_head``: the output head split by token rows, the
+  logits stay split (see `parallel.loss`); the vocabulary is padded to a multiple of tp;
+- ``heads``: an attention module whose per-head parameters (sinks) are sliced and whose attention dropout
+  draws per-rank masks;
+- ``norm``: an RMSNorm whose weight gradient is summed over the group under sequence parallelism;
+- ``dropout``: residual dropout that draws per-rank masks under sequence parallelism.
+
+Every `nn.Linear` and `nn.Embedding` of the model must be matched, or `apply_tp` refuses the model
+(a layer silently left whole would be computed on replicated inputs and be wrong or wasteful).
+A materialised model keeps its values (each rank copies its slice); a meta model gets meta shards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.model import Transformer
+from parallel.comm import _gather
+from parallel.dims import ParallelDims, padded_vocab_size
+from parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    SequenceParallelRMSNorm,
+    TPContext,
+    TPDropout,
+    VocabParallelEmbedding,
+    mark_sharded,
+)
+from parallel.loss import gather_logits, vocab_parallel_cross_entropy
+
+TRANSFORMER_TP_PLAN: Mapping[str, str] = {
+    "embed_tokens": "vocab",
+    "layers.*.self_attn": "heads",
+    "layers.*.self_attn.q_proj": "column",
+    "layers.*.self_attn.k_proj": "column",
+    "layers.*.self_attn.v_proj": "column",
+    "layers.*.self_attn.o_proj": "row",
+    "layers.*.mlp.gate_proj": "column",
+    "layers.*.mlp.up_proj": "column",
+    "layers.*.mlp.down_proj": "row",
+    "layers.*.input_layernorm": "norm",
+    "layers.*.post_attention_layernorm": "norm",
+    "layers.*.resid_dropout": "dropout",
+    "norm": "norm",
+    "lm_head": "vocab_head",
+}
+"""The plan of `model.Transformer` (Llama names): Megatron's split of attention and MLP."""
+
+STYLES = ("column", "row", "vocab", "vocab_head", "heads", "norm", "dropout")
+
+
+class TPPlanError(ValueError):
+    """A plan that does not fit the model; the message names the module and the fix."""
+
+
+def match_plan(model: nn.Module, plan: Mapping[str, str]) -> dict[str, str]:
+    """Module name -> style for every module the plan matches; refuse unknown styles and uncovered layers."""
+    for pattern, style in plan.items():
+        if style not in STYLES:
+            raise TPPlanError(f"TP plan entry {pattern!r}: unknown style {style!r}; use one of {', '.join(STYLES)}")
+    matched: dict[str, str] = {}
+    for name, module in model.named_modules():
+        styles = {style for pattern, style in plan.items() if fnmatch.fnmatchcase(name, pattern)}
+        if len(styles) > 1:
+            raise TPPlanError(f"module {name!r} matches TP plan entries of several styles: {sorted(styles)}")
+        if styles:
+            matched[name] = styles.pop()
+        elif isinstance(module, nn.Linear | nn.Embedding):
+            raise TPPlanError(
+                f"module {name!r} ({type(module).__name__}) is not covered by the TP plan: add a pattern for it "
+                f"(column, row, vocab or vocab_head)"
+            )
+    return matched
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _shard_heads(attn: nn.Module, ctx: TPContext, name: str) -> None:
+    """Slice per-head parameters (sinks) and give attention dropout this rank's RNG stream."""
+    sinks = getattr(attn, "sinks", None)
+    if sinks is not None:
+        if sinks.shape[0] % ctx.size:
+            raise TPPlanError(f"{name}.sinks: {sinks.shape[0]} heads do not split over tp={ctx.size}")
+        n = sinks.shape[0] // ctx.size
+        local = torch.empty(n, device=sinks.device, dtype=sinks.dtype)
+        if not sinks.is_meta:
+            local.copy_(sinks[ctx.rank * n : (ctx.rank + 1) * n])
+        attn.sinks = mark_sharded(nn.Parameter(local), 0)
+    attn.dropout_rng = ctx.tp_rng  # attention probabilities are over this rank's heads
+
+
+def apply_tp(
+    model: nn.Module,
+    group: Any,
+    plan: Mapping[str, str] = TRANSFORMER_TP_PLAN,
+    *,
+    sequence_parallel: bool = False,
+    seed: int = 0,
+    vocab_multiple: int = 1,
+) -> TPContext:
+    """Swap the plan's modules for tensor-parallel ones over ``group``, in place; return the shared context.
+
+    vocab_multiple: pad the vocabulary to a multiple of tp * vocab_multiple rows (e.g. 64 for GPU kernels).
+    """
+    ctx = TPContext.for_group(group, sequence_parallel=sequence_parallel, seed=seed)
+    matched = match_plan(model, plan)
+    if ctx.size == 1:
+        return ctx
+    if isinstance(model, Transformer):  # whole heads per rank, or GQA groups would be cut in half
+        ParallelDims(ctx.size, tp=ctx.size).check_model(model.args, seq_len=ctx.size, sequence_parallel=False)
+    tied = isinstance(model, Transformer) and model.args.tie_embeddings
+    for name, style in matched.items():
+        module = model.get_submodule(name)
+        if style == "column":
+            _set_submodule(model, name, ColumnParallelLinear(module, ctx))
+        elif style == "row":
+            _set_submodule(model, name, RowParallelLinear(module, ctx))
+        elif style == "vocab":
+            padded = padded_vocab_size(module.num_embeddings, ctx.size, vocab_multiple)
+            _set_submodule(model, name, VocabParallelEmbedding(module, ctx, padded=padded))
+        elif style == "vocab_head":
+            padded = padded_vocab_size(module.out_features, ctx.size, vocab_multiple)
+            head = ColumnParallelLinear(module, ctx, out_padded=padded)
+            head.vocab_size = module.out_features
+            _set_submodule(model, name, head)
+        elif style == "heads":
+            _shard_heads(module, ctx, name)
+        elif style == "norm":
+            _set_submodule(model, name, SequenceParallelRMSNorm(module, ctx))
+        elif style == "dropout":
+            _set_submodule(model, name, TPDropout(module.p, ctx))
+    if tied:
+        model.tie_weights()
+    model.tp_context = ctx
+    return ctx
+
+
+def _head(model: nn.Module) -> ColumnParallelLinear | None:
+    head = getattr(model, "lm_head", None)
+    return head if isinstance(head, ColumnParallelLinear) else None
+
+
+def tp_lm_loss(model: nn.Module, ctx: TPContext) -> Any:
+    """The language-model loss for this model: vocab-parallel cross-entropy when its head is split."""
+    head = _head(model)
+    if head is None:
+        raise TPPlanError("the model has no vocabulary-parallel lm_head: apply_tp with a 'vocab_head' entry first")
+    start, vocab = head.start, head.vocab_size
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, labels, start=start, vocab_size=vocab, group=ctx.group)
+
+    return loss
+
+
+class FullLogits(nn.Module):
+    """A tensor-parallel model seen whole: full-vocabulary logits, sequences of any length (for generation)."""
+
+    def __init__(self, model: nn.Module, ctx: TPContext) -> None:
+        super().__init__()
+        self.model, self.ctx = model, ctx
+        head = _head(model)
+        self.vocab_size = head.vocab_size if head is not None else None
+
+    @property
+    def args(self) -> Any:
+        return self.model.args
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with self.ctx.sequence_parallel_off():
+            out = self.model(*args, **kwargs)
+        if self.vocab_size is None:
+            return out
+        return gather_logits(out, vocab_size=self.vocab_size, group=self.ctx.group)
+
+
+@torch.no_grad()
+def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict, assembled from every TP rank's shards (collective over the TP group).
+
+    Sharded tensors are gathered along their ``partition_dim`` and the vocabulary padding is cut off;
+    replicated ones are returned as they are. Every rank gets the whole dict, on CPU.
+    """
+    return _gather_named(model, model.state_dict())
+
+
+@torch.no_grad()
+def gather_full_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient as the plain model's full tensor (collective over the TP group)."""
+    named = {n: p.grad for n, p in model.named_parameters(remove_duplicate=False) if p.grad is not None}
+    return _gather_named(model, named)
+
+
+def _gather_named(model: nn.Module, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    ctx: TPContext | None = getattr(model, "tp_context", None)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in named.items():
+        param = params.get(name)
+        if ctx is not None and ctx.size > 1 and getattr(param, "tensor_model_parallel", False):
+            full = _gather(tensor.detach(), param.partition_dim, ctx.group)
+            owner = model.get_submodule(name.rpartition(".")[0])
+            full_rows = getattr(owner, "vocab_size", None) or getattr(owner, "num_embeddings", None)
+            if param.partition_dim == 0 and full_rows is not None:
+                full = full[:full_rows]
+            out[name] = full.cpu()
+        else:
+            out[name] = tensor.detach().cpu()
+    if ctx is not None and ctx.size > 1:
+        dist.barrier(group=ctx.group)
+    return out
