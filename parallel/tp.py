@@ -24,13 +24,14 @@ A materialised model keeps its values (each rank copies its slice); a meta model
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from model.args import ModelArgs
 from model.model import Transformer
 from parallel.comm import _gather
 from parallel.dims import ParallelDims, padded_vocab_size
@@ -116,16 +117,18 @@ def apply_tp(
     *,
     sequence_parallel: bool = False,
     seed: int = 0,
-    vocab_multiple: int = 1,
 ) -> TPContext:
-    """Swap the plan's modules for tensor-parallel ones over ``group``, in place; return the shared context.
-
-    vocab_multiple: pad the vocabulary to a multiple of tp * vocab_multiple rows (e.g. 64 for GPU kernels).
-    """
+    """Swap the plan's modules for tensor-parallel ones over ``group``, in place; return the shared context."""
     ctx = TPContext.for_group(group, sequence_parallel=sequence_parallel, seed=seed)
+    shard_model(model, ctx, plan)
+    return ctx
+
+
+def shard_model(model: nn.Module, ctx: TPContext, plan: Mapping[str, str] = TRANSFORMER_TP_PLAN) -> None:
+    """`apply_tp` for a given context (its size and rank decide the shards; its group is used at run time)."""
     matched = match_plan(model, plan)
     if ctx.size == 1:
-        return ctx
+        return
     if isinstance(model, Transformer):  # whole heads per rank, or GQA groups would be cut in half
         ParallelDims(ctx.size, tp=ctx.size).check_model(model.args, seq_len=ctx.size, sequence_parallel=False)
     tied = isinstance(model, Transformer) and model.args.tie_embeddings
@@ -136,10 +139,10 @@ def apply_tp(
         elif style == "row":
             _set_submodule(model, name, RowParallelLinear(module, ctx))
         elif style == "vocab":
-            padded = padded_vocab_size(module.num_embeddings, ctx.size, vocab_multiple)
+            padded = padded_vocab_size(module.num_embeddings, ctx.size)
             _set_submodule(model, name, VocabParallelEmbedding(module, ctx, padded=padded))
         elif style == "vocab_head":
-            padded = padded_vocab_size(module.out_features, ctx.size, vocab_multiple)
+            padded = padded_vocab_size(module.out_features, ctx.size)
             head = ColumnParallelLinear(module, ctx, out_padded=padded)
             head.vocab_size = module.out_features
             _set_submodule(model, name, head)
@@ -152,7 +155,44 @@ def apply_tp(
     if tied:
         model.tie_weights()
     model.tp_context = ctx
-    return ctx
+
+
+def tp_shard_layout(args: ModelArgs, tp: int, plan: Mapping[str, str] = TRANSFORMER_TP_PLAN
+                    ) -> dict[str, tuple[int, int | None] | None]:
+    """How a tp-way checkpoint of ``Transformer(args)`` is split, per state-dict key (no process group needed).
+
+    name -> (partition_dim, rows of the unpadded tensor or None) for split tensors, None for replicated ones.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    shard_model(model, TPContext(group=None, size=tp, rank=0), plan)
+    layout: dict[str, tuple[int, int | None] | None] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if getattr(param, "tensor_model_parallel", False):
+            owner = model.get_submodule(name.rpartition(".")[0])
+            rows = getattr(owner, "vocab_size", None) or getattr(owner, "num_embeddings", None)
+            layout[name] = (param.partition_dim, rows if param.partition_dim == 0 else None)
+        else:
+            layout[name] = None
+    return layout
+
+
+def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mapping[str, tuple[int, int | None] | None]
+                    ) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from the state dicts of TP ranks 0..tp-1 (as saved per model-parallel rank)."""
+    merged: dict[str, torch.Tensor] = {}
+    common = set.intersection(*(set(s) for s in shards))  # a tied head may be listed by some ranks only
+    for name, tensor in shards[0].items():
+        if name not in common:
+            continue
+        spec = layout.get(name)
+        if spec is None:
+            merged[name] = tensor
+            continue
+        dim, rows = spec
+        full = torch.cat([s[name] for s in shards], dim=dim)
+        merged[name] = full[:rows] if rows is not None else full
+    return merged
 
 
 def _head(model: nn.Module) -> ColumnParallelLinear | None:

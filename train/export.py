@@ -21,7 +21,9 @@ import io
 import json
 import logging
 import pickle
+import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import torch
 
 from model import ModelArgs, ModelConfigError
 from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
+from parallel.tp import merge_tp_shards, tp_shard_layout
 from train.checkpoint import CKPT_DIR, META_FILE, latest_complete, read_meta
 from train.data.corpus import DataError, atomic_dir, sha256_file
 from train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -86,24 +89,53 @@ def checkpoint_model_args(meta: dict[str, Any], tag_dir: Path) -> ModelArgs:
 
 
 def _refuse_unsupported_layout(tag_dir: Path) -> None:
-    """Tensor- and pipeline-parallel checkpoints need re-assembly this exporter does not do."""
+    """Pipeline-parallel checkpoints need re-assembly this exporter does not do."""
     if any(tag_dir.glob("layer_*-model_states.pt")):
         raise ExportError(
             f"{tag_dir}: a pipeline-parallel checkpoint (layer_*-model_states.pt) cannot be exported"
         )
-    if any(tag_dir.glob("*mp_rank_01*")):
-        raise ExportError(f"{tag_dir}: a tensor-parallel checkpoint (mp_rank_01 files) cannot be exported")
+
+
+def _model_parallel_ranks(tag_dir: Path) -> list[int]:
+    """The model-parallel (tensor-parallel) ranks whose files the checkpoint holds: [0] without TP."""
+    ranks = {int(m.group(1)) for f in tag_dir.glob("*mp_rank_*") if (m := re.search(r"mp_rank_(\d+)", f.name))}
+    return sorted(ranks) or [0]
 
 
 def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict (Tessera names, on CPU) of a DeepSpeed checkpoint of any ZeRO stage.
+    """The full model state dict (Tessera names, on CPU) of a DeepSpeed checkpoint of any ZeRO stage and tp.
 
     ZeRO 1-3 (per-rank `zero_pp_rank_*_optim_states.pt`): DeepSpeed's `zero_to_fp32` rebuilds the
     fp32 master weights. ZeRO-0: the `module` entry of `mp_rank_00_model_states.pt` (the weights in the
-    precision they were trained in). A tied head appears under both of its names.
+    precision they were trained in). A tensor-parallel checkpoint is consolidated per TP rank, then its
+    shards are joined along the dimension each was split on (vocabulary padding dropped). A tied head
+    appears under both of its names.
     """
     tag = Path(tag_dir)
     _refuse_unsupported_layout(tag)
+    mp_ranks = _model_parallel_ranks(tag)
+    if mp_ranks == [0]:
+        return _consolidate_one(tag)
+    if mp_ranks != list(range(len(mp_ranks))):
+        raise ExportError(f"{tag}: tensor-parallel ranks {mp_ranks} are not 0..{len(mp_ranks) - 1}; files are missing")
+    args = checkpoint_model_args(read_meta(tag), tag)
+    layout = tp_shard_layout(args, len(mp_ranks))
+    shards = []
+    for r in mp_ranks:
+        with tempfile.TemporaryDirectory(prefix="tessera-tp-") as tmp:
+            view = Path(tmp) / tag.name  # this TP rank's files, named as DeepSpeed's tools expect of rank 0
+            view.mkdir()
+            for f in tag.glob(f"*mp_rank_{r:02d}*"):
+                (view / f.name.replace(f"mp_rank_{r:02d}", "mp_rank_00")).symlink_to(f.resolve())
+            shards.append(_consolidate_one(view))
+    state = merge_tp_shards(shards, layout)
+    if args.tie_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def _consolidate_one(tag: Path) -> dict[str, torch.Tensor]:
+    """The state dict of model-parallel rank 0's files in ``tag`` (the whole model without TP)."""
     if any(tag.glob(_ZERO_OPTIM_GLOB)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -44,7 +44,7 @@ def check_parity(rank: int, world: int, overrides: dict, sequence_parallel: bool
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from parallel.tp import FullLogits, apply_tp, gather_full_grads, tp_lm_loss
+    from parallel.tp import FullLogits, apply_tp, gather_full_grads, gather_full_state_dict, tp_lm_loss
 
     args = _args(**overrides)
     ref = _reference(args)
@@ -66,6 +66,10 @@ def check_parity(rank: int, world: int, overrides: dict, sequence_parallel: bool
         full = FullLogits(model, ctx)(x)
     assert full.shape == ref_logits.shape
     worst = max(worst, (full - ref_logits).abs().max().item())
+    full_state = gather_full_state_dict(model)  # the way back: the plain model's state dict
+    assert full_state.keys() == ref.state_dict().keys()
+    for name, tensor in ref.state_dict().items():
+        assert torch.equal(full_state[name], tensor), name
     grads = gather_full_grads(model)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
@@ -107,3 +111,38 @@ def check_local_copy_is_untouched(rank: int, world: int) -> None:
 @pytest.mark.slow
 def test_apply_tp_shards_in_place() -> None:
     run_ranks(2, check_local_copy_is_untouched)
+
+
+def check_rng_streams(rank: int, world: int, sequence_parallel: bool) -> list[float]:
+    """Dropout on: replicated activations stay identical across TP ranks; per-rank streams differ."""
+    import torch.distributed as dist
+
+    from parallel.comm import _gather
+    from parallel.tp import apply_tp
+
+    args = _args(dropout=0.2)
+    torch.manual_seed(0)
+    model = _reference(args)
+    ctx = apply_tp(model, dist.group.WORLD, sequence_parallel=sequence_parallel, seed=5)
+    model.train()
+    torch.manual_seed(1234)  # the default stream: the same on every rank (as a launcher seeds it)
+    hidden = {}
+    model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o.detach()))
+    model(_batch(args)[0])
+    h = _gather(hidden["h"], 1, dist.group.WORLD) if sequence_parallel else hidden["h"]
+    copies = _gather(h.unsqueeze(0), 0, dist.group.WORLD)  # (world, B, T, dim)
+    assert all(torch.equal(copies[0], c) for c in copies), "replicated activations differ across TP ranks"
+    with ctx.tp_rng():
+        own = torch.rand(8)
+    streams = _gather(own.unsqueeze(0), 0, dist.group.WORLD)
+    assert not torch.equal(streams[0], streams[1]), "TP ranks drew the same dropout masks over different heads"
+    with ctx.tp_rng():
+        again = torch.rand(8)
+    assert not torch.equal(own, again)  # the stream advances, it is not reseeded each time
+    return own.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_rng_streams_are_shared_and_split_where_they_must_be(sequence_parallel: bool) -> None:
+    run_ranks(2, check_rng_streams, (sequence_parallel,))
