@@ -79,6 +79,20 @@ class TPContext:
             self.sequence_parallel = saved
 
 
+def enter_tp_region(x: torch.Tensor, ctx: TPContext) -> torch.Tensor:
+    """A replicated (or, under SP, sequence-split) activation about to feed column-parallel layers."""
+    return gather_seq(x, ctx.group) if ctx.sequence_parallel else copy_to_tp(x, ctx.group)
+
+
+def region_input_hook(ctx: TPContext) -> Any:
+    """A forward pre-hook that brings a module's first input into the TP region once for all its layers."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (enter_tp_region(args[0], ctx), *args[1:])
+
+    return hook
+
+
 def mark_sharded(param: nn.Parameter, dim: int) -> nn.Parameter:
     """Tag a parameter as this rank's shard along ``dim`` (read by DeepSpeed and by `gather_full_state_dict`)."""
     param.tensor_model_parallel = True
@@ -108,13 +122,16 @@ def _rows(full: torch.Tensor, start: int, length: int) -> torch.Tensor | None:
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split by output rows: each rank computes its slice of the output features.
 
-    Input: (B, T, in) replicated, or (B, T/tp, in) under sequence parallelism (gathered here).
+    Input: (B, T, in) replicated, or (B, T/tp, in) under sequence parallelism (gathered here). With
+    ``input_ready`` the enclosing module has already done that once for all its column layers (see
+    `enter_tp_region`), so q/k/v or gate/up share one all-gather forward and one all-reduce backward.
     Output: (B, T, out/tp), this rank's features.
     """
 
-    def __init__(self, linear: nn.Linear, ctx: TPContext, *, out_padded: int | None = None) -> None:
+    def __init__(self, linear: nn.Linear, ctx: TPContext, *, out_padded: int | None = None,
+                 input_ready: bool = False) -> None:
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.input_ready = ctx, input_ready
         self.in_features, self.full_out = linear.in_features, linear.out_features
         padded = out_padded or self.full_out
         if padded % ctx.size:
@@ -129,7 +146,8 @@ class ColumnParallelLinear(nn.Module):
             self.bias = mark_sharded(_new_param((self.out_features,), linear.bias, b), 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gather_seq(x, self.ctx.group) if self.ctx.sequence_parallel else copy_to_tp(x, self.ctx.group)
+        if not self.input_ready:
+            x = enter_tp_region(x, self.ctx)
         return F.linear(x, self.weight, self.bias)  # (B, T, out/tp)
 
     def extra_repr(self) -> str:

@@ -11,8 +11,10 @@ A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_pro
 - ``row``: `nn.Linear` split by input features, outputs summed (o_proj, down_proj);
 - ``vocab``: `nn.Embedding` split by token rows; ``vocab_head``: the output head split by token rows, the
   logits stay split (see `parallel.loss`); the vocabulary is padded to a multiple of tp;
-- ``heads``: an attention module whose per-head parameters (sinks) are sliced and whose attention dropout
-  draws per-rank masks;
+- ``region``: a module whose input enters the TP region once (one all-gather / all-reduce for all the
+  column layers under it, as Megatron's fused QKV and gate/up projections have);
+- ``heads``: an attention module: a ``region`` whose per-head parameters (sinks) are sliced and whose
+  attention dropout draws per-rank masks;
 - ``norm``: an RMSNorm whose weight gradient is summed over the group under sequence parallelism;
 - ``dropout``: residual dropout that draws per-rank masks under sequence parallelism.
 
@@ -43,6 +45,7 @@ from parallel.layers import (
     TPDropout,
     VocabParallelEmbedding,
     mark_sharded,
+    region_input_hook,
 )
 from parallel.loss import gather_logits, vocab_parallel_cross_entropy
 
@@ -53,6 +56,7 @@ TRANSFORMER_TP_PLAN: Mapping[str, str] = {
     "layers.*.self_attn.k_proj": "column",
     "layers.*.self_attn.v_proj": "column",
     "layers.*.self_attn.o_proj": "row",
+    "layers.*.mlp": "region",
     "layers.*.mlp.gate_proj": "column",
     "layers.*.mlp.up_proj": "column",
     "layers.*.mlp.down_proj": "row",
@@ -64,7 +68,7 @@ TRANSFORMER_TP_PLAN: Mapping[str, str] = {
 }
 """The plan of `model.Transformer` (Llama names): Megatron's split of attention and MLP."""
 
-STYLES = ("column", "row", "vocab", "vocab_head", "heads", "norm", "dropout")
+STYLES = ("column", "row", "vocab", "vocab_head", "region", "heads", "norm", "dropout")
 
 
 class TPPlanError(ValueError):
@@ -132,10 +136,14 @@ def shard_model(model: nn.Module, ctx: TPContext, plan: Mapping[str, str] = TRAN
     if isinstance(model, Transformer):  # whole heads per rank, or GQA groups would be cut in half
         ParallelDims(ctx.size, tp=ctx.size).check_model(model.args, seq_len=ctx.size, sequence_parallel=False)
     tied = isinstance(model, Transformer) and model.args.tie_embeddings
+    regions = [name for name, style in matched.items() if style in ("region", "heads")]
     for name, style in matched.items():
         module = model.get_submodule(name)
+        if style in ("region", "heads"):
+            module.register_forward_pre_hook(region_input_hook(ctx))
         if style == "column":
-            _set_submodule(model, name, ColumnParallelLinear(module, ctx))
+            ready = any(name.startswith(region + ".") for region in regions)
+            _set_submodule(model, name, ColumnParallelLinear(module, ctx, input_ready=ready))
         elif style == "row":
             _set_submodule(model, name, RowParallelLinear(module, ctx))
         elif style == "vocab":

@@ -1,12 +1,16 @@
 """Benchmarks whose figures go to BENCHMARKS.md (always with the command and the machine).
 
     python tools/bench.py checkpoint --preset llama3-1b --out /tmp/ckpt_bench [--json result.json]
+    python tools/bench.py tp-comm --preset llama3-8b --set n_layers=2 --tp 4 --batch 1 --seq 512 [--sp]
 
 ``checkpoint``: builds the model of a preset (optionally resized), gives every parameter full AdamW state
 (as after the first step, without spending memory on gradients), hands it to a one-process DeepSpeed engine
 (ZeRO-0, fp32: the state every stage writes in total) and times Tessera's checkpoint save (the whole pause a
 save puts into training: DeepSpeed files, RNG states, metadata, rename, rotation) and load into a fresh
 engine. Reports seconds, bytes and GB/s.
+
+``tp-comm``: the bytes each tensor-parallel rank sends in one training step, counted, against the analytic
+figure (see `tools/bench_tp.py`).
 """
 
 from __future__ import annotations
@@ -86,9 +90,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="integer ModelArgs overrides, e.g. n_layers=8 vocab_size=32000")
     ck.add_argument("--out", type=Path, required=True, help="scratch directory on the disk to measure")
     ck.add_argument("--json", type=Path, help="also write the result here")
+    tpc = sub.add_parser("tp-comm", help="tensor-parallel bytes sent per step, counted and analytic")
+    tpc.add_argument("--preset", default="llama3-8b", help="model preset (model/args.py)")
+    tpc.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT", help="integer ModelArgs overrides")
+    tpc.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (gloo ranks on this machine)")
+    tpc.add_argument("--batch", type=int, default=1, help="micro-batch size")
+    tpc.add_argument("--seq", type=int, default=256, help="sequence length")
+    tpc.add_argument("--sp", action="store_true", help="sequence parallelism")
+    tpc.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
-    result = bench_checkpoint(args.preset, args.out, overrides)
+    if args.what == "tp-comm":
+        from tools.bench_tp import bench_tp_comm
+
+        result = bench_tp_comm(args.preset, args.tp, args.batch, args.seq, args.sp, overrides)
+    else:
+        result = bench_checkpoint(args.preset, args.out, overrides)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
