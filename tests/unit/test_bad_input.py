@@ -158,3 +158,21 @@ def test_parallel_layout_errors_before_any_process_group(clean_env: pytest.Monke
         plan(parse_args(_files_args(corpus, tmp_path, *extra)))
     assert fragment in str(err.value)
     assert isinstance(err.value, USER_ERRORS) and not (tmp_path / "run").exists()
+
+
+def test_resume_with_another_tensor_parallel_layout_is_refused(clean_env: pytest.MonkeyPatch, corpus: dict,
+                                                               tmp_path: Path) -> None:
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
+    ckpt.mkdir(parents=True)
+    meta = {"step": 5, "model_args": {}, "world_size": 4, "config": {"parallel": {"tp": 2}}}
+    (ckpt / "tessera.json").write_text(json.dumps(meta))
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000005")
+    before = _snapshot(tmp_path / "run")
+    resume = [*_files_args(corpus, tmp_path), "--resume", "auto"]
+    with pytest.raises(ConfigError, match=r"trained with parallel.tp=2, this run has parallel.tp=1"):
+        plan(parse_args(resume))
+    clean_env.setenv("RANK", "0")
+    clean_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"tensor-parallel checkpoint of 4 ranks; resume it on 4 ranks"):
+        plan(parse_args([*_files_args(corpus, tmp_path, "parallel.tp=2"), "--resume", "auto"]))
+    assert _snapshot(tmp_path / "run") == before
