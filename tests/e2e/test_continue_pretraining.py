@@ -10,12 +10,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.conftest import SMOKE, python_main, read_rows, run_job, train_losses
+from tests.e2e.test_train_e2e import _deepspeed
 from train.data import BlockDataset, GlobalOrder, PreparedData, micro_batches
 
 pytestmark = pytest.mark.slow
 
 
-def test_training_continues_from_hf_weights(tmp_path: Path, data_cache: Path) -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_training_continues_from_hf_weights(tmp_path: Path, data_cache: Path, tp: int) -> None:
+    """One process, and two tensor-parallel ranks (the HF weights are loaded whole, then split)."""
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf"
     config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -24,9 +27,10 @@ def test_training_continues_from_hf_weights(tmp_path: Path, data_cache: Path) ->
     hf.save_pretrained(hf_dir)
 
     out = tmp_path / "run"
-    cmd = python_main("--config", str(SMOKE), f"model.init_from={hf_dir}", f"train.out_dir={out}",
-                      f"data.cache_dir={data_cache}", "log.progress=false", "train.steps=6", "train.warmup_steps=2",
-                      "train.eval_interval=0", "train.save_interval=0", "sample.max_new_tokens=0")
+    args = ["--config", str(SMOKE), f"model.init_from={hf_dir}", f"train.out_dir={out}",
+            f"data.cache_dir={data_cache}", "log.progress=false", "train.steps=6", "train.warmup_steps=2",
+            "train.eval_interval=0", "train.save_interval=0", "sample.max_new_tokens=0", f"parallel.tp={tp}"]
+    cmd = python_main(*args) if tp == 1 else _deepspeed(tp, *args)
     proc = run_job(cmd, tmp_path)
     assert f"weights loaded from {hf_dir}" in proc.stderr
     losses = train_losses(out)
