@@ -16,6 +16,7 @@ function the identity. The group is always passed in: there is no module-level p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -69,112 +70,81 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return out
 
 
-class _CopyToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return x
+def _identity(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x
+
+
+def _sum(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return _all_reduce(x.clone(), group)
+
+
+def _split_last(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return _split(x, -1, group)
+
+
+def _gather_last(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return _gather(x, -1, group)
+
+
+def _split_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return _split(x, 1, group)
+
+
+def _gather_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return _gather(x, 1, group)
+
+
+def _reduce_scatter_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return _reduce_scatter(x, 1, group)
+
+
+Collective = Callable[[torch.Tensor, Any], torch.Tensor]
+
+
+class _Dual(torch.autograd.Function):
+    """Apply ``forward_op`` to the input and its dual ``backward_op`` to the gradient."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_reduce(grad.clone(), ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        return _all_reduce(x.clone(), group)
+    def forward(ctx: Any, x: torch.Tensor, group: Any, forward_op: Collective, backward_op: Collective
+                ) -> torch.Tensor:
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
-class _GatherLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _split(grad, -1, ctx.group), None
-
-
-class _ScatterLast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _split(x, -1, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, -1, ctx.group), None
-
-
-class _GatherSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _gather(x, 1, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _reduce_scatter(grad, 1, ctx.group), None
-
-
-class _ReduceScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _reduce_scatter(x, 1, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, 1, ctx.group), None
-
-
-class _ScatterSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return _split(x, 1, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _gather(grad, 1, ctx.group), None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
 def copy_to_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Enter a tensor-parallel region with a replicated tensor: identity; gradients are summed over ranks."""
-    return _CopyToTP.apply(x, group)
+    return _Dual.apply(x, group, _identity, _sum)
 
 
 def reduce_from_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Leave a tensor-parallel region: sum the ranks' partial results; the gradient passes through."""
-    return _ReduceFromTP.apply(x, group)
+    return _Dual.apply(x, group, _sum, _identity)
 
 
 def gather_last(x: torch.Tensor, group: Any) -> torch.Tensor:
     """(..., N/tp) on each rank -> (..., N) everywhere; the gradient is split back."""
-    return _GatherLast.apply(x, group)
+    return _Dual.apply(x, group, _gather_last, _split_last)
 
 
 def scatter_last(x: torch.Tensor, group: Any) -> torch.Tensor:
     """(..., N) -> this rank's (..., N/tp); the gradient is gathered."""
-    return _ScatterLast.apply(x, group)
+    return _Dual.apply(x, group, _split_last, _gather_last)
 
 
 def gather_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Sequence parallelism, before a column-parallel layer: (B, T/tp, ...) -> (B, T, ...)."""
-    return _GatherSeq.apply(x, group)
+    return _Dual.apply(x, group, _gather_seq, _reduce_scatter_seq)
 
 
 def reduce_scatter_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Sequence parallelism, after a row-parallel layer: partial (B, T, ...) -> summed (B, T/tp, ...)."""
-    return _ReduceScatterSeq.apply(x, group)
+    return _Dual.apply(x, group, _reduce_scatter_seq, _gather_seq)
 
 
 def scatter_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Enter the sequence-parallel region with a replicated (B, T, ...): keep this rank's (B, T/tp, ...)."""
-    return _ScatterSeq.apply(x, group)
+    return _Dual.apply(x, group, _split_seq, _gather_seq)
