@@ -68,13 +68,22 @@ class ParallelDims:
         """Ranks of every model-parallel group: one whole replica (all its stages and TP slices)."""
         return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
 
-    def require_supported(self) -> None:
-        """Pipeline stages are not in this release; tensor parallelism is."""
-        if self.pp != 1:
+    def check_pipeline(self, args: ModelArgs, *, zero_stage: int, grad_accum: int) -> None:
+        """Refuse a pipeline DeepSpeed's engine cannot run: ZeRO-2/3, more stages than blocks, no micro-batches."""
+        if self.pp == 1:
+            return
+        if zero_stage > 1:
             raise ParallelConfigError(
-                f"parallel.pp={self.pp}: pipeline parallelism is not in this release; set parallel.pp=1 and "
-                f"use parallel.tp and a ZeRO-3 config to fit a large model."
+                f"parallel.pp={self.pp} with a ZeRO-{zero_stage} DeepSpeed config: the pipeline engine runs ZeRO 0 "
+                f"or 1 only (it would refuse ZeRO-2/3 after start-up); use --ds_config zero1 (or zero0, cpu)."
             )
+        if args.n_layers < self.pp:
+            raise ParallelConfigError(
+                f"parallel.pp={self.pp} stages for a model of {args.n_layers} blocks (model.n_layers): every stage "
+                f"needs at least one block; use parallel.pp <= {args.n_layers}."
+            )
+        if grad_accum < 1:
+            raise ParallelConfigError(f"parallel.pp={self.pp} needs at least one micro-batch per step per replica.")
 
     def check_model(self, args: ModelArgs, *, seq_len: int, sequence_parallel: bool) -> None:
         """Refuse a tensor-parallel degree the model's shape (or the sequence length) cannot be split by."""

@@ -93,6 +93,10 @@ class ParallelSection:
     sequence_parallel: bool = _f(
         False, "With tp > 1, split norms, dropout and residuals along the sequence (less activation memory)."
     )
+    partition_method: str = _f("parameters", "With pp > 1, cut stages by 'parameters' (balanced) or 'uniform'.")
+    activation_checkpoint_interval: int = _f(
+        0, "With pp > 1, recompute activations in backward every this many pieces (0: off)."
+    )
 
 
 @dataclass
@@ -347,6 +351,11 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"log.wandb={cfg.log.wandb!r}: use 'offline', 'online' or 'disabled'.")
     _positive("parallel.tp", cfg.parallel.tp)
     _positive("parallel.pp", cfg.parallel.pp)
+    if cfg.parallel.partition_method not in ("parameters", "uniform"):
+        raise ConfigError(f"parallel.partition_method={cfg.parallel.partition_method!r}: use 'parameters' or "
+                          f"'uniform'.")
+    _positive("parallel.activation_checkpoint_interval", cfg.parallel.activation_checkpoint_interval,
+              allow_zero=True)
     if cfg.sample.temperature < 0:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature}: must be >= 0 (0 is greedy).")
 

@@ -31,6 +31,7 @@ import torch
 
 from model import ModelArgs, ModelConfigError
 from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
+from parallel.pipeline import LAYER_FILE, pipe_to_plain_key
 from parallel.tp import merge_tp_shards, tp_shard_layout
 from train.checkpoint import CKPT_DIR, META_FILE, latest_complete, read_meta
 from train.data.corpus import DataError, atomic_dir, sha256_file
@@ -88,12 +89,32 @@ def checkpoint_model_args(meta: dict[str, Any], tag_dir: Path) -> ModelArgs:
         ) from err
 
 
-def _refuse_unsupported_layout(tag_dir: Path) -> None:
-    """Pipeline-parallel checkpoints need re-assembly this exporter does not do."""
-    if any(tag_dir.glob("layer_*-model_states.pt")):
-        raise ExportError(
-            f"{tag_dir}: a pipeline-parallel checkpoint (layer_*-model_states.pt) cannot be exported"
-        )
+def _pipeline_state_dict(tag: Path) -> dict[str, torch.Tensor]:
+    """The plain state dict of a pipeline checkpoint: its per-piece files, joined over TP ranks when tp > 1.
+
+    These are the module weights in the precision they were trained in (under bf16 the fp32 master copy in
+    the ZeRO-1 optimizer files is not used).
+    """
+    args = checkpoint_model_args(read_meta(tag), tag)
+    per_tp: dict[int, dict[str, torch.Tensor]] = {}
+    for f in sorted(tag.glob("layer_*-model_states.pt")):
+        m = LAYER_FILE.search(f.name)
+        if m is None:
+            continue
+        layer, tp_rank = int(m.group(1)), int(m.group(2) or 0)
+        try:
+            saved = torch.load(f, map_location="cpu", weights_only=False)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+            raise ExportError(f"{f}: unreadable ({err}); the checkpoint is damaged, export another") from err
+        for key, tensor in saved.items():
+            per_tp.setdefault(tp_rank, {})[pipe_to_plain_key(layer, key, args.n_layers)] = tensor
+    if sorted(per_tp) != list(range(len(per_tp))):
+        raise ExportError(f"{tag}: pipeline files of tensor-parallel ranks {sorted(per_tp)}; some are missing")
+    shards = [per_tp[r] for r in range(len(per_tp))]
+    state = shards[0] if len(shards) == 1 else merge_tp_shards(shards, tp_shard_layout(args, len(shards)))
+    if args.tie_embeddings and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
 
 
 def _model_parallel_ranks(tag_dir: Path) -> list[int]:
@@ -108,11 +129,12 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     ZeRO 1-3 (per-rank `zero_pp_rank_*_optim_states.pt`): DeepSpeed's `zero_to_fp32` rebuilds the
     fp32 master weights. ZeRO-0: the `module` entry of `mp_rank_00_model_states.pt` (the weights in the
     precision they were trained in). A tensor-parallel checkpoint is consolidated per TP rank, then its
-    shards are joined along the dimension each was split on (vocabulary padding dropped). A tied head
-    appears under both of its names.
+    shards are joined along the dimension each was split on (vocabulary padding dropped); a pipeline
+    checkpoint is read from its per-piece files. A tied head appears under both of its names.
     """
     tag = Path(tag_dir)
-    _refuse_unsupported_layout(tag)
+    if any(tag.glob("layer_*-model_states.pt")):
+        return _pipeline_state_dict(tag)
     mp_ranks = _model_parallel_ranks(tag)
     if mp_ranks == [0]:
         return _consolidate_one(tag)

@@ -34,6 +34,7 @@ from model import ModelArgs, ModelConfigError, Transformer, generate
 from model.hf import load_hf_pretrained
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.groups import build_process_groups
+from parallel.pipeline import build_pipeline
 from parallel.tp import FullLogits, TPContext, apply_tp, tp_lm_loss
 from train.checkpoint import (
     CheckpointError,
@@ -113,7 +114,6 @@ def plan(args: argparse.Namespace) -> Plan:
     cfg = load_config(args.config, args.overrides)
     env = read_env(args.local_rank)
     dims = ParallelDims(env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    dims.require_supported()
     ds_name = args.ds_config or ("zero0" if torch.cuda.is_available() else "cpu")
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
@@ -124,6 +124,10 @@ def plan(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
                           f"{bundle.data.vocab_size}: remove the override or raise it.")
     dims.check_model(model_args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
+    dims.check_pipeline(model_args, zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+                        grad_accum=int(ds_config["gradient_accumulation_steps"]))
+    if dims.pp > 1 and cfg.parallel.sequence_parallel:  # stages exchange sequence slices, not replicas
+        ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     if resume_from is not None:
         meta = read_meta(resume_from)
         _check_resume_layout(meta, resume_from, dims)
@@ -139,15 +143,19 @@ def plan(args: argparse.Namespace) -> Plan:
 
 def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims) -> None:
     """A tensor-parallel checkpoint resumes with the same tp, and at the same world size."""
-    saved_tp = int(meta.get("config", {}).get("parallel", {}).get("tp", 1))
-    if saved_tp != dims.tp:
-        raise ConfigError(f"--resume: {tag_dir} was trained with parallel.tp={saved_tp}, this run has "
-                          f"parallel.tp={dims.tp}; resume with parallel.tp={saved_tp} (a checkpoint's tensor-parallel "
-                          f"degree cannot be changed on resume).")
+    saved = meta.get("config", {}).get("parallel", {})
+    for name in ("tp", "pp"):
+        was, now = int(saved.get(name, 1)), getattr(dims, name)
+        if was != now:
+            raise ConfigError(f"--resume: {tag_dir} was trained with parallel.{name}={was}, this run has "
+                              f"parallel.{name}={now}; resume with parallel.{name}={was} (a checkpoint's "
+                              f"{'tensor' if name == 'tp' else 'pipeline'}-parallel degree cannot be changed on "
+                              f"resume).")
     saved_world = meta.get("world_size")
-    if dims.tp > 1 and saved_world is not None and int(saved_world) != dims.world_size:
-        raise ConfigError(f"--resume: {tag_dir} is a tensor-parallel checkpoint of {saved_world} ranks; resume it "
-                          f"on {saved_world} ranks (changing the data-parallel size of a tp > 1 run is not supported).")
+    if dims.tp * dims.pp > 1 and saved_world is not None and int(saved_world) != dims.world_size:
+        raise ConfigError(f"--resume: {tag_dir} is a tensor/pipeline-parallel checkpoint of {saved_world} ranks; "
+                          f"resume it on {saved_world} ranks (changing the data-parallel size of a tp or pp > 1 run "
+                          f"is not supported).")
 
 
 def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[BlockDataset, BlockDataset]:
@@ -187,6 +195,10 @@ def _setup_logging(env: DistEnv) -> None:
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed's pipeline sends activations with an in-place broadcast on gloo; backward passes through it
+    # unchanged on the sending rank, which torch reports as a missing autograd kernel.
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered",
+                            category=UserWarning)
 
 
 def run(p: Plan) -> dict[str, Any]:
@@ -209,16 +221,21 @@ def run(p: Plan) -> dict[str, Any]:
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
     tp_ctx = apply_tp(model, groups.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=t.seed)
-    model.to(device)
     loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
-    optimizer = None if "optimizer" in p.ds_config else build_optimizer(model, t, p.ds_config)
+    module: torch.nn.Module = model
+    if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
+        module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,
+                                partition_method=cfg.parallel.partition_method,
+                                activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
+    module.to(device)
+    optimizer = None if "optimizer" in p.ds_config else build_optimizer(module, t, p.ds_config)
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
+        model=module,
         optimizer=optimizer,
-        model_parameters=None if optimizer is not None else param_groups(model, t.weight_decay),
+        model_parameters=None if optimizer is not None else param_groups(module, t.weight_decay),
         lr_scheduler=lambda opt: build_scheduler(opt, t),
         config=p.ds_config,
-        mpu=groups,
+        mpu=groups if p.dims.pp == 1 else None,
     )
 
     meta = {
@@ -247,8 +264,8 @@ def run(p: Plan) -> dict[str, Any]:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2))
         log.info("model: %s parameters, %s", f"{n_params:,}", p.model_args)
-        log.info("world %d (dp %d x tp %d%s), ZeRO stage %d, grad accumulation %d, %s", env.world_size, dp_size,
-                 p.dims.tp, ", sequence parallel" if tp_ctx.sequence_parallel else "",
+        log.info("world %d (dp %d x tp %d%s x pp %d), ZeRO stage %d, grad accumulation %d, %s", env.world_size,
+                 dp_size, p.dims.tp, ", sequence parallel" if tp_ctx.sequence_parallel else "", p.dims.pp,
                  engine.zero_optimization_stage(), engine.gradient_accumulation_steps(), device)
         if p.resume_from is not None:
             log.info("resumed from %s at step %d (%d samples consumed)", p.resume_from, state.step,
@@ -277,7 +294,11 @@ def run(p: Plan) -> dict[str, Any]:
     if not result:  # resumed a finished run: nothing to train, still report
         val_loss, val_ppl = evaluate(engine, val_batches, device, loss_fn)
         result = {"val_loss": val_loss, "val_ppl": val_ppl}
-    sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device, tp_ctx)
+    sample = None
+    if p.dims.pp > 1:
+        log.info("no sample under pipeline parallelism: export the checkpoint (tools/export_hf.py) to generate")
+    else:
+        sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device, tp_ctx)
     summary = {"steps": state.step, "train_time_s": round(time.perf_counter() - start, 1), "params": n_params,
                **result, "sample": sample}
     logger.close(summary)

@@ -83,10 +83,24 @@ def _grad_norm(module: torch.nn.Module, tp_ctx: TPContext | None = None) -> floa
     return squares.sqrt().item()
 
 
+def is_pipeline(engine: Any) -> bool:
+    """True for DeepSpeed's pipeline engine (pp > 1), which runs whole batches through `train_batch`."""
+    return hasattr(engine, "train_batch") and hasattr(engine, "eval_batch")
+
+
 @torch.no_grad()
 def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.device,
              loss_fn: LossFn = lm_loss) -> tuple[float, float]:
-    """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike)."""
+    """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike).
+
+    Under pipeline parallelism the last stage computes each micro-batch's mean loss and DeepSpeed averages
+    them (every micro-batch of a prepared corpus holds the same number of tokens, so the weighting agrees).
+    """
+    if is_pipeline(engine):
+        micro = list(batches())
+        loss = float(engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
+        engine.train()
+        return loss, math.exp(min(loss, 50.0))
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
     for x, y in batches():
@@ -122,6 +136,7 @@ class Trainer:
         self.batches, self.val_batches = batches, val_batches
         self.grad_accum, self.logger, self.device, self.checkpoints = grad_accum, logger, device, checkpoints
         self.loss_fn, self.tp_ctx = loss_fn, tp_ctx
+        self.pipeline = is_pipeline(engine)
         self.spikes = SpikeDetector(zscore=self.t.spike_zscore)
         self.bad_steps = BadStepCounter(max_bad_steps=self.t.max_bad_steps, max_rollbacks=self.t.max_rollbacks)
         self.stream = batches(state.consumed_samples)
@@ -170,6 +185,8 @@ class Trainer:
     def _step(self, *, want_grad_norm: bool) -> tuple[float, float | None]:
         """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over ranks."""
         loss_sum, grad_norm = 0.0, None
+        if self.pipeline:  # the engine pulls grad_accum micro-batches, runs the schedule and steps
+            return float(self.engine.train_batch(data_iter=self.stream)), None
         batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
         for micro in range(self.grad_accum):
             x, y = next(self.stream)

@@ -55,7 +55,7 @@ def test_tp2_dp2_zero3_matches_one_process_and_resumes(tmp_path: Path, data_cach
     args = [*_common(out, data_cache, *STEPS, "parallel.tp=2", "parallel.sequence_parallel=true"),
             "--ds_config", str(zero3_test_config)]
     proc = run_job(_deepspeed(4, *args), tmp_path)
-    assert "(dp 2 x tp 2, sequence parallel), ZeRO stage 3" in proc.stderr
+    assert "(dp 2 x tp 2, sequence parallel x pp 1), ZeRO stage 3" in proc.stderr
     _assert_same_run(out, reference, "tp2 x dp2 zero3")
     assert "--- sample ---\nROMEO:" in proc.stdout
     ckpt = out / "checkpoints" / "step_00000010"

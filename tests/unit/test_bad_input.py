@@ -145,7 +145,8 @@ def test_used_run_directory_is_refused_and_kept(clean_env: pytest.MonkeyPatch, c
         ("3", ["parallel.tp=2"], "world size 3 is not divisible by parallel.tp=2 x parallel.pp=1"),
         ("2", ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=33"],
          "data.seq_len=33 is not divisible by 2"),
-        ("2", ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not in this release"),
+        ("8", ["parallel.pp=8"], "parallel.pp=8 stages for a model of 4 blocks (model.n_layers)"),
+        ("2", ["parallel.pp=2", "--ds_config", "zero2"], "parallel.pp=2 with a ZeRO-2 DeepSpeed config"),
     ],
 )
 def test_parallel_layout_errors_before_any_process_group(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path,
@@ -173,6 +174,6 @@ def test_resume_with_another_tensor_parallel_layout_is_refused(clean_env: pytest
         plan(parse_args(resume))
     clean_env.setenv("RANK", "0")
     clean_env.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"tensor-parallel checkpoint of 4 ranks; resume it on 4 ranks"):
+    with pytest.raises(ConfigError, match=r"tensor/pipeline-parallel checkpoint of 4 ranks; resume it on 4 ranks"):
         plan(parse_args([*_files_args(corpus, tmp_path, "parallel.tp=2"), "--resume", "auto"]))
     assert _snapshot(tmp_path / "run") == before

@@ -58,9 +58,12 @@ def test_parallel_dims() -> None:
         ParallelDims(8, tp=3)
     with pytest.raises(ParallelConfigError, match="parallel.tp=0"):
         ParallelDims(8, tp=0)
-    with pytest.raises(ParallelConfigError, match="parallel.pp=2: pipeline parallelism is not in this release"):
-        ParallelDims(4, pp=2).require_supported()
-    ParallelDims(4, tp=2).require_supported()
+    args = get_preset("test-1m")
+    with pytest.raises(ParallelConfigError, match="parallel.pp=2 with a ZeRO-2 DeepSpeed config"):
+        ParallelDims(4, pp=2).check_pipeline(args, zero_stage=2, grad_accum=2)
+    with pytest.raises(ParallelConfigError, match="parallel.pp=8 stages for a model of 4 blocks"):
+        ParallelDims(8, pp=8).check_pipeline(args, zero_stage=1, grad_accum=2)
+    ParallelDims(4, tp=2, pp=2).check_pipeline(args, zero_stage=1, grad_accum=1)
 
 
 def _logger(out: Path, start_step: int) -> MetricsLogger:
