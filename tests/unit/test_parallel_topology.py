@@ -130,3 +130,32 @@ def test_apply_tp_refuses_heads_that_do_not_split(fake_world) -> None:
     model = _meta_model(n_kv_heads=4)
     with pytest.raises(ParallelConfigError, match="parallel.tp=8 does not divide the model's 4 key/value heads"):
         apply_tp(model, groups.tp_group)
+
+
+@pytest.mark.parametrize("method", ["parameters", "uniform"])
+def test_pipeline_stages_for_80_blocks_over_8(fake_world, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """80 blocks over pp=8 (tp=2 around them): this rank's stage and a balanced cut of every stage."""
+    from parallel.pipeline import BlockPipe, build_pipeline
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    world, rank = 16, 3
+    fake_world(world, rank)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)  # adopts the fake one
+    dims = ParallelDims(world, tp=2, pp=8)
+    args = ModelArgs(dim=16, n_layers=80, n_heads=2, vocab_size=64, ffn_hidden_dim=32, max_seq_len=16)
+    torch.manual_seed(0)
+    pipe = build_pipeline(Transformer(args), dims, loss_fn=lambda out, y: out.sum(), partition_method=method)
+    assert pipe.stage_id == dims.coords(rank)[0] == 1
+    parts = pipe.parts  # piece boundaries: 82 pieces = embedding, 80 blocks, norm + head
+    assert len(parts) == 9 and parts[0] == 0 and parts[-1] == 83
+    blocks_per_stage = [sum(1 for i in range(a, b) if 1 <= i <= 80) for a, b in itertools.pairwise(parts)]
+    assert sum(blocks_per_stage) == 80 and min(blocks_per_stage) >= 8 and max(blocks_per_stage) <= 11
+    local = [m for m in pipe.forward_funcs if isinstance(m, BlockPipe)]
+    assert len(local) == blocks_per_stage[1]  # this stage holds its own blocks only
+    if method == "parameters":  # balanced: no stage carries more than one block's worth above the lightest
+        block = sum(p.numel() for p in local[0].parameters())
+        weights = [sum(block for i in range(a, b) if 1 <= i <= 80) + (64 * 16 if a == 0 else 0) for a, b in
+                   itertools.pairwise(parts)]
+        assert max(weights) - min(weights) <= 2 * block + 64 * 16
