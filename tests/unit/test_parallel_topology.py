@@ -132,6 +132,7 @@ def test_apply_tp_refuses_heads_that_do_not_split(fake_world) -> None:
         apply_tp(model, groups.tp_group)
 
 
+@pytest.mark.slow  # DeepSpeed's communication start-up builds its CPU op on a fresh machine (~30 s)
 @pytest.mark.parametrize("method", ["parameters", "uniform"])
 def test_pipeline_stages_for_80_blocks_over_8(fake_world, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
     """80 blocks over pp=8 (tp=2 around them): this rank's stage and a balanced cut of every stage."""
