@@ -212,9 +212,10 @@ def run(p: Plan) -> dict[str, Any]:
     groups = build_process_groups(p.dims)
     dp_rank, dp_size = groups.dp_rank, p.dims.dp
 
-    # The whole model is built and initialised (or loaded) first, then split: every tp degree starts from the
-    # same weights. With tp > 1 the whole model lives on the host until it is split.
-    model = build_model(p.model_args, device if p.dims.tp == 1 else torch.device("cpu"), t.seed)
+    # The whole model is built and initialised (or loaded) first, then split: every tp and pp starts from the
+    # same weights. With tp or pp > 1 the whole model lives on the host until each rank keeps its part.
+    split = p.dims.tp * p.dims.pp > 1
+    model = build_model(p.model_args, torch.device("cpu") if split else device, t.seed)
     n_params = sum(x.numel() for x in model.parameters())
     if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then TP / ZeRO
         _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
