@@ -69,13 +69,15 @@ class ParallelDims:
         return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
 
     def check_pipeline(self, args: ModelArgs, *, zero_stage: int, grad_accum: int) -> None:
-        """Refuse a pipeline DeepSpeed's engine cannot run: ZeRO-2/3, more stages than blocks, no micro-batches."""
+        """Refuse a pipeline DeepSpeed's engine cannot run well: ZeRO other than 1, more stages than blocks."""
         if self.pp == 1:
             return
-        if zero_stage > 1:
+        if zero_stage != 1:
+            why = ("it refuses ZeRO-2/3" if zero_stage > 1 else
+                   "without ZeRO its gradient clipping counts tied embeddings twice and no gradient norm is reported")
             raise ParallelConfigError(
-                f"parallel.pp={self.pp} with a ZeRO-{zero_stage} DeepSpeed config: the pipeline engine runs ZeRO 0 "
-                f"or 1 only (it would refuse ZeRO-2/3 after start-up); use --ds_config zero1 (or zero0, cpu)."
+                f"parallel.pp={self.pp} with a ZeRO-{zero_stage} DeepSpeed config: Tessera runs the pipeline engine "
+                f"with ZeRO-1 ({why}); use --ds_config zero1."
             )
         if args.n_layers < self.pp:
             raise ParallelConfigError(

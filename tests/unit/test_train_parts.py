@@ -63,6 +63,8 @@ def test_parallel_dims() -> None:
         ParallelDims(4, pp=2).check_pipeline(args, zero_stage=2, grad_accum=2)
     with pytest.raises(ParallelConfigError, match="parallel.pp=8 stages for a model of 4 blocks"):
         ParallelDims(8, pp=8).check_pipeline(args, zero_stage=1, grad_accum=2)
+    with pytest.raises(ParallelConfigError, match="parallel.pp=2 with a ZeRO-0 DeepSpeed config.*counts tied"):
+        ParallelDims(2, pp=2).check_pipeline(args, zero_stage=0, grad_accum=2)
     ParallelDims(4, tp=2, pp=2).check_pipeline(args, zero_stage=1, grad_accum=1)
 
 
