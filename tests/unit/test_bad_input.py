@@ -145,7 +145,8 @@ def test_used_run_directory_is_refused_and_kept(clean_env: pytest.MonkeyPatch, c
         ("3", ["parallel.tp=2"], "world size 3 is not divisible by parallel.tp=2 x parallel.pp=1"),
         ("2", ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=33"],
          "data.seq_len=33 is not divisible by 2"),
-        ("8", ["parallel.pp=8"], "parallel.pp=8 stages for a model of 4 blocks (model.n_layers)"),
+        ("8", ["parallel.pp=8", "--ds_config", "zero1"], "parallel.pp=8 stages for a model of 4 blocks (model.n_layers)"),
+        ("2", ["parallel.pp=2"], "parallel.pp=2 with a ZeRO-0 DeepSpeed config"),
         ("2", ["parallel.pp=2", "--ds_config", "zero2"], "parallel.pp=2 with a ZeRO-2 DeepSpeed config"),
     ],
 )
