@@ -65,6 +65,7 @@ install_packages() {
 link_config() {
   local target="/etc/slurm/$1" ours="$BASE/etc/$1"
   if [[ -L $target && $(readlink "$target") == "$ours" ]]; then return 0; fi
+  if [[ -L $target && ! -e $target ]]; then rm -f "$target"; fi  # dangling: left by a cluster since wiped
   [[ -e $target || -L $target ]] && die "$target exists and is not this cluster's; move it away first"
   mkdir -p /etc/slurm
   ln -s "$ours" "$target"
@@ -137,6 +138,8 @@ start_munge() {
   chmod 400 /etc/munge/munge.key
   if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return 0; fi  # a munged is already serving
   install -d -o munge -g munge -m 755 "$BASE/run/munge"  # munged runs as munge and writes its PID file here
+  runuser -u munge -- test -w "$BASE/run/munge" \
+    || die "user munge cannot reach $BASE/run/munge (a parent directory is private); choose a TESSERA_SLURM_DIR every user can traverse"
   runuser -u munge -- munged --pid-file="$BASE/run/munge/munged.pid" </dev/null
   wait_until 20 munged bash -c 'munge -n | unmunge'
 }
@@ -163,6 +166,7 @@ cluster_registered() { sacctmgr -n -P list cluster tessera format=ControlPort | 
 start() {
   require_root start
   install_packages
+  trap 'echo "local_cluster: start failed; undoing it" >&2; stop >&2' EXIT  # a failed start leaves nothing
   getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE  # tessera-local-slurm" >> /etc/hosts
   mkdir -p "$BASE"/{etc,state,spool,log,run,fakedev}
   touch "$MANIFEST"
@@ -181,6 +185,7 @@ start() {
   fi
   # slurmctld registers the cluster with slurmdbd on its own; jobs finish without accounting until it has.
   wait_until 60 "accounting for cluster tessera" cluster_registered
+  trap - EXIT
   say "up: partition local on $NODE, $CPUS CPUs, $GPUS fake GPUs; state and logs in $BASE"
 }
 

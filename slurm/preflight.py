@@ -46,7 +46,8 @@ def check_gpus(requested: int, visible: int, cuda_visible_devices: str | None) -
         fix = "check the node's driver (nvidia-smi) and that this Python's torch is a CUDA build"
     else:
         fix = "submit with --gpus-per-node matching what the node gives, or check the partition's gres"
-    return [Problem("gpus", f"the job asked for {requested} GPUs per node but torch sees {visible} ({shown}); {fix}.")]
+    asked = f"{requested} GPU{'s' if requested > 1 else ''}"
+    return [Problem("gpus", f"the job asked for {asked} per node but torch sees {visible} ({shown}); {fix}.")]
 
 
 def check_mps(required: bool, environ: dict[str, str] | os._Environ[str]) -> list[Problem]:
