@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+
+# submitit's own renderer, the one SlurmExecutor writes each job's script with: --dry-run shows the real script.
 from submitit.slurm.slurm import _make_sbatch_string
 
 from parallel.dims import ParallelDims
