@@ -63,16 +63,16 @@ def cluster() -> Iterator[None]:
     base = Path(tempfile.mkdtemp(prefix="tessera-slurm-test-"))
     base.chmod(0o755)
     env = _cluster_env(base)
-    start = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True, timeout=600,
-                           check=False)
-    assert start.returncode == 0, f"local_cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
     try:
+        start = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
+                               timeout=600, check=False)
+        assert start.returncode == 0, f"local_cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
         yield
-    finally:
+    finally:  # a failed start has undone itself; stopping again is harmless
         stop = subprocess.run(["bash", str(CLUSTER), "stop", "--wipe"], env=env, capture_output=True, text=True,
                               timeout=180, check=False)
-        assert stop.returncode == 0, stop.stderr
         shutil.rmtree(base, ignore_errors=True)
+    assert stop.returncode == 0, stop.stderr
 
 
 @pytest.fixture(scope="module")
