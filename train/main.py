@@ -54,6 +54,7 @@ from train.ds_config import load_ds_config, resolve_ds_config
 from train.guards import TrainingDiverged
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
+from train.preempt import RunControl
 from train.trainer import TrainState, evaluate, lm_loss, train
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
@@ -201,7 +202,7 @@ def _setup_logging(env: DistEnv) -> None:
                             category=UserWarning)
 
 
-def run(p: Plan) -> dict[str, Any]:
+def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     import deepspeed
 
     cfg, env = p.cfg, p.env
@@ -291,7 +292,10 @@ def run(p: Plan) -> dict[str, Any]:
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
                    grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device,
-                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx)
+                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx, control=control)
+    if state.step < t.steps:  # stopped on request (preemption): the checkpoint is saved, a resume continues
+        logger.close()
+        return {"steps": state.step, "stopped": True}
     if not result:  # resumed a finished run: nothing to train, still report
         val_loss, val_ppl = evaluate(engine, val_batches, device, loss_fn)
         result = {"val_loss": val_loss, "val_ppl": val_ppl}
@@ -340,7 +344,8 @@ def _code_version() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, control: RunControl | None = None) -> int:
+    """Run from ``argv``; ``control`` (train/preempt.py) lets a caller in the same process stop the run."""
     args = parse_args(argv)
     if args.help_config:
         print(describe_fields())
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 2
     try:
-        run(p)
+        run(p, control)
     # raised on every rank together: a checkpoint that cannot be written or read, a run that keeps diverging,
     # pretrained weights that do not match their config
     except (CheckpointError, TrainingDiverged, ModelConfigError) as e:

@@ -13,11 +13,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from parallel.layers import TPContext
-from train.checkpoint import CheckpointWriter, latest_complete, load_checkpoint
+from train.checkpoint import CheckpointWriter, latest_complete, load_checkpoint, tag_for
 from train.config import JobConfig
 from train.faults import failpoint_hit
 from train.guards import BadStepCounter, SpikeDetector, TrainingDiverged
 from train.metrics import MetricsLogger, peak_memory_gb
+from train.preempt import Action, RunControl
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> mean loss
@@ -130,6 +131,7 @@ class Trainer:
         checkpoints: CheckpointWriter,
         loss_fn: LossFn = lm_loss,
         tp_ctx: TPContext | None = None,
+        control: RunControl | None = None,
     ) -> None:
         self.cfg, self.t = cfg, cfg.train
         self.engine, self.state = engine, state
@@ -141,6 +143,7 @@ class Trainer:
         self.bad_steps = BadStepCounter(max_bad_steps=self.t.max_bad_steps, max_rollbacks=self.t.max_rollbacks)
         self.stream = batches(state.consumed_samples)
         self.last_eval: dict[str, float] = {}
+        self.control = control  # stop / checkpoint requests from outside (train/preempt.py), polled per step
 
     def run(self) -> dict[str, float]:
         """Train from ``state.step`` to ``train.steps``; return the last validation result."""
@@ -149,6 +152,8 @@ class Trainer:
         self.engine.train()
         window_start, window_steps = time.perf_counter(), 0
         while state.step < t.steps:
+            if self.control is not None and self._obey(self.control.poll(self.device)):
+                break  # stopped on request, after saving this step: a resumed run continues from here
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
             log_now = (state.step + 1) % t.log_interval == 0 or state.step + 1 == t.steps
             loss_avg, grad_norm = self._step(want_grad_norm=log_now)
@@ -181,6 +186,23 @@ class Trainer:
             if self._evaluate_and_save():
                 window_start, window_steps = time.perf_counter(), 0
         return self.last_eval
+
+    def _obey(self, action: Action) -> bool:
+        """Checkpoint on request (unless this step is saved already); True when the loop must stop."""
+        state = self.state
+        if action == Action.CONTINUE:
+            return False
+        latest = latest_complete(self.checkpoints.out_dir)
+        if state.step > 0 and (latest is None or latest.name != tag_for(state.step)):
+            path = self.checkpoints.save(self.engine, state.step, {**state.checkpoint_meta(), **self.last_eval})
+            self.logger.write(f"step {state.step}: checkpoint saved to {path} (requested)")
+        if action != Action.STOP:
+            return False
+        reason = self.control.stop_reason if self.control is not None else None
+        self.logger.log({"step": state.step, "event": "stopped", "reason": reason,
+                         "consumed_samples": state.consumed_samples})
+        self.logger.write(f"step {state.step}: stopping before step {state.step + 1} of {self.t.steps} ({reason})")
+        return True
 
     def _step(self, *, want_grad_norm: bool) -> tuple[float, float | None]:
         """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over ranks."""

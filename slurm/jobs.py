@@ -1,0 +1,163 @@
+"""Submitted jobs after the fact: where their logs are, their state in accounting, waiting, cancelling.
+
+``submit.py`` appends one line per job to an index (``~/.cache/tessera/slurm_jobs.jsonl``, or
+``$TESSERA_SLURM_JOBS``): job id, submitit folder, run directory. ``status``, ``cancel`` and ``tail`` find a job
+there by its id (the newest entry wins: a wiped test cluster numbers its jobs from 1 again), or take a run
+directory. States come from ``sacct``, which needs the cluster's accounting (slurmdbd).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import JobPaths
+
+INDEX_VARIABLE = "TESSERA_SLURM_JOBS"
+RECORD_FILE = "slurm_job.json"  # in each run directory: the job that runs it
+# sacct states after which a job will not run again (REQUEUED / PENDING / RUNNING may still change)
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED")
+
+
+class JobLookupError(LookupError):
+    """A job id or run directory this machine knows nothing about."""
+
+
+def index_path() -> Path:
+    return Path(os.environ.get(INDEX_VARIABLE, Path.home() / ".cache" / "tessera" / "slurm_jobs.jsonl"))
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One submitted job (or one task of a job array)."""
+
+    job_id: str  # "123", or "123_4" for array task 4
+    folder: str  # submitit folder: the sbatch script, pickles and per-task logs
+    out_dir: str  # run directory
+    tasks: int  # tasks per job (each has its own log)
+    name: str = ""
+
+    def submitit_job(self) -> submitit.SlurmJob[Any]:
+        return submitit.SlurmJob(folder=self.folder, job_id=self.job_id, tasks=tuple(range(self.tasks)))
+
+
+def record_jobs(records: list[JobRecord]) -> None:
+    """Append to the index and write each run directory's record."""
+    path = index_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(dataclasses.asdict(r) | {"submitted_at": time.time()}) + "\n" for r in records)
+    for r in records:
+        out = Path(r.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECORD_FILE).write_text(json.dumps(dataclasses.asdict(r), indent=2) + "\n")
+
+
+def find_job(ref: str) -> JobRecord:
+    """A job by id (``123`` or ``123_4``) from the index, or by its run directory."""
+    run_record = Path(ref) / RECORD_FILE
+    if run_record.is_file():
+        return JobRecord(**json.loads(run_record.read_text()))
+    path = index_path()
+    found: JobRecord | None = None
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if row["job_id"] == ref:
+                row.pop("submitted_at", None)
+                found = JobRecord(**row)
+    if found is None:
+        raise JobLookupError(f"job {ref}: not in {path} and not a run directory with {RECORD_FILE}; give the id "
+                             f"slurm/submit.py printed, or the run directory.")
+    return found
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_id: str
+    state: str  # sacct State, e.g. RUNNING, COMPLETED, FAILED, CANCELLED (the "by 0" suffix dropped)
+    exit_code: str  # "0:0" = exit status : signal
+    elapsed: str
+    restarts: int  # times the job was requeued and started again
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+def job_state(job_id: str) -> JobState | None:
+    """The allocation's accounting record (None while accounting has not seen the job yet)."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "JobID,State,ExitCode,Elapsed"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"sacct failed ({out.stderr.strip()}); is accounting (slurmdbd) running?")
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.strip()]
+    rows = [r for r in rows if r[0] == job_id] or rows[-1:]
+    if not rows:
+        return None
+    jid, state, code, elapsed = rows[-1][:4]
+    restarts = _restart_count(job_id)
+    return JobState(job_id=jid, state=state.split()[0], exit_code=code, elapsed=elapsed, restarts=restarts)
+
+
+def _restart_count(job_id: str) -> int:
+    """Restarts of a job the controller still holds (scontrol forgets jobs some minutes after they end)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30,
+                         check=False)
+    for token in out.stdout.split():
+        if token.startswith("Restarts="):
+            return int(token.split("=", 1)[1])
+    return 0
+
+
+def wait_final(job_id: str, timeout_s: float, poll_s: float = 2.0) -> JobState:
+    """Poll accounting until the job reaches a final state; TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    last: JobState | None = None
+    while time.monotonic() < deadline:
+        last = job_state(job_id)
+        if last is not None and last.final:
+            return last
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {job_id} not finished after {timeout_s:.0f} s (last state: "
+                       f"{last.state if last else 'unknown'})")
+
+
+def log_tail(record: JobRecord, task: int = 0, lines: int = 30) -> str:
+    """The last ``lines`` of one task's stderr and stdout (a requeued job appends to the same files)."""
+    paths = JobPaths(record.folder, job_id=record.job_id, task_id=task)
+    parts = []
+    for label, path in (("stderr", paths.stderr), ("stdout", paths.stdout)):
+        if path.is_file():
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"==> {path} ({label}, last {len(text)} lines) <==\n" + "\n".join(text))
+        else:
+            parts.append(f"==> {path} ({label}): not written yet <==")
+    return "\n".join(parts)
+
+
+def cancel(record: JobRecord) -> None:
+    """scancel the job (through submitit's job object)."""
+    record.submitit_job().cancel(check=True)
+
+
+def progress(out_dir: str | Path) -> str:
+    """The last training step a run directory logged, e.g. ``step 14 / 20``, or ``-``."""
+    metrics, config = Path(out_dir) / "metrics.jsonl", Path(out_dir) / "config.yaml"
+    if not metrics.is_file():
+        return "-"
+    steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
+    total = ""
+    if config.is_file():
+        import yaml
+
+        total = f" / {yaml.safe_load(config.read_text())['train']['steps']}"
+    return f"step {max(steps, default=0)}{total}"

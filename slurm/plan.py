@@ -1,0 +1,149 @@
+"""Submit time: check the recipe against the job's shape, then render or submit it through submitit.
+
+Everything a job would discover in its first seconds and that does not need the compute node is checked
+here, before anything is queued: the recipe and its overrides, the batch geometry over the job's
+data-parallel ranks, the DeepSpeed config, the model shape, a run directory that already holds a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+# submitit's own renderer, the one SlurmExecutor writes each job's script with: --dry-run shows the real script.
+from submitit.slurm.slurm import _make_sbatch_string
+
+from parallel.dims import ParallelDims
+from slurm.jobs import JobRecord, record_jobs
+from slurm.profile import JobShape, SlurmConfigError, submitit_command
+from slurm.sweep import Sweep, point_name, point_overrides, write_sweep_record
+from slurm.task import NodeNeeds, RunSpec, TrainTask
+from train.checkpoint import checkpoint_root
+from train.config import ConfigError, JobConfig, load_config
+from train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
+
+ARRAY_PARALLELISM = 256  # array tasks SLURM may run at once (submitit's default)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A checked job (or job array): its shape, the runs, where submitit keeps its files."""
+
+    shape: JobShape
+    runs: list[RunSpec]
+    recipes: list[dict[str, Any]]  # each run's resolved recipe (for --dry-run)
+    folder: Path  # submitit folder: sbatch script, pickles, logs (%j_%t_log.out/.err)
+    needs: NodeNeeds
+    sweep: Sweep | None = None
+
+    def sbatch_script(self) -> str:
+        """The script submitit writes for this submission (job ids appear as %j / %A_%a)."""
+        params = self.shape.slurm_parameters()
+        if self.sweep is not None:
+            params |= {"map_count": len(self.runs), "array_parallelism": ARRAY_PARALLELISM}
+        return _make_sbatch_string(command=submitit_command(self.folder), folder=self.folder, **params)
+
+    def submit(self) -> list[JobRecord]:
+        """Queue the job (or the array, one task per sweep point) and record it; returns one record per run."""
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            raise SlurmConfigError("sbatch/srun not found: this machine is not a SLURM submit host; start "
+                                   "slurm/local_cluster.sh, or use --dry-run to see the script.")
+        executor = submitit.AutoExecutor(folder=self.folder, cluster="slurm",
+                                         slurm_max_num_timeout=self.shape.profile.max_requeues)
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in self.shape.slurm_parameters().items()},
+                                   slurm_array_parallelism=ARRAY_PARALLELISM)
+        task = TrainTask(self.needs)
+        if self.sweep is None:
+            jobs = [executor.submit(task, self.runs[0])]
+        else:
+            jobs = executor.map_array(task, self.runs)
+        records = [JobRecord(job_id=str(job.job_id), folder=str(self.folder), out_dir=run.out_dir,
+                             tasks=self.shape.world_size, name=run.name) for job, run in zip(jobs, self.runs,
+                                                                                              strict=True)]
+        record_jobs(records)
+        if self.sweep is not None:
+            write_sweep_record(self.sweep, [
+                {"name": r.name, "point": r.point, "out_dir": r.out_dir, "job_id": rec.job_id}
+                for r, rec in zip(self.runs, records, strict=True)])
+        return records
+
+
+def cluster_partitions() -> list[str] | None:
+    """Partitions the reachable cluster has (sinfo), or None when this machine has no SLURM client."""
+    if shutil.which("sinfo") is None:
+        return None
+    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30, check=False)
+    if out.returncode != 0:
+        raise SlurmConfigError(f"sinfo failed ({out.stderr.strip() or out.returncode}): the cluster's controller "
+                               f"is not reachable; start it (slurm/local_cluster.sh start) or use --dry-run.")
+    return sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+
+
+def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
+    """Raise on what the job would refuse at start-up; return the bytes one checkpoint needs."""
+    from train.main import checkpoint_estimate
+
+    dims = ParallelDims(shape.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    dims.require_supported()
+    resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp, bf16_supported=shape.gpus_per_node > 0)
+    if cfg.data.tokenizer is None:  # the vocabulary is the BPE's; a given tokenizer's is read in the job
+        return checkpoint_estimate(cfg.model_args(vocab_size=cfg.data.vocab_size))
+    return checkpoint_estimate(cfg.model_args())
+
+
+def _check_out_dir(out_dir: Path, resume: str) -> None:
+    used = checkpoint_root(out_dir).exists() or (out_dir / "metrics.jsonl").exists()
+    if used and resume == "never":
+        raise ConfigError(f"train.out_dir={out_dir} already holds a run: pass --resume auto to continue it, or "
+                          f"choose another train.out_dir (nothing was queued).")
+    if resume not in ("never", "auto") and not (Path(resume) / "tessera.json").is_file():
+        raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it).")
+
+
+def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_config: str | None,
+                    resume: str = "never", sweep: Sweep | None = None, folder: str | None = None) -> Submission:
+    """Check every run of the submission and build it; raises ConfigError / SlurmConfigError / model errors."""
+    config_path = str(Path(config).resolve())
+    if not Path(config_path).is_file():
+        raise ConfigError(f"--config {config}: no such recipe file.")
+    ds = ds_config or shape.profile.ds_config or ("zero0" if shape.gpus_per_node else "cpu")
+    ds_arg = str(find_ds_config(ds).resolve()) if Path(ds).is_file() else ds  # a path must work on the nodes
+    points = sweep.points() if sweep is not None else [{}]
+    if sweep is not None and resume not in ("never", "auto"):
+        raise SlurmConfigError(f"--resume {resume}: a sweep resumes its points with --resume auto only.")
+    # A log file is no place for a progress bar (the user's overrides still win); the run directory is set below.
+    overrides = ["log.progress=false", *(o for o in overrides if not o.startswith("train.out_dir="))] + \
+        [o for o in overrides if o.startswith("train.out_dir=")][-1:]
+    runs, recipes, biggest = [], [], 0
+    for index, point in enumerate(points):
+        extra = point_overrides(point)
+        cfg = load_config(config_path, [*overrides, *extra])
+        if sweep is not None:
+            name = point_name(index, point)
+            out_dir = sweep.out_dir / name
+        else:
+            out_dir = Path(cfg.train.out_dir).resolve()
+            name = out_dir.name
+        run_overrides = (*(o for o in overrides if not o.startswith("train.out_dir=")), *extra,
+                         f"train.out_dir={out_dir}")
+        cfg = load_config(config_path, list(run_overrides))
+        biggest = max(biggest, _check_recipe(cfg, shape, ds))
+        _check_out_dir(out_dir, resume)
+        runs.append(RunSpec(config=config_path, overrides=run_overrides, out_dir=str(out_dir), ds_config=ds_arg,
+                            resume=resume, name=name, point=point))
+        recipes.append(cfg.to_dict())
+    if folder is not None:
+        job_folder = Path(folder).resolve()
+    else:
+        job_folder = (sweep.out_dir if sweep is not None else Path(runs[0].out_dir)) / "slurm"
+    if not shape.name:  # default job name: the sweep's or the run directory's
+        shape = dataclasses.replace(shape, name=f"tessera-{sweep.name if sweep is not None else runs[0].name}")
+    needs = NodeNeeds(gpus_per_node=shape.gpus_per_node, mps=shape.profile.mps, checkpoint_bytes=biggest,
+                      checkpoint_every_s=shape.profile.checkpoint_every_min * 60)
+    return Submission(shape=shape, runs=runs, recipes=recipes, folder=job_folder, needs=needs, sweep=sweep)

@@ -1,0 +1,205 @@
+"""Submit Tessera training to SLURM through submitit, and follow it up.
+
+    python slurm/submit.py --profile NAME [--nodes N] [--gpus-per-node G] [--time MIN] ... \\
+        --config RECIPE.yaml [--ds_config NAME|PATH] [--resume auto] [--sweep GRID.yaml] [--dry-run] \\
+        [--wait SECONDS] [section.key=value ...]
+    python slurm/submit.py status JOB|RUN_DIR       state, exit code, restarts, last step, log path
+    python slurm/submit.py cancel JOB|RUN_DIR
+    python slurm/submit.py tail JOB|RUN_DIR [--task N] [--lines N]
+    python slurm/submit.py summary SWEEP_DIR        a sweep's results, best validation loss first
+    python slurm/submit.py profiles                 the profiles in slurm/profiles/
+
+Every setting is checked before anything is queued; a problem is one line ``tessera: error: ...`` and exit
+code 2. ``--dry-run`` prints the resolved job, the resolved recipe and the sbatch script, and queues nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import from the repo root, never from slurm/ itself
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+from typing import Any
+
+import yaml
+
+from slurm import jobs
+from slurm.profile import (
+    PROFILE_DIR,
+    SlurmConfigError,
+    known_profiles,
+    load_profile,
+    resolve,
+    with_values,
+)
+from slurm.sweep import format_table, load_sweep, summarize
+
+COMMANDS = ("status", "cancel", "tail", "summary", "profiles")
+# command-line option -> profile field
+PROFILE_OPTIONS = {"nodes": "nodes", "partition": "partition", "account": "account", "qos": "qos",
+                   "constraint": "constraint", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb_per_task",
+                   "time": "time_min", "signal_delay_s": "signal_delay_s",
+                   "checkpoint_every_min": "checkpoint_every_min", "max_requeues": "max_requeues"}
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slurm/submit.py", description="Submit Tessera training to SLURM "
+                                f"(follow-ups: {', '.join(COMMANDS)}; see `slurm/submit.py status -h`).")
+    p.add_argument("--profile", required=True, help=f"a name in {PROFILE_DIR} or a YAML path")
+    p.add_argument("--config", required=True, help="training recipe (YAML)")
+    p.add_argument("--ds_config", default=None, help="DeepSpeed config (default: the profile's)")
+    p.add_argument("--resume", default="never", help="as train/main.py: never (default), auto, or a checkpoint")
+    p.add_argument("--sweep", default=None, help="YAML grid of overrides: one array task per point")
+    p.add_argument("--dry-run", action="store_true", help="print the job, recipe and sbatch script; queue nothing")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="wait for the job(s) to end; print the result (a sweep: its summary)")
+    p.add_argument("--name", default=None, help="job name (default: tessera-<run directory name>)")
+    p.add_argument("--folder", default=None, help="submitit folder (default: RUN_DIR/slurm)")
+    g = p.add_argument_group("job shape (override the profile)")
+    g.add_argument("--nodes", type=int)
+    g.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
+    g.add_argument("--tasks-per-node", type=int, help="CPU tasks per node (jobs without GPUs)")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--mem-gb", type=float, help="memory per task in GB")
+    g.add_argument("--time", type=int, help="time limit in minutes")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--setup", action="append", default=[], help="a shell line run before the job (repeatable)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further sbatch parameter, e.g. --sbatch mail-type=END (repeatable)")
+    g.add_argument("--signal-delay-s", type=int, help="warning signal this long before the time limit")
+    g.add_argument("--checkpoint-every-min", type=float, help="wall-time checkpoint period (0: off)")
+    g.add_argument("--max-requeues", type=int, help="requeues after the time limit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    return p
+
+
+def followup_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slurm/submit.py", description="Follow up Tessera SLURM jobs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, what in (("status", "state, exit code, restarts and progress"), ("cancel", "scancel the job"),
+                       ("tail", "the end of a task's log")):
+        s = sub.add_parser(name, help=what)
+        s.add_argument("job", help="job id as printed at submission (123, or 123_4 in an array), or run directory")
+        if name == "tail":
+            s.add_argument("--task", type=int, default=0, help="task (rank) whose log to show (default 0)")
+            s.add_argument("--lines", type=int, default=30)
+    sub.add_parser("summary", help="a sweep's results").add_argument("sweep_dir")
+    sub.add_parser("profiles", help="list the profiles")
+    return p
+
+
+def _profile_values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {field: getattr(args, opt) for opt, field in PROFILE_OPTIONS.items()}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _sbatch_extras(items: list[str]) -> dict[str, str]:
+    extras = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SlurmConfigError(f"--sbatch {item}: expected KEY=VALUE (e.g. --sbatch mail-type=END).")
+        extras[key.strip().lstrip("-")] = value
+    return extras
+
+
+def cmd_submit(argv: list[str]) -> int:
+    from slurm.plan import cluster_partitions, plan_submission
+    from train.main import USER_ERRORS
+
+    args = submit_parser().parse_intermixed_args(argv)
+    try:
+        profile = load_profile(args.profile)
+        profile = with_values(profile, _profile_values(args), where="command line")
+        profile = with_values(profile, {"setup": [*profile.setup, *args.setup],
+                                        "sbatch": {**profile.sbatch, **_sbatch_extras(args.sbatch)}},
+                              where="command line")
+        live = None if args.dry_run else cluster_partitions()
+        sweep = load_sweep(args.sweep) if args.sweep else None
+        shape = resolve(profile, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+                        name=args.name or "", live_partitions=live)
+        sub = plan_submission(shape, config=args.config, overrides=args.overrides, ds_config=args.ds_config,
+                              resume=args.resume, sweep=sweep, folder=args.folder)
+        if args.dry_run:
+            _print_dry_run(sub)
+            return 0
+        records = sub.submit()
+    except (SlurmConfigError, *USER_ERRORS) as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    for r in records:
+        print(f"submitted {r.job_id}: {r.name} -> {r.out_dir}")
+    print(f"logs: {sub.folder}/<job>_<task>_log.{{out,err}}; follow with: python slurm/submit.py "
+          f"status|tail|cancel {records[0].job_id}")
+    if args.wait is None:
+        return 0
+    return _wait(records, args.wait, sub.sweep.out_dir if sub.sweep else None)
+
+
+def _wait(records: list[jobs.JobRecord], timeout_s: float, sweep_dir: Path | None) -> int:
+    failed = 0
+    for r in records:
+        state = jobs.wait_final(r.job_id, timeout_s)
+        print(f"{r.job_id}: {state.state} (exit {state.exit_code}, {state.elapsed}, {state.restarts} restarts)")
+        if state.state != "COMPLETED":
+            failed += 1
+            print(jobs.log_tail(r), file=sys.stderr)
+    if sweep_dir is not None:
+        print(format_table(summarize(sweep_dir)))
+    return 1 if failed else 0
+
+
+def _print_dry_run(sub: Any) -> None:
+    print(f"# job (profile {sub.shape.profile.name}; nothing was queued)")
+    print(yaml.safe_dump(sub.shape.as_dict(), sort_keys=False).rstrip())
+    for run, recipe in zip(sub.runs, sub.recipes, strict=True):
+        print(f"\n# run {run.name}: train/main.py {' '.join(run.argv())}")
+        print(yaml.safe_dump(recipe, sort_keys=False).rstrip())
+    print("\n# sbatch script")
+    print(sub.sbatch_script())
+
+
+def cmd_followup(argv: list[str]) -> int:
+    args = followup_parser().parse_args(argv)
+    try:
+        if args.command == "profiles":
+            for name in known_profiles():
+                p = load_profile(name)
+                print(f"{name:12s} {p.description}")
+            return 0
+        if args.command == "summary":
+            print(format_table(summarize(args.sweep_dir)))
+            return 0
+        record = jobs.find_job(args.job)
+        if args.command == "tail":
+            print(jobs.log_tail(record, task=args.task, lines=args.lines))
+        elif args.command == "cancel":
+            jobs.cancel(record)
+            print(f"cancelled {record.job_id} ({record.name})")
+        else:
+            state = jobs.job_state(record.job_id)
+            shown = "not in accounting yet" if state is None else \
+                f"{state.state}  exit {state.exit_code}  elapsed {state.elapsed}  restarts {state.restarts}"
+            print(f"{record.job_id}  {record.name}  {shown}  {jobs.progress(record.out_dir)}")
+            print(f"  run: {record.out_dir}\n  logs: {record.folder}")
+    except (jobs.JobLookupError, SlurmConfigError, RuntimeError) as e:
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return cmd_followup(argv)
+    return cmd_submit(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
