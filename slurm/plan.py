@@ -90,11 +90,13 @@ def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
     from train.main import checkpoint_estimate
 
     dims = ParallelDims(shape.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    dims.require_supported()
-    resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp, bf16_supported=shape.gpus_per_node > 0)
-    if cfg.data.tokenizer is None:  # the vocabulary is the BPE's; a given tokenizer's is read in the job
-        return checkpoint_estimate(cfg.model_args(vocab_size=cfg.data.vocab_size))
-    return checkpoint_estimate(cfg.model_args())
+    ds = resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp, bf16_supported=shape.gpus_per_node > 0)
+    # the vocabulary is the BPE's; a given tokenizer's is read in the job
+    args = cfg.model_args(vocab_size=cfg.data.vocab_size) if cfg.data.tokenizer is None else cfg.model_args()
+    dims.check_model(args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
+    dims.check_pipeline(args, zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
+                        grad_accum=int(ds["gradient_accumulation_steps"]))
+    return checkpoint_estimate(args)
 
 
 def _check_out_dir(out_dir: Path, resume: str) -> None:
