@@ -80,6 +80,7 @@ class Attention(nn.Module):
         rope_sin: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache | None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Shapes come from the projections' outputs, not from x: under tensor parallelism the heads are this
         # rank's share and, with sequence parallelism, x holds a slice of the sequence that q_proj gathers.
@@ -93,7 +94,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, k, v)  # (B, S, Hkv, D): cached positions + these T
         dropout_p = self.dropout if self.training else 0.0
         with self.dropout_rng() if dropout_p > 0 else contextlib.nullcontext():
-            out = attention(q, k, v, causal=True, sinks=self.sinks, dropout_p=dropout_p)  # (B, T, Hq, D)
+            out = attention(q, k, v, causal=True, sinks=self.sinks, dropout_p=dropout_p,
+                            doc_ids=doc_ids)  # (B, T, Hq, D)
         return self.o_proj(out.reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -139,8 +141,9 @@ class TransformerBlock(nn.Module):
         rope_sin: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache | None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attn_out = self.self_attn(self.input_layernorm(h), rope_cos, rope_sin, position_ids, cache)
+        attn_out = self.self_attn(self.input_layernorm(h), rope_cos, rope_sin, position_ids, cache, doc_ids)
         h = h + self.resid_dropout(attn_out)
         h = h + self.resid_dropout(self.mlp(self.post_attention_layernorm(h)))
         return h  # (B, T, dim)
@@ -199,6 +202,7 @@ class Transformer(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits (B, T, V) in float32, or hidden states (B, T, dim) on a stage without a head.
 
@@ -206,6 +210,8 @@ class Transformer(nn.Module):
         states (B, T, dim) instead. inputs_embeds: (B, T, dim) used in place of the embedding lookup.
         position_ids: (B, T) or (T,); defaults to the positions following what `cache` already holds.
         cache: a `KVCache` to read earlier keys/values from and append this call's to.
+        doc_ids: (B, T) document number of each token of packed sequences (with position_ids restarting
+        per document): attention stays inside a document. Not with a cache.
         """
         if inputs_embeds is not None:
             h = inputs_embeds
@@ -228,7 +234,7 @@ class Transformer(nn.Module):
             position_ids = torch.arange(start, start + T, device=h.device)  # (T,)
 
         for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin, position_ids, cache)  # (B, T, dim)
+            h = layer(h, self.rope_cos, self.rope_sin, position_ids, cache, doc_ids)  # (B, T, dim)
         if cache is not None:
             cache.advance(T)
 

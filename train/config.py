@@ -43,7 +43,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    corpus: str = _f("shakespeare", "Built-in corpus to fetch and prepare ('shakespeare'), or 'files' to use `files`.")
+    corpus: str = _f("shakespeare", "'shakespeare' (built in), 'files' (prepare `files`), 'prepared' (mix the "
+                                    "prepared dirs of `blend`) or 'stream' (stream the raw sources of `blend`).")
     files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (when corpus='files').")
     text_field: str = _f("text", "Field holding the document text in JSONL, parquet and HF datasets.")
     tokenizer: str | None = _f(None, "Local HF tokenizer directory; None trains a byte-level BPE on the corpus.")
@@ -55,6 +56,12 @@ class DataSection:
     seq_len: int = _f(256, "Training sequence length in tokens (at most model.max_seq_len).")
     sampling: str = _f("random", "'blocks': disjoint consecutive blocks; 'random': blocks at random offsets.")
     samples_per_epoch: int | None = _f(None, "Samples in one pass for sampling='random' (None: tokens / seq_len).")
+    blend: list[dict[str, Any]] = _f([], "Datasets to mix, [{path: P, weight: W}, ...]: prepared dirs (corpus="
+                                         "'prepared') or files / globs / dataset dirs (corpus='stream').")
+    doc_mask: bool = _f(False, "Packed samples: attention and positions restart at every document boundary.")
+    verify: bool = _f(True, "Check every shard's sha256 against the manifest when opening prepared data.")
+    workers: int = _f(1, "Tokenizing processes when data is prepared on first use.")
+    stream_val_samples: int = _f(64, "corpus='stream': the stream's first samples, held out for validation.")
 
 
 @dataclass
@@ -314,10 +321,7 @@ def validate(cfg: JobConfig) -> None:
     """Checks that need no device, files or process group; the rest are in ``check_batch_geometry``."""
     args = cfg.model_args()
     d, t = cfg.data, cfg.train
-    if d.corpus not in ("shakespeare", "files"):
-        raise ConfigError(f"data.corpus={d.corpus!r}: use 'shakespeare' or 'files' (and list data.files).")
-    if d.corpus == "files" and not d.files:
-        raise ConfigError("data.corpus='files' but data.files is empty: list text/JSONL/parquet files.")
+    _validate_data(d)
     if d.sampling not in ("blocks", "random"):
         raise ConfigError(f"data.sampling={d.sampling!r}: use 'blocks' or 'random'.")
     _positive("data.seq_len", d.seq_len)
@@ -358,6 +362,34 @@ def validate(cfg: JobConfig) -> None:
               allow_zero=True)
     if cfg.sample.temperature < 0:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature}: must be >= 0 (0 is greedy).")
+
+
+def _validate_data(d: DataSection) -> None:
+    """The corpus choice and its blend list."""
+    if d.corpus not in ("shakespeare", "files", "prepared", "stream"):
+        raise ConfigError(f"data.corpus={d.corpus!r}: use 'shakespeare', 'files', 'prepared' or 'stream'.")
+    if d.corpus == "files" and not d.files:
+        raise ConfigError("data.corpus='files' but data.files is empty: list text/JSONL/parquet files.")
+    mixing = d.corpus in ("prepared", "stream")
+    if mixing and not d.blend:
+        raise ConfigError(f"data.corpus={d.corpus!r} but data.blend is empty: list [{{path: ..., weight: 1.0}}, ...].")
+    if d.blend and not mixing:
+        raise ConfigError(f"data.blend is set but data.corpus={d.corpus!r}: use corpus 'prepared' or 'stream'.")
+    if d.corpus == "stream" and d.tokenizer is None:
+        raise ConfigError("data.corpus='stream' needs data.tokenizer (a local HF tokenizer directory).")
+    for i, entry in enumerate(d.blend):
+        extra = sorted(set(entry) - {"path", "weight"})
+        if extra or "path" not in entry or not isinstance(entry["path"], str):
+            raise ConfigError(f"data.blend[{i}]={entry!r}: each entry is {{path: <dir or files>, weight: <number>}}.")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ConfigError(f"data.blend[{i}].weight={weight!r}: must be a number >= 0.")
+        entry["weight"] = float(weight)
+    if d.blend and not sum(e["weight"] for e in d.blend) > 0:
+        raise ConfigError(f"data.blend weights {[e['weight'] for e in d.blend]} do not sum to a positive number: "
+                          "give at least one dataset a weight > 0.")
+    _positive("data.workers", d.workers)
+    _positive("data.stream_val_samples", d.stream_val_samples)
 
 
 def check_batch_geometry(cfg: JobConfig, dp_size: int) -> int:

@@ -47,8 +47,8 @@ from train.checkpoint import (
     remove_partial,
 )
 from train.config import ConfigError, JobConfig, describe_fields, load_config
-from train.data import BlockDataset, DataError, GlobalOrder, eval_batches, micro_batches
-from train.data_setup import DataBundle, setup_data
+from train.data import DataError, eval_batches
+from train.data_setup import DataBundle, batch_stream, build_datasets, setup_data
 from train.distributed import DistEnv, device_for, init_distributed, read_env
 from train.ds_config import load_ds_config, resolve_ds_config
 from train.guards import TrainingDiverged
@@ -89,8 +89,8 @@ class Plan:
     bundle: DataBundle
     model_args: ModelArgs
     resume_from: Path | None
-    train_ds: BlockDataset
-    val_ds: BlockDataset
+    train_ds: Any  # a dataset with batch(indices), or a stream (train/data_setup.py)
+    val_ds: Any  # a dataset with batch(indices)
 
 
 def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
@@ -120,10 +120,10 @@ def plan(args: argparse.Namespace) -> Plan:
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
     resume_from = _resume_target(cfg, args.resume)
     bundle = setup_data(cfg)
-    model_args = cfg.model_args(vocab_size=bundle.data.vocab_size)
-    if model_args.vocab_size < bundle.data.vocab_size:
+    model_args = cfg.model_args(vocab_size=bundle.vocab_size)
+    if model_args.vocab_size < bundle.vocab_size:
         raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
-                          f"{bundle.data.vocab_size}: remove the override or raise it.")
+                          f"{bundle.vocab_size}: remove the override or raise it.")
     dims.check_model(model_args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
     dims.check_pipeline(model_args, zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
                         grad_accum=int(ds_config["gradient_accumulation_steps"]))
@@ -159,19 +159,9 @@ def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims
                           f"is not supported).")
 
 
-def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[BlockDataset, BlockDataset]:
-    """Training and validation blocks; splits too short for one sequence or one evaluation round fail here."""
-    d, t = cfg.data, cfg.train
-    train_ds = BlockDataset(bundle.data.split("train"), d.seq_len, mode=d.sampling, seed=t.seed,
-                            num_samples=d.samples_per_epoch)
-    val_ds = BlockDataset(bundle.data.split("val"), d.seq_len, mode="blocks")
-    if len(val_ds) < t.micro_batch_size * dp_size:
-        raise ConfigError(
-            f"the validation split of {bundle.prepared_dir} holds {len(val_ds)} blocks of data.seq_len={d.seq_len}, "
-            f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed to "
-            f"evaluate: raise data.val_fraction, or lower data.seq_len or train.micro_batch_size."
-        )
-    return train_ds, val_ds
+def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[Any, Any]:
+    """Training and validation data; splits too short for one sequence or one evaluation round fail here."""
+    return build_datasets(cfg, bundle, dp_size)
 
 
 def checkpoint_estimate(args: ModelArgs) -> int:
@@ -279,11 +269,8 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         run_name=cfg.log.run_name or out_dir.name, run_id=meta["run_id"], config=cfg.to_dict(),
     )
     train_ds, val_ds = p.train_ds, p.val_ds
-    order = GlobalOrder(len(train_ds), seed=t.seed, shuffle=True)
-
-    def batches(consumed: int):
-        return micro_batches(train_ds, order, consumed_samples=consumed, global_batch=t.global_batch_size,
-                             micro_batch=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size)
+    data_state = read_meta(p.resume_from).get("data_state") if p.resume_from is not None else None
+    batches = batch_stream(cfg, train_ds, dp_rank=dp_rank, dp_size=dp_size, data_state=data_state)
 
     def val_batches():
         return eval_batches(val_ds, micro_batch=t.micro_batch_size, max_batches=t.eval_batches,

