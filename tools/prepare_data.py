@@ -1,14 +1,18 @@
-"""Tokenize a corpus into memory-mapped train/val token files (`train.bin`, `val.bin`, `header.json`).
+"""Tokenize a corpus into memory-mapped token shards with a document index and a manifest (`header.json`).
 
 Examples:
     # the default corpus in one go: fetch Shakespeare, train a BPE, prepare (reuses what exists)
     python tools/prepare_data.py --shakespeare data_cache --vocab-size 4096
-    # your own files with an existing tokenizer directory
-    python tools/prepare_data.py docs.jsonl more.parquet --tokenizer tok/ --out data/mine
+    # your own files with an existing tokenizer directory, 8 tokenizing processes
+    python tools/prepare_data.py docs/*.jsonl more.parquet --tokenizer tok/ --out data/mine --workers 8
+    # a local HF dataset directory read as a stream
+    python tools/prepare_data.py hf_dataset_dir/ --streaming --tokenizer tok/ --out data/hf
 
 A text file is one document; .jsonl / .parquet / HF dataset dirs give one document per row
 (`--text-field`). Each document is followed by the eos token. Documents go to val by a seeded
-draw of `--val-fraction` of them. The output directory appears only when complete.
+draw of `--val-fraction` of them. Work happens in `.OUT.partial/` beside the output: run the same
+command again after an interruption and the finished shards are kept. The output directory appears
+only when complete, and an existing one is replaced only with `--overwrite`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Any
 
 from tools.corpus_args import add_corpus_arguments, corpus_inputs
 from train.data.corpus import DataError
-from train.data.prepare import HEADER_FILE, prepare, prepare_shakespeare
+from train.data.prepare import SHARD_CHARS, prepare, prepare_shakespeare
+from train.data.shards import HEADER_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of documents for val")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val document draw")
     parser.add_argument("--doc-separator", help="token appended after each document (default: eos)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"], help="token dtype on disk")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizing processes (default: 1)")
+    parser.add_argument("--shard-chars", type=int, default=SHARD_CHARS,
+                        help="characters of text per shard (default: %(default)s, about 16M tokens)")
+    parser.add_argument("--streaming", action="store_true", help="read HF dataset directories as a stream")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out directory (and discard an interrupted one)")
     return parser
 
 
 def _summary(out: Path, header: dict[str, Any]) -> str:
     splits = ", ".join(
-        f"{name}: {info['n_tokens']:,} tokens in {info['n_docs']} docs"
+        f"{name}: {info['n_tokens']:,} tokens in {info['n_docs']} docs, {len(info['shards'])} shards"
         for name, info in header["splits"].items()
     )
     return f"{out} ({header['dtype']}, vocab {header['vocab_size']}): {splits}"
@@ -83,6 +95,11 @@ def run(args: argparse.Namespace) -> str:
         val_fraction=args.val_fraction,
         seed=args.seed,
         doc_separator=args.doc_separator,
+        dtype=args.dtype,
+        workers=args.workers,
+        shard_chars=args.shard_chars,
+        streaming=args.streaming,
+        progress=not args.no_progress,
         overwrite=args.overwrite,
     )
     return f"data {_summary(args.out, header)} ({args.out / HEADER_FILE})"
