@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from multiprocessing import get_context
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +142,12 @@ def tokenize_shard(job: ShardJob) -> dict[str, Any]:
     record = {"k": job.k, "splits": {split: w.close() for split, w in writers.items()}}
     (folder / f"shard-{job.k:05d}.json").write_text(json.dumps(record) + "\n", encoding="utf-8")
     return record
+
+
+def _mp_context() -> BaseContext:
+    """'spawn' (clean workers), or 'fork' when the main program has no file a spawned worker could re-import."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return get_context("spawn" if main_file and Path(main_file).is_file() else "fork")
 
 
 def _worker_init() -> None:
@@ -292,7 +300,7 @@ def _run_jobs(jobs: Iterator[ShardJob], folder: Path, itemsize: int, *, n_docs: 
         bar.update(n)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):,.0f} tok/s")
 
-    pool = None if workers == 1 else ProcessPoolExecutor(workers, get_context("spawn"), initializer=_worker_init)
+    pool = None if workers == 1 else ProcessPoolExecutor(workers, _mp_context(), initializer=_worker_init)
     pending: deque[tuple[Future[dict[str, Any]] | dict[str, Any], int]] = deque()
     try:
         for job in jobs:
