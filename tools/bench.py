@@ -2,6 +2,9 @@
 
     python tools/bench.py checkpoint --preset llama3-1b --out /tmp/ckpt_bench [--json result.json]
     python tools/bench.py tp-comm --preset llama3-8b --set n_layers=2 --tp 4 --batch 1 --seq 512 [--sp]
+    python tools/bench.py data-prepare --mb 64 --workers 2 --out /tmp/bench_prep
+    python tools/bench.py data-loader --out /tmp/bench_loader
+    python tools/bench.py data-index --tokens 1e9 --out /tmp/bench_index
 
 ``checkpoint``: builds the model of a preset (optionally resized), gives every parameter full AdamW state
 (as after the first step, without spending memory on gradients), hands it to a one-process DeepSpeed engine
@@ -11,6 +14,8 @@ engine. Reports seconds, bytes and GB/s.
 
 ``tp-comm``: the bytes each tensor-parallel rank sends in one training step, counted, against the analytic
 figure (see `tools/bench_tp.py`).
+
+The ``data-*`` subcommands are described in ``tools/bench_data.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 import torch
 
 from model import Transformer, get_preset
+from tools import bench_data
 from train.checkpoint import CheckpointWriter, dir_bytes, load_checkpoint
 from train.distributed import init_distributed, read_env
 
@@ -98,14 +104,36 @@ def main(argv: list[str] | None = None) -> int:
     tpc.add_argument("--seq", type=int, default=256, help="sequence length")
     tpc.add_argument("--sp", action="store_true", help="sequence parallelism")
     tpc.add_argument("--json", type=Path, help="also write the result here")
+    dp = sub.add_parser("data-prepare", help="preparation tokens/s with 1 and N worker processes")
+    dp.add_argument("--mb", type=float, default=64, help="synthetic corpus size in MB of JSONL")
+    dp.add_argument("--workers", type=int, default=2, help="worker processes of the second measurement")
+    dp.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary size")
+    dl = sub.add_parser("data-loader", help="packed pretraining batch assembly, tokens/s in one process")
+    dl.add_argument("--tokens", type=int, default=200_000_000, help="tokens of the synthetic dataset")
+    dl.add_argument("--seq-len", type=int, default=2048)
+    dl.add_argument("--micro-batch", type=int, default=8)
+    dl.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    di = sub.add_parser("data-index", help="blend index build time (cold and cached)")
+    di.add_argument("--tokens", type=float, default=1e9, help="total tokens of the three blended datasets")
+    di.add_argument("--seq-len", type=int, default=256)
+    for p in (dp, dl, di):
+        p.add_argument("--out", type=Path, required=True, help="scratch directory (deleted afterwards)")
+        p.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
-    overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.what == "tp-comm":
         from tools.bench_tp import bench_tp_comm
 
+        overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_tp_comm(args.preset, args.tp, args.batch, args.seq, args.sp, overrides)
-    else:
+    elif args.what == "checkpoint":
+        overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_checkpoint(args.preset, args.out, overrides)
+    elif args.what == "data-prepare":
+        result = bench_data.bench_prepare(args.out, args.mb, args.workers, args.vocab)
+    elif args.what == "data-loader":
+        result = bench_data.bench_loader(args.out, args.tokens, args.seq_len, args.micro_batch, args.seconds)
+    else:
+        result = bench_data.bench_index(args.out, args.tokens, args.seq_len)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
