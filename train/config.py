@@ -55,7 +55,8 @@ class DataSection:
     split_seed: int = _f(0, "Seed of the document-level train/validation split (independent of train.seed).")
     seq_len: int = _f(256, "Training sequence length in tokens (at most model.max_seq_len).")
     sampling: str = _f("random", "'blocks': disjoint consecutive blocks; 'random': blocks at random offsets.")
-    samples_per_epoch: int | None = _f(None, "Samples in one pass for sampling='random' (None: tokens / seq_len).")
+    samples_per_epoch: int | None = _f(None, "Samples in one pass for sampling='random', or a blend's length (None: "
+                                             "tokens / seq_len; a blend: at least the run's samples).")
     blend: list[dict[str, Any]] = _f([], "Datasets to mix, [{path: P, weight: W}, ...]: prepared dirs (corpus="
                                          "'prepared') or files / globs / dataset dirs (corpus='stream').")
     doc_mask: bool = _f(False, "Packed samples: attention and positions restart at every document boundary.")

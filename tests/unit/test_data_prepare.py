@@ -224,3 +224,10 @@ def test_missing_or_empty_corpus_is_one_clear_error(tok_dir: Path, tmp_path: Pat
     with pytest.raises(DataError, match=r"tokenizer_dir=.*no tokenizer\.json"):
         prepare([tmp_path / "blank.txt"], tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_dataset_read_as_a_stream_prepares_the_same_tokens(tok_dir: Path, tmp_path: Path) -> None:
+    inputs = _write_inputs(tmp_path / "in", _documents(), "hf")
+    loaded = prepare(inputs, tok_dir, tmp_path / "loaded", val_fraction=0.2)
+    streamed = prepare(inputs, tok_dir, tmp_path / "streamed", val_fraction=0.2, streaming=True)
+    assert loaded["splits"] == streamed["splits"]
