@@ -101,6 +101,9 @@ def _setup_blend(cfg: JobConfig) -> DataBundle:
         except DataError as err:
             raise DataError(f"data.blend[{i}]: {err}") from None
     tok_dir = Path(d.tokenizer) if d.tokenizer is not None else Path(parts[0].header["tokenizer"]["path"])
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise DataError(f"data.blend[0] path={parts[0].path} was made with the tokenizer {tok_dir}, which is not "
+                        "here; set data.tokenizer to a copy of it")
     tok_id = tokenizer_identity(tok_dir)
     for i, part in enumerate(parts):
         check_same_tokenizer(part.header["tokenizer"], tok_id, f"data.blend[{i}] path={part.path}")
@@ -165,6 +168,7 @@ def batch_stream(cfg: JobConfig, train: Any, *, dp_rank: int, dp_size: int,
     t = cfg.train
     if cfg.data.corpus == "stream":
         return _stream_batches(cfg, train, dp_rank=dp_rank, dp_size=dp_size, data_state=data_state)
+    # a blend's index already interleaves its datasets and permutes each one: its order is used as it is
     order = GlobalOrder(len(train), seed=t.seed, shuffle=not hasattr(train, "dataset_index"))
 
     def batches(consumed: int) -> Iterator[Any]:

@@ -1,4 +1,9 @@
-"""Tessera data path: corpora, tokenizers, prepared token files, datasets and the global sampler.
+"""Tessera data path: corpora, tokenizers, prepared token shards, datasets, blends and the global sampler.
+
+Modules: `corpus` (inputs), `tokenizer`, `shards` (the prepared format and its manifest), `prepare`
+(parallel, resumable preparation), `dataset` (packed blocks, document masks), `blend` (weighted
+mixtures), `sampler` (the global order), `streaming` (HF `datasets` streaming), `supervised` and
+`collators` (instruction / chat, preference and classification data).
 
     tok_dir, data_dir = prepare_shakespeare(cache_dir, vocab_size=4096)
     data = PreparedData.open(data_dir, expect_tokenizer=tokenizer_identity(tok_dir))
@@ -33,6 +38,7 @@ from train.data.tokenizer import (
 )
 
 if TYPE_CHECKING:
+    from train.data.blend import BlendDataset
     from train.data.dataset import BlockDataset
     from train.data.sampler import (
         BatchConfigError,
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
     )
 
 _LAZY = {
+    "BlendDataset": "blend",
     "BlockDataset": "dataset",
     "BatchConfigError": "sampler",
     "BatchSource": "sampler",
@@ -57,6 +64,7 @@ __all__ = [
     "HEADER_FILE",
     "BatchConfigError",
     "BatchSource",
+    "BlendDataset",
     "BlockDataset",
     "DataError",
     "GlobalOrder",
