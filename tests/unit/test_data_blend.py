@@ -95,3 +95,9 @@ def test_errors_and_unrepeated_length() -> None:
         blend_index([1, 1], [1, 2, 3], 5, seed=0)
     assert largest_unrepeated([0.5, 0.5], [10, 100]) == 20
     assert largest_unrepeated([0.0, 1.0], [0, 7]) == 7
+
+
+def test_a_longer_mixture_extends_the_same_order() -> None:
+    short = blend_index([0.6, 0.3, 0.1], [50, 400, 7], 900, seed=2)
+    long = blend_index([0.6, 0.3, 0.1], [50, 400, 7], 5000, seed=2)
+    assert all(np.array_equal(s, lg[:900]) for s, lg in zip(short, long))  # more steps keep the first samples

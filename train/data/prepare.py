@@ -30,7 +30,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from multiprocessing import get_context
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -99,8 +98,8 @@ class ShardJob:
     folder: str  # where the shard files go
 
 
-@lru_cache(maxsize=2)
-def _tokenizer(path: str) -> Tokenizer:
+def load_encoder(path: str) -> Tokenizer:
+    """The `tokenizer.json` at `path`, set to encode a literal special-token text as plain text."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(path)
@@ -121,7 +120,7 @@ def _encode(tokenizer: Tokenizer, texts: list[str], separator_id: int, dtype: np
 
 def tokenize_shard(job: ShardJob) -> dict[str, Any]:
     """Write shard `job.k` of every split; return its record (manifest entries per split)."""
-    tokenizer, dtype, folder = _tokenizer(job.tokenizer_file), np.dtype(job.dtype), Path(job.folder)
+    tokenizer, dtype, folder = load_encoder(job.tokenizer_file), np.dtype(job.dtype), Path(job.folder)
     writers = {split: ShardWriter(folder, split, job.k, dtype) for split in SPLITS}
     try:
         start = 0

@@ -28,7 +28,7 @@ import torch
 from train.data.blend import check_weights
 from train.data.corpus import DataError, _to_iterable
 from train.data.dataset import Batch, doc_positions
-from train.data.prepare import _tokenizer
+from train.data.prepare import load_encoder
 from train.data.sampler import grad_accum_steps
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -101,6 +101,7 @@ class TokenStream:
         self.seq_len = seq_len  # T
         self.seed = seed  # seeds the interleaving
         self.text_field = text_field  # column of the documents
+        self._encoder = load_encoder(tokenizer_file)
         self._parts = [_open_source(s.path, text_field) for s in self.sources]
         self._pass = 0  # how many times the mixture ran out and restarted
         self._buffer: list[int] = []  # tokens read but not yet emitted
@@ -130,7 +131,7 @@ class TokenStream:
     def take(self, n: int) -> np.ndarray:
         """The next n samples: (n, T+1) int64 token windows."""
         out = np.empty((n, self.seq_len + 1), dtype=np.int64)
-        tokenizer = _tokenizer(self.tokenizer_file)
+        tokenizer = self._encoder
         for row in range(n):
             while len(self._buffer) < self.seq_len + 1:
                 text = self._next_document()
