@@ -323,6 +323,9 @@ def validate(cfg: JobConfig) -> None:
     args = cfg.model_args()
     d, t = cfg.data, cfg.train
     _validate_data(d)
+    if d.doc_mask and cfg.parallel.pp > 1:
+        raise ConfigError(f"data.doc_mask=true with parallel.pp={cfg.parallel.pp}: the pipeline engine passes only "
+                          "(inputs, labels) between stages; set data.doc_mask=false or parallel.pp=1.")
     if d.sampling not in ("blocks", "random"):
         raise ConfigError(f"data.sampling={d.sampling!r}: use 'blocks' or 'random'.")
     _positive("data.seq_len", d.seq_len)

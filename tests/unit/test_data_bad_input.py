@@ -60,6 +60,11 @@ def test_blend_config_errors(blend: str, match: str) -> None:
         load_config(SMOKE, ["data.corpus=prepared", f"data.blend={blend}"])
 
 
+def test_doc_masking_is_refused_under_pipeline_parallelism() -> None:
+    with pytest.raises(ConfigError, match=r"data\.doc_mask=true with parallel\.pp=2: .*set data\.doc_mask=false"):
+        load_config(SMOKE, ["data.doc_mask=true", "parallel.pp=2"])
+
+
 def test_stream_needs_a_tokenizer_and_existing_sources(tmp_path: Path, two: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match=r"data\.corpus='stream' needs data\.tokenizer"):
         load_config(SMOKE, ["data.corpus=stream", "data.blend=[{path: a.jsonl}]"])
