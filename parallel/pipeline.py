@@ -126,7 +126,9 @@ def build_pipeline(
     topology = PipeModelDataParallelTopology(num_pp=dims.pp, num_mp=dims.tp, num_dp=dims.dp)
     return PipelineModule(layers=pipe_pieces(model, tp_ctx), topology=topology, loss_fn=loss_fn,
                           partition_method=partition_method,
-                          activation_checkpoint_interval=activation_checkpoint_interval)
+                          activation_checkpoint_interval=activation_checkpoint_interval,
+                          # blocks only: the embedding's input ids carry no gradient for recomputation to follow
+                          checkpointable_layers=[BlockPipe.__name__])
 
 
 def pipe_to_plain_key(layer_idx: int, key: str, n_layers: int) -> str:

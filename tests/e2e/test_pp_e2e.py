@@ -56,41 +56,44 @@ def _pp_args(out: Path, cache: Path, tied: bool, *extra: str) -> list[str]:
             "--ds_config", "zero1"]
 
 
-def test_pp2_matches_one_process_and_resumes_exactly(tmp_path: Path, data_cache: Path, tied_reference: Path) -> None:
-    """pp=2, tied embeddings (synchronised between the first and last stage): the one-process run; resume."""
-    ref, tied = tied_reference, True
-    out = tmp_path / "pp2"
-    proc = run_job(_deepspeed(2, *_pp_args(out, data_cache, tied)), tmp_path)
-    assert "(dp 1 x tp 1 x pp 2), ZeRO stage 1" in proc.stderr
-    _assert_same_run(out, ref)
-    assert any((out / "checkpoints" / "step_00000005").glob("layer_*-model_states.pt"))
-
-    # stopped right after the step-5 checkpoint: steps 6-10 replay exactly
-    resumed = tmp_path / "resumed"
+def _resume_at_step_5(out: Path, resumed: Path, cmd: list[str], tmp_path: Path) -> None:
+    """A copy of ``out`` stopped right after its step-5 checkpoint, resumed: steps 6-10 replay exactly."""
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(out / "checkpoints" / "step_00000005", resumed / "checkpoints" / "step_00000005")
     (resumed / "checkpoints" / "latest").write_text("step_00000005")
     rows = [r for r in read_rows(out) if r["step"] <= 5]
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_job(_deepspeed(2, *_pp_args(resumed, data_cache, tied), "--resume", "auto"), tmp_path)
+    proc = run_job([*cmd, "--resume", "auto"], tmp_path)
     assert "resumed from" in proc.stderr
     again, first = train_losses(resumed), train_losses(out)
     for step in range(6, 11):
         assert again[step] == pytest.approx(first[step], abs=1e-6), step
 
 
+def test_pp2_tied(tmp_path: Path, data_cache: Path, tied_reference: Path) -> None:
+    """pp=2, tied embeddings (kept in sync between the first and the last stage): the one-process run."""
+    out = tmp_path / "pp2"
+    proc = run_job(_deepspeed(2, *_pp_args(out, data_cache, True)), tmp_path)
+    assert "(dp 1 x tp 1 x pp 2), ZeRO stage 1" in proc.stderr
+    _assert_same_run(out, tied_reference)
+    assert any((out / "checkpoints" / "step_00000005").glob("layer_*-model_states.pt"))
+
+
 def test_pp2_untied(tmp_path: Path, data_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     ref = _reference(tmp_path_factory, data_cache, tied=False)
-    out = tmp_path / "pp2"
-    run_job(_deepspeed(2, *_pp_args(out, data_cache, False)), tmp_path)
+    out = tmp_path / "pp2"  # with activation checkpointing: recomputation gives the same numbers
+    run_job(_deepspeed(2, *_pp_args(out, data_cache, False, "parallel.activation_checkpoint_interval=1")),
+            tmp_path)
     _assert_same_run(out, ref)
 
 
 def test_tp2_pp2_on_four_ranks(tmp_path: Path, data_cache: Path, tied_reference: Path) -> None:
-    """tp=2 inside each of 2 stages, sequence parallel: the same run as one process; export joins both cuts."""
-    ref, tied = tied_reference, True
+    """tp=2 inside each of 2 stages, sequence parallel: the same run as one process; export joins both cuts;
+    a resume at step 5 replays steps 6-10 exactly."""
     out = tmp_path / "tp2pp2"
-    args = _pp_args(out, data_cache, tied, "parallel.tp=2", "parallel.sequence_parallel=true")
-    proc = run_job(_deepspeed(4, *args), tmp_path)
+    extra = ("parallel.tp=2", "parallel.sequence_parallel=true")
+    proc = run_job(_deepspeed(4, *_pp_args(out, data_cache, True, *extra)), tmp_path)
     assert "(dp 1 x tp 2, sequence parallel x pp 2), ZeRO stage 1" in proc.stderr
-    _assert_same_run(out, ref)
+    _assert_same_run(out, tied_reference)
+    resumed = tmp_path / "resumed"
+    _resume_at_step_5(out, resumed, _deepspeed(4, *_pp_args(resumed, data_cache, True, *extra)), tmp_path)
