@@ -73,7 +73,7 @@ def test_missing_and_empty_inputs_are_reported_together(tmp_path: Path) -> None:
     [
         ([{"text": "ok"}, {"other": "x"}], r"a\.jsonl:2: no text_field='text' \(found \['other'\]\)"),
         ([{"text": 3}], r"a\.jsonl:1: text_field='text' holds int"),
-        ([["text"]], r"a\.jsonl:1: no text_field='text' \(found list\)"),
+        ([["text"]], r"a\.jsonl:1: a JSON list, not an object; write one object per line"),
     ],
 )
 def test_bad_jsonl_rows_name_file_line_and_field(tmp_path: Path, rows: list[object], expected: str) -> None:

@@ -149,7 +149,8 @@ def _check_text(value: object, where: str, text_field: str) -> str:
     return value
 
 
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``file:line``, row) for every non-blank line of a JSONL file; a bad line is a DataError naming it."""
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -162,11 +163,17 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not a JSON object per line ({err}); write JSON lines") from err
-            if not isinstance(row, dict) or text_field not in row:
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise DataError(f"{where}: no text_field={text_field!r} (found {keys}); set text_field")
-            yield _check_text(row[text_field], where, text_field)
+                raise DataError(f"{where}: not a JSON object per line ({err}); write one object per line") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: a JSON {type(row).__name__}, not an object; write one object per line")
+            yield where, row
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for where, row in jsonl_rows(path):
+        if text_field not in row:
+            raise DataError(f"{where}: no text_field={text_field!r} (found {sorted(row)}); set text_field")
+        yield _check_text(row[text_field], where, text_field)
 
 
 def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:

@@ -24,7 +24,6 @@ reported with its file and line.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from train.data.collators import Example, collate_lm
-from train.data.corpus import DataError
+from train.data.corpus import DataError, jsonl_rows
 
 _log = logging.getLogger("tessera")
 FORMATS = {"instruction": None, "preference": ("prompt", "chosen", "rejected"), "classification": ("text", "label")}
@@ -46,22 +45,7 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[str, dict[str, Any]]]:
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
         raise DataError(f"{path}: {'is empty' if path.is_file() else 'does not exist'}; give a JSONL file")
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{where}: not valid UTF-8 ({err}); convert the file to UTF-8") from err
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not a JSON object ({err}); write one object per line") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: a JSON {type(row).__name__}, not an object; write one object per line")
-            yield where, row
+    yield from jsonl_rows(path)
 
 
 def _require(row: dict[str, Any], where: str, fields: Sequence[str], kind: str) -> None:
