@@ -35,7 +35,7 @@ from torch import nn
 
 from model.args import ModelArgs
 from model.model import Transformer
-from parallel.comm import _gather
+from parallel.comm import _gather, scatter_seq
 from parallel.dims import ParallelDims, padded_vocab_size
 from parallel.layers import (
     ColumnParallelLinear,
@@ -162,7 +162,25 @@ def shard_model(model: nn.Module, ctx: TPContext, plan: Mapping[str, str] = TRAN
             _set_submodule(model, name, TPDropout(module.p, ctx))
     if tied:
         model.tie_weights()
+    if isinstance(model, Transformer):
+        model.register_forward_pre_hook(_split_inputs_embeds(ctx), with_kwargs=True)
     model.tp_context = ctx
+
+
+def _split_inputs_embeds(ctx: TPContext) -> Any:
+    """Under sequence parallelism, caller-given ``inputs_embeds`` (B, T, dim) enter as this rank's (B, T/tp, dim),
+    as the embedding's own output does; their gradient comes back whole on every rank."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and ctx.sequence_parallel:
+            T = embeds.shape[1]  # the positions are those of the whole sequence, not of this rank's slice
+            positions = kwargs.get("position_ids")
+            kwargs = {**kwargs, "inputs_embeds": scatter_seq(embeds, ctx.group),
+                      "position_ids": torch.arange(T, device=embeds.device) if positions is None else positions}
+        return args, kwargs
+
+    return hook
 
 
 def tp_shard_layout(args: ModelArgs, tp: int, plan: Mapping[str, str] = TRANSFORMER_TP_PLAN

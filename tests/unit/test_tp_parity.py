@@ -146,3 +146,34 @@ def check_rng_streams(rank: int, world: int, sequence_parallel: bool) -> list[fl
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
 def test_rng_streams_are_shared_and_split_where_they_must_be(sequence_parallel: bool) -> None:
     run_ranks(2, check_rng_streams, (sequence_parallel,))
+
+
+def check_inputs_embeds(rank: int, world: int, sequence_parallel: bool) -> float:
+    """Soft prompts through ``inputs_embeds``: the same logits, and the same gradient reaches the embeddings."""
+    import torch.distributed as dist
+
+    from parallel.tp import FullLogits, apply_tp, tp_lm_loss
+
+    args = _args()
+    ref = _reference(args)
+    x, y = _batch(args)
+    embeds = ref.embed_tokens(x).detach().requires_grad_(True)  # (B, T, dim), as an adapter would produce
+    ref_logits = ref(inputs_embeds=embeds)
+    torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), y.flatten(), ignore_index=-100).backward()
+    ref_grad = embeds.grad.clone()
+
+    model = _reference(args)
+    ctx = apply_tp(model, dist.group.WORLD, sequence_parallel=sequence_parallel)
+    mine = embeds.detach().clone().requires_grad_(True)
+    tp_lm_loss(model, ctx)(model(inputs_embeds=mine), y).backward()
+    worst = (mine.grad - ref_grad).abs().max().item()
+    with torch.no_grad():
+        worst = max(worst, (FullLogits(model, ctx)(inputs_embeds=embeds) - ref_logits).abs().max().item())
+    assert worst < TOL, worst
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
+def test_inputs_embeds_under_tp(sequence_parallel: bool) -> None:
+    run_ranks(2, check_inputs_embeds, (sequence_parallel,))
