@@ -10,7 +10,6 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -74,24 +73,3 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         verbose=False,
     )
-    if not torch.cuda.is_available():
-        release_shm_buffer(env)
-
-
-def release_shm_buffer(env: DistEnv, shm_dir: str = "/dev/shm") -> list[Path]:
-    """Unlink this rank's file of DeepSpeed's CPU shared-memory all-reduce once every rank has mapped it.
-
-    DeepSpeed never removes ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (69 MB per rank), so each
-    CPU job would leave its ranks' files in RAM-backed /dev/shm for good. After a barrier every rank has mapped
-    every peer's file; unlinking then keeps the mappings working and the memory returns when the processes
-    end, however they end. Returns the files removed.
-    """
-    import torch.distributed as dist
-
-    dist.barrier()
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    removed = []
-    for f in Path(shm_dir).glob(f"deepspeed_allreduce_buffer_*_{addr}_{port}_{env.rank}"):
-        f.unlink(missing_ok=True)
-        removed.append(f)
-    return removed

@@ -88,12 +88,9 @@ def test_launchers_and_zero_stages_agree(tmp_path: Path, data_cache: Path, zero3
     reference = train_losses(single)
     for name, ds in (("zero2", "zero2"), ("zero3", str(zero3_test_config))):
         out = tmp_path / name
-        port = free_port()
-        cmd = [_launcher("torchrun"), "--nproc_per_node", "2", "--master_port", str(port), str(MAIN),
+        cmd = [_launcher("torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(MAIN),
                *_common(out, data_cache, *steps), "--ds_config", ds]
         run_job(cmd, tmp_path)
-        # DeepSpeed's CPU all-reduce buffers (69 MB per rank in RAM-backed /dev/shm) do not outlive the job
-        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")), name
         got = train_losses(out)
         assert got[1] == pytest.approx(reference[1], abs=1e-5), name  # same samples, same initial weights
         for step in reference:
