@@ -159,7 +159,7 @@ def _check_generate_args(
 
 @torch.no_grad()
 def generate(
-    model: Transformer,
+    model: Transformer | torch.nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -173,13 +173,14 @@ def generate(
 ) -> torch.Tensor:
     """Extend each prompt of input_ids (B, T) by max_new_tokens tokens; returns (B, T + max_new_tokens).
 
+    `model` is a `Transformer` (or a wrapper with its `args`), or any module with `max_seq_len` and
+    `new_cache` such as `model.hf_causal.CausalLM`.
     A row that produces one of `stop_tokens` is padded with that token up to the end; the loop stops
     early once every row has stopped. The model runs in eval mode and gets its previous mode back.
     `generator` must live on input_ids' device; it makes sampling reproducible.
     """
-    _check_generate_args(
-        input_ids, max_new_tokens, model.args.max_seq_len, temperature, top_k, top_p, repetition_penalty
-    )
+    max_seq_len = model.max_seq_len if hasattr(model, "max_seq_len") else model.args.max_seq_len
+    _check_generate_args(input_ids, max_new_tokens, max_seq_len, temperature, top_k, top_p, repetition_penalty)
     B, T = input_ids.shape
     device = input_ids.device
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + n)
@@ -190,7 +191,10 @@ def generate(
     cache = None
     if use_cache:
         dtype = next(model.parameters()).dtype
-        cache = KVCache.for_model(model.args, B, T + max_new_tokens, device=device, dtype=dtype)
+        if hasattr(model, "new_cache"):  # a model with its own cache (model/hf_causal.py)
+            cache = model.new_cache(B, T + max_new_tokens, device=device, dtype=dtype)
+        else:
+            cache = KVCache.for_model(model.args, B, T + max_new_tokens, device=device, dtype=dtype)
 
     was_training = model.training
     model.eval()

@@ -7,7 +7,9 @@ Examples:
 CKPT is a run directory (its newest complete checkpoint is used), its checkpoints/ directory, or one
 checkpoint (checkpoints/step_N). Any ZeRO stage 0-3 works. The output holds model.safetensors,
 config.json (LlamaConfig; Qwen2Config for a model with q/k/v biases), generation_config.json and the
-tokenizer files; by default it is written to RUN_DIR/hf/step_N. The output path is printed on success.
+tokenizer files; by default it is written to RUN_DIR/hf/step_N. A run of an HF model (hf.path) is written
+as that model's own architecture; with LoRA, as the adapter in PEFT format (--merge: merged full weights).
+The output path is printed on success.
 A checkpoint that cannot be exported is reported in one line, with exit code 2.
 """
 
@@ -36,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32",
                         help="dtype of the saved weights (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--merge", action="store_true",
+                        help="adapter runs (lora.r > 0): write the base with the adapter merged in, not the adapter")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR",
                         help="the run's tokenizer dir, if it moved (its tokenizer.json must be unchanged)")
     return parser
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tag_dir = resolve_checkpoint(args.ckpt)
         out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=EXPORT_DTYPES[args.dtype],
-                        overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
+                        overwrite=args.overwrite, tokenizer_dir=args.tokenizer, merge=args.merge)
     except ExportError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,9 @@ def check_free_space(out_dir: str | Path, needed_bytes: int, what: str) -> None:
 class CheckpointWriter:
     """Collective checkpoint saves for one run (every rank holds one and calls ``save`` together)."""
 
-    def __init__(self, out_dir: str | Path, *, rank: int, keep_last: int, estimate_bytes: int) -> None:
+    def __init__(self, out_dir: str | Path, *, rank: int, keep_last: int, estimate_bytes: int,
+                 extra: Callable[[Path], None] | None = None) -> None:
+        self.extra = extra  # collective: writes more files (e.g. the PEFT adapter) into the checkpoint directory
         self.out_dir = Path(out_dir)
         self.root = checkpoint_root(out_dir)
         self.rank = rank
@@ -196,8 +199,11 @@ class CheckpointWriter:
                 _fail_file_writes(engine)
             tmp_dir.mkdir(parents=True, exist_ok=True)
             failpoint("during_write", step)
-            engine.save_checkpoint(str(self.root), tag=tmp_dir.name, save_latest=False)
+            engine.save_checkpoint(str(self.root), tag=tmp_dir.name, save_latest=False,
+                                   exclude_frozen_parameters=has_frozen(engine))
             in_engine = False
+            if self.extra is not None:
+                self.extra(tmp_dir)
             failpoint("after_engine_save", step)
             torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank:05d}.pt")
         except OSError as e:
@@ -244,6 +250,12 @@ class CheckpointWriter:
                 shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
+def has_frozen(engine: Any) -> bool:
+    """True when the model has frozen parameters (a base under adapters): checkpoints leave them out, and a
+    resumed run takes them from the base model again."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata.
 
@@ -254,7 +266,8 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
     meta = read_meta(tag_dir)
     universal = resized_source(engine, tag_dir, meta, rank=rank)
     if universal is None:
-        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                         load_module_strict=not has_frozen(engine))
     else:
         path = load_universal(engine, universal)
     if path is None:

@@ -44,8 +44,11 @@ class ModelSection:
 @dataclass
 class DataSection:
     corpus: str = _f("shakespeare", "'shakespeare' (built in), 'files' (prepare `files`), 'prepared' (mix the "
-                                    "prepared dirs of `blend`) or 'stream' (stream the raw sources of `blend`).")
-    files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (when corpus='files').")
+                                    "prepared dirs of `blend`), 'stream' (stream the raw sources of `blend`) or "
+                                    "'sft' (instruction / chat JSONL `files`, loss on responses only).")
+    files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (corpus='files'), or "
+                              "instruction / chat JSONL files (corpus='sft').")
+    max_prompt_len: int | None = _f(None, "corpus='sft': keep at most this many prompt tokens (the most recent).")
     text_field: str = _f("text", "Field holding the document text in JSONL, parquet and HF datasets.")
     tokenizer: str | None = _f(None, "Local HF tokenizer directory; None trains a byte-level BPE on the corpus.")
     vocab_size: int = _f(2048, "Vocabulary size of the BPE trained when `tokenizer` is None.")
@@ -108,6 +111,35 @@ class ParallelSection:
 
 
 @dataclass
+class HFSection:
+    path: str | None = _f(None, "Local HF causal-LM directory trained as it is with transformers (replaces "
+                                "model.preset); its tokenizer is used unless data.tokenizer is set.")
+    dtype: str = _f("auto", "Weights dtype: 'auto' (follows the DeepSpeed config: bf16/fp16 when enabled, else "
+                            "float32), 'float32', 'bfloat16' or 'float16'.")
+    attn_implementation: str = _f("sdpa", "transformers attention: 'sdpa', 'eager' or 'flash_attention_2' (CUDA).")
+    quantization: str = _f("none", "'none', '4bit' (QLoRA) or '8bit': load the frozen base through bitsandbytes.")
+    quant_type: str = _f("nf4", "4-bit data type: 'nf4' or 'fp4'.")
+    double_quant: bool = _f(True, "4-bit: quantize the quantization constants too.")
+    compute_dtype: str = _f("auto", "4/8-bit compute dtype: 'auto' (the weights dtype), 'float32', 'bfloat16', "
+                                    "'float16'.")
+    quant_storage: str = _f("auto", "4-bit storage dtype: 'auto' (the compute dtype under ZeRO-3, so DeepSpeed can "
+                                    "shard it; else uint8), 'uint8', 'bfloat16', 'float16', 'float32'.")
+    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer in backward (transformers' own).")
+
+
+@dataclass
+class LoraSection:
+    r: int = _f(0, "LoRA rank; 0 trains the model's own weights (full fine-tune).")
+    alpha: float = _f(16.0, "LoRA alpha (the update is scaled by alpha / r).")
+    dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    target_modules: list[str] = _f([], "Linear layers to adapt, by name or dotted suffix (e.g. [q_proj, v_proj]); "
+                                       "[] adapts every linear layer of the blocks (never the LM head).")
+    layers: str | None = _f(None, "Block indices to adapt, e.g. '0-11' or '0,2,4' (None: every block).")
+    bias: str = _f("none", "Biases trained with the adapters: 'none', 'lora_only' or 'all'.")
+    modules_to_save: list[str] = _f([], "Modules trained in full and saved with the adapter (e.g. [lm_head]).")
+
+
+@dataclass
 class LogSection:
     wandb: str = _f("offline", "wandb mode: 'offline' (local files), 'online', or 'disabled'.")
     wandb_project: str = _f("tessera", "wandb project name.")
@@ -133,6 +165,8 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     log: LogSection = field(default_factory=LogSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    hf: HFSection = field(default_factory=HFSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
@@ -140,6 +174,8 @@ class JobConfig:
         A preset's vocabulary follows the tokenizer (``vocab_size``); a pretrained model keeps its own.
         """
         m = self.model
+        if self.hf.path is not None:
+            raise ConfigError("hf.path is set: the model is the HF model's own, it has no ModelArgs.")
         try:
             if m.init_from is not None:
                 shape = sorted(set(m.overrides) - INIT_FROM_OVERRIDES)
@@ -262,6 +298,8 @@ _SECTIONS: dict[str, type] = {
     "parallel": ParallelSection,
     "log": LogSection,
     "sample": SampleSection,
+    "hf": HFSection,
+    "lora": LoraSection,
 }
 
 
@@ -320,8 +358,8 @@ def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
 
 def validate(cfg: JobConfig) -> None:
     """Checks that need no device, files or process group; the rest are in ``check_batch_geometry``."""
-    args = cfg.model_args()
     d, t = cfg.data, cfg.train
+    _validate_hf(cfg)
     _validate_data(d)
     if d.doc_mask and cfg.parallel.pp > 1:
         raise ConfigError(f"data.doc_mask=true with parallel.pp={cfg.parallel.pp}: the pipeline engine passes only "
@@ -329,7 +367,8 @@ def validate(cfg: JobConfig) -> None:
     if d.sampling not in ("blocks", "random"):
         raise ConfigError(f"data.sampling={d.sampling!r}: use 'blocks' or 'random'.")
     _positive("data.seq_len", d.seq_len)
-    if d.seq_len > args.max_seq_len:
+    args = cfg.model_args() if cfg.hf.path is None else None
+    if args is not None and d.seq_len > args.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} is longer than the model allows (model.max_seq_len={args.max_seq_len}): "
             f"lower data.seq_len or raise model.max_seq_len."
@@ -368,12 +407,84 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature}: must be >= 0 (0 is greedy).")
 
 
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _validate_hf(cfg: JobConfig) -> None:
+    """The hf and lora sections; an HF model takes its tokenizer from its directory unless one is named."""
+    h, lo = cfg.hf, cfg.lora
+    for name, value, allowed in (("dtype", h.dtype, ("auto", *_DTYPES)),
+                                 ("attn_implementation", h.attn_implementation, ("sdpa", "eager", "flash_attention_2")),
+                                 ("quantization", h.quantization, ("none", "4bit", "8bit")),
+                                 ("quant_type", h.quant_type, ("nf4", "fp4")),
+                                 ("compute_dtype", h.compute_dtype, ("auto", *_DTYPES)),
+                                 ("quant_storage", h.quant_storage, ("auto", "uint8", *_DTYPES))):
+        if value not in allowed:
+            raise ConfigError(f"hf.{name}={value!r}: use one of {', '.join(map(repr, allowed))}.")
+    if h.path is None:
+        changed = [f.name for f in dataclasses.fields(HFSection) if getattr(h, f.name) != f.default]
+        if changed:
+            raise ConfigError(f"hf.{changed[0]} is set but hf.path is not: name the HF model directory in hf.path.")
+    else:
+        if cfg.model.init_from is not None or cfg.model.overrides:
+            key = "init_from" if cfg.model.init_from is not None else min(cfg.model.overrides)
+            raise ConfigError(f"model.{key} is set together with hf.path={h.path}: an HF model keeps its own "
+                              f"config; remove model.{key} (or hf.path to train a Tessera preset).")
+        if cfg.data.tokenizer is None:
+            cfg.data.tokenizer = h.path  # the model's own tokenizer
+    if h.quantization != "none" and lo.r == 0:
+        raise ConfigError(f"hf.quantization={h.quantization!r} with lora.r=0: quantized weights cannot be trained; "
+                          f"set lora.r (QLoRA) or hf.quantization='none'.")
+    _positive("lora.r", lo.r, allow_zero=True)
+    if lo.r > 0:
+        _positive("lora.alpha", lo.alpha)
+        if not 0.0 <= lo.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={lo.dropout}: must be in [0, 1).")
+        if lo.bias not in ("none", "lora_only", "all"):
+            raise ConfigError(f"lora.bias={lo.bias!r}: use 'none', 'lora_only' or 'all'.")
+        parse_layers(lo.layers)
+    tp_pp = cfg.parallel.tp * cfg.parallel.pp
+    if lo.r > 0 and tp_pp > 1:
+        raise ConfigError(f"lora.r={lo.r} with parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: "
+                          f"adapters train with data parallelism and ZeRO only; set parallel.tp=1 and parallel.pp=1.")
+    if h.path is not None and cfg.parallel.pp > 1:
+        raise ConfigError(f"parallel.pp={cfg.parallel.pp} with hf.path: HF models are not cut into pipeline "
+                          f"stages; use ZeRO-3 (--ds_config zero3) to shard them, or parallel.pp=1.")
+    if h.path is not None and cfg.data.doc_mask:
+        raise ConfigError("data.doc_mask=true with hf.path: HF models take padding masks, not packed-document "
+                          "masks; set data.doc_mask=false.")
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """'0-11' / '0,2,4' / '0-3,8' -> sorted block indices; None -> None (every block)."""
+    if spec is None:
+        return None
+    out: set[int] = set()
+    try:
+        for part in str(spec).split(","):
+            lo_s, _, hi_s = part.strip().partition("-")
+            lo, hi = int(lo_s), int(hi_s) if hi_s else int(lo_s)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            out.update(range(lo, hi + 1))
+    except ValueError:
+        raise ConfigError(f"lora.layers={spec!r}: give block indices like '0-11' or '0,2,4'.") from None
+    return sorted(out)
+
+
 def _validate_data(d: DataSection) -> None:
     """The corpus choice and its blend list."""
-    if d.corpus not in ("shakespeare", "files", "prepared", "stream"):
-        raise ConfigError(f"data.corpus={d.corpus!r}: use 'shakespeare', 'files', 'prepared' or 'stream'.")
-    if d.corpus == "files" and not d.files:
-        raise ConfigError("data.corpus='files' but data.files is empty: list text/JSONL/parquet files.")
+    if d.corpus not in ("shakespeare", "files", "prepared", "stream", "sft"):
+        raise ConfigError(f"data.corpus={d.corpus!r}: use 'shakespeare', 'files', 'prepared', 'stream' or 'sft'.")
+    if d.corpus in ("files", "sft") and not d.files:
+        what = "instruction / chat JSONL" if d.corpus == "sft" else "text/JSONL/parquet"
+        raise ConfigError(f"data.corpus={d.corpus!r} but data.files is empty: list {what} files.")
+    if d.corpus == "sft" and d.tokenizer is None:
+        raise ConfigError("data.corpus='sft' needs a tokenizer: set data.tokenizer, or hf.path (its own is used).")
+    if d.corpus == "sft" and d.doc_mask:
+        raise ConfigError("data.corpus='sft' pads each example (no packing): set data.doc_mask=false.")
+    if d.max_prompt_len is not None:
+        _positive("data.max_prompt_len", d.max_prompt_len)
     mixing = d.corpus in ("prepared", "stream")
     if mixing and not d.blend:
         raise ConfigError(f"data.corpus={d.corpus!r} but data.blend is empty: list [{{path: ..., weight: 1.0}}, ...].")

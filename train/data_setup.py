@@ -5,7 +5,9 @@
 - ``shakespeare`` / ``files``: fetched or listed inputs, prepared once into ``data.cache_dir`` (a file lock lets
   the first rank fetch, train the tokenizer and prepare while the others wait);
 - ``prepared``: the prepared datasets of ``data.blend``, mixed by weight (``train.data.blend``);
-- ``stream``: the raw sources of ``data.blend`` read with HF ``datasets`` streaming (``train.data.streaming``).
+- ``stream``: the raw sources of ``data.blend`` read with HF ``datasets`` streaming (``train.data.streaming``);
+- ``sft``: instruction / chat JSONL ``files``, one padded example per sample, loss on the responses only
+  (``train.data.supervised``); ``data.val_fraction`` of the examples (chosen by ``data.split_seed``) validate.
 
 ``setup_data`` checks everything it can before expensive work; ``build_datasets`` cuts samples;
 ``batch_stream`` gives the trainer its ``batches(consumed_samples)`` function.
@@ -77,6 +79,8 @@ def setup_data(cfg: JobConfig) -> DataBundle:
         return _setup_blend(cfg)
     if d.corpus == "stream":
         return _setup_stream(cfg)
+    if d.corpus == "sft":
+        return _setup_supervised(cfg)
     cache = Path(d.cache_dir)
     with _file_lock(cache / ".lock"):
         files, corpus_key = _input_files(cfg, cache)
@@ -136,6 +140,55 @@ def _setup_stream(cfg: JobConfig) -> DataBundle:
                       weights=tuple(s.weight for s in sources), sources=sources)
 
 
+def _setup_supervised(cfg: JobConfig) -> DataBundle:
+    """Check the instruction files and the tokenizer; the examples are rendered in ``build_datasets``."""
+    d = cfg.data
+    missing = [f for f in d.files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError(f"data.files: {', '.join(missing)} not found. Give instruction / chat JSONL files.")
+    assert d.tokenizer is not None  # validate() requires it (or takes hf.path's) for corpus='sft'
+    tok_dir = Path(d.tokenizer)
+    tok_id = tokenizer_identity(tok_dir)
+    separator = eos_token(tok_dir)
+    sep_id = load_raw_tokenizer(tok_dir).token_to_id(separator) if separator is not None else None
+    if sep_id is None:
+        raise DataError(f"data.tokenizer={tok_dir} names no eos_token that is one of its tokens; add one to "
+                        "tokenizer_config.json (examples end with it)")
+    return DataBundle(tokenizer_dir=tok_dir, tokenizer_id=tok_id, prepared_dir=None, data=None,
+                      vocab_size=tok_id["vocab_size"], separator_id=sep_id)
+
+
+class ExampleSplit:
+    """Some of a ``SupervisedDataset``'s examples, by index: a dataset with ``batch(indices)``."""
+
+    def __init__(self, dataset: Any, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batch(self, indices: Any) -> Any:
+        return self.dataset.batch([self.indices[i] for i in indices])
+
+
+def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSplit, ExampleSplit]:
+    """Render every example once; a seeded ``val_fraction`` of them (at least one) validates."""
+    import numpy as np
+
+    from train.data.supervised import Renderer, SupervisedDataset
+    from train.data.tokenizer import load_tokenizer
+
+    d = cfg.data
+    renderer = Renderer(load_tokenizer(bundle.tokenizer_dir), d.seq_len, d.max_prompt_len)
+    data = SupervisedDataset(d.files, renderer)
+    order = np.random.default_rng(d.split_seed).permutation(len(data)).tolist()
+    n_val = max(1, round(d.val_fraction * len(data)))
+    if n_val >= len(data):
+        raise ConfigError(f"data.files hold {len(data)} usable examples: too few to hold out "
+                          f"data.val_fraction={d.val_fraction} for validation and train on the rest; add examples.")
+    return ExampleSplit(data, sorted(order[n_val:])), ExampleSplit(data, sorted(order[:n_val]))
+
+
 def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[Any, Any]:
     """(train, val): datasets with ``batch(indices)`` or, when streaming, a ``StreamStart`` and held-out samples.
 
@@ -143,11 +196,13 @@ def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[An
     """
     if cfg.data.corpus == "stream":
         train, val = _stream_datasets(cfg, bundle)
+    elif cfg.data.corpus == "sft":
+        train, val = _supervised_datasets(cfg, bundle)
     else:
         train, val = _prepared_datasets(cfg, bundle)
     d, t = cfg.data, cfg.train
     if len(val) < t.micro_batch_size * dp_size:
-        where = bundle.prepared_dir if bundle.prepared_dir is not None else "the stream"
+        where = bundle.prepared_dir or ("data.files" if cfg.data.corpus == "sft" else "the stream")
         raise ConfigError(
             f"the validation split of {where} holds {len(val)} blocks of data.seq_len={d.seq_len}, "
             f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed to "

@@ -252,12 +252,15 @@ def export_hf(
     overwrite: bool = False,
     tokenizer_dir: str | Path | None = None,
     max_shard_size: int | str = "5GB",
+    merge: bool = False,
 ) -> Path:
     """Write the checkpoint as an HF `LlamaForCausalLM` (or `Qwen2ForCausalLM`) dir at `out_dir`; return it.
 
     checkpoint: anything `resolve_checkpoint` accepts. dtype: of the saved weights. overwrite:
     replace an existing `out_dir` (else it is refused). tokenizer_dir: use this tokenizer instead of
     the one the run recorded (it must have the same tokenizer.json). Raises `ExportError`.
+    A run of an HF model (`hf.path`) is exported as that model's own architecture; with adapters, as the
+    adapter in PEFT format, or (`merge`) as the base with the adapter merged into its weights.
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
@@ -272,6 +275,10 @@ def export_hf(
         meta = read_meta(tag_dir)
     except json.JSONDecodeError as err:
         raise ExportError(f"{tag_dir / META_FILE}: not valid JSON ({err})") from err
+    if meta.get("hf"):
+        return _export_hf_model(tag_dir, meta, out, dtype=dtype, overwrite=overwrite, merge=merge)
+    if merge:
+        raise ExportError(f"{tag_dir}: --merge applies to adapter runs; this checkpoint holds a whole model")
     args = checkpoint_model_args(meta, tag_dir)
     try:
         config = to_hf_config(args)
@@ -298,6 +305,44 @@ def export_hf(
                 if (tok_dir / name).is_file():
                     shutil.copy2(tok_dir / name, tmp / name)
     except DataError as err:  # out_dir appeared while exporting
+        raise ExportError(str(err)) from err
+    log.info("exported %s (step %s) to %s", tag_dir, meta.get("step"), out)
+    return out
+
+
+def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: torch.dtype, overwrite: bool,
+                     merge: bool) -> Path:
+    """An `hf.path` run: the adapter as saved (PEFT format), the merged model, or the fully trained model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = Path(meta["hf"]["path"])
+    if not (base / "config.json").is_file():
+        raise ExportError(f"{tag_dir}: the base model {base} it was trained on is not there; restore it first")
+    adapter = tag_dir / "adapter"
+    lora = meta.get("config", {}).get("lora", {})
+    try:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            if lora.get("r", 0) and not merge:
+                if not (adapter / "adapter_config.json").is_file():
+                    raise ExportError(f"{tag_dir}: no adapter/ in this checkpoint; it is damaged, export another")
+                shutil.copytree(adapter, tmp, dirs_exist_ok=True)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+                if lora.get("r", 0):  # the base in full precision (also for a 4-bit run), the adapter folded in
+                    from peft import PeftModel
+
+                    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+                else:
+                    state = {k.removeprefix("model."): v for k, v in consolidated_state_dict(tag_dir).items()}
+                    missing, unexpected = model.load_state_dict(state, strict=False)
+                    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings \
+                        else set()
+                    if set(missing) - tied or unexpected:
+                        raise ExportError(f"{tag_dir}: weights do not fit {base} (missing {sorted(missing)[:3]}, "
+                                          f"unexpected {sorted(unexpected)[:3]})")
+                model.to(dtype).save_pretrained(str(tmp))
+                AutoTokenizer.from_pretrained(str(adapter if adapter.is_dir() else base)).save_pretrained(str(tmp))
+    except DataError as err:
         raise ExportError(str(err)) from err
     log.info("exported %s (step %s) to %s", tag_dir, meta.get("step"), out)
     return out

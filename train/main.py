@@ -32,6 +32,7 @@ import yaml
 
 from model import ModelArgs, ModelConfigError, Transformer, generate
 from model.hf import load_hf_pretrained
+from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.groups import build_process_groups
 from parallel.pipeline import build_pipeline
@@ -52,6 +53,7 @@ from train.data_setup import DataBundle, batch_stream, build_datasets, setup_dat
 from train.distributed import DistEnv, device_for, init_distributed, read_env
 from train.ds_config import load_ds_config, resolve_ds_config
 from train.guards import TrainingDiverged
+from train.hf_setup import ADAPTER_DIR, HFPlan, build_hf, plan_hf, save_adapter
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
 from train.preempt import RunControl
@@ -87,10 +89,11 @@ class Plan:
     dims: ParallelDims
     ds_config: dict[str, Any]
     bundle: DataBundle
-    model_args: ModelArgs
+    model_args: ModelArgs | None  # None for an HF model (hf.path)
     resume_from: Path | None
     train_ds: Any  # a dataset with batch(indices), or a stream (train/data_setup.py)
     val_ds: Any  # a dataset with batch(indices)
+    hf: HFPlan | None = None  # the HF model of hf.path, checked
 
 
 def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
@@ -119,27 +122,47 @@ def plan(args: argparse.Namespace) -> Plan:
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
     resume_from = _resume_target(cfg, args.resume)
+    if cfg.hf.path is not None:  # the model directory first: its tokenizer is the data's
+        causal_lm_config(cfg.hf.path)
     bundle = setup_data(cfg)
-    model_args = cfg.model_args(vocab_size=bundle.vocab_size)
-    if model_args.vocab_size < bundle.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
-                          f"{bundle.vocab_size}: remove the override or raise it.")
-    dims.check_model(model_args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
-    dims.check_pipeline(model_args, zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
-                        grad_accum=int(ds_config["gradient_accumulation_steps"]))
+    hf = plan_hf(cfg, ds_config, dims, bundle.vocab_size) if cfg.hf.path is not None else None
+    model_args = None if hf is not None else _native_model_args(cfg, dims, ds_config, bundle.vocab_size)
     if dims.pp > 1 and cfg.parallel.sequence_parallel:  # stages exchange sequence slices, not replicas
         ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     if resume_from is not None:
         meta = read_meta(resume_from)
         _check_resume_layout(meta, resume_from, dims)
-        if ModelArgs(**meta.get("model_args", {})) != model_args:
+        if hf is not None:
+            if meta.get("hf") != hf.identity or meta.get("config", {}).get("lora") != cfg.to_dict()["lora"]:
+                raise ConfigError(f"--resume: the checkpoint {resume_from} was trained on {meta.get('hf')} with "
+                                  f"lora {meta.get('config', {}).get('lora')}; resume with that model and lora section.")
+        elif ModelArgs(**(meta.get("model_args") or {})) != model_args:
             raise ConfigError(f"--resume: the checkpoint {resume_from} holds a different model "
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
     train_ds, val_ds = _datasets(cfg, bundle, dims.dp)
-    check_free_space(cfg.train.out_dir, checkpoint_estimate(model_args), "one checkpoint")
-    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds)
+    check_free_space(cfg.train.out_dir, _checkpoint_bytes(model_args, hf), "one checkpoint")
+    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds, hf=hf)
+
+
+def _native_model_args(cfg: JobConfig, dims: ParallelDims, ds_config: dict[str, Any], vocab_size: int) -> ModelArgs:
+    """The Tessera model of the recipe, checked against the tokenizer and the parallel layout."""
+    model_args = cfg.model_args(vocab_size=vocab_size)
+    if model_args.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={model_args.vocab_size} is smaller than the tokenizer's "
+                          f"{vocab_size}: remove the override or raise it.")
+    dims.check_model(model_args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
+    dims.check_pipeline(model_args, zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+                        grad_accum=int(ds_config["gradient_accumulation_steps"]))
+    return model_args
+
+
+def _checkpoint_bytes(model_args: ModelArgs | None, hf: HFPlan | None) -> int:
+    if hf is not None:
+        return hf.trainable_estimate * CKPT_BYTES_PER_PARAM + 2**20
+    assert model_args is not None
+    return checkpoint_estimate(model_args)
 
 
 def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims) -> None:
@@ -203,23 +226,22 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     groups = build_process_groups(p.dims)
     dp_rank, dp_size = groups.dp_rank, p.dims.dp
 
-    # The whole model is built and initialised (or loaded) first, then split: every tp and pp starts from the
-    # same weights. With tp or pp > 1 the whole model lives on the host until each rank keeps its part.
-    split = p.dims.tp * p.dims.pp > 1
-    model = build_model(p.model_args, torch.device("cpu") if split else device, t.seed)
-    n_params = sum(x.numel() for x in model.parameters())
-    if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then TP / ZeRO
-        _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
-        model.load_state_dict(weights)
-        log.info("weights loaded from %s", cfg.model.init_from)
-    tp_ctx = apply_tp(model, groups.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=t.seed)
-    loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
+    keep_alive = None  # ZeRO-3 loading of an HF model: transformers reads the DeepSpeed config through it
+    if p.hf is not None:
+        model, keep_alive = build_hf(p.hf, cfg, p.ds_config, device)
+        n_params = p.hf.n_params
+        tp_ctx = TPContext(None, 1, 0)
+        loss_fn = lm_loss
+    else:
+        model, tp_ctx, n_params = _native_model(p, groups, device)
+        loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
     module: torch.nn.Module = model
     if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
         module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,
                                 partition_method=cfg.parallel.partition_method,
                                 activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
-    module.to(device)
+    if not (p.hf is not None and p.hf.quantization is not None):  # bitsandbytes placed the weights already
+        module.to(device)
     optimizer = None if "optimizer" in p.ds_config else build_optimizer(module, t, p.ds_config)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
@@ -229,11 +251,13 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         config=p.ds_config,
         mpu=groups if p.dims.pp == 1 else None,
     )
+    del keep_alive
 
     meta = {
         "run_id": uuid.uuid4().hex[:12],
         "config": cfg.to_dict(),
-        "model_args": dataclasses.asdict(p.model_args),
+        "model_args": dataclasses.asdict(p.model_args) if p.model_args is not None else None,
+        "hf": p.hf.identity if p.hf is not None else None,
         "tokenizer": p.bundle.tokenizer_id,
         "tokenizer_dir": str(p.bundle.tokenizer_dir),
         "prepared_dir": str(p.bundle.prepared_dir),
@@ -248,14 +272,18 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     if env.is_main:
         for stale in remove_partial(out_dir):
             log.info("removed %s, a checkpoint an earlier run did not finish writing", stale)
+    extra = None
+    if p.hf is not None and p.hf.adapters:  # every checkpoint also holds the adapter in PEFT's format
+        def extra(tag_dir: Path) -> None:
+            save_adapter(engine.module, tag_dir / ADAPTER_DIR, rank=env.rank, tokenizer_dir=p.bundle.tokenizer_dir)
     checkpoints = CheckpointWriter(out_dir, rank=env.rank, keep_last=t.keep_last,
-                                   estimate_bytes=checkpoint_estimate(p.model_args))
+                                   estimate_bytes=_checkpoint_bytes(p.model_args, p.hf), extra=extra)
 
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2))
-        log.info("model: %s parameters, %s", f"{n_params:,}", p.model_args)
+        log.info("model: %s parameters, %s", f"{n_params:,}", p.model_args or p.hf.path)
         log.info("world %d (dp %d x tp %d%s x pp %d), ZeRO stage %d, grad accumulation %d, %s", env.world_size,
                  dp_size, p.dims.tp, ", sequence parallel" if tp_ctx.sequence_parallel else "", p.dims.pp,
                  engine.zero_optimization_stage(), engine.gradient_accumulation_steps(), device)
@@ -300,6 +328,25 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         if sample is not None:
             print(f"--- sample ---\n{sample}\n--------------")
     return summary
+
+
+def _native_model(p: Plan, groups: Any, device: torch.device) -> tuple[Transformer, TPContext, int]:
+    """Build, initialise (or load) and split the Tessera model.
+
+    The whole model is built and initialised (or loaded) first, then split: every tp and pp starts from the
+    same weights. With tp or pp > 1 the whole model lives on the host until each rank keeps its part.
+    """
+    cfg, t = p.cfg, p.cfg.train
+    assert p.model_args is not None
+    split = p.dims.tp * p.dims.pp > 1
+    model = build_model(p.model_args, torch.device("cpu") if split else device, t.seed)
+    n_params = sum(x.numel() for x in model.parameters())
+    if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then TP / ZeRO
+        _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
+        model.load_state_dict(weights)
+        log.info("weights loaded from %s", cfg.model.init_from)
+    tp_ctx = apply_tp(model, groups.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=t.seed)
+    return model, tp_ctx, n_params
 
 
 def _sample(cfg: JobConfig, model: torch.nn.Module, tokenizer_dir: Path, device: torch.device,

@@ -1,0 +1,173 @@
+"""Hugging Face causal LMs trained as they are: loading (dtype, attention, 4/8-bit) and a Tessera-shaped wrapper.
+
+`model.hf` converts Llama-family checkpoints into Tessera's own `Transformer`; this module instead keeps the HF
+model (any `AutoModelForCausalLM` architecture: Llama, Qwen2, GPT-2, ...) and wraps it so the trainer, the
+losses and `generate` see the same interface as the native model::
+
+    config = causal_lm_config("path/to/model")          # refuses a missing dir or a non-causal-LM
+    hf_model = load_causal_lm("path/to/model", dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = CausalLM(hf_model)
+    logits = model(input_ids, position_ids=..., doc_ids=...)  # (B, T, V)
+
+`doc_ids` follows the collators' convention (train/data/collators.py): 0 marks a real token, anything else
+padding; it becomes the HF attention mask. ZeRO-3 loading (`HfDeepSpeedConfig`) is set up by the caller, since
+this package never imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from model.args import ModelConfigError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def causal_lm_config(path: str | Path, *, where: str = "hf.path") -> PretrainedConfig:
+    """The config of a local HF causal-LM directory; a missing dir, weights or a non-causal LM is refused."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelConfigError(f"{where}={path}: no such directory; give a local directory written by "
+                               f"save_pretrained (Tessera never downloads models).")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ModelConfigError(f"{where}={path}: no config.json there; give a directory written by save_pretrained.")
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelConfigError(f"{where}={path}: model_type={model_type!r} is not a causal language model "
+                               f"(AutoModelForCausalLM has no class for it); give a decoder such as llama, qwen2 "
+                               f"or gpt2.")
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        raise ModelConfigError(f"{where}={path}: no weights ({' / '.join(WEIGHT_FILES[:2])}) next to config.json; "
+                               f"save the model with save_pretrained.")
+    return AutoConfig.from_pretrained(str(directory))
+
+
+def num_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the model a config describes, counted on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def meta_model(config: PretrainedConfig) -> PreTrainedModel:
+    """The model on the meta device: module names and shapes, for checks before anything is loaded."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def quantization_config(kind: str, *, compute_dtype: torch.dtype, quant_type: str = "nf4",
+                        double_quant: bool = True, quant_storage: torch.dtype | None = None) -> Any:
+    """bitsandbytes settings for '4bit' (QLoRA) or '8bit' loading; None for 'none'."""
+    if kind == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as err:
+        raise ModelConfigError(f"hf.quantization={kind!r} needs bitsandbytes ({err}); pip install bitsandbytes, "
+                               f"or set hf.quantization='none'.") from None
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_quant_storage=quant_storage or torch.uint8)
+
+
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+                   quantization: Any = None, device: torch.device | None = None) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` from a local directory, in training mode.
+
+    quantization: a `quantization_config(...)` (bitsandbytes); the weights are quantized on `device`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        if device is not None and device.type == "cuda":
+            kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (ValueError, ImportError) as err:  # e.g. flash_attention_2 without flash-attn, bnb without a backend
+        raise ModelConfigError(f"hf.path={path}: transformers could not load it ({err}).") from None
+    # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference on the first eval-mode no-grad
+    # forward (an evaluation), after which LoRA gradients are silently zero (and layers narrower than one
+    # quantization block fail). Training and evaluation keep the one layout that trains.
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+    model.train()
+    return model
+
+
+class HFCache:
+    """The HF key/value cache of one `generate` call, shaped like `model.generate.KVCache` for the loop."""
+
+    def __init__(self, max_len: int) -> None:
+        self.past: Any = None
+        self.length = 0
+        self.max_len = max_len
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class CausalLM(nn.Module):
+    """An HF causal LM (or a PEFT model around one) with the native model's call: inputs -> logits (B, T, V)."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.model = hf_model
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def max_seq_len(self) -> int:
+        c = self.config
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if getattr(c, name, None):
+                return int(getattr(c, name))
+        return 2**31 - 1  # no learned limit (e.g. RoPE without a recorded length)
+
+    def new_cache(self, batch_size: int, max_len: int, **_: Any) -> HFCache:
+        return HFCache(max_len)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None,
+                cache: HFCache | None = None) -> torch.Tensor:
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None:
+            raise ValueError("CausalLM: pass input_ids or inputs_embeds")
+        B, T = source.shape[:2]
+        attention_mask = None if doc_ids is None else (doc_ids == 0).long()  # (B, T): 1 = real token
+        if cache is not None:
+            if position_ids is None:
+                position_ids = torch.arange(cache.length, cache.length + T, device=source.device).expand(B, T)
+            if attention_mask is None:
+                attention_mask = torch.ones(B, cache.length + T, dtype=torch.long, device=source.device)
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                         attention_mask=attention_mask, past_key_values=None if cache is None else cache.past,
+                         use_cache=cache is not None)
+        if cache is not None:
+            cache.past = out.past_key_values
+            cache.advance(T)
+        return out.logits

@@ -1,0 +1,81 @@
+"""Tiny random Hugging Face causal LMs built from configs and saved locally, each with its own tokenizer.
+
+Tests never download: every model here is `from_config` with a few hundred thousand parameters, saved with
+`save_pretrained` next to a byte-level BPE trained on a few kilobytes of text.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "gpt2")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    "To be, or not to be, that is the question. All that glitters is not gold. "
+    "Question: what is two plus two? Answer: four. Question: what colour is the sky? Answer: blue. "
+) * 20
+
+
+def write_corpus(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def make_tokenizer(root: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE with an eos/pad token, saved as an HF tokenizer directory."""
+    from train.data.tokenizer import train_bpe_tokenizer
+
+    tok_dir = root / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        train_bpe_tokenizer([write_corpus(root)], vocab_size, tok_dir)
+    return tok_dir
+
+
+def hf_config(family: str, vocab_size: int, *, tie: bool = False, layers: int = 2, eos_id: int = 0):
+    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+
+    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "initializer_range": 0.3}
+    if family == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=tie, **ids)
+    if family == "qwen2":
+        return Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           tie_word_embeddings=tie, **ids)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=4, n_positions=256,
+                          tie_word_embeddings=True, **ids)
+    raise ValueError(family)
+
+
+def make_hf_model(root: Path, family: str = "llama", *, tie: bool = False, seed: int = 0, layers: int = 2) -> Path:
+    """Save a tiny random ``family`` model with the shared tokenizer under ``root/<family>``; returns the dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = root / f"{family}{'-tied' if tie else ''}-{layers}l"
+    if (out / "config.json").is_file():
+        return out
+    tok_dir = make_tokenizer(root)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    config = hf_config(family, len(tok), tie=tie, layers=layers, eos_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def write_sft(path: Path, n: int = 64) -> Path:
+    """Instruction JSONL: short arithmetic and colour questions with fixed answers (learnable in a few steps)."""
+    rows = []
+    for i in range(n):
+        a, b = i % 7, (i * 3) % 5
+        rows.append({"prompt": f"Question: what is {a} plus {b}? Answer:", "response": f" {a + b}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

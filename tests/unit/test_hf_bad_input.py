@@ -1,0 +1,94 @@
+"""Bad HF / LoRA / SFT input ends in one clear error from the planning step, before any weight is read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SMOKE
+from tests.hf_models import make_hf_model, make_tokenizer, write_sft
+from train.config import ConfigError, load_config
+from train.main import USER_ERRORS, parse_args, plan
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hf_bad")
+    make_hf_model(root, "llama")
+    write_sft(root / "sft.jsonl", n=16)
+    t5 = root / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text('{"model_type": "t5", "d_model": 32}')
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setitem(os.environ, "DS_ACCELERATOR", "cpu")
+
+
+def _plan(root: Path, tmp_path: Path, *extra: str, ds: str = "cpu") -> None:
+    argv = ["--config", str(SMOKE), "--ds_config", ds, f"hf.path={root / 'llama-2l'}", "data.corpus=sft",
+            f"data.files=[{root / 'sft.jsonl'}]", "data.seq_len=32", "data.val_fraction=0.25",
+            f"train.out_dir={tmp_path / 'run'}", *extra]
+    plan(parse_args(argv))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ([], None),
+    (["hf.path=/nonexistent/model"], r"hf.path=/nonexistent/model: no such directory"),
+    (["lora.r=8", "lora.target_modules=[c_attn]"],
+     (r"lora.target_modules=\['c_attn'\] match no linear layer; the blocks' linear layers are named: down_proj, "
+     r"gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")),
+    (["lora.r=8", "lora.layers='0-7'"], r"lora.layers: blocks \[2, 3, 4, 5, 6, 7\] do not exist"),
+    (["lora.r=8", "lora.layers=first"], r"lora.layers='first': give block indices like '0-11'"),
+    (["hf.quantization=4bit"], r"hf.quantization='4bit' with lora.r=0: quantized weights cannot be trained"),
+    (["hf.dtype=bfloat16"], r"hf.dtype=bfloat16 but the DeepSpeed config trains in torch.float32"),
+    (["model.n_layers=4"], r"model.n_layers is set together with hf.path"),
+    (["lora.r=8", "parallel.tp=2"], r"adapters train with data parallelism and ZeRO only"),
+    (["data.seq_len=512"], r"data.seq_len=512 is longer than hf.path=.* allows \(256 positions\)"),
+    (["hf.quant_type=int4", "lora.r=8", "hf.quantization=4bit"], r"hf.quant_type='int4': use one of 'nf4', 'fp4'"),
+    (["data.doc_mask=true"], r"data.doc_mask=true with hf.path"),
+    (["data.files=[/nonexistent/sft.jsonl]"], r"data.files: /nonexistent/sft.jsonl not found"),
+])
+def test_each_mistake_is_one_clear_error_and_nothing_is_written(root: Path, tmp_path: Path, extra: list[str],
+                                                               message: str | None) -> None:
+    if message is None:
+        _plan(root, tmp_path)  # the baseline plans cleanly
+        return
+    with pytest.raises(USER_ERRORS, match=message):
+        _plan(root, tmp_path, *extra)
+    assert not (tmp_path / "run").exists()
+
+
+def test_not_a_causal_lm_and_8bit_under_zero3(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(USER_ERRORS, match=r"model_type='t5' is not a causal language model"):
+        _plan(root, tmp_path, f"hf.path={root / 't5'}")
+    with pytest.raises(USER_ERRORS, match=r"'8bit' under ZeRO-3: DeepSpeed cannot shard int8 weights"):
+        _plan(root, tmp_path, "lora.r=8", "hf.quantization=8bit", ds="zero3")
+
+
+def test_a_foreign_tokenizer_larger_than_the_embedding_is_refused(root: Path, tmp_path: Path) -> None:
+    big = make_tokenizer(tmp_path / "big", vocab_size=400)
+    with pytest.raises(USER_ERRORS, match=r"has \d+ tokens but hf.path=.* has 300 embedding rows"):
+        _plan(root, tmp_path, f"data.tokenizer={big}")
+
+
+def test_hf_options_without_a_model_and_sft_without_a_tokenizer() -> None:
+    with pytest.raises(ConfigError, match=r"hf.quantization is set but hf.path is not"):
+        load_config(str(SMOKE), ["hf.quantization=4bit"])
+    with pytest.raises(ConfigError, match=r"data.corpus='sft' needs a tokenizer"):
+        load_config(str(SMOKE), ["data.corpus=sft", "data.files=[a.jsonl]"])
+
+
+def test_the_shipped_sft_recipe_plans_on_a_local_model(root: Path, tmp_path: Path) -> None:
+    argv = ["--config", "train/configs/sft_lora.yaml", "--ds_config", "cpu", f"hf.path={root / 'llama-2l'}",
+            f"data.files=[{root / 'sft.jsonl'}]", "data.seq_len=64", "data.val_fraction=0.25",
+            "train.micro_batch_size=2", "train.global_batch_size=4", f"train.out_dir={tmp_path / 'run'}"]
+    p = plan(parse_args(argv))
+    assert p.hf is not None and len(p.hf.lora_targets) == 14 and p.model_args is None
+    assert len(p.train_ds) + len(p.val_ds) == 16
