@@ -85,10 +85,16 @@ def enter_tp_region(x: torch.Tensor, ctx: TPContext) -> torch.Tensor:
 
 
 def region_input_hook(ctx: TPContext) -> Any:
-    """A forward pre-hook that brings a module's first input into the TP region once for all its layers."""
+    """A forward pre-hook (``with_kwargs=True``) that brings a module's input into the TP region once for all its
+    layers: the first positional argument, or ``hidden_states`` when it is passed by keyword (HF modules)."""
 
-    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (enter_tp_region(args[0], ctx), *args[1:])
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if args:
+            return (enter_tp_region(args[0], ctx), *args[1:]), kwargs
+        if "hidden_states" not in kwargs:
+            raise TypeError(f"{type(module).__name__}: a TP region needs its input as the first argument or as "
+                            f"hidden_states=")
+        return args, {**kwargs, "hidden_states": enter_tp_region(kwargs["hidden_states"], ctx)}
 
     return hook
 

@@ -68,6 +68,14 @@ TRANSFORMER_TP_PLAN: Mapping[str, str] = {
 }
 """The plan of `model.Transformer` (Llama names): Megatron's split of attention and MLP."""
 
+HF_LLAMA_TP_PLAN: Mapping[str, str] = {
+    **{f"model.{pattern}": style for pattern, style in TRANSFORMER_TP_PLAN.items()
+       if pattern != "lm_head" and style not in ("norm", "dropout")},
+    "lm_head": "vocab_head",
+}
+"""The same split for HF Llama / Mistral / Qwen2 causal LMs (`model.` in front; no sequence parallelism)."""
+HF_TP_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
 STYLES = ("column", "row", "vocab", "vocab_head", "region", "heads", "norm", "dropout")
 
 
@@ -135,12 +143,13 @@ def shard_model(model: nn.Module, ctx: TPContext, plan: Mapping[str, str] = TRAN
         return
     if isinstance(model, Transformer):  # whole heads per rank, or GQA groups would be cut in half
         ParallelDims(ctx.size, tp=ctx.size).check_model(model.args, seq_len=ctx.size, sequence_parallel=False)
-    tied = isinstance(model, Transformer) and model.args.tie_embeddings
+    tied = model.args.tie_embeddings if isinstance(model, Transformer) else \
+        bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     regions = [name for name, style in matched.items() if style in ("region", "heads")]
     for name, style in matched.items():
         module = model.get_submodule(name)
         if style in ("region", "heads"):
-            module.register_forward_pre_hook(region_input_hook(ctx))
+            module.register_forward_pre_hook(region_input_hook(ctx), with_kwargs=True)
         if style == "column":
             ready = any(name.startswith(region + ".") for region in regions)
             _set_submodule(model, name, ColumnParallelLinear(module, ctx, input_ready=ready))
@@ -183,14 +192,18 @@ def _split_inputs_embeds(ctx: TPContext) -> Any:
     return hook
 
 
-def tp_shard_layout(args: ModelArgs, tp: int, plan: Mapping[str, str] = TRANSFORMER_TP_PLAN
+def tp_shard_layout(args: ModelArgs | nn.Module, tp: int, plan: Mapping[str, str] = TRANSFORMER_TP_PLAN
                     ) -> dict[str, tuple[int, int | None] | None]:
-    """How a tp-way checkpoint of ``Transformer(args)`` is split, per state-dict key (no process group needed).
+    """How a tp-way checkpoint of ``Transformer(args)`` (or of a given meta-device model) is split, per
+    state-dict key (no process group needed).
 
     name -> (partition_dim, rows of the unpadded tensor or None) for split tensors, None for replicated ones.
     """
-    with torch.device("meta"):
-        model = Transformer(args)
+    if isinstance(args, nn.Module):
+        model = args
+    else:
+        with torch.device("meta"):
+            model = Transformer(args)
     shard_model(model, TPContext(group=None, size=tp, rank=0), plan)
     layout: dict[str, tuple[int, int | None] | None] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -222,8 +235,11 @@ def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mappin
 
 
 def _head(model: nn.Module) -> ColumnParallelLinear | None:
-    head = getattr(model, "lm_head", None)
-    return head if isinstance(head, ColumnParallelLinear) else None
+    """The vocabulary-parallel output head, also inside a wrapper (model.hf_causal.CausalLM)."""
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "lm_head" and isinstance(module, ColumnParallelLinear):
+            return module
+    return None
 
 
 def tp_lm_loss(model: nn.Module, ctx: TPContext) -> Any:
@@ -251,6 +267,19 @@ class FullLogits(nn.Module):
     @property
     def args(self) -> Any:
         return self.model.args
+
+    @property
+    def max_seq_len(self) -> int:
+        inner = getattr(self.model, "max_seq_len", None)
+        return int(inner) if inner is not None else self.model.args.max_seq_len
+
+    def new_cache(self, batch_size: int, max_len: int, **kw: Any) -> Any:
+        """The wrapped model's own cache, or a KVCache shaped for it (each rank caches its own heads)."""
+        if hasattr(self.model, "new_cache"):
+            return self.model.new_cache(batch_size, max_len, **kw)
+        from model.generate import KVCache
+
+        return KVCache.for_model(self.model.args, batch_size, max_len, **kw)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         with self.ctx.sequence_parallel_off():

@@ -32,7 +32,7 @@ import torch
 from model import ModelArgs, ModelConfigError
 from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
 from parallel.pipeline import LAYER_FILE, pipe_to_plain_key
-from parallel.tp import merge_tp_shards, tp_shard_layout
+from parallel.tp import HF_LLAMA_TP_PLAN, merge_tp_shards, tp_shard_layout
 from train.checkpoint import CKPT_DIR, META_FILE, latest_complete, read_meta
 from train.data.corpus import DataError, atomic_dir, sha256_file
 from train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -140,8 +140,8 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
         return _consolidate_one(tag)
     if mp_ranks != list(range(len(mp_ranks))):
         raise ExportError(f"{tag}: tensor-parallel ranks {mp_ranks} are not 0..{len(mp_ranks) - 1}; files are missing")
-    args = checkpoint_model_args(read_meta(tag), tag)
-    layout = tp_shard_layout(args, len(mp_ranks))
+    meta = read_meta(tag)
+    layout, tied = _tp_layout(meta, tag, len(mp_ranks))
     shards = []
     for r in mp_ranks:
         with tempfile.TemporaryDirectory(prefix="tessera-tp-") as tmp:
@@ -151,9 +151,28 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
                 (view / f.name.replace(f"mp_rank_{r:02d}", "mp_rank_00")).symlink_to(f.resolve())
             shards.append(_consolidate_one(view))
     state = merge_tp_shards(shards, layout)
-    if args.tie_embeddings and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+    if tied is not None and tied[0] in state:
+        state[tied[1]] = state[tied[0]]
     return state
+
+
+def _tp_layout(meta: dict[str, Any], tag: Path, tp: int) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """The split of each state-dict key of a tp-way checkpoint, and the (embedding, head) names when tied."""
+    if not meta.get("hf"):
+        args = checkpoint_model_args(meta, tag)
+        return tp_shard_layout(args, tp), ("embed_tokens.weight", "lm_head.weight") if args.tie_embeddings else None
+    from model.hf_causal import (  # an hf.path run: the wrapper puts `model.` in front
+        causal_lm_config,
+        meta_model,
+    )
+
+    try:
+        config = causal_lm_config(meta["hf"]["path"], where="the run's base model")
+    except ModelConfigError as err:
+        raise ExportError(f"{tag}: {err}") from err
+    layout = tp_shard_layout(meta_model(config), tp, HF_LLAMA_TP_PLAN)
+    tied = ("model.model.embed_tokens.weight", "model.lm_head.weight") if config.tie_word_embeddings else None
+    return {f"model.{name}": spec for name, spec in layout.items()}, tied
 
 
 def _consolidate_one(tag: Path) -> dict[str, torch.Tensor]:

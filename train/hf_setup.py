@@ -30,6 +30,7 @@ from model.hf_causal import (
 )
 from model.lora import apply_lora, lora_targets
 from parallel.dims import ParallelDims
+from parallel.tp import HF_TP_MODEL_TYPES
 from train.config import ConfigError, JobConfig, parse_layers
 
 ADAPTER_DIR = "adapter"
@@ -81,8 +82,7 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
         raise ConfigError(f"hf.dtype={h.dtype} but the DeepSpeed config trains in {engine_dtype}: set hf.dtype='auto' "
                           f"or choose a DeepSpeed config with that precision.")
     if dims.tp > 1:
-        raise ConfigError(f"parallel.tp={dims.tp} with hf.path: tensor parallelism covers Tessera models; convert "
-                          f"a Llama-family model with model.init_from={path} instead, or shard with ZeRO-3.")
+        _check_tp(cfg, config, dims.tp)
     quant = None
     if h.quantization != "none":
         compute = dtype if h.compute_dtype == "auto" else DTYPES[h.compute_dtype]
@@ -118,11 +118,33 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
     return HFPlan(path, config, n_params, dtype, quant, stage == 3, targets, identity, trainable)
 
 
+def _check_tp(cfg: JobConfig, config: Any, tp: int) -> None:
+    """Tensor parallelism of an HF model: Tessera's TP layers with the native plan (HF_LLAMA_TP_PLAN). Adapters
+    (LoRA, QLoRA) never run with tp > 1: `train.config` refuses that combination."""
+    where = f"parallel.tp={tp} with hf.path={cfg.hf.path}"
+    if config.model_type not in HF_TP_MODEL_TYPES:
+        raise ConfigError(f"{where}: model_type={config.model_type!r} has no TP plan (covered: "
+                          f"{', '.join(HF_TP_MODEL_TYPES)}); shard it with ZeRO-3 and parallel.tp=1.")
+    if cfg.parallel.sequence_parallel:
+        raise ConfigError(f"{where}: sequence parallelism covers Tessera models only; set "
+                          f"parallel.sequence_parallel=false.")
+    sizes = {"num_attention_heads": config.num_attention_heads,
+             "num_key_value_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+             "intermediate_size": config.intermediate_size}
+    for name, value in sizes.items():
+        if value % tp:
+            raise ConfigError(f"{where}: its {name}={value} does not split into {tp} equal parts; choose a "
+                              f"parallel.tp that divides it.")
+
+
 def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch.device) -> tuple[CausalLM, Any]:
     """Load the weights and add adapters; returns the wrapped model and an object to keep alive until
-    `deepspeed.initialize` is done (the `HfDeepSpeedConfig` that makes transformers load partitioned)."""
+    `deepspeed.initialize` is done (the `HfDeepSpeedConfig` that makes transformers load partitioned).
+
+    With tp > 1 every rank loads the whole model on the host and `train.main` splits it (like Tessera models).
+    """
     keep = None
-    if p.zero3:
+    if p.zero3 and cfg.parallel.tp == 1:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(ds_config)  # transformers holds it by weak reference

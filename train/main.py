@@ -36,7 +36,7 @@ from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.groups import build_process_groups
 from parallel.pipeline import build_pipeline
-from parallel.tp import FullLogits, TPContext, apply_tp, tp_lm_loss
+from parallel.tp import HF_LLAMA_TP_PLAN, FullLogits, TPContext, apply_tp, tp_lm_loss
 from train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -231,7 +231,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         model, keep_alive = build_hf(p.hf, cfg, p.ds_config, device)
         n_params = p.hf.n_params
         tp_ctx = TPContext(None, 1, 0)
-        loss_fn = lm_loss
+        if p.dims.tp > 1:  # the HF model's modules swapped for Tessera's TP layers, by the native plan
+            tp_ctx = apply_tp(model.model, groups.tp_group, plan=HF_LLAMA_TP_PLAN, seed=t.seed)
+        loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
     else:
         model, tp_ctx, n_params = _native_model(p, groups, device)
         loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss

@@ -146,3 +146,29 @@ def test_zero3_full_finetune_on_two_ranks_exports_the_trained_model(tmp_path: Pa
     base = AutoModelForCausalLM.from_pretrained(str(hf_root / "llama-2l"))
     changed = [n for n, p in trained.named_parameters() if not torch.equal(p, base.get_parameter(n))]
     assert len(changed) == len(list(base.parameters()))  # every weight trained, none lost in consolidation
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_tp2_follows_one_process_and_exports_the_same_weights(tmp_path: Path, hf_root: Path, family: str) -> None:
+    """The native TP plan on an HF model: two tensor-parallel ranks train as one process does."""
+    from safetensors.torch import load_file
+
+    if family == "qwen2-tied":
+        make_hf_model(hf_root, "qwen2", tie=True)
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = _sft(hf_root, one, family.split("-")[0], "train.steps=8", "sample.max_new_tokens=0")
+    if family == "qwen2-tied":
+        args = [a.replace("qwen2-2l", "qwen2-tied-2l") for a in args]
+    run_job(python_main(*args), tmp_path)
+    launcher = str(Path(sys.executable).parent / "torchrun")
+    proc = run_job([launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), str(MAIN), *args,
+                    f"train.out_dir={two}", "parallel.tp=2", "sample.max_new_tokens=4"], tmp_path)
+    assert "tp 2" in proc.stderr and "--- sample ---" in proc.stdout
+    a, b = train_losses(one), train_losses(two)
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
+    for run in (one, two):
+        run_job([sys.executable, "tools/export_hf.py", str(run), "--out", str(run / "hf")], tmp_path)
+    wa, wb = load_file(str(one / "hf" / "model.safetensors")), load_file(str(two / "hf" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)

@@ -92,3 +92,18 @@ def test_the_shipped_sft_recipe_plans_on_a_local_model(root: Path, tmp_path: Pat
     p = plan(parse_args(argv))
     assert p.hf is not None and len(p.hf.lora_targets) == 14 and p.model_args is None
     assert len(p.train_ds) + len(p.val_ds) == 16
+
+
+def test_tensor_parallel_hf_models_need_a_plan_and_full_precision(root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)  # planned as rank 0 of two (no process group is started)
+    make_hf_model(root, "gpt2")
+    _plan(root, tmp_path, "parallel.tp=2")  # llama: the native plan covers it
+    with pytest.raises(USER_ERRORS, match=r"model_type='gpt2' has no TP plan \(covered: llama, mistral, qwen2\)"):
+        _plan(root, tmp_path, "parallel.tp=2", f"hf.path={root / 'gpt2-2l'}")
+    with pytest.raises(USER_ERRORS, match=r"lora.r=4 with parallel.tp=2, parallel.pp=1: adapters train with data "
+                                          r"parallelism and ZeRO only"):  # QLoRA never with TP
+        _plan(root, tmp_path, "parallel.tp=2", "hf.quantization=4bit", "lora.r=4")
+    with pytest.raises(USER_ERRORS, match=r"sequence parallelism covers Tessera models only"):
+        _plan(root, tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true")
