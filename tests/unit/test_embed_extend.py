@@ -23,6 +23,7 @@ from train.recipes.embed_extend import (
     VocabError,
     encode_blocks,
     extend_vocabulary,
+    freeze_all_but_new_rows,
     plan_new_tokens,
     read_lexicon,
     row_norms,
@@ -124,6 +125,18 @@ def test_extend_then_train_only_new_rows(root: Path, tok_dir: Path, kind: str, t
             assert not p.requires_grad, name
 
 
+def test_gradient_hook_zeroes_base_rows_exactly(root: Path, tok_dir: Path) -> None:
+    model, tokenizer = load_model(save_model(root, tok_dir, "llama", True)), load_tokenizer(tok_dir)
+    info = extend_vocabulary(model, tokenizer, NEW_WORDS, pad_to_multiple_of=16)
+    freeze_all_but_new_rows(model, info)
+    (emb,) = freeze_all_but_new_rows(model, info)  # a second call replaces the hook
+    assert len(emb._backward_hooks) == 1
+    (emb.sum() * float("nan")).backward()  # a non-finite gradient on every row
+    grad = emb.grad
+    assert not grad[: info.base_vocab_size].any() and not grad[info.new_vocab_size :].any()  # exact zeros
+    assert grad[info.base_vocab_size : info.new_vocab_size].isnan().all()
+
+
 def test_same_seed_same_rows_and_other_seed_differs(root: Path, tok_dir: Path) -> None:
     path = save_model(root, tok_dir, "llama", False)
     rows = []
@@ -152,6 +165,20 @@ def test_padding_and_spare_rows(root: Path, tok_dir: Path) -> None:
     emb = model.get_input_embeddings().weight
     assert torch.equal(emb[info.new_vocab_size :], before["model.embed_tokens.weight"][info.new_vocab_size :])
     assert not torch.equal(emb[base_vocab : info.new_vocab_size], before["model.embed_tokens.weight"][base_vocab:-2])
+
+
+def test_untied_head_bias_gets_the_mean_base_bias(root: Path, tok_dir: Path) -> None:
+    model, tokenizer = load_model(save_model(root, tok_dir, "llama", False)), load_tokenizer(tok_dir)
+    old = model.lm_head
+    model.lm_head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(old.weight)
+        model.lm_head.bias.copy_(torch.linspace(-1.0, 2.0, old.out_features))
+    info = extend_vocabulary(model, tokenizer, NEW_WORDS, pad_to_multiple_of=16)
+    bias = model.lm_head.bias.detach()
+    assert bias.shape[0] == info.num_embeddings
+    torch.testing.assert_close(bias[info.base_vocab_size : info.new_vocab_size], torch.full((3,), 0.5))
+    assert not bias[info.new_vocab_size :].any()
 
 
 def test_extend_refuses_bad_arguments(root: Path, tok_dir: Path) -> None:

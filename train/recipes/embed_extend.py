@@ -11,8 +11,8 @@ The calls, in order (the training loop itself belongs to the caller)::
     opt = torch.optim.AdamW([{"params": params, "weight_decay": 0.0}], lr=1e-3)
     data = encode_blocks(tokenizer, texts, seq_len=512)        # text tokenized with the extended tokenizer
     ... train ...
-    save_embedding_snapshot(model, info, "runs/x/embeddings/step_00000100", step=100)
-    # later, on a freshly loaded base and its tokenizer:
+    save_embedding_snapshot(model, info, "runs/x/embeddings/step_00000100", 100, tokenizer=tokenizer)
+    # later, on a freshly loaded base and its tokenizer (then freeze again, fresh optimizer from `step`):
     info, step = load_embedding_snapshot(model, tokenizer, "runs/x/embeddings/step_00000100")
 
 What "new" means: a lexicon entry is already known when encoding it on its own, or after a space (no
@@ -40,7 +40,9 @@ input embedding and an untied head, and a gradient hook on those sets the gradie
 is not a new token to exactly 0. Under AdamW a parameter row whose gradient is always 0 keeps zero
 moments and gets a zero update, so base rows stay bitwise unchanged PROVIDED the optimizer group of
 these parameters has weight_decay=0 (decoupled decay would shrink every row). Build the optimizer
-after `freeze_all_but_new_rows`: resizing replaces the embedding Parameters.
+after `freeze_all_but_new_rows`: resizing replaces the embedding Parameters. With DeepSpeed, extend and
+freeze before `deepspeed.initialize`; this is tested with torch.optim.AdamW in one process, not yet
+under ZeRO (ZeRO-3 partitions the embedding, which `extend_vocabulary` needs whole).
 
 4-bit bases: transformers' bitsandbytes integration quantizes the linear layers of the body but
 never the input embedding (an `nn.Embedding`) nor the output head (`lm_head` is kept out of
@@ -221,8 +223,9 @@ def _check_new_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str |
     dupes = sorted({t for t in texts if texts.count(t) > 1})
     if dupes:
         raise VocabError(f"new_tokens repeat {dupes[:3]}; pass each token once")
+    vocab = tokenizer.get_vocab()
     empty = [t for t in texts if not t]
-    known = [t for t in texts if t in tokenizer.get_vocab()]
+    known = [t for t in texts if t in vocab]
     if empty or known:
         raise VocabError(
             f"new_tokens {(empty + known)[:3]} are empty or already in the vocabulary; "
@@ -243,7 +246,8 @@ def extend_vocabulary(
     """Add `new_tokens` to the tokenizer, resize the embeddings and initialise the new rows (module doc).
 
     Both `model` and `tokenizer` are changed in place. Call it before wrapping the model (DeepSpeed,
-    PEFT) and before building the optimizer.
+    PEFT) and before building the optimizer. It hashes the base embedding (and an untied head) for the
+    snapshot fingerprint: about a second per GB on a CPU.
     """
     from train.recipes.embed_snapshot import base_fingerprint
 
