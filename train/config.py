@@ -140,6 +140,18 @@ class LoraSection:
 
 
 @dataclass
+class VocabSection:
+    lexicon: str | None = _f(None, "Embedding-only vocabulary extension: a file of words (one per line, or a JSON "
+                                   "list) added as tokens where the tokenizer lacks them; only their rows train.")
+    init_scale: float = _f(1.0, "New rows start on a sphere of this multiple of the mean base-row norm.")
+    pad_to_multiple_of: int | None = _f(None, "Pad the embedding rows to a multiple of this (None: no padding).")
+    snapshot_interval: int = _f(0, "Write the new rows to <out_dir>/embeddings/step_N every this many steps "
+                                   "(0: only at the end).")
+    from_snapshot: str | None = _f(None, "Start from an embedding snapshot (its tokens and rows) with a fresh "
+                                         "optimizer and schedule.")
+
+
+@dataclass
 class LogSection:
     wandb: str = _f("offline", "wandb mode: 'offline' (local files), 'online', or 'disabled'.")
     wandb_project: str = _f("tessera", "wandb project name.")
@@ -167,6 +179,7 @@ class JobConfig:
     sample: SampleSection = field(default_factory=SampleSection)
     hf: HFSection = field(default_factory=HFSection)
     lora: LoraSection = field(default_factory=LoraSection)
+    vocab: VocabSection = field(default_factory=VocabSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
@@ -300,6 +313,7 @@ _SECTIONS: dict[str, type] = {
     "sample": SampleSection,
     "hf": HFSection,
     "lora": LoraSection,
+    "vocab": VocabSection,
 }
 
 
@@ -432,7 +446,11 @@ def _validate_hf(cfg: JobConfig) -> None:
                               f"config; remove model.{key} (or hf.path to train a Tessera preset).")
         if cfg.data.tokenizer is None:
             cfg.data.tokenizer = h.path  # the model's own tokenizer
-    if h.quantization != "none" and lo.r == 0:
+    v = cfg.vocab
+    extend = v.lexicon is not None or v.from_snapshot is not None
+    if extend:
+        _validate_vocab(cfg)
+    if h.quantization != "none" and lo.r == 0 and not extend:
         raise ConfigError(f"hf.quantization={h.quantization!r} with lora.r=0: quantized weights cannot be trained; "
                           f"set lora.r (QLoRA) or hf.quantization='none'.")
     _positive("lora.r", lo.r, allow_zero=True)
@@ -453,6 +471,27 @@ def _validate_hf(cfg: JobConfig) -> None:
     if h.path is not None and cfg.data.doc_mask:
         raise ConfigError("data.doc_mask=true with hf.path: HF models take padding masks, not packed-document "
                           "masks; set data.doc_mask=false.")
+
+
+def _validate_vocab(cfg: JobConfig) -> None:
+    """Embedding-only extension: an HF model, only the new rows train, and nothing decays them."""
+    v = cfg.vocab
+    if cfg.hf.path is None:
+        raise ConfigError("vocab.lexicon / vocab.from_snapshot need hf.path: the extension resizes an HF model's "
+                          "embeddings.")
+    if cfg.lora.r > 0:
+        raise ConfigError(f"vocab.lexicon with lora.r={cfg.lora.r}: the extension trains only the new embedding "
+                          f"rows; set lora.r=0.")
+    if cfg.train.weight_decay != 0:
+        raise ConfigError(f"train.weight_decay={cfg.train.weight_decay} with vocab.lexicon: decoupled decay would "
+                          f"change the base rows; set train.weight_decay=0.")
+    if cfg.parallel.tp * cfg.parallel.pp > 1:
+        raise ConfigError("vocab.lexicon with parallel.tp / parallel.pp > 1: the extension needs the whole "
+                          "embedding on each rank; use data parallelism (ZeRO 0-2).")
+    _positive("vocab.init_scale", v.init_scale)
+    _positive("vocab.snapshot_interval", v.snapshot_interval, allow_zero=True)
+    if v.pad_to_multiple_of is not None:
+        _positive("vocab.pad_to_multiple_of", v.pad_to_multiple_of)
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

@@ -352,16 +352,32 @@ def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: t
 
                     model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
                 else:
-                    state = {k.removeprefix("model."): v for k, v in consolidated_state_dict(tag_dir).items()}
-                    missing, unexpected = model.load_state_dict(state, strict=False)
-                    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings \
-                        else set()
-                    if set(missing) - tied or unexpected:
-                        raise ExportError(f"{tag_dir}: weights do not fit {base} (missing {sorted(missing)[:3]}, "
-                                          f"unexpected {sorted(unexpected)[:3]})")
+                    _load_trained(model, consolidated_state_dict(tag_dir), tag_dir, base,
+                                  partial=bool(meta.get("config", {}).get("vocab", {}).get("lexicon")
+                                               or meta.get("config", {}).get("vocab", {}).get("from_snapshot")))
                 model.to(dtype).save_pretrained(str(tmp))
-                AutoTokenizer.from_pretrained(str(adapter if adapter.is_dir() else base)).save_pretrained(str(tmp))
+                run_tok = Path(meta.get("tokenizer_dir") or base)
+                tok_src = adapter if adapter.is_dir() else run_tok if (run_tok / "tokenizer.json").is_file() else base
+                AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(tmp))
     except DataError as err:
         raise ExportError(str(err)) from err
     log.info("exported %s (step %s) to %s", tag_dir, meta.get("step"), out)
     return out
+
+
+def _load_trained(model: torch.nn.Module, state: dict[str, torch.Tensor], tag_dir: Path, base: Path, *,
+                  partial: bool) -> None:
+    """Put a run's trained weights (`model.`-prefixed wrapper names) into the base model loaded from ``base``.
+
+    partial: the checkpoint holds only what trained (a vocabulary extension: the resized embedding rows; the
+    frozen rest is the base's own), and the embedding is resized to the checkpoint's rows first.
+    """
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    embed = next((v for k, v in state.items() if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if partial and embed is not None and embed.shape[0] != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(embed.shape[0], mean_resizing=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if unexpected or (set(missing) - tied and not partial):
+        raise ExportError(f"{tag_dir}: weights do not fit {base} (missing {sorted(missing)[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]})")

@@ -32,6 +32,7 @@ from model.lora import apply_lora, lora_targets
 from parallel.dims import ParallelDims
 from parallel.tp import HF_TP_MODEL_TYPES
 from train.config import ConfigError, JobConfig, parse_layers
+from train.vocab_setup import VocabPlan, apply_vocab
 
 ADAPTER_DIR = "adapter"
 log = logging.getLogger("tessera")
@@ -50,6 +51,7 @@ class HFPlan:
     lora_targets: list[str] = field(default_factory=list)  # full module names; [] without LoRA
     identity: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint
     trainable_estimate: int = 0  # parameters a checkpoint holds (all of them, or the adapters')
+    vocab: VocabPlan | None = None  # the embedding-only vocabulary extension (train/vocab_setup.py)
 
     @property
     def adapters(self) -> bool:
@@ -70,7 +72,8 @@ def model_identity(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), "config_sha256": hashlib.sha256(config_text).hexdigest()}
 
 
-def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, tokenizer_vocab: int) -> HFPlan:
+def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, tokenizer_vocab: int,
+            vocab: VocabPlan | None = None) -> HFPlan:
     """Check the HF model of ``cfg.hf.path`` against the recipe; raise ConfigError / ModelConfigError."""
     h, lo = cfg.hf, cfg.lora
     path = Path(str(h.path))
@@ -97,7 +100,10 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
         quant = quantization_config(h.quantization, compute_dtype=compute, quant_type=h.quant_type,
                                     double_quant=h.double_quant, quant_storage=storage)
     rows = int(getattr(config, "vocab_size", 0) or 0)
-    if tokenizer_vocab > rows:
+    if vocab is not None and stage == 3:
+        raise ConfigError("vocab.lexicon under ZeRO-3: resizing needs the whole embedding on each rank; use ZeRO "
+                          "0-2 (only the embedding trains, so its optimizer state is small).")
+    if tokenizer_vocab > rows and vocab is None:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} has {tokenizer_vocab} tokens but hf.path={path} has "
                           f"{rows} embedding rows: use the model's own tokenizer (leave data.tokenizer unset).")
     model = meta_model(config)
@@ -114,8 +120,10 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
     n_params = sum(p.numel() for p in model.parameters())
     shapes = [model.get_submodule(name).weight.shape for name in targets]
     trainable = sum(lo.r * (s[0] + s[1]) for s in shapes) if targets else n_params
+    if vocab is not None:
+        trainable = 2 * tokenizer_vocab * int(config.hidden_size)  # the (resized) embedding and an untied head
     identity = {**model_identity(path), "model_type": config.model_type}
-    return HFPlan(path, config, n_params, dtype, quant, stage == 3, targets, identity, trainable)
+    return HFPlan(path, config, n_params, dtype, quant, stage == 3, targets, identity, trainable, vocab)
 
 
 def _check_tp(cfg: JobConfig, config: Any, tp: int) -> None:
@@ -152,14 +160,18 @@ def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch
                         quantization=p.quantization, device=device)
     if cfg.hf.gradient_checkpointing:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    extension = None
     if p.adapters:
         lo = cfg.lora
         hf = apply_lora(hf, p.lora_targets, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, bias=lo.bias,
                         modules_to_save=lo.modules_to_save, quantized=p.quantization is not None,
                         gradient_checkpointing=cfg.hf.gradient_checkpointing)
+    elif p.vocab is not None:
+        extension = apply_vocab(hf, p.vocab, cfg)
     else:
         hf.requires_grad_(True)
     model = CausalLM(hf)
+    model.extension = extension  # (ExtensionInfo, tokenizer) of a vocabulary extension, for its snapshots
     trainable = sum(getattr(x, "ds_numel", x.numel()) for x in model.parameters() if x.requires_grad)
     log.info("HF model %s (%s, %s%s): %s parameters, %s trainable%s", p.path, p.config.model_type,
              str(p.dtype).removeprefix("torch."), f", {cfg.hf.quantization}" if p.quantization is not None else "",

@@ -58,6 +58,7 @@ from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
 from train.preempt import RunControl
 from train.trainer import TrainState, evaluate, lm_loss, train
+from train.vocab_setup import SnapshotWriter, plan_vocab
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
 USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError, CheckpointError)
@@ -122,10 +123,14 @@ def plan(args: argparse.Namespace) -> Plan:
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
     resume_from = _resume_target(cfg, args.resume)
+    vocab = None
     if cfg.hf.path is not None:  # the model directory first: its tokenizer is the data's
         causal_lm_config(cfg.hf.path)
+        if cfg.vocab.lexicon is not None or cfg.vocab.from_snapshot is not None:
+            vocab = plan_vocab(cfg)  # the data are tokenized with the extended tokenizer
+            cfg.data.tokenizer = str(vocab.tokenizer_dir)
     bundle = setup_data(cfg)
-    hf = plan_hf(cfg, ds_config, dims, bundle.vocab_size) if cfg.hf.path is not None else None
+    hf = plan_hf(cfg, ds_config, dims, bundle.vocab_size, vocab) if cfg.hf.path is not None else None
     model_args = None if hf is not None else _native_model_args(cfg, dims, ds_config, bundle.vocab_size)
     if dims.pp > 1 and cfg.parallel.sequence_parallel:  # stages exchange sequence slices, not replicas
         ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
@@ -306,10 +311,15 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         return eval_batches(val_ds, micro_batch=t.micro_batch_size, max_batches=t.eval_batches,
                             dp_rank=dp_rank, dp_size=dp_size)
 
+    after_step = None
+    if getattr(model, "extension", None) is not None:  # embedding snapshots of a vocabulary extension
+        info, tokenizer = model.extension
+        after_step = SnapshotWriter(model.model, info, tokenizer, out_dir, interval=cfg.vocab.snapshot_interval,
+                                    last_step=t.steps, rank=env.rank)
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
                    grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device,
-                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx, control=control)
+                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx, control=control, after_step=after_step)
     if state.step < t.steps:  # stopped on request (preemption): the checkpoint is saved, a resume continues
         logger.close()
         return {"steps": state.step, "stopped": True}

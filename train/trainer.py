@@ -139,6 +139,7 @@ class Trainer:
         loss_fn: LossFn = lm_loss,
         tp_ctx: TPContext | None = None,
         control: RunControl | None = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
         self.cfg, self.t = cfg, cfg.train
         self.engine, self.state = engine, state
@@ -151,6 +152,7 @@ class Trainer:
         self.stream = batches(state.consumed_samples)
         self.last_eval: dict[str, float] = {}
         self.control = control  # stop / checkpoint requests from outside (train/preempt.py), polled per step
+        self.after_step = after_step  # called with the step number after every applied optimizer step
 
     def run(self) -> dict[str, float]:
         """Train from ``state.step`` to ``train.steps``; return the last validation result."""
@@ -190,6 +192,8 @@ class Trainer:
                     "mem_gb": peak_memory_gb(self.device),
                 })
                 window_start, window_steps = time.perf_counter(), 0
+            if self.after_step is not None:
+                self.after_step(state.step)
             if self._evaluate_and_save():
                 window_start, window_steps = time.perf_counter(), 0
         return self.last_eval

@@ -107,3 +107,28 @@ def test_tensor_parallel_hf_models_need_a_plan_and_full_precision(root: Path, tm
         _plan(root, tmp_path, "parallel.tp=2", "hf.quantization=4bit", "lora.r=4")
     with pytest.raises(USER_ERRORS, match=r"sequence parallelism covers Tessera models only"):
         _plan(root, tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true")
+
+
+def test_vocabulary_extension_mistakes(root: Path, tmp_path: Path) -> None:
+    known = tmp_path / "known.txt"
+    known.write_text("a\ne\n")  # single characters: tokens of every byte-level BPE
+    new = tmp_path / "new.txt"
+    new.write_text("zorblax\n")
+    base = [f"data.cache_dir={tmp_path / 'cache'}", "train.weight_decay=0"]
+    with pytest.raises(USER_ERRORS, match=r"vocab: .*already"):
+        _plan(root, tmp_path, *base, f"vocab.lexicon={known}")
+    with pytest.raises(USER_ERRORS, match=r"train.weight_decay=0.1 with vocab.lexicon: decoupled decay"):
+        _plan(root, tmp_path, f"vocab.lexicon={new}", "train.weight_decay=0.1")
+    with pytest.raises(USER_ERRORS, match=r"vocab.lexicon with lora.r=8"):
+        _plan(root, tmp_path, *base, f"vocab.lexicon={new}", "lora.r=8")
+    with pytest.raises(USER_ERRORS, match=r"vocab.lexicon under ZeRO-3"):
+        _plan(root, tmp_path, *base, f"vocab.lexicon={new}", ds="zero3")
+    with pytest.raises(USER_ERRORS, match=r"vocab.from_snapshot=/nope: not found"):
+        _plan(root, tmp_path, *base, "vocab.from_snapshot=/nope")
+    with pytest.raises(ConfigError, match=r"need hf.path"):
+        load_config(str(SMOKE), [f"vocab.lexicon={new}"])
+    p = plan(parse_args(["--config", str(SMOKE), "--ds_config", "cpu", f"hf.path={root / 'llama-2l'}", *base,
+                         f"vocab.lexicon={new}", "data.corpus=sft", f"data.files=[{root / 'sft.jsonl'}]",
+                         "data.seq_len=32", "data.val_fraction=0.25", f"train.out_dir={tmp_path / 'run'}"]))
+    assert p.hf is not None and p.hf.vocab is not None and p.hf.vocab.ids == (300,)
+    assert p.bundle.vocab_size == 301  # the data are tokenized with the extended tokenizer

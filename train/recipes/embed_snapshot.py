@@ -30,6 +30,7 @@ from train.data.corpus import atomic_dir
 from train.recipes.embed_extend import ExtensionInfo, VocabError, embedding_weights, extend_vocabulary
 
 if TYPE_CHECKING:
+    from tokenizers import AddedToken
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SNAPSHOT_FORMAT = 1
@@ -137,6 +138,14 @@ def read_snapshot_meta(path: Path | str) -> dict[str, Any]:
     return meta
 
 
+def snapshot_tokens(meta: dict[str, Any]) -> list[str | AddedToken]:
+    """The added tokens a snapshot records (with their flags), as `extend_vocabulary` takes them."""
+    from tokenizers import AddedToken
+
+    return [AddedToken(t["content"], **{f: t[f] for f in _ADDED_TOKEN_FLAGS}) if len(t) > 1 else t["content"]
+            for t in meta["added_tokens"]]
+
+
 def check_same_base(expected: dict[str, Any], actual: dict[str, Any], where: str) -> None:
     """Raise VocabError naming the first fingerprint field where the base in use differs from the snapshot's."""
     def shown(value: Any) -> Any:
@@ -164,7 +173,6 @@ def load_embedding_snapshot(
     Returns (info, step).
     """
     from safetensors.torch import load_file
-    from tokenizers import AddedToken
 
     meta = read_snapshot_meta(path)
     saved = ExtensionInfo.from_dict(meta["info"])
@@ -178,10 +186,7 @@ def load_embedding_snapshot(
             f"snapshot={path}: {ROWS_FILE} holds {shapes}, expected {sorted(expected_keys)} with {n_new} rows "
             f"each; the snapshot is damaged"
         )
-    tokens: list[str | AddedToken] = [
-        AddedToken(t["content"], **{f: t[f] for f in _ADDED_TOKEN_FLAGS}) if len(t) > 1 else t["content"]
-        for t in meta["added_tokens"]
-    ]
+    tokens = snapshot_tokens(meta)
     info = extend_vocabulary(
         model,
         tokenizer,
