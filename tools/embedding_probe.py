@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tools.plot_metrics import MetricsError, read_metrics
 from train.data.corpus import DataError
 from train.data.dataset import BlockDataset
-from train.recipes.embed_extend import VocabError, encode_blocks, is_single_token, no_cpu_4bit_repack
+from train.recipes.embed_extend import VocabError, encode_blocks, is_single_token
 
 
 @dataclass
@@ -135,13 +135,14 @@ def format_loss_table(rows: Sequence[dict[str, Any]]) -> str:
 def eval_perplexity(model: torch.nn.Module, data: BlockDataset, *, batch_size: int = 4) -> dict[str, float]:
     """Mean next-token loss and perplexity of `model` over every block of `data` (no grad, eval mode).
 
-    The model's train/eval mode is restored afterwards, and a 4-bit model is kept from repacking its weights.
+    The model's train/eval mode is restored afterwards (load 4-bit models with `model.hf_causal.load_causal_lm`,
+    which keeps bitsandbytes from repacking them for inference).
     """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        with torch.no_grad(), no_cpu_4bit_repack(model):
+        with torch.no_grad():
             device = next(model.parameters()).device
             for start in range(0, len(data), batch_size):
                 x, y = data.batch(np.arange(start, min(start + batch_size, len(data))))[:2]
@@ -164,19 +165,15 @@ def _matrix_report(weight: torch.Tensor, base: list[int], new: list[int], sample
 
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command line asks for, as one JSON-serialisable dict."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
+    from model.hf_causal import load_causal_lm, quantization_config
     from train.data.tokenizer import load_tokenizer
     from train.recipes.embed_snapshot import load_embedding_snapshot
 
     if not (args.model_dir / "config.json").is_file():
         raise VocabError(f"model_dir={args.model_dir}: no config.json; pass a directory written by save_pretrained")
     tokenizer = load_tokenizer(args.tokenizer or args.model_dir)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(args.model_dir), dtype=getattr(torch, args.dtype), quantization_config=quant if args.load_in_4bit else None
-    )
-    model.train()  # before any forward: see no_cpu_4bit_repack
+    quant = quantization_config("4bit", compute_dtype=torch.float32) if args.load_in_4bit else None
+    model = load_causal_lm(args.model_dir, dtype=getattr(torch, args.dtype), quantization=quant)
     result: dict[str, Any] = {"model": str(args.model_dir), "snapshot": None, "step": None}
     base_vocab = len(tokenizer) if args.base_vocab is None else args.base_vocab
     if args.snapshot is not None:

@@ -55,14 +55,10 @@ def save_model(root: Path, tok_dir: Path, kind: str, tied: bool, *, seed: int = 
 
 def load_model(path: Path, *, four_bit: bool = False, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a saved model (nf4 body when `four_bit`), already in train mode (before any forward)."""
-    quant = None
-    if four_bit:
-        quant = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, quantization_config=quant)
-    model.train()
-    return model
+    from model.hf_causal import load_causal_lm, quantization_config
+
+    quant = quantization_config("4bit", compute_dtype=torch.float32) if four_bit else None
+    return load_causal_lm(path, dtype=dtype, quantization=quant)  # training mode, no CPU inference repacking
 
 
 def train_new_rows(

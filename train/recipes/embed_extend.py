@@ -49,8 +49,8 @@ never the input embedding (an `nn.Embedding`) nor the output head (`lm_head` is 
 quantization by default), so both stay in the load dtype and both train here; a head that was
 quantized anyway (custom `llm_int8_skip_modules`) is refused. On CPUs with AVX512-BF16, one forward of
 a 4-bit model in eval mode under no_grad repacks its weights for inference, after which backward gives
-wrong gradients without any error: call `model.train()` before the first forward, and evaluate inside
-`no_cpu_4bit_repack(model)` (used by the embedding probe's perplexity).
+wrong gradients without any error: load 4-bit models with `model.hf_causal.load_causal_lm`, which turns
+that repacking off.
 
 Snapshots (new rows + tokenizer additions + a fingerprint of the base) are in
 `train.recipes.embed_snapshot`.
@@ -58,10 +58,9 @@ Snapshots (new rows + tokenizer additions + a fingerprint of the base) are in
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -371,26 +370,6 @@ def freeze_all_but_new_rows(model: PreTrainedModel, info: ExtensionInfo) -> list
 
         setattr(p, _HOOK_ATTR, p.register_hook(keep_new_rows))
     return params
-
-
-@contextlib.contextmanager
-def no_cpu_4bit_repack(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluate a bitsandbytes 4-bit model without the CPU inference repack that breaks later backward.
-
-    bitsandbytes repacks a `Linear4bit`'s weights on the first CPU forward with `training=False` and an
-    input that needs no grad; later backward passes then give wrong gradients. Inside this block every
-    `Linear4bit` reports `training=True` (it has no dropout, so its outputs are the same); other modules
-    keep their mode, so `model.eval()` still turns dropout off. A model without 4-bit layers is untouched.
-    """
-    layers = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")]
-    modes = [m.training for m in layers]
-    for m in layers:
-        m.training = True
-    try:
-        yield
-    finally:
-        for m, mode in zip(layers, modes):
-            m.training = mode
 
 
 def encode_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], seq_len: int) -> BlockDataset:
