@@ -91,6 +91,11 @@ def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
 
     dims = ParallelDims(shape.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     ds = resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp, bf16_supported=shape.gpus_per_node > 0)
+    if cfg.hf.path is not None:  # an HF model: its directory, LoRA targets and TP layout (the vocabulary in the job)
+        from train.hf_setup import plan_hf
+        from train.main import CKPT_BYTES_PER_PARAM
+
+        return plan_hf(cfg, ds, dims, tokenizer_vocab=0).trainable_estimate * CKPT_BYTES_PER_PARAM + 2**20
     # the vocabulary is the BPE's; a given tokenizer's is read in the job
     args = cfg.model_args(vocab_size=cfg.data.vocab_size) if cfg.data.tokenizer is None else cfg.model_args()
     dims.check_model(args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)

@@ -247,3 +247,16 @@ def test_summary_table_puts_the_best_first() -> None:
     assert lines[0].split() == ["name", "train.lr", "state", "val_loss"]
     assert [line.split()[0] for line in lines[1:]] == ["001-lr=0.01", "002-lr=0.001", "000-lr=0.1"]
     assert lines[1].split()[-1] == "4.2500" and lines[3].split()[-1] == "-"
+
+
+def test_an_hf_recipe_is_checked_at_submit_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.hf_models import make_hf_model, write_sft
+
+    model = make_hf_model(tmp_path, "llama")
+    data = write_sft(tmp_path / "sft.jsonl", n=16)
+    args = ["--profile", "local", "--config", "train/configs/sft_lora.yaml", "--dry-run", f"hf.path={model}",
+            f"data.files=[{data}]", "data.seq_len=64", f"train.out_dir={tmp_path / 'run'}"]
+    assert submit_main(args) == 0, capsys.readouterr().err
+    assert f"path: {model}" in capsys.readouterr().out
+    assert submit_main([*args, "lora.target_modules=[c_attn]"]) == 2
+    assert "match no linear layer; the blocks' linear layers are named" in capsys.readouterr().err
