@@ -172,3 +172,14 @@ def test_tp2_follows_one_process_and_exports_the_same_weights(tmp_path: Path, hf
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+
+
+def test_qlora_under_zero3_on_two_ranks(tmp_path: Path, hf_root: Path) -> None:
+    """The 4-bit weights stored in the compute dtype (hf.quant_storage=auto) so ZeRO-3 can partition them."""
+    out = tmp_path / "run"
+    launcher = str(Path(sys.executable).parent / "torchrun")
+    proc = run_job([launcher, "--nproc_per_node", "2", "--master_port", str(free_port()), str(MAIN),
+                    *_sft(hf_root, out, "llama", "lora.r=8", "hf.quantization=4bit", "--ds_config", "zero3")], tmp_path)
+    assert "ZeRO stage 3" in proc.stderr and "4bit" in proc.stderr
+    _falls(out)
+    assert (out / "checkpoints" / "step_00000012" / "adapter" / "adapter_model.safetensors").is_file()
