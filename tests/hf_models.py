@@ -79,3 +79,14 @@ def write_sft(path: Path, n: int = 64) -> Path:
         rows.append({"prompt": f"Question: what is {a} plus {b}? Answer:", "response": f" {a + b}."})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_preferences(path: Path, n: int = 64) -> Path:
+    """Preference JSONL with a learnable rule: a colour is always preferred to an animal, whatever the prompt."""
+    colours, animals = ["red", "blue", "green", "yellow"], ["cat", "dog", "fish", "bird"]
+    rows = []
+    for i in range(n):
+        rows.append({"prompt": f"Question {i}: name a thing. Answer:", "chosen": f" {colours[i % 4]}.",
+                     "rejected": f" {animals[(i // 4) % 4]}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

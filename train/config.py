@@ -70,6 +70,8 @@ class DataSection:
 
 @dataclass
 class TrainSection:
+    objective: str = _f("lm", "'lm' (next-token loss; response tokens only with data.corpus='sft') or 'dpo' "
+                              "(preference pairs, data.corpus='preference'; see the dpo section).")
     steps: int = _f(1000, "Optimizer steps to run.")
     global_batch_size: int = _f(32, "Sequences per optimizer step over all data-parallel ranks.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward on one rank; accumulation makes up the rest.")
@@ -140,6 +142,15 @@ class LoraSection:
 
 
 @dataclass
+class DPOSection:
+    beta: float = _f(0.1, "Strength of the KL-regularised preference (sigmoid DPO loss).")
+    label_smoothing: float = _f(0.0, "Probability that a preference label is flipped (conservative DPO), in [0, 0.5).")
+    reference: str = _f("auto", "'auto' (the base with the adapters off under LoRA, else a frozen copy of the "
+                                "starting weights), 'copy', 'adapters', or 'cached' (the starting weights' log-probs "
+                                "computed once before training; no second model in memory).")
+
+
+@dataclass
 class VocabSection:
     lexicon: str | None = _f(None, "Embedding-only vocabulary extension: a file of words (one per line, or a JSON "
                                    "list) added as tokens where the tokenizer lacks them; only their rows train.")
@@ -180,6 +191,7 @@ class JobConfig:
     hf: HFSection = field(default_factory=HFSection)
     lora: LoraSection = field(default_factory=LoraSection)
     vocab: VocabSection = field(default_factory=VocabSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
@@ -314,6 +326,7 @@ _SECTIONS: dict[str, type] = {
     "hf": HFSection,
     "lora": LoraSection,
     "vocab": VocabSection,
+    "dpo": DPOSection,
 }
 
 
@@ -375,6 +388,7 @@ def validate(cfg: JobConfig) -> None:
     d, t = cfg.data, cfg.train
     _validate_hf(cfg)
     _validate_data(d)
+    _validate_objective(cfg)
     if d.doc_mask and cfg.parallel.pp > 1:
         raise ConfigError(f"data.doc_mask=true with parallel.pp={cfg.parallel.pp}: the pipeline engine passes only "
                           "(inputs, labels) between stages; set data.doc_mask=false or parallel.pp=1.")
@@ -494,6 +508,29 @@ def _validate_vocab(cfg: JobConfig) -> None:
         _positive("vocab.pad_to_multiple_of", v.pad_to_multiple_of)
 
 
+def _validate_objective(cfg: JobConfig) -> None:
+    """The objective and its data: preference pairs train with DPO, everything else with the LM loss."""
+    t, d, o = cfg.train, cfg.data, cfg.dpo
+    if t.objective not in ("lm", "dpo"):
+        raise ConfigError(f"train.objective={t.objective!r}: use 'lm' or 'dpo'.")
+    if (t.objective == "dpo") != (d.corpus == "preference"):
+        raise ConfigError(f"train.objective={t.objective!r} with data.corpus={d.corpus!r}: DPO trains on preference "
+                          f"pairs; use train.objective='dpo' with data.corpus='preference' (or neither).")
+    if t.objective != "dpo":
+        return
+    _positive("dpo.beta", o.beta)
+    if not 0.0 <= o.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={o.label_smoothing}: must be in [0, 0.5).")
+    if o.reference not in ("auto", "copy", "adapters", "cached"):
+        raise ConfigError(f"dpo.reference={o.reference!r}: use 'auto', 'copy', 'adapters' or 'cached'.")
+    if o.reference == "adapters" and cfg.lora.r == 0:
+        raise ConfigError("dpo.reference='adapters' needs LoRA (lora.r > 0): the reference is the base with the "
+                          "adapters switched off; use 'copy' or 'cached' for a full fine-tune.")
+    if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
+        raise ConfigError(f"train.objective='dpo' with parallel.tp={cfg.parallel.tp}, parallel.pp="
+                          f"{cfg.parallel.pp}: DPO runs with data parallelism and ZeRO; set both to 1.")
+
+
 def parse_layers(spec: str | None) -> list[int] | None:
     """'0-11' / '0,2,4' / '0-3,8' -> sorted block indices; None -> None (every block)."""
     if spec is None:
@@ -513,15 +550,18 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 def _validate_data(d: DataSection) -> None:
     """The corpus choice and its blend list."""
-    if d.corpus not in ("shakespeare", "files", "prepared", "stream", "sft"):
-        raise ConfigError(f"data.corpus={d.corpus!r}: use 'shakespeare', 'files', 'prepared', 'stream' or 'sft'.")
-    if d.corpus in ("files", "sft") and not d.files:
-        what = "instruction / chat JSONL" if d.corpus == "sft" else "text/JSONL/parquet"
+    corpora = ("shakespeare", "files", "prepared", "stream", "sft", "preference")
+    if d.corpus not in corpora:
+        raise ConfigError(f"data.corpus={d.corpus!r}: use one of {', '.join(map(repr, corpora))}.")
+    supervised = d.corpus in ("sft", "preference")
+    if (d.corpus == "files" or supervised) and not d.files:
+        what = {"sft": "instruction / chat JSONL", "preference": "preference JSONL"}.get(d.corpus, "text/JSONL/parquet")
         raise ConfigError(f"data.corpus={d.corpus!r} but data.files is empty: list {what} files.")
-    if d.corpus == "sft" and d.tokenizer is None:
-        raise ConfigError("data.corpus='sft' needs a tokenizer: set data.tokenizer, or hf.path (its own is used).")
-    if d.corpus == "sft" and d.doc_mask:
-        raise ConfigError("data.corpus='sft' pads each example (no packing): set data.doc_mask=false.")
+    if supervised and d.tokenizer is None:
+        raise ConfigError(f"data.corpus={d.corpus!r} needs a tokenizer: set data.tokenizer, or hf.path (its own is "
+                          f"used).")
+    if supervised and d.doc_mask:
+        raise ConfigError(f"data.corpus={d.corpus!r} pads each example (no packing): set data.doc_mask=false.")
     if d.max_prompt_len is not None:
         _positive("data.max_prompt_len", d.max_prompt_len)
     mixing = d.corpus in ("prepared", "stream")

@@ -79,7 +79,7 @@ def setup_data(cfg: JobConfig) -> DataBundle:
         return _setup_blend(cfg)
     if d.corpus == "stream":
         return _setup_stream(cfg)
-    if d.corpus == "sft":
+    if d.corpus in ("sft", "preference"):
         return _setup_supervised(cfg)
     cache = Path(d.cache_dir)
     with _file_lock(cache / ".lock"):
@@ -180,7 +180,7 @@ def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSpl
 
     d = cfg.data
     renderer = Renderer(load_tokenizer(bundle.tokenizer_dir), d.seq_len, d.max_prompt_len)
-    data = SupervisedDataset(d.files, renderer)
+    data = SupervisedDataset(d.files, renderer, kind="preference" if d.corpus == "preference" else "instruction")
     order = np.random.default_rng(d.split_seed).permutation(len(data)).tolist()
     n_val = max(1, round(d.val_fraction * len(data)))
     if n_val >= len(data):
@@ -196,13 +196,13 @@ def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[An
     """
     if cfg.data.corpus == "stream":
         train, val = _stream_datasets(cfg, bundle)
-    elif cfg.data.corpus == "sft":
+    elif cfg.data.corpus in ("sft", "preference"):
         train, val = _supervised_datasets(cfg, bundle)
     else:
         train, val = _prepared_datasets(cfg, bundle)
     d, t = cfg.data, cfg.train
     if len(val) < t.micro_batch_size * dp_size:
-        where = bundle.prepared_dir or ("data.files" if cfg.data.corpus == "sft" else "the stream")
+        where = bundle.prepared_dir or ("the stream" if cfg.data.corpus == "stream" else "data.files")
         raise ConfigError(
             f"the validation split of {where} holds {len(val)} blocks of data.seq_len={d.seq_len}, "
             f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed to "

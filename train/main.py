@@ -57,7 +57,8 @@ from train.hf_setup import ADAPTER_DIR, HFPlan, build_hf, plan_hf, save_adapter
 from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
 from train.preempt import RunControl
-from train.trainer import TrainState, evaluate, lm_loss, train
+from train.recipes.dpo import DPOObjective, build_reference
+from train.trainer import Objective, TrainState, lm_loss, train
 from train.vocab_setup import SnapshotWriter, plan_vocab
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
@@ -316,16 +317,19 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         info, tokenizer = model.extension
         after_step = SnapshotWriter(model.model, info, tokenizer, out_dir, interval=cfg.vocab.snapshot_interval,
                                     last_step=t.steps, rank=env.rank)
+    objective = Objective(loss_fn)
+    if t.objective == "dpo":
+        objective = _dpo_objective(p, engine, groups, device, train_ds)
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
                    grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device,
-                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx, control=control, after_step=after_step)
+                   checkpoints=checkpoints, loss_fn=loss_fn, tp_ctx=tp_ctx, control=control, after_step=after_step,
+                   objective=objective)
     if state.step < t.steps:  # stopped on request (preemption): the checkpoint is saved, a resume continues
         logger.close()
         return {"steps": state.step, "stopped": True}
     if not result:  # resumed a finished run: nothing to train, still report
-        val_loss, val_ppl = evaluate(engine, val_batches, device, loss_fn)
-        result = {"val_loss": val_loss, "val_ppl": val_ppl}
+        result = objective.evaluate(engine, val_batches, device)
     sample = None
     if p.dims.pp > 1:
         log.info("no sample under pipeline parallelism: export the checkpoint (tools/export_hf.py) to generate")
@@ -336,10 +340,31 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     logger.close(summary)
     if env.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"\nvalidation loss {result['val_loss']:.4f} | perplexity {result['val_ppl']:.2f}")
+        if "val_ppl" in result:
+            print(f"\nvalidation loss {result['val_loss']:.4f} | perplexity {result['val_ppl']:.2f}")
+        else:
+            print("\nvalidation " + " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.items()))
         if sample is not None:
             print(f"--- sample ---\n{sample}\n--------------")
     return summary
+
+
+def _dpo_objective(p: Plan, engine: Any, groups: Any, device: torch.device, train_ds: Any) -> DPOObjective:
+    """DPO against a reference built from the policy's starting point (train/recipes/dpo.py)."""
+    cfg = p.cfg
+
+    def fresh_model() -> torch.nn.Module:
+        if p.hf is not None:
+            return build_hf(dataclasses.replace(p.hf, lora_targets=[]), cfg, p.ds_config, device)[0]
+        return _native_model(p, groups, device)[0]
+
+    dataset = train_ds.dataset  # every pair, training and validation (the batches' `index` counts in it)
+    reference = build_reference(cfg.dpo.reference, engine=engine, adapters=p.hf is not None and p.hf.adapters,
+                                fresh_model=fresh_model, ds_config=p.ds_config, device=device,
+                                out_dir=Path(cfg.train.out_dir), dataset=dataset,
+                                micro_batch=cfg.train.micro_batch_size, resuming=p.resume_from is not None,
+                                rank=p.env.rank)
+    return DPOObjective(reference, beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing)
 
 
 def _native_model(p: Plan, groups: Any, device: torch.device) -> tuple[Transformer, TPContext, int]:

@@ -121,6 +121,36 @@ def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.
     return loss, math.exp(min(loss, 50.0))
 
 
+class Objective:
+    """What a step optimizes and what an evaluation measures; the default is the language-model loss.
+
+    ``loss`` gets one micro-batch (whatever the dataset's ``batch`` returned) and returns the loss to
+    backpropagate with named terms to log (detached scalars, averaged over micro-batches and ranks).
+    ``evaluate`` returns the validation metrics; ``val_loss`` picks the best checkpoint.
+    """
+
+    def __init__(self, loss_fn: LossFn = lm_loss) -> None:
+        self.loss_fn = loss_fn
+
+    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, extra = _unpack(batch, device)
+        return self.loss_fn(engine(x, **extra), y), {}
+
+    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device) -> dict[str, float]:
+        val_loss, val_ppl = evaluate(engine, batches, device, self.loss_fn)
+        return {"val_loss": val_loss, "val_ppl": val_ppl}
+
+
+def _mean_terms(terms: dict[str, float], n: int, device: torch.device) -> dict[str, float]:
+    """Per-step means of the logged loss terms over micro-batches and ranks (the same keys on every rank)."""
+    if not terms:
+        return {}
+    names = sorted(terms)
+    t = torch.tensor([terms[k] / n for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(names, (t / dist.get_world_size()).tolist(), strict=True))
+
+
 class Trainer:
     """Runs optimizer steps through the engine, with evaluation, checkpoints and the bad-step guards."""
 
@@ -140,12 +170,15 @@ class Trainer:
         tp_ctx: TPContext | None = None,
         control: RunControl | None = None,
         after_step: Callable[[int], None] | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.cfg, self.t = cfg, cfg.train
         self.engine, self.state = engine, state
         self.batches, self.val_batches = batches, val_batches
         self.grad_accum, self.logger, self.device, self.checkpoints = grad_accum, logger, device, checkpoints
         self.loss_fn, self.tp_ctx = loss_fn, tp_ctx
+        self.objective = objective or Objective(loss_fn)
+        self.terms: dict[str, float] = {}  # the last step's logged loss terms
         self.pipeline = is_pipeline(engine)
         self.spikes = SpikeDetector(zscore=self.t.spike_zscore)
         self.bad_steps = BadStepCounter(max_bad_steps=self.t.max_bad_steps, max_rollbacks=self.t.max_rollbacks)
@@ -184,6 +217,7 @@ class Trainer:
                 self.logger.log({
                     "step": state.step,
                     "loss": loss_avg,
+                    **self.terms,
                     "lr": lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_s": tok_s,
@@ -221,15 +255,18 @@ class Trainer:
         if self.pipeline:  # the engine pulls grad_accum micro-batches, runs the schedule and steps
             return float(self.engine.train_batch(data_iter=self.stream)), None
         batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
+        terms: dict[str, float] = {}
         for micro in range(self.grad_accum):
-            x, y, extra = _unpack(next(self.stream), self.device)
-            loss = self.loss_fn(self.engine(x, **extra), y)
+            loss, parts = self.objective.loss(self.engine, next(self.stream), self.device)
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0.0) + float(value)
             loss = _injected_fault(loss, batch_no)
             self.engine.backward(loss)
             if want_grad_norm and micro == self.grad_accum - 1 and _engine_skips_grad_norm(self.engine):
                 grad_norm = _grad_norm(self.engine.module, self.tp_ctx)
             self.engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
             loss_sum += loss.item()
+        self.terms = _mean_terms(terms, self.grad_accum, self.device)
         return _mean_over_ranks(loss_sum / self.grad_accum, self.device), grad_norm
 
     def _bad_step(self, loss_avg: float) -> None:
@@ -284,12 +321,11 @@ class Trainer:
         last_step = state.step == t.steps
         best = ran = False
         if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
-            val_loss, val_ppl = evaluate(self.engine, self.val_batches, self.device, self.loss_fn)
-            best = state.observe_val_loss(val_loss, t.best_smoothing)
-            self.last_eval = {"val_loss": val_loss, "val_ppl": val_ppl}
+            self.last_eval = self.objective.evaluate(self.engine, self.val_batches, self.device)
+            best = state.observe_val_loss(self.last_eval["val_loss"], t.best_smoothing)
             self.logger.log({"step": state.step, **self.last_eval, "val_ema": state.val_ema})
-            self.logger.write(f"step {state.step}: val_loss {val_loss:.4f}  val_ppl {val_ppl:.2f}"
-                              f"{'  (best so far)' if best else ''}")
+            shown = "  ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in self.last_eval.items())
+            self.logger.write(f"step {state.step}: {shown}{'  (best so far)' if best else ''}")
             ran = True
         if last_step or best or (t.save_interval and state.step % t.save_interval == 0):
             meta = {**state.checkpoint_meta(), **self.last_eval}

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.data.collators import Example, collate_lm
+from train.data.collators import Example, collate_lm, collate_preference
 from train.data.corpus import DataError, jsonl_rows
 
 _log = logging.getLogger("tessera")
@@ -144,6 +144,9 @@ class Renderer:
     def preference(self, row: dict[str, Any], where: str) -> tuple[Example, Example]:
         """A preference row: (chosen, rejected), both after the same prompt."""
         _require(row, where, FORMATS["preference"], "preference")
+        if row["chosen"] == row["rejected"]:
+            raise DataError(f"{where}: chosen and rejected are the same text; a preference needs two different "
+                            f"responses (drop the row)")
         user = {"role": "user", "content": row["prompt"]}
         return (self.example([user, {"role": "assistant", "content": row["chosen"]}], where),
                 self.example([user, {"role": "assistant", "content": row["rejected"]}], where))
@@ -189,11 +192,14 @@ class SupervisedDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Instruction examples `indices` as (input_ids, labels, {position_ids, doc_ids}), right-padded."""
-        if self.kind != "instruction":
-            raise DataError("batch() serves instruction data; use collate_preference for preference pairs")
-        out = collate_lm([self.examples[i] for i in np.asarray(indices).tolist()], self.renderer.pad_id)
+    def batch(self, indices: np.ndarray) -> Any:
+        """Instruction examples `indices` as (input_ids, labels, {position_ids, doc_ids}), right-padded;
+        preference pairs as `collate_preference`'s dict plus `index` (B,), the pairs' positions here."""
+        picked = np.asarray(indices).tolist()
+        if self.kind == "preference":
+            out = collate_preference([self.examples[i] for i in picked], self.renderer.pad_id)
+            return {**out, "index": torch.as_tensor(picked, dtype=torch.int64)}
+        out = collate_lm([self.examples[i] for i in picked], self.renderer.pad_id)
         return out["input_ids"], out["labels"], {"position_ids": out["position_ids"], "doc_ids": out["doc_ids"]}
 
 
