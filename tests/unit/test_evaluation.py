@@ -1,10 +1,11 @@
 """Evaluation helpers against hand-computed values: SQuAD EM/F1, numeric answers, classification, ROUGE,
-perplexity, token-weighted losses over ranks."""
+perplexity, token-weighted losses over ranks, predictions files."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,14 +20,19 @@ from train.eval import (
     all_reduce_token_loss,
     classification_metrics,
     confusion_matrix,
+    evaluate_generations,
     exact_match,
     extract_number,
     f1_score,
     normalize_answer,
     numeric_match,
     perplexity,
+    predictions_path,
+    read_predictions,
     rouge,
+    summarize,
     token_f1,
+    write_predictions,
 )
 
 # ---- SQuAD normalisation, exact match, token F1 -------------------------------------------------------
@@ -227,3 +233,94 @@ def _reduce_on_rank(rank: int, world: int) -> tuple[tuple[float, int], tuple[flo
 def test_token_loss_all_reduce_on_two_gloo_ranks() -> None:
     results = run_ranks(2, _reduce_on_rank, timeout=60)
     assert results == [((38.0, 10), (38.0, 10))] * 2  # mean 3.8 on both ranks
+
+
+# ---- corpus evaluation, summaries and predictions files -------------------------------------------------
+
+
+def test_evaluate_generations_by_hand(tmp_path: Path) -> None:
+    preds = ["3 apples", "cat sat 2", "#### 18"]
+    refs = [["3 apples", "3"], "The cat sat 3 times.", "She has 18 eggs.\n#### 18"]
+    metrics, rows = evaluate_generations(preds, refs, kinds=("em", "f1", "numeric"), ids=["a", "b", "c"],
+                                         prompts=["how many?", "what?", "how many eggs?"])
+    # EM: 1, 0, 0 (the third normalises to "18", its reference to the whole solution).
+    # F1: 1; [cat, sat, 2] vs [cat, sat, 3, times] -> P 2/3, R 1/2 -> 4/7; [18] vs [she, has, 18, eggs, 18]
+    # -> P 1, R 1/5 -> 1/3. Numeric: 3 = 3, 2 != 3, 18 = 18.
+    assert metrics["count"] == 3
+    assert metrics["em"] == pytest.approx(100 / 3)
+    assert metrics["f1"] == pytest.approx(100 * (1 + 4 / 7 + 1 / 3) / 3)
+    assert metrics["numeric"] == pytest.approx(200 / 3)
+    assert rows[2] == {"id": "c", "prompt": "how many eggs?", "prediction": "#### 18", "references": [refs[2]],
+                       "extracted": 18.0, "metrics": {"em": 0.0, "f1": pytest.approx(1 / 3), "numeric": 1.0}}
+    assert rows[1]["extracted"] == 2.0 and rows[1]["metrics"]["numeric"] == 0.0
+    assert summarize(rows) == pytest.approx(metrics)
+    path = write_predictions(predictions_path(tmp_path, 200), rows)
+    assert path == tmp_path / "predictions" / "eval_step_00000200.jsonl"
+    assert read_predictions(path) == rows
+
+
+def test_evaluate_generations_rouge_and_defaults() -> None:
+    metrics, rows = evaluate_generations(["the cat sat"], ["the cat sat on the mat"], kinds=("rouge",))
+    assert metrics == pytest.approx({"rouge1": 200 / 3, "rouge2": 400 / 7, "rougeL": 200 / 3, "count": 1})
+    assert rows[0]["id"] == 0 and "prompt" not in rows[0] and "extracted" not in rows[0]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"predictions": ["a", "b"], "references": ["a"]}, r"references has 1 entries but predictions has 2"),
+    ({"predictions": ["a"], "references": [[]]}, r"references\[0\]=\[\] is empty"),
+    ({"predictions": [None], "references": ["a"]}, r"predictions\[0\]=None is a NoneType, not a string"),
+    ({"predictions": [], "references": []}, r"predictions is empty"),
+    ({"predictions": ["a"], "references": ["a"], "kinds": ("bleu",)}, r"kinds=\['bleu'\]"),
+    ({"predictions": ["a"], "references": ["a"], "ids": [1, 2]}, r"ids has 2 entries"),
+    ({"predictions": ["4"], "references": [["4", "four"]], "kinds": ("numeric",)},
+     r"references\[0\]\[1\]='four' holds no number"),
+])
+def test_evaluate_generations_bad_input(kwargs: dict, message: str) -> None:
+    with pytest.raises(EvalInputError, match=message):
+        evaluate_generations(**kwargs)
+
+
+def test_summarize() -> None:
+    assert summarize([{"acc": True, "loss": 0.5}, {"acc": False, "loss": 1.5}], scale=1.0) == {
+        "acc": 0.5, "loss": 1.0, "count": 2}
+    with pytest.raises(EvalInputError, match=r"metric_rows\[1\] has metrics \['b'\]"):
+        summarize([{"a": 1.0}, {"b": 1.0}])
+    with pytest.raises(EvalInputError, match=r"metric_rows\[0\]\['a'\]='x' is not a number"):
+        summarize([{"a": "x"}])
+    with pytest.raises(EvalInputError, match=r"metric_rows is empty"):
+        summarize([])
+
+
+def test_predictions_round_trip(tmp_path: Path) -> None:
+    rows = [{"id": 0, "prompt": "2+2?", "prediction": "4", "references": ["4"],
+             "metrics": {"em": np.float32(1.0)}, "logits": torch.tensor([0.5, -1.0])},
+            {"id": 1, "prompt": "héllo", "prediction": "naïve ✓", "references": ["x"], "metrics": {"em": 0.0}}]
+    path = write_predictions(tmp_path / "p.jsonl", rows)
+    back = read_predictions(path)
+    assert back[0]["metrics"] == {"em": 1.0} and back[0]["logits"] == [0.5, -1.0]
+    assert back[1] == rows[1]
+    assert "naïve ✓" in path.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
+    plain = tmp_path / "plain.txt"
+    plain.write_text("")
+    assert path.stat().st_mode == plain.stat().st_mode  # the usual permissions, not a temporary file's 0600
+
+
+def _rows_then_failure():
+    yield {"id": 0, "prediction": "ok"}
+    raise RuntimeError("generation crashed")
+
+
+@pytest.mark.parametrize(("rows", "error", "message"), [
+    ([{"id": 0, "prediction": "ok"}, {"id": 1, "prediction": {1, 2}}], EvalInputError,
+     r"rows\[1\] cannot be written as JSON"),
+    ([{"id": 0, "prediction": "ok"}, {"id": 1, "prediction": float("nan")}], EvalInputError, r"rows\[1\]"),
+    ([{"id": 0, "prediction": "ok"}, {"id": 1}], EvalInputError, r"rows\[1\] must be a mapping with a 'prediction'"),
+    (_rows_then_failure(), RuntimeError, r"generation crashed"),
+])
+def test_write_predictions_is_atomic(tmp_path: Path, rows, error: type[Exception], message: str) -> None:
+    path = tmp_path / "preds.jsonl"
+    path.write_text('{"id": 9, "prediction": "previous"}\n')
+    with pytest.raises(error, match=message):
+        write_predictions(path, rows)
+    assert path.read_text() == '{"id": 9, "prediction": "previous"}\n'  # the old file is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preds.jsonl"]  # and no temporary file is left
