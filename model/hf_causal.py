@@ -73,8 +73,10 @@ def meta_model(config: PretrainedConfig) -> PreTrainedModel:
 
 
 def quantization_config(kind: str, *, compute_dtype: torch.dtype, quant_type: str = "nf4",
-                        double_quant: bool = True, quant_storage: torch.dtype | None = None) -> Any:
-    """bitsandbytes settings for '4bit' (QLoRA) or '8bit' loading; None for 'none'."""
+                        double_quant: bool = True, quant_storage: torch.dtype | None = None,
+                        skip_modules: list[str] | None = None) -> Any:
+    """bitsandbytes settings for '4bit' (QLoRA) or '8bit' loading; None for 'none'. ``skip_modules`` stay in
+    full precision (a sequence head that trains)."""
     if kind == "none":
         return None
     try:
@@ -84,27 +86,36 @@ def quantization_config(kind: str, *, compute_dtype: torch.dtype, quant_type: st
         raise ModelConfigError(f"hf.quantization={kind!r} needs bitsandbytes ({err}); pip install bitsandbytes, "
                                f"or set hf.quantization='none'.") from None
     if kind == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype,
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_quant_storage=quant_storage or torch.uint8)
+                              bnb_4bit_quant_storage=quant_storage or torch.uint8, llm_int8_skip_modules=skip_modules)
 
 
 def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                   quantization: Any = None, device: torch.device | None = None) -> PreTrainedModel:
+                   quantization: Any = None, device: torch.device | None = None,
+                   num_labels: int | None = None) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained` from a local directory, in training mode.
 
     quantization: a `quantization_config(...)` (bitsandbytes); the weights are quantized on `device`.
+    num_labels: load `AutoModelForSequenceClassification` with this many outputs instead (the decoder's weights,
+    a new `score` head; the pad token id is set to the eos id when the config names none).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         if device is not None and device.type == "cuda":
             kwargs["device_map"] = {"": device.index or 0}
+    if num_labels is not None:
+        config = AutoConfig.from_pretrained(str(path), num_labels=num_labels)
+        if config.pad_token_id is None:
+            config.pad_token_id = config.eos_token_id
+        kwargs["config"] = config
+    auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = auto.from_pretrained(str(path), **kwargs)
     except (ValueError, ImportError) as err:  # e.g. flash_attention_2 without flash-attn, bnb without a backend
         raise ModelConfigError(f"hf.path={path}: transformers could not load it ({err}).") from None
     # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference on the first eval-mode no-grad

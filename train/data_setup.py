@@ -79,7 +79,7 @@ def setup_data(cfg: JobConfig) -> DataBundle:
         return _setup_blend(cfg)
     if d.corpus == "stream":
         return _setup_stream(cfg)
-    if d.corpus in ("sft", "preference"):
+    if d.corpus in ("sft", "preference", "classification"):
         return _setup_supervised(cfg)
     cache = Path(d.cache_dir)
     with _file_lock(cache / ".lock"):
@@ -175,12 +175,16 @@ def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSpl
     """Render every example once; a seeded ``val_fraction`` of them (at least one) validates."""
     import numpy as np
 
-    from train.data.supervised import Renderer, SupervisedDataset
+    from train.data.supervised import ClassificationDataset, Renderer, SupervisedDataset, read_classification
     from train.data.tokenizer import load_tokenizer
 
     d = cfg.data
     renderer = Renderer(load_tokenizer(bundle.tokenizer_dir), d.seq_len, d.max_prompt_len)
-    data = SupervisedDataset(d.files, renderer, kind="preference" if d.corpus == "preference" else "instruction")
+    if d.corpus == "classification":
+        rows, names = read_classification(d.files, renderer.tokenizer, d.seq_len, d.labels or None)
+        data: Any = ClassificationDataset(rows, names, renderer.pad_id)
+    else:
+        data = SupervisedDataset(d.files, renderer, kind="preference" if d.corpus == "preference" else "instruction")
     order = np.random.default_rng(d.split_seed).permutation(len(data)).tolist()
     n_val = max(1, round(d.val_fraction * len(data)))
     if n_val >= len(data):
@@ -196,7 +200,7 @@ def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[An
     """
     if cfg.data.corpus == "stream":
         train, val = _stream_datasets(cfg, bundle)
-    elif cfg.data.corpus in ("sft", "preference"):
+    elif cfg.data.corpus in ("sft", "preference", "classification"):
         train, val = _supervised_datasets(cfg, bundle)
     else:
         train, val = _prepared_datasets(cfg, bundle)

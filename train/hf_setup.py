@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from model.args import ModelConfigError
+from model.heads import SequenceScorer
 from model.hf_causal import (
     DTYPES,
     CausalLM,
@@ -52,6 +53,7 @@ class HFPlan:
     identity: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint
     trainable_estimate: int = 0  # parameters a checkpoint holds (all of them, or the adapters')
     vocab: VocabPlan | None = None  # the embedding-only vocabulary extension (train/vocab_setup.py)
+    head_labels: int | None = None  # a sequence head with this many outputs (reward: 1) instead of the LM head
 
     @property
     def adapters(self) -> bool:
@@ -98,7 +100,8 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
             raise ConfigError("hf.quantization='8bit' under ZeRO-3: DeepSpeed cannot shard int8 weights; use '4bit' "
                               "(its storage follows hf.quant_storage) or ZeRO 0-2.")
         quant = quantization_config(h.quantization, compute_dtype=compute, quant_type=h.quant_type,
-                                    double_quant=h.double_quant, quant_storage=storage)
+                                    double_quant=h.double_quant, quant_storage=storage,
+                                    skip_modules=["score"] if cfg.train.objective in ("reward", "classify") else None)
     rows = int(getattr(config, "vocab_size", 0) or 0)
     if vocab is not None and stage == 3:
         raise ConfigError("vocab.lexicon under ZeRO-3: resizing needs the whole embedding on each rank; use ZeRO "
@@ -145,7 +148,7 @@ def _check_tp(cfg: JobConfig, config: Any, tp: int) -> None:
                               f"parallel.tp that divides it.")
 
 
-def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch.device) -> tuple[CausalLM, Any]:
+def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch.device) -> tuple[Any, Any]:
     """Load the weights and add adapters; returns the wrapped model and an object to keep alive until
     `deepspeed.initialize` is done (the `HfDeepSpeedConfig` that makes transformers load partitioned).
 
@@ -157,20 +160,21 @@ def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch
 
         keep = HfDeepSpeedConfig(ds_config)  # transformers holds it by weak reference
     hf = load_causal_lm(p.path, dtype=p.dtype, attn_implementation=cfg.hf.attn_implementation,
-                        quantization=p.quantization, device=device)
+                        quantization=p.quantization, device=device, num_labels=p.head_labels)
     if cfg.hf.gradient_checkpointing:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     extension = None
     if p.adapters:
         lo = cfg.lora
+        whole = [*lo.modules_to_save, *(["score"] if p.head_labels is not None else [])]  # a new head trains whole
         hf = apply_lora(hf, p.lora_targets, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, bias=lo.bias,
-                        modules_to_save=lo.modules_to_save, quantized=p.quantization is not None,
+                        modules_to_save=whole, quantized=p.quantization is not None,
                         gradient_checkpointing=cfg.hf.gradient_checkpointing)
     elif p.vocab is not None:
         extension = apply_vocab(hf, p.vocab, cfg)
     else:
         hf.requires_grad_(True)
-    model = CausalLM(hf)
+    model: Any = CausalLM(hf) if p.head_labels is None else SequenceScorer.hf(hf)
     model.extension = extension  # (ExtensionInfo, tokenizer) of a vocabulary extension, for its snapshots
     trainable = sum(getattr(x, "ds_numel", x.numel()) for x in model.parameters() if x.requires_grad)
     log.info("HF model %s (%s, %s%s): %s parameters, %s trainable%s", p.path, p.config.model_type,

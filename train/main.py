@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from model import ModelArgs, ModelConfigError, Transformer, generate
+from model.heads import SequenceScorer
 from model.hf import load_hf_pretrained
 from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
@@ -49,6 +50,7 @@ from train.checkpoint import (
 )
 from train.config import ConfigError, JobConfig, describe_fields, load_config
 from train.data import DataError, eval_batches
+from train.data.supervised import ClassificationDataset
 from train.data_setup import DataBundle, batch_stream, build_datasets, setup_data
 from train.distributed import DistEnv, device_for, init_distributed, read_env
 from train.ds_config import load_ds_config, resolve_ds_config
@@ -58,6 +60,7 @@ from train.metrics import MetricsLogger
 from train.optim import build_optimizer, build_scheduler, param_groups
 from train.preempt import RunControl
 from train.recipes.dpo import DPOObjective, build_reference
+from train.recipes.scoring import ScoreObjective
 from train.trainer import Objective, TrainState, lm_loss, train
 from train.vocab_setup import SnapshotWriter, plan_vocab
 
@@ -148,8 +151,21 @@ def plan(args: argparse.Namespace) -> Plan:
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
     train_ds, val_ds = _datasets(cfg, bundle, dims.dp)
+    if cfg.train.objective in ("reward", "classify") and hf is not None:  # an HF sequence-classification head
+        hf = dataclasses.replace(hf, head_labels=_head_outputs(cfg, train_ds))
     check_free_space(cfg.train.out_dir, _checkpoint_bytes(model_args, hf), "one checkpoint")
     return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds, hf=hf)
+
+
+def _head_outputs(cfg: JobConfig, train_ds: Any) -> int:
+    """Outputs of the sequence head: one score for a reward model, one logit per class for a classifier."""
+    if cfg.train.objective == "reward":
+        data = getattr(train_ds, "dataset", None)
+        if isinstance(data, ClassificationDataset) and data.num_labels > 2:
+            raise ConfigError(f"train.objective='reward' on data.corpus='classification' scores labels 0 / 1 (incorrect "
+                              f"/ correct); the data have {data.num_labels} classes: use train.objective='classify'.")
+        return 1
+    return int(train_ds.dataset.num_labels)
 
 
 def _native_model_args(cfg: JobConfig, dims: ParallelDims, ds_config: dict[str, Any], vocab_size: int) -> ModelArgs:
@@ -243,6 +259,8 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     else:
         model, tp_ctx, n_params = _native_model(p, groups, device)
         loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
+        if t.objective in ("reward", "classify"):  # the LM head replaced by a sequence head
+            model = SequenceScorer.native(model, _head_outputs(cfg, p.train_ds))
     module: torch.nn.Module = model
     if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
         module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,
@@ -320,6 +338,10 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     objective = Objective(loss_fn)
     if t.objective == "dpo":
         objective = _dpo_objective(p, engine, groups, device, train_ds)
+    elif t.objective in ("reward", "classify"):
+        mode = "classify" if t.objective == "classify" else \
+            "pairwise" if cfg.data.corpus == "preference" else "pointwise"
+        objective = ScoreObjective(mode, num_labels=engine.module.n_out, out_dir=out_dir, rank=env.rank)
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
                    grad_accum=engine.gradient_accumulation_steps(), logger=logger, device=device,
@@ -331,7 +353,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     if not result:  # resumed a finished run: nothing to train, still report
         result = objective.evaluate(engine, val_batches, device)
     sample = None
-    if p.dims.pp > 1:
+    if t.objective in ("reward", "classify"):
+        pass  # a sequence head generates nothing
+    elif p.dims.pp > 1:
         log.info("no sample under pipeline parallelism: export the checkpoint (tools/export_hf.py) to generate")
     else:
         sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device, tp_ctx)

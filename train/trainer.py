@@ -136,7 +136,9 @@ class Objective:
         x, y, extra = _unpack(batch, device)
         return self.loss_fn(engine(x, **extra), y), {}
 
-    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device) -> dict[str, float]:
+    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
+                 step: int | None = None) -> dict[str, float]:
+        """Validation metrics after optimizer step ``step`` (None: outside the loop)."""
         val_loss, val_ppl = evaluate(engine, batches, device, self.loss_fn)
         return {"val_loss": val_loss, "val_ppl": val_ppl}
 
@@ -321,7 +323,7 @@ class Trainer:
         last_step = state.step == t.steps
         best = ran = False
         if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
-            self.last_eval = self.objective.evaluate(self.engine, self.val_batches, self.device)
+            self.last_eval = self.objective.evaluate(self.engine, self.val_batches, self.device, step=state.step)
             best = state.observe_val_loss(self.last_eval["val_loss"], t.best_smoothing)
             self.logger.log({"step": state.step, **self.last_eval, "val_ema": state.val_ema})
             shown = "  ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in self.last_eval.items())

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.data.collators import Example, collate_lm, collate_preference
+from train.data.collators import Example, collate_classification, collate_lm, collate_preference
 from train.data.corpus import DataError, jsonl_rows
 
 _log = logging.getLogger("tessera")
@@ -231,3 +231,19 @@ def read_classification(paths: Sequence[Path | str], tokenizer: Any, max_len: in
             raise DataError(f"{where}: text is empty; drop the row")
         out.append((ids, int(label)))
     return out, names
+
+
+class ClassificationDataset:
+    """Rows of `read_classification`; `batch(indices)` gives `collate_classification`'s dict plus `index`."""
+
+    def __init__(self, rows: list[tuple[list[int], int]], names: list[str], pad_id: int) -> None:
+        self.rows, self.names, self.pad_id = rows, names, pad_id
+        self.num_labels = max(len(names), max(label for _, label in rows) + 1)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        picked = np.asarray(indices).tolist()
+        out = collate_classification([self.rows[i] for i in picked], self.pad_id)
+        return {**out, "index": torch.as_tensor(picked, dtype=torch.int64)}

@@ -156,7 +156,8 @@ class DPOObjective(Objective):
         return loss, {k: v.mean() for k, v in terms.items()}
 
     @torch.no_grad()
-    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device) -> dict[str, float]:
+    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
+                 step: int | None = None) -> dict[str, float]:
         """Pair-weighted means over every rank's validation pairs (eval mode: no dropout)."""
         names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected")
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
