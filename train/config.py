@@ -126,6 +126,19 @@ class SampleSection:
 
 
 @dataclass
+class PerfSection:
+    fused_rms_norm: bool = _f(True, "RMSNorm as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_swiglu: bool = _f(True, "SwiGLU as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_rope: bool = _f(True, "RoPE as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_linear_cross_entropy: bool = _f(
+        False, "Head + cross-entropy in chunks, never the full logits (liger on CUDA; tp = pp = 1 only).")
+    activation_checkpointing: str = _f("none", "Recompute in backward: 'none', 'full' (blocks) or 'selective' "
+                                               "(attention only).")
+    ac_every: int = _f(1, "Checkpoint blocks 0, k, 2k, ... only (1: every block).")
+    compile: bool = _f(False, "torch.compile each transformer block.")
+
+
+@dataclass
 class JobConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -133,6 +146,7 @@ class JobConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     log: LogSection = field(default_factory=LogSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    perf: PerfSection = field(default_factory=PerfSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
@@ -262,6 +276,7 @@ _SECTIONS: dict[str, type] = {
     "parallel": ParallelSection,
     "log": LogSection,
     "sample": SampleSection,
+    "perf": PerfSection,
 }
 
 
@@ -366,6 +381,7 @@ def validate(cfg: JobConfig) -> None:
               allow_zero=True)
     if cfg.sample.temperature < 0:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature}: must be >= 0 (0 is greedy).")
+    _validate_perf(cfg, args)
 
 
 def _validate_data(d: DataSection) -> None:
@@ -394,6 +410,28 @@ def _validate_data(d: DataSection) -> None:
                           "give at least one dataset a weight > 0.")
     _positive("data.workers", d.workers)
     _positive("data.stream_val_samples", d.stream_val_samples)
+
+
+def _validate_perf(cfg: JobConfig, args: ModelArgs) -> None:
+    """The perf section, and the combinations of it with parallelism that cannot run."""
+    p, par = cfg.perf, cfg.parallel
+    if p.activation_checkpointing not in ("none", "full", "selective"):
+        raise ConfigError(f"perf.activation_checkpointing={p.activation_checkpointing!r}: use 'none', 'full' or "
+                          f"'selective'.")
+    _positive("perf.ac_every", p.ac_every)
+    if p.activation_checkpointing != "none" and par.activation_checkpoint_interval > 0:
+        raise ConfigError(f"perf.activation_checkpointing={p.activation_checkpointing!r} and parallel."
+                          f"activation_checkpoint_interval={par.activation_checkpoint_interval} both recompute "
+                          f"activations: set one of them (perf.activation_checkpointing=none or the interval to 0).")
+    if p.fused_linear_cross_entropy and (par.tp > 1 or par.pp > 1):
+        which = f"parallel.tp={par.tp}" if par.tp > 1 else f"parallel.pp={par.pp}"
+        raise ConfigError(f"perf.fused_linear_cross_entropy=true with {which}: the fused loss needs the whole "
+                          f"output head on one rank (tp splits it by vocabulary and uses its own vocabulary-parallel "
+                          f"loss; pp puts it on the last stage); set perf.fused_linear_cross_entropy=false.")
+    if p.compile and p.activation_checkpointing != "none" and par.tp > 1 and args.dropout > 0:
+        raise ConfigError(f"perf.compile=true with perf.activation_checkpointing={p.activation_checkpointing!r}, "
+                          f"parallel.tp={par.tp} and model.dropout={args.dropout}: torch.compile cannot trace the "
+                          f"rewind of each rank's dropout stream that recomputation needs; turn one of them off.")
 
 
 def check_batch_geometry(cfg: JobConfig, dp_size: int) -> int:

@@ -34,8 +34,9 @@ from model import ModelArgs, ModelConfigError, Transformer, generate
 from model.hf import load_hf_pretrained
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.groups import build_process_groups
+from parallel.perf import apply_perf, build_loss_fn
 from parallel.pipeline import build_pipeline
-from parallel.tp import FullLogits, TPContext, apply_tp, tp_lm_loss
+from parallel.tp import FullLogits, TPContext, apply_tp
 from train.checkpoint import (
     CheckpointError,
     CheckpointWriter,
@@ -213,7 +214,10 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
     tp_ctx = apply_tp(model, groups.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=t.seed)
-    loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
+    bf16 = bool(p.ds_config.get("bf16", {}).get("enabled"))  # then activation checkpointing, kernels, compile
+    apply_perf(model, tp_ctx=tp_ctx, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
+               doc_mask=cfg.data.doc_mask, **dataclasses.asdict(cfg.perf))
+    loss_fn = build_loss_fn(model, tp_ctx, default=lm_loss)
     module: torch.nn.Module = model
     if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
         module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,

@@ -21,7 +21,12 @@ from train.metrics import MetricsLogger, peak_memory_gb
 from train.preempt import Action, RunControl
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> mean loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, labels) -> mean loss
+
+
+def forward_kwargs(loss_fn: LossFn) -> dict[str, Any]:
+    """What the model must be called with for ``loss_fn`` (a head-computed loss wants hidden states)."""
+    return getattr(loss_fn, "forward_kwargs", {})
 
 
 def _unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -114,7 +119,8 @@ def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.
     for batch in batches():
         x, y, extra = _unpack(batch, device)
         n = (y != -100).sum()
-        totals += torch.stack([loss_fn(engine(x, **extra), y).double() * n, n.double()])
+        out = engine(x, **extra, **forward_kwargs(loss_fn))  # logits, or hidden states for a head-computed loss
+        totals += torch.stack([loss_fn(out, y).double() * n, n.double()])
     dist.all_reduce(totals)
     engine.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -219,7 +225,7 @@ class Trainer:
         batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
         for micro in range(self.grad_accum):
             x, y, extra = _unpack(next(self.stream), self.device)
-            loss = self.loss_fn(self.engine(x, **extra), y)
+            loss = self.loss_fn(self.engine(x, **extra, **forward_kwargs(self.loss_fn)), y)
             loss = _injected_fault(loss, batch_no)
             self.engine.backward(loss)
             if want_grad_norm and micro == self.grad_accum - 1 and _engine_skips_grad_norm(self.engine):
