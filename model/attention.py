@@ -34,6 +34,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("tessera")
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=True exists
 
 
 def _import_flash_attn() -> Callable[..., torch.Tensor] | None:
@@ -161,9 +162,15 @@ def attention(
         return _FLASH_ATTN_FUNC(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
 
     q = q.transpose(1, 2)  # (B, Hq, T, D)
+    mask = _causal_mask(T, S, q.device) if causal and T != S else None  # (T, S) or None
+    if _SDPA_GQA and sinks is None and mask is None and doc_ids is None and Hq != Hkv:
+        # SDPA shares each key/value head between its query heads itself: no repeated copies of k and v
+        _log_backend("sdpa")
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                                             is_causal=causal, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)  # (B, T, Hq, D)
     k = _repeat_kv(k, Hq // Hkv).transpose(1, 2)  # (B, Hq, S, D)
     v = _repeat_kv(v, Hq // Hkv).transpose(1, 2)  # (B, Hq, S, D)
-    mask = _causal_mask(T, S, q.device) if causal and T != S else None  # (T, S) or None
     if doc_ids is not None:
         mask = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, S): same document
         if causal:
