@@ -127,15 +127,25 @@ class ModelArgs:
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return body + embeddings
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs (forward + backward) per token at `seq_len`: 6N + 12 * L * H * D * T.
+    def matmul_params(self) -> int:
+        """Weights that multiply activations: q/k/v/o, gate/up/down per block, and the output head.
 
-        N counts every matmul weight (the output head included, the embedding lookup excluded);
-        the attention term follows PaLM (appendix B) and does not halve for the causal mask.
+        Not counted: the embedding lookup (a gather), norm weights, biases and sinks (element-wise).
         """
-        matmul_params = self.num_params(include_embeddings=False) + self.vocab_size * self.dim
+        q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
+        per_layer = 2 * self.dim * q_width + 2 * self.dim * kv_width + 3 * self.dim * self.ffn_dim
+        return self.n_layers * per_layer + self.vocab_size * self.dim
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token at `seq_len`: 6 N + 12 * L * H * D * T.
+
+        N is `matmul_params` (a matmul costs 2 FLOPs per weight per token forward, 4 backward); the
+        attention term counts QK^T and PV (4 * T * H * D per layer forward, twice that backward) over the
+        full T x T square, as PaLM's appendix B does (no halving for the causal mask). This is what
+        `torch.utils.flop_counter.FlopCounterMode` counts for the model (tests/unit/test_perf.py).
+        """
         attention = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
-        return 6 * matmul_params + attention
+        return 6 * self.matmul_params() + attention
 
 
 _LLAMA3_COMMON = {"vocab_size": 128256, "rope_theta": 500000.0, "max_seq_len": 8192, "norm_eps": 1e-5}

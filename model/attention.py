@@ -2,7 +2,10 @@
 
 `attention(q, k, v)` takes (B, T, H, D) tensors and picks a backend:
 
-- ``flash_attn``: the flash-attn package, when it is importable, the tensors are fp16/bf16 on CUDA and
+- ``flash_attn3``: FlashAttention-3 for Hopper (the ``flash_attn_interface`` module of flash-attention's
+  ``hopper/`` build), when it is importable, the device is compute capability 9.x, the tensors are
+  fp16/bf16, there are no sinks and no attention dropout (FA3 has none);
+- ``flash_attn``: the flash-attn 2 package, when it is importable, the tensors are fp16/bf16 on CUDA and
   there are no sinks;
 - ``sdpa``: `torch.nn.functional.scaled_dot_product_attention`, which itself chooses a kernel
   (flash / cuDNN / memory-efficient on GPU, math on CPU);
@@ -10,8 +13,9 @@
   softmax denominator but carries no value, as in gpt-oss), which neither of the above expresses.
 
 With ``doc_ids`` (B, T) (packed documents), a query only sees keys of its own document: a block-diagonal
-causal mask on SDPA / eager, flash-attn's variable-length kernel on CUDA (``flash_attn_varlen``).
-Each backend is logged once, the first time it is used. Grouped-query attention (fewer key/value heads
+causal mask on SDPA / eager, flash-attn's variable-length kernel on CUDA (``flash_attn_varlen``,
+``flash_attn3_varlen``). `describe_attention` names the backend a device and dtype will get (logged once at
+start-up by `parallel.perf.apply_perf`); each backend is also logged once, the first time it runs. Grouped-query attention (fewer key/value heads
 than query heads) is handled here. With a KV cache the T queries are the *last* T of the S keys, so
 the causal mask is aligned bottom-right: query i sees keys 0..S-T+i.
 """
@@ -22,6 +26,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 logger = logging.getLogger("tessera")
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_SDPA_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa=True exists
 
 
 def _import_flash_attn() -> Callable[..., torch.Tensor] | None:
@@ -49,9 +55,44 @@ def _import_flash_attn_varlen() -> Callable[..., torch.Tensor] | None:
     return flash_attn_varlen_func
 
 
+def _import_flash_attn3() -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
+    """(flash_attn_func, flash_attn_varlen_func) of FlashAttention-3 (``flash_attn_interface``), or Nones."""
+    try:
+        from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None, None
+    return flash_attn_func, flash_attn_varlen_func
+
+
 # Resolved at import, so that torch.compile sees a constant.
 _FLASH_ATTN_FUNC = _import_flash_attn()
 _FLASH_ATTN_VARLEN_FUNC = _import_flash_attn_varlen()
+_FLASH_ATTN3_FUNC, _FLASH_ATTN3_VARLEN_FUNC = _import_flash_attn3()
+
+
+@functools.cache
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+def _use_fa3(q: torch.Tensor, sinks: torch.Tensor | None, dropout_p: float) -> bool:
+    """FlashAttention-3 takes this call: installed, a Hopper GPU, half precision, no sinks, no dropout."""
+    return (_FLASH_ATTN3_FUNC is not None and sinks is None and dropout_p == 0.0 and q.is_cuda
+            and q.dtype in _FLASH_DTYPES and _is_hopper(q.device.index or 0))
+
+
+def describe_attention(device: torch.device, dtype: torch.dtype, *, sinks: bool = False, dropout: float = 0.0,
+                       doc_mask: bool = False) -> str:
+    """The backend `attention` uses for tensors of ``dtype`` on ``device`` (what start-up logs)."""
+    half_cuda = device.type == "cuda" and dtype in _FLASH_DTYPES and not sinks
+    suffix = "_varlen" if doc_mask else ""
+    if half_cuda and _FLASH_ATTN3_FUNC is not None and dropout == 0.0 and _is_hopper(device.index or 0):
+        return "flash_attn3" + suffix
+    if half_cuda and _FLASH_ATTN_FUNC is not None:
+        return "flash_attn" + suffix
+    if sinks:
+        return "eager_sinks"
+    return "sdpa"
 
 
 @functools.cache
@@ -104,6 +145,13 @@ def attention(
     if doc_ids is not None and T != S:
         raise ValueError(f"doc_ids needs as many queries as keys (got {T} and {S}): no KV cache with doc masking")
 
+    if _use_fa3(q, sinks, dropout_p):
+        if doc_ids is not None:
+            _log_backend("flash_attn3_varlen")
+            return _flash_varlen(q, k, v, doc_ids, causal=causal, dropout_p=0.0, scale=scale, fa3=True)
+        _log_backend("flash_attn3")
+        out = _FLASH_ATTN3_FUNC(q, k, v, softmax_scale=scale, causal=causal)  # type: ignore[misc]
+        return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the log-sum-exp
     if _FLASH_ATTN_FUNC is not None and sinks is None and q.is_cuda and q.dtype in _FLASH_DTYPES:
         if doc_ids is not None and _FLASH_ATTN_VARLEN_FUNC is not None:
             _log_backend("flash_attn_varlen")
@@ -114,9 +162,15 @@ def attention(
         return _FLASH_ATTN_FUNC(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
 
     q = q.transpose(1, 2)  # (B, Hq, T, D)
+    mask = _causal_mask(T, S, q.device) if causal and T != S else None  # (T, S) or None
+    if _SDPA_GQA and sinks is None and mask is None and doc_ids is None and Hq != Hkv:
+        # SDPA shares each key/value head between its query heads itself: no repeated copies of k and v
+        _log_backend("sdpa")
+        out = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                                             is_causal=causal, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)  # (B, T, Hq, D)
     k = _repeat_kv(k, Hq // Hkv).transpose(1, 2)  # (B, Hq, S, D)
     v = _repeat_kv(v, Hq // Hkv).transpose(1, 2)  # (B, Hq, S, D)
-    mask = _causal_mask(T, S, q.device) if causal and T != S else None  # (T, S) or None
     if doc_ids is not None:
         mask = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, S): same document
         if causal:
@@ -187,12 +241,17 @@ def _flash_varlen(
     causal: bool,
     dropout_p: float,
     scale: float,
+    fa3: bool = False,
 ) -> torch.Tensor:
     """flash-attn over each document separately: q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq, D)."""
     B, T, Hq, D = q.shape
     cu_seqlens, max_len = varlen_segments(doc_ids)
-    out = _FLASH_ATTN_VARLEN_FUNC(  # type: ignore[misc]
-        q.reshape(B * T, Hq, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
-        cu_seqlens, cu_seqlens, max_len, max_len, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
-    )  # (B*T, Hq, D)
+    packed = (q.reshape(B * T, Hq, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
+              cu_seqlens, cu_seqlens, max_len, max_len)
+    if fa3:  # FlashAttention-3 has no dropout argument
+        out = _FLASH_ATTN3_VARLEN_FUNC(*packed, softmax_scale=scale, causal=causal)  # type: ignore[misc]
+        out = out[0] if isinstance(out, tuple) else out
+    else:
+        out = _FLASH_ATTN_VARLEN_FUNC(*packed, dropout_p=dropout_p, softmax_scale=scale,  # type: ignore[misc]
+                                      causal=causal)  # (B*T, Hq, D)
     return out.view(B, T, Hq, D)

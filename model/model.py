@@ -40,12 +40,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.norm_fn = rms_norm  # the reference; `apply_kernels` may swap in a fused kernel of the same contract
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.norm_fn(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -63,6 +64,7 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(args.n_heads)) if args.attn_sinks else None
         # Context for drawing attention dropout; tensor parallelism gives each rank its own stream here.
         self.dropout_rng: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+        self.rope_fn = apply_rope  # the reference; `apply_kernels` may swap in a fused kernel
 
     def init_weights(self, std: float, out_std: float) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
@@ -89,7 +91,7 @@ class Attention(nn.Module):
         q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        q, k = apply_rope(q, k, rope_cos, rope_sin, position_ids)
+        q, k = self.rope_fn(q, k, rope_cos, rope_sin, position_ids)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, S, Hkv, D): cached positions + these T
         dropout_p = self.dropout if self.training else 0.0
@@ -107,6 +109,7 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        self.act_fn = swiglu  # the reference; `apply_kernels` may swap in a fused kernel
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.gate_proj.weight, mean=0.0, std=std)
@@ -114,7 +117,7 @@ class FeedForward(nn.Module):
         nn.init.normal_(self.down_proj.weight, mean=0.0, std=out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # (B, T, dim)
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))  # (B, T, dim)
 
 
 class TransformerBlock(nn.Module):
@@ -203,6 +206,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         doc_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Next-token logits (B, T, V) in float32, or hidden states (B, T, dim) on a stage without a head.
 
@@ -212,6 +216,8 @@ class Transformer(nn.Module):
         cache: a `KVCache` to read earlier keys/values from and append this call's to.
         doc_ids: (B, T) document number of each token of packed sequences (with position_ids restarting
         per document): attention stays inside a document. Not with a cache.
+        return_hidden: skip the head and return the final-normed hidden states (B, T, dim), for a loss that
+        applies the head itself without materialising the logits (`model.kernels.LinearCrossEntropyHead`).
         """
         if inputs_embeds is not None:
             h = inputs_embeds
@@ -240,6 +246,6 @@ class Transformer(nn.Module):
 
         if self.norm is not None:
             h = self.norm(h)
-        if self.lm_head is None:
+        if self.lm_head is None or return_hidden:
             return h  # (B, T, dim)
         return self.lm_head(h).float()  # (B, T, V)

@@ -68,6 +68,23 @@ class TPContext:
             if saved_cuda is not None:
                 torch.cuda.set_rng_state(saved_cuda)
 
+    def rng_snapshot(self) -> dict[str, torch.Tensor]:
+        """Where this rank's stream is now (empty before its first draw): what `replay_rng` goes back to."""
+        return dict(self._stream)
+
+    @contextlib.contextmanager
+    def replay_rng(self, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Draw again from ``snapshot`` (activation recomputation redraws the masks of the first pass), then
+        leave the stream where it was, so later draws are those of a run without recomputation."""
+        current = dict(self._stream)
+        self._stream.clear()
+        self._stream.update(snapshot)
+        try:
+            yield
+        finally:
+            self._stream.clear()
+            self._stream.update(current)
+
     @contextlib.contextmanager
     def sequence_parallel_off(self) -> Iterator[None]:
         """Run whole sequences of any length (generation, evaluation of odd lengths) without SP."""
@@ -236,13 +253,14 @@ class SequenceParallelRMSNorm(nn.Module):
         super().__init__()
         self.ctx, self.eps = ctx, norm.eps
         self.weight = norm.weight
+        self.norm_fn = getattr(norm, "norm_fn", rms_norm)  # `apply_kernels` may swap in a fused kernel
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = copy_to_tp(self.weight, self.ctx.group) if self.ctx.sequence_parallel else self.weight
-        return rms_norm(x, w, self.eps)
+        return self.norm_fn(x, w, self.eps)
 
 
 class TPDropout(nn.Dropout):

@@ -5,6 +5,7 @@
     python tools/bench.py data-prepare --mb 64 --workers 2 --out /tmp/bench_prep
     python tools/bench.py data-loader --out /tmp/bench_loader
     python tools/bench.py data-index --tokens 1e9 --out /tmp/bench_index
+    python tools/bench.py train-step --preset tiny --batch 16 --seq 256 --compare hf bare [--json result.json]
 
 ``checkpoint``: builds the model of a preset (optionally resized), gives every parameter full AdamW state
 (as after the first step, without spending memory on gradients), hands it to a one-process DeepSpeed engine
@@ -15,7 +16,8 @@ engine. Reports seconds, bytes and GB/s.
 ``tp-comm``: the bytes each tensor-parallel rank sends in one training step, counted, against the analytic
 figure (see `tools/bench_tp.py`).
 
-The ``data-*`` subcommands are described in ``tools/bench_data.py``.
+The ``data-*`` subcommands are described in ``tools/bench_data.py``, ``train-step`` (step time, tokens/s,
+MFU, time shares, peak memory; ``--compare hf bare``) in ``tools/bench_step.py``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,23 @@ def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[
     }
 
 
+def _train_step(ns: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from model import ModelConfigError
+    from tools.bench_step import bench_train_step
+
+    try:
+        overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in ns.set)}
+        args = dataclasses.replace(get_preset(ns.preset), **overrides).validate()
+    except (ModelConfigError, TypeError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if ns.seq > args.max_seq_len:
+        raise SystemExit(f"error: --seq {ns.seq} exceeds the model's max_seq_len={args.max_seq_len}")
+    return bench_train_step(args, batch=ns.batch, seq=ns.seq, steps=ns.steps, warmup=ns.warmup,
+                            compare=ns.compare, ds_name=ns.ds_config, perf=ns.perf, peak_tflops=ns.peak_tflops)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -119,12 +138,29 @@ def main(argv: list[str] | None = None) -> int:
     for p in (dp, dl, di):
         p.add_argument("--out", type=Path, required=True, help="scratch directory (deleted afterwards)")
         p.add_argument("--json", type=Path, help="also write the result here")
+    ts = sub.add_parser("train-step", help="training step time, tokens/s, MFU and time shares (vs HF / a bare loop)")
+    ts.add_argument("--preset", default="tiny", help="model preset (model/args.py)")
+    ts.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="ModelArgs overrides, e.g. n_layers=8 vocab_size=32000 (YAML values)")
+    ts.add_argument("--batch", type=int, default=16, help="micro-batch size (sequences per step)")
+    ts.add_argument("--seq", type=int, default=256, help="sequence length")
+    ts.add_argument("--steps", type=int, default=20, help="measured steps per variant")
+    ts.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant first")
+    ts.add_argument("--compare", nargs="*", default=[], choices=["hf", "bare"],
+                    help="also run transformers' LlamaForCausalLM / a bare PyTorch loop, same shape and batches")
+    ts.add_argument("--ds-config", default=None, help="DeepSpeed config name or path (default: cpu / zero0)")
+    ts.add_argument("--perf", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="perf section settings, e.g. activation_checkpointing=full compile=true")
+    ts.add_argument("--peak-tflops", type=float, default=None, help="the device's peak TFLOP/s for MFU")
+    ts.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.what == "tp-comm":
         from tools.bench_tp import bench_tp_comm
 
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_tp_comm(args.preset, args.tp, args.batch, args.seq, args.sp, overrides)
+    elif args.what == "train-step":
+        result = _train_step(args)
     elif args.what == "checkpoint":
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_checkpoint(args.preset, args.out, overrides)

@@ -184,6 +184,19 @@ class SampleSection:
 
 
 @dataclass
+class PerfSection:
+    fused_rms_norm: bool = _f(True, "RMSNorm as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_swiglu: bool = _f(True, "SwiGLU as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_rope: bool = _f(True, "RoPE as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_linear_cross_entropy: bool = _f(
+        False, "Head + cross-entropy in chunks, never the full logits (liger on CUDA; tp = pp = 1 only).")
+    activation_checkpointing: str = _f("none", "Recompute in backward: 'none', 'full' (blocks) or 'selective' "
+                                               "(attention only).")
+    ac_every: int = _f(1, "Checkpoint blocks 0, k, 2k, ... only (1: every block).")
+    compile: bool = _f(False, "torch.compile each transformer block.")
+
+
+@dataclass
 class JobConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -195,6 +208,7 @@ class JobConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     vocab: VocabSection = field(default_factory=VocabSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    perf: PerfSection = field(default_factory=PerfSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
@@ -330,6 +344,7 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraSection,
     "vocab": VocabSection,
     "dpo": DPOSection,
+    "perf": PerfSection,
 }
 
 
@@ -436,6 +451,7 @@ def validate(cfg: JobConfig) -> None:
               allow_zero=True)
     if cfg.sample.temperature < 0:
         raise ConfigError(f"sample.temperature={cfg.sample.temperature}: must be >= 0 (0 is greedy).")
+    _validate_perf(cfg, args)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -597,6 +613,37 @@ def _validate_data(d: DataSection) -> None:
                           "give at least one dataset a weight > 0.")
     _positive("data.workers", d.workers)
     _positive("data.stream_val_samples", d.stream_val_samples)
+
+
+def _validate_perf(cfg: JobConfig, args: ModelArgs | None) -> None:
+    """The perf section, and the combinations of it with parallelism that cannot run."""
+    p, par = cfg.perf, cfg.parallel
+    if cfg.hf.path is not None:
+        used = [name for name in ("activation_checkpointing", "compile", "fused_linear_cross_entropy")
+                if getattr(p, name) != getattr(PerfSection, name)]
+        if used:
+            raise ConfigError(f"perf.{used[0]} is set with hf.path: the perf section transforms Tessera models; an "
+                              f"HF model recomputes its layers with hf.gradient_checkpointing=true.")
+    if p.fused_linear_cross_entropy and cfg.train.objective != "lm":
+        raise ConfigError(f"perf.fused_linear_cross_entropy=true with train.objective={cfg.train.objective!r}: the "
+                          f"fused head computes the language-model loss only; set it to false.")
+    if p.activation_checkpointing not in ("none", "full", "selective"):
+        raise ConfigError(f"perf.activation_checkpointing={p.activation_checkpointing!r}: use 'none', 'full' or "
+                          f"'selective'.")
+    _positive("perf.ac_every", p.ac_every)
+    if p.activation_checkpointing != "none" and par.activation_checkpoint_interval > 0:
+        raise ConfigError(f"perf.activation_checkpointing={p.activation_checkpointing!r} and parallel."
+                          f"activation_checkpoint_interval={par.activation_checkpoint_interval} both recompute "
+                          f"activations: set one of them (perf.activation_checkpointing=none or the interval to 0).")
+    if p.fused_linear_cross_entropy and (par.tp > 1 or par.pp > 1):
+        which = f"parallel.tp={par.tp}" if par.tp > 1 else f"parallel.pp={par.pp}"
+        raise ConfigError(f"perf.fused_linear_cross_entropy=true with {which}: the fused loss needs the whole "
+                          f"output head on one rank (tp splits it by vocabulary and uses its own vocabulary-parallel "
+                          f"loss; pp puts it on the last stage); set perf.fused_linear_cross_entropy=false.")
+    if p.compile and p.activation_checkpointing != "none" and par.tp > 1 and args is not None and args.dropout > 0:
+        raise ConfigError(f"perf.compile=true with perf.activation_checkpointing={p.activation_checkpointing!r}, "
+                          f"parallel.tp={par.tp} and model.dropout={args.dropout}: torch.compile cannot trace the "
+                          f"rewind of each rank's dropout stream that recomputation needs; turn one of them off.")
 
 
 def check_batch_geometry(cfg: JobConfig, dp_size: int) -> int:

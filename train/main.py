@@ -36,6 +36,7 @@ from model.hf import load_hf_pretrained
 from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.groups import build_process_groups
+from parallel.perf import apply_perf, build_loss_fn
 from parallel.pipeline import build_pipeline
 from parallel.tp import HF_LLAMA_TP_PLAN, FullLogits, TPContext, apply_tp, tp_lm_loss
 from train.checkpoint import (
@@ -258,7 +259,10 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
     else:
         model, tp_ctx, n_params = _native_model(p, groups, device)
-        loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
+        bf16 = bool(p.ds_config.get("bf16", {}).get("enabled"))  # then activation checkpointing, kernels, compile
+        apply_perf(model, tp_ctx=tp_ctx, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
+                   doc_mask=cfg.data.doc_mask, **dataclasses.asdict(cfg.perf))
+        loss_fn = build_loss_fn(model, tp_ctx, default=lm_loss)
         if t.objective in ("reward", "classify"):  # the LM head replaced by a sequence head
             model = SequenceScorer.native(model, _head_outputs(cfg, p.train_ds))
     module: torch.nn.Module = model

@@ -21,7 +21,12 @@ from train.metrics import MetricsLogger, peak_memory_gb
 from train.preempt import Action, RunControl
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> mean loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, labels) -> mean loss
+
+
+def forward_kwargs(loss_fn: LossFn) -> dict[str, Any]:
+    """What the model must be called with for ``loss_fn`` (a head-computed loss wants hidden states)."""
+    return getattr(loss_fn, "forward_kwargs", {})
 
 
 def _unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -114,7 +119,8 @@ def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.
     for batch in batches():
         x, y, extra = _unpack(batch, device)
         n = (y != -100).sum()
-        totals += torch.stack([loss_fn(engine(x, **extra), y).double() * n, n.double()])
+        out = engine(x, **extra, **forward_kwargs(loss_fn))  # logits, or hidden states for a head-computed loss
+        totals += torch.stack([loss_fn(out, y).double() * n, n.double()])
     dist.all_reduce(totals)
     engine.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -134,7 +140,7 @@ class Objective:
 
     def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, extra = _unpack(batch, device)
-        return self.loss_fn(engine(x, **extra), y), {}
+        return self.loss_fn(engine(x, **extra, **forward_kwargs(self.loss_fn)), y), {}
 
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
                  step: int | None = None) -> dict[str, float]:

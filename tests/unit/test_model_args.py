@@ -114,7 +114,8 @@ def test_unknown_preset_lists_the_names() -> None:
 
 def test_flops_per_token() -> None:
     args = get_preset("llama3-8b")
-    matmul_params = args.num_params() - args.vocab_size * args.dim  # every weight but the embedding lookup
+    norms = (2 * args.n_layers + 1) * args.dim  # element-wise weights cost no matmul
+    matmul_params = args.num_params() - args.vocab_size * args.dim - norms  # nor does the embedding lookup
     assert args.flops_per_token(0) == 6 * matmul_params
     slope = args.flops_per_token(2048) - args.flops_per_token(1024)
     assert slope == 12 * args.n_layers * args.dim * 1024
