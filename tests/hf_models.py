@@ -90,3 +90,15 @@ def write_preferences(path: Path, n: int = 64) -> Path:
                      "rejected": f" {animals[(i // 4) % 4]}."})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def write_classification(path: Path, n: int = 96, *, binary_names: tuple[str, str] = ("negative", "positive")) -> Path:
+    """Classification JSONL with a learnable rule: the review's adjective decides the label."""
+    good, bad = ["great", "wonderful", "lovely", "superb"], ["awful", "terrible", "horrid", "dreadful"]
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        word = (good if positive else bad)[(i // 2) % 4]
+        rows.append({"text": f"Review {i}: the film was {word}.", "label": binary_names[int(positive)]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

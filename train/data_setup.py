@@ -79,7 +79,7 @@ def setup_data(cfg: JobConfig) -> DataBundle:
         return _setup_blend(cfg)
     if d.corpus == "stream":
         return _setup_stream(cfg)
-    if d.corpus in ("sft", "preference", "classification"):
+    if d.corpus in SUPERVISED:
         return _setup_supervised(cfg)
     cache = Path(d.cache_dir)
     with _file_lock(cache / ".lock"):
@@ -158,6 +158,9 @@ def _setup_supervised(cfg: JobConfig) -> DataBundle:
                       vocab_size=tok_id["vocab_size"], separator_id=sep_id)
 
 
+SUPERVISED = ("sft", "preference", "classification")  # corpora of padded examples, not packed blocks
+
+
 class ExampleSplit:
     """Some of a ``SupervisedDataset``'s examples, by index: a dataset with ``batch(indices)``."""
 
@@ -200,7 +203,7 @@ def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[An
     """
     if cfg.data.corpus == "stream":
         train, val = _stream_datasets(cfg, bundle)
-    elif cfg.data.corpus in ("sft", "preference", "classification"):
+    elif cfg.data.corpus in SUPERVISED:
         train, val = _supervised_datasets(cfg, bundle)
     else:
         train, val = _prepared_datasets(cfg, bundle)
@@ -208,7 +211,8 @@ def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[An
     if len(val) < t.micro_batch_size * dp_size:
         where = bundle.prepared_dir or ("the stream" if cfg.data.corpus == "stream" else "data.files")
         raise ConfigError(
-            f"the validation split of {where} holds {len(val)} blocks of data.seq_len={d.seq_len}, "
+            f"the validation split of {where} holds {len(val)} "
+            f"{'examples' if d.corpus in SUPERVISED else f'blocks of data.seq_len={d.seq_len}'}, "
             f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed to "
             f"evaluate: raise data.val_fraction (data.stream_val_samples when streaming), or lower data.seq_len "
             f"or train.micro_batch_size."

@@ -307,6 +307,13 @@ def export_hf(
     token_ids = _token_ids(tok_dir, args.vocab_size)
 
     state = consolidated_state_dict(tag_dir)
+    head = meta.get("head")
+    score = None
+    if head:  # a sequence head (train/recipes/scoring.py): the Transformer is the scorer's `model`
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        score = state.pop("score.weight")
+        state["lm_head.weight"] = state["embed_tokens.weight"] if args.tie_embeddings else \
+            torch.zeros(args.vocab_size, args.dim, dtype=score.dtype)  # checked below, never exported
     try:
         check_state_dict(args, state, str(tag_dir))
     except ModelConfigError as err:
@@ -314,10 +321,20 @@ def export_hf(
     for name, value in token_ids.items():
         setattr(config, name, value)
     config.dtype = dtype
-    config.architectures = ["Qwen2ForCausalLM" if args.attn_bias else "LlamaForCausalLM"]
+    family = "Qwen2" if args.attn_bias else "Llama"
+    config.architectures = [f"{family}ForCausalLM"]
+    weights = hf_weights(state, args, dtype)
+    if score is not None:  # a standard *ForSequenceClassification: decoder weights plus `score`
+        weights.pop("lm_head.weight", None)
+        weights["score.weight"] = score.to(dtype).contiguous()
+        config.num_labels = head["num_labels"]
+        if head.get("labels"):
+            config.id2label = dict(enumerate(head["labels"]))
+            config.label2id = {name: i for i, name in enumerate(head["labels"])}
+        config.architectures = [f"{family}ForSequenceClassification"]
     try:
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            save_torch_state_dict(hf_weights(state, args, dtype), tmp, max_shard_size=max_shard_size)
+            save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size)
             config.save_pretrained(tmp)
             GenerationConfig(**token_ids).save_pretrained(tmp)
             for name in TOKENIZER_FILES:
@@ -332,9 +349,15 @@ def export_hf(
 def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: torch.dtype, overwrite: bool,
                      merge: bool) -> Path:
     """An `hf.path` run: the adapter as saved (PEFT format), the merged model, or the fully trained model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     base = Path(meta["hf"]["path"])
+    head = meta.get("head")
     if not (base / "config.json").is_file():
         raise ExportError(f"{tag_dir}: the base model {base} it was trained on is not there; restore it first")
     adapter = tag_dir / "adapter"
@@ -346,7 +369,17 @@ def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: t
                     raise ExportError(f"{tag_dir}: no adapter/ in this checkpoint; it is damaged, export another")
                 shutil.copytree(adapter, tmp, dirs_exist_ok=True)
             else:
-                model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+                if head:  # a reward / verifier model or classifier: a standard *ForSequenceClassification
+                    config = AutoConfig.from_pretrained(str(base), num_labels=head["num_labels"])
+                    if head.get("labels"):
+                        config.id2label = dict(enumerate(head["labels"]))
+                        config.label2id = {name: i for i, name in enumerate(head["labels"])}
+                    if config.pad_token_id is None:
+                        config.pad_token_id = config.eos_token_id
+                    model = AutoModelForSequenceClassification.from_pretrained(str(base), config=config,
+                                                                               dtype=torch.float32)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
                 if lora.get("r", 0):  # the base in full precision (also for a 4-bit run), the adapter folded in
                     from peft import PeftModel
 

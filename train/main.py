@@ -158,6 +158,15 @@ def plan(args: argparse.Namespace) -> Plan:
     return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds, hf=hf)
 
 
+def _head_meta(cfg: JobConfig, model: Any, train_ds: Any) -> dict[str, Any] | None:
+    """A sequence head's outputs and class names, for export (None for language models)."""
+    if cfg.train.objective not in ("reward", "classify"):
+        return None
+    data = getattr(train_ds, "dataset", None)
+    names = list(getattr(data, "names", []) or []) if cfg.train.objective == "classify" else []
+    return {"kind": model.kind, "num_labels": model.n_out, "labels": names}
+
+
 def _head_outputs(cfg: JobConfig, train_ds: Any) -> int:
     """Outputs of the sequence head: one score for a reward model, one logit per class for a classifier."""
     if cfg.train.objective == "reward":
@@ -288,6 +297,7 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "model_args": dataclasses.asdict(p.model_args) if p.model_args is not None else None,
         "hf": p.hf.identity if p.hf is not None else None,
+        "head": _head_meta(cfg, model, p.train_ds),
         "tokenizer": p.bundle.tokenizer_id,
         "tokenizer_dir": str(p.bundle.tokenizer_dir),
         "prepared_dir": str(p.bundle.prepared_dir),

@@ -132,3 +132,18 @@ def test_vocabulary_extension_mistakes(root: Path, tmp_path: Path) -> None:
                          "data.seq_len=32", "data.val_fraction=0.25", f"train.out_dir={tmp_path / 'run'}"]))
     assert p.hf is not None and p.hf.vocab is not None and p.hf.vocab.ids == (300,)
     assert p.bundle.vocab_size == 301  # the data are tokenized with the extended tokenizer
+
+
+def test_classification_labels_outside_the_classes(root: Path, tmp_path: Path) -> None:
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(f'{{"text": "item {i}", "label": "{["a", "b", "c"][i % 3]}"}}\n' for i in range(24)))
+    base = ["train.objective=classify", "data.corpus=classification", f"data.files=[{data}]"]
+    with pytest.raises(USER_ERRORS, match=r"three.jsonl:3: label='c' is not one of \['a', 'b'\]"):
+        _plan(root, tmp_path, *base, "data.labels=[a, b]")
+    with pytest.raises(USER_ERRORS, match=r"train.objective='reward' on data.corpus='classification' scores labels 0"):
+        _plan(root, tmp_path, *base[1:], "train.objective=reward")
+    with pytest.raises(USER_ERRORS, match=r"train.objective='classify' with data.corpus='preference'"):
+        _plan(root, tmp_path, "train.objective=classify", "data.corpus=preference")
+    p = plan(parse_args(["--config", str(SMOKE), "--ds_config", "cpu", f"hf.path={root / 'llama-2l'}", *base,
+                         "data.seq_len=32", "data.val_fraction=0.25", f"train.out_dir={tmp_path / 'run'}"]))
+    assert p.hf is not None and p.hf.head_labels == 3
