@@ -232,15 +232,21 @@ def stage_status(run_dir: Path, export_dir: Path) -> str:
 
 
 def check_local(stage: Stage, cfg: JobConfig) -> None:
-    """What a local launch of ``stage.nproc`` processes refuses: the layout, the DeepSpeed config, the batch."""
+    """What a local launch of ``stage.nproc`` processes refuses: the layout, the DeepSpeed config, the batch, and
+    for an HF model its LoRA targets, precision and length (checked on its config)."""
     import torch
 
     from train.ds_config import load_ds_config, resolve_ds_config
 
     dims = ParallelDims(stage.nproc, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     cuda = torch.cuda.is_available()
-    ds = stage.ds_config or ("zero0" if cuda else "cpu")
-    resolve_ds_config(load_ds_config(ds), cfg, dp_size=dims.dp, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    ds_name = stage.ds_config or ("zero0" if cuda else "cpu")
+    ds = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp,
+                           bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    if cfg.hf.path is not None:
+        from train.hf_setup import plan_hf
+
+        plan_hf(cfg, ds, dims, tokenizer_vocab=0)
 
 
 def _write_placeholder(cfg: JobConfig, out: Path) -> None:

@@ -88,6 +88,12 @@ def test_an_hf_model_stage_chain_checks_the_models_config(tmp_path: Path) -> Non
                             _stage("cpt", start_key="model.init_from")])
     with pytest.raises(PipelineError, match=r"stage 'cpt' .*model_type='gpt2' is not supported"):
         plan_pipeline(load_pipeline(bad))
+    # LoRA targets are resolved on the config the earlier stage will export
+    bad = _write(tmp_path, [_stage("sft", f"hf.path={base}", *SFT[:-1]),
+                            _stage("dpo", *SFT, "lora.target_modules=[q_proj]")])
+    with pytest.raises(PipelineError, match=rf"stage 'dpo' .*hf.path={tmp_path / 'runs/sft/export'}: "
+                                            rf"lora.target_modules=\['q_proj'\] match no linear layer"):
+        plan_pipeline(load_pipeline(bad))
 
 
 @pytest.mark.parametrize("stages, top, message", [
