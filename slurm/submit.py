@@ -8,6 +8,8 @@
     python slurm/submit.py tail JOB|RUN_DIR [--task N] [--lines N]
     python slurm/submit.py summary SWEEP_DIR        a sweep's results, best validation loss first
     python slurm/submit.py profiles                 the profiles in slurm/profiles/
+    python slurm/submit.py pipeline PIPELINE.yaml --profile NAME [--dry-run] [--wait SECONDS] [...]
+                                                    one job per stage, each after the previous (slurm/pipeline.py)
 
 Every setting is checked before anything is queued; a problem is one line ``tessera: error: ...`` and exit
 code 2. ``--dry-run`` prints the resolved job, the resolved recipe and the sbatch script, and queues nothing.
@@ -29,6 +31,7 @@ import yaml
 from slurm import jobs
 from slurm.profile import (
     PROFILE_DIR,
+    Profile,
     SlurmConfigError,
     known_profiles,
     load_profile,
@@ -58,6 +61,13 @@ def submit_parser() -> argparse.ArgumentParser:
                    help="wait for the job(s) to end; print the result (a sweep: its summary)")
     p.add_argument("--name", default=None, help="job name (default: tessera-<run directory name>)")
     p.add_argument("--folder", default=None, help="submitit folder (default: RUN_DIR/slurm)")
+    add_shape_options(p)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
+    return p
+
+
+def add_shape_options(p: argparse.ArgumentParser) -> None:
+    """The options that override a profile's fields (shared with `submit.py pipeline`)."""
     g = p.add_argument_group("job shape (override the profile)")
     g.add_argument("--nodes", type=int)
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
@@ -75,8 +85,6 @@ def submit_parser() -> argparse.ArgumentParser:
     g.add_argument("--signal-delay-s", type=int, help="warning signal this long before the time limit")
     g.add_argument("--checkpoint-every-min", type=float, help="wall-time checkpoint period (0: off)")
     g.add_argument("--max-requeues", type=int, help="requeues after the time limit")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
-    return p
 
 
 def followup_parser() -> argparse.ArgumentParser:
@@ -109,17 +117,20 @@ def _sbatch_extras(items: list[str]) -> dict[str, str]:
     return extras
 
 
+def with_command_line(profile: Profile, args: argparse.Namespace) -> Profile:
+    """``profile`` with the job-shape options of the command line applied (``--setup`` lines are appended)."""
+    profile = with_values(profile, _profile_values(args), where="command line")
+    return with_values(profile, {"setup": [*profile.setup, *args.setup],
+                                 "sbatch": {**profile.sbatch, **_sbatch_extras(args.sbatch)}}, where="command line")
+
+
 def cmd_submit(argv: list[str]) -> int:
     from slurm.plan import cluster_partitions, plan_submission
     from train.main import USER_ERRORS
 
     args = submit_parser().parse_intermixed_args(argv)
     try:
-        profile = load_profile(args.profile)
-        profile = with_values(profile, _profile_values(args), where="command line")
-        profile = with_values(profile, {"setup": [*profile.setup, *args.setup],
-                                        "sbatch": {**profile.sbatch, **_sbatch_extras(args.sbatch)}},
-                              where="command line")
+        profile = with_command_line(load_profile(args.profile), args)
         live = None if args.dry_run else cluster_partitions()
         sweep = load_sweep(args.sweep) if args.sweep else None
         shape = resolve(profile, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -196,6 +207,10 @@ def cmd_followup(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "pipeline":
+        from slurm.pipeline import cmd_pipeline
+
+        return cmd_pipeline(argv[1:])
     if argv and argv[0] in COMMANDS:
         return cmd_followup(argv)
     return cmd_submit(argv)
