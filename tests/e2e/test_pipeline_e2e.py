@@ -1,4 +1,4 @@
-"""The shipped CPU pipeline (pretrain -> SFT -> DPO) through tools/run_pipeline.py: each stage starts from the
+"""The shipped CPU pipeline (pretrain -> SFT -> DPO -> reward model) through tools/run_pipeline.py: each stage starts from the
 previous stage's exported weights, finished stages are skipped, a failing stage stops the chain."""
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def test_each_stage_starts_from_the_previous_stages_export(chain: dict[str, Any]
     runs, out = chain["runs"], chain["proc"].stdout + chain["proc"].stderr
     exports = {name: runs / name / "export" for name in ("pretrain", "sft", "dpo")}
     assert f"HF model {exports['pretrain']} (llama" in out and f"HF model {exports['sft']} (llama" in out
+    assert f"HF model {exports['dpo']} (llama" in out  # the reward model starts from the DPO policy
     assert "pipeline 'pipeline_cpu' finished" in out
     weights = {name: _weights(path) for name, path in exports.items()}
     for before, after in (("pretrain", "sft"), ("sft", "dpo")):
@@ -61,10 +62,13 @@ def test_each_stage_starts_from_the_previous_stages_export(chain: dict[str, Any]
         assert torch.equal(a["model.layers.0.input_layernorm.weight"], b["model.layers.0.input_layernorm.weight"])
         # ... and the adapters trained in this stage are merged into the exported weights
         assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
-    for name in ("pretrain", "sft", "dpo"):
+    for name in ("pretrain", "sft", "dpo", "reward"):
         assert json.loads((runs / name / "summary.json").read_text())["steps"] == 20
     dpo = [r for r in read_rows(runs / "dpo") if "accuracy" in r]
     assert dpo[0]["step"] == 1 and dpo[0]["accuracy"] == 0.0  # at step 1 the policy is its reference, the SFT model
+    reward = _weights(runs / "reward" / "export")  # a sequence classifier on the DPO decoder
+    assert reward["score.weight"].shape[0] == 1 and "lm_head.weight" not in reward
+    assert [r for r in read_rows(runs / "reward") if "val_accuracy" in r][-1]["val_accuracy"] > 0.5
 
 
 def test_running_again_skips_the_finished_stages(chain: dict[str, Any]) -> None:
@@ -72,9 +76,9 @@ def test_running_again_skips_the_finished_stages(chain: dict[str, Any]) -> None:
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/export/model.safetensors")}
     proc = run_job([sys.executable, str(RUNNER), str(chain["path"])], chain["tmp"], timeout=300)
     skipped = [line for line in proc.stdout.splitlines() if "finished, skipped" in line]
-    assert [line.split("'")[1] for line in skipped] == ["pretrain", "sft", "dpo"], proc.stdout
+    assert [line.split("'")[1] for line in skipped] == ["pretrain", "sft", "dpo", "reward"], proc.stdout
     assert "train/main.py" not in proc.stdout
-    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/export/model.safetensors")} == stamps and len(stamps) == 3
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/export/model.safetensors")} == stamps and len(stamps) == 4
 
 
 def test_a_failing_stage_stops_the_chain_and_a_rerun_continues_there(chain: dict[str, Any], data_cache: Path) -> None:
@@ -101,4 +105,4 @@ def test_a_failing_stage_stops_the_chain_and_a_rerun_continues_there(chain: dict
     again = run_job([sys.executable, str(RUNNER), str(path)], tmp, timeout=600, check=False)
     assert again.returncode == 2
     started = [line for line in again.stdout.splitlines() if "train/main.py" in line]
-    assert len(started) == 1 and started[0].startswith("run_pipeline: stage 5/6 'broken' from "), again.stdout
+    assert len(started) == 1 and started[0].startswith("run_pipeline: stage 6/7 'broken' from "), again.stdout

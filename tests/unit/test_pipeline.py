@@ -34,16 +34,16 @@ def in_repo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)  # the example's paths are relative to the repository root
 
 
-def test_the_shipped_example_plans_three_chained_stages(in_repo: None, tmp_path: Path) -> None:
+def test_the_shipped_example_plans_four_chained_stages(in_repo: None, tmp_path: Path) -> None:
     raw = yaml.safe_load(EXAMPLE.read_text())
     raw["out_dir"] = str(tmp_path / "runs")
     path = tmp_path / "example.yaml"
     path.write_text(yaml.safe_dump(raw))
     pipeline = load_pipeline(path)
     plans, _ = plan_pipeline(pipeline)
-    assert [p.stage.name for p in plans] == ["pretrain", "sft", "dpo"]
-    assert [p.stage.source for p in plans] == [None, "pretrain", "sft"]
-    assert [p.status for p in plans] == ["new", "new", "new"]
+    assert [p.stage.name for p in plans] == ["pretrain", "sft", "dpo", "reward"]
+    assert [p.stage.source for p in plans] == [None, "pretrain", "sft", "dpo"]
+    assert [p.status for p in plans] == ["new", "new", "new", "new"]
     runs = tmp_path / "runs"
     assert plans[0].start is None and not any(o.startswith("hf.path=") for o in plans[0].overrides)
     assert plans[1].overrides[-2:] == (f"hf.path={runs / 'pretrain' / 'export'}", f"train.out_dir={runs / 'sft'}")
