@@ -32,10 +32,14 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def causal_lm_config(path: str | Path, *, where: str = "hf.path") -> PretrainedConfig:
-    """The config of a local HF causal-LM directory; a missing dir, weights or a non-causal LM is refused."""
+def causal_lm_config(path: str | Path, *, where: str = "hf.path", seq2seq: bool = False) -> PretrainedConfig:
+    """The config of a local HF causal-LM directory (``seq2seq``: an encoder-decoder, e.g. T5); a missing dir,
+    missing weights or another kind of model is refused."""
     from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
     directory = Path(path)
     if not directory.is_dir():
@@ -45,7 +49,10 @@ def causal_lm_config(path: str | Path, *, where: str = "hf.path") -> PretrainedC
     if not config_file.is_file():
         raise ModelConfigError(f"{where}={path}: no config.json there; give a directory written by save_pretrained.")
     model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if seq2seq and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelConfigError(f"{where}={path}: model_type={model_type!r} is not an encoder-decoder model "
+                               f"(AutoModelForSeq2SeqLM has no class for it); give e.g. a t5 or bart model.")
+    if not seq2seq and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelConfigError(f"{where}={path}: model_type={model_type!r} is not a causal language model "
                                f"(AutoModelForCausalLM has no class for it); give a decoder such as llama, qwen2 "
                                f"or gpt2.")
@@ -66,10 +73,11 @@ def num_parameters(config: PretrainedConfig) -> int:
 
 def meta_model(config: PretrainedConfig) -> PreTrainedModel:
     """The model on the meta device: module names and shapes, for checks before anything is loaded."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
 def quantization_config(kind: str, *, compute_dtype: torch.dtype, quant_type: str = "nf4",
@@ -99,9 +107,15 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, attn
 
     quantization: a `quantization_config(...)` (bitsandbytes); the weights are quantized on `device`.
     num_labels: load `AutoModelForSequenceClassification` with this many outputs instead (the decoder's weights,
-    a new `score` head; the pad token id is set to the eos id when the config names none).
+    a new `score` head; the pad token id is set to the eos id when the config names none). An encoder-decoder
+    directory loads as `AutoModelForSeq2SeqLM`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+    )
 
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization is not None:
@@ -114,6 +128,8 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, attn
             config.pad_token_id = config.eos_token_id
         kwargs["config"] = config
     auto = AutoModelForCausalLM if num_labels is None else AutoModelForSequenceClassification
+    if num_labels is None and getattr(AutoConfig.from_pretrained(str(path)), "is_encoder_decoder", False):
+        auto = AutoModelForSeq2SeqLM
     try:
         model = auto.from_pretrained(str(path), **kwargs)
     except (ValueError, ImportError) as err:  # e.g. flash_attention_2 without flash-attn, bnb without a backend
@@ -182,3 +198,28 @@ class CausalLM(nn.Module):
             cache.past = out.past_key_values
             cache.advance(T)
         return out.logits
+
+
+class Seq2SeqLM(nn.Module):
+    """An HF encoder-decoder (or a PEFT model around one): (source ids, mask, target labels) -> logits (B, T', V).
+
+    The decoder reads the labels shifted right (the model's own `decoder_start_token_id` first); label -100 is
+    padding. `generate` is the model's own (beam-free greedy or sampled decoding of the target).
+    """
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        self.model = hf_model
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 **kwargs: Any) -> torch.Tensor:
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                   do_sample=False, **kwargs)

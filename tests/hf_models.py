@@ -102,3 +102,31 @@ def write_classification(path: Path, n: int = 96, *, binary_names: tuple[str, st
         rows.append({"text": f"Review {i}: the film was {word}.", "label": binary_names[int(positive)]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_t5_model(root: Path, seed: int = 0) -> Path:
+    """A tiny random T5-style encoder-decoder with the shared tokenizer (pad = eos = decoder start)."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+
+    out = root / "t5-2l"
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(make_tokenizer(root)))
+    eos = tok.eos_token_id
+    config = T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      pad_token_id=eos, eos_token_id=eos, decoder_start_token_id=eos, initializer_factor=1.0)
+    torch.manual_seed(seed)
+    T5ForConditionalGeneration(config).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def write_seq2seq(path: Path, n: int = 64) -> Path:
+    """Seq2seq JSONL: the 'summary' of a sentence is its first two words (learnable by copying)."""
+    words = ["red", "blue", "green", "cat", "dog", "fish", "sun", "moon"]
+    rows = []
+    for i in range(n):
+        a, b, c = words[i % 8], words[(i * 3 + 1) % 8], words[(i * 5 + 2) % 8]
+        rows.append({"source": f"{a} {b} and then {c} again", "target": f"{a} {b}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

@@ -49,6 +49,7 @@ class DataSection:
     files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (corpus='files'), or "
                               "instruction / chat JSONL files (corpus='sft').")
     max_prompt_len: int | None = _f(None, "corpus='sft': keep at most this many prompt tokens (the most recent).")
+    max_target_len: int | None = _f(None, "corpus='seq2seq': target tokens kept (None: data.seq_len).")
     labels: list[str] = _f([], "corpus='classification': the class names in order (string labels map to their "
                                "position, integer labels must be below their count); [] takes the sorted names.")
     text_field: str = _f("text", "Field holding the document text in JSONL, parquet and HF datasets.")
@@ -74,7 +75,8 @@ class DataSection:
 class TrainSection:
     objective: str = _f("lm", "'lm' (next-token loss; response tokens only with data.corpus='sft'), 'dpo' "
                               "(data.corpus='preference'; see the dpo section), 'reward' (a scalar head: pairwise on "
-                              "data.corpus='preference', pointwise 0/1 on 'classification') or 'classify'.")
+                              "data.corpus='preference', pointwise 0/1 on 'classification'), 'classify', or 'seq2seq' (an "
+                              "HF encoder-decoder on data.corpus='seq2seq', evaluated with ROUGE).")
     steps: int = _f(1000, "Optimizer steps to run.")
     global_batch_size: int = _f(32, "Sequences per optimizer step over all data-parallel ranks.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward on one rank; accumulation makes up the rest.")
@@ -531,16 +533,18 @@ def _validate_objective(cfg: JobConfig) -> None:
     """The objective and its data: preference pairs train with DPO, everything else with the LM loss."""
     t, d, o = cfg.train, cfg.data, cfg.dpo
     corpora = {"lm": ("shakespeare", "files", "prepared", "stream", "sft"), "dpo": ("preference",),
-               "reward": ("preference", "classification"), "classify": ("classification",)}
+               "reward": ("preference", "classification"), "classify": ("classification",), "seq2seq": ("seq2seq",)}
     if t.objective not in corpora:
         raise ConfigError(f"train.objective={t.objective!r}: use one of {', '.join(map(repr, corpora))}.")
     if d.corpus not in corpora[t.objective]:
         raise ConfigError(f"train.objective={t.objective!r} with data.corpus={d.corpus!r}: it trains on "
                           f"data.corpus {' or '.join(map(repr, corpora[t.objective]))}.")
-    if t.objective in ("reward", "classify"):
+    if t.objective == "seq2seq" and cfg.hf.path is None:
+        raise ConfigError("train.objective='seq2seq' needs hf.path: an HF encoder-decoder model (e.g. T5).")
+    if t.objective in ("reward", "classify", "seq2seq"):
         if cfg.parallel.tp * cfg.parallel.pp > 1:
-            raise ConfigError(f"train.objective={t.objective!r} with parallel.tp / parallel.pp > 1: sequence heads "
-                              f"train with data parallelism and ZeRO; set both to 1.")
+            raise ConfigError(f"train.objective={t.objective!r} with parallel.tp / parallel.pp > 1: it trains "
+                              f"with data parallelism and ZeRO; set both to 1.")
         if cfg.vocab.lexicon is not None:
             raise ConfigError(f"train.objective={t.objective!r} with vocab.lexicon: the vocabulary extension trains "
                               f"a language model; remove one.")
@@ -578,13 +582,13 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 def _validate_data(d: DataSection) -> None:
     """The corpus choice and its blend list."""
-    corpora = ("shakespeare", "files", "prepared", "stream", "sft", "preference", "classification")
+    corpora = ("shakespeare", "files", "prepared", "stream", "sft", "preference", "classification", "seq2seq")
     if d.corpus not in corpora:
         raise ConfigError(f"data.corpus={d.corpus!r}: use one of {', '.join(map(repr, corpora))}.")
-    supervised = d.corpus in ("sft", "preference", "classification")
+    supervised = d.corpus in ("sft", "preference", "classification", "seq2seq")
     if (d.corpus == "files" or supervised) and not d.files:
         what = {"sft": "instruction / chat JSONL", "preference": "preference JSONL",
-                "classification": "classification JSONL"}.get(d.corpus, "text/JSONL/parquet")
+                "classification": "classification JSONL", "seq2seq": "seq2seq JSONL"}.get(d.corpus, "text/JSONL/parquet")
         raise ConfigError(f"data.corpus={d.corpus!r} but data.files is empty: list {what} files.")
     if supervised and d.tokenizer is None:
         raise ConfigError(f"data.corpus={d.corpus!r} needs a tokenizer: set data.tokenizer, or hf.path (its own is "

@@ -158,7 +158,7 @@ def _setup_supervised(cfg: JobConfig) -> DataBundle:
                       vocab_size=tok_id["vocab_size"], separator_id=sep_id)
 
 
-SUPERVISED = ("sft", "preference", "classification")  # corpora of padded examples, not packed blocks
+SUPERVISED = ("sft", "preference", "classification", "seq2seq")  # corpora of padded examples, not packed blocks
 
 
 class ExampleSplit:
@@ -178,7 +178,13 @@ def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSpl
     """Render every example once; a seeded ``val_fraction`` of them (at least one) validates."""
     import numpy as np
 
-    from train.data.supervised import ClassificationDataset, Renderer, SupervisedDataset, read_classification
+    from train.data.supervised import (
+        ClassificationDataset,
+        Renderer,
+        Seq2SeqDataset,
+        SupervisedDataset,
+        read_classification,
+    )
     from train.data.tokenizer import load_tokenizer
 
     d = cfg.data
@@ -186,6 +192,8 @@ def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSpl
     if d.corpus == "classification":
         rows, names = read_classification(d.files, renderer.tokenizer, d.seq_len, d.labels or None)
         data: Any = ClassificationDataset(rows, names, renderer.pad_id)
+    elif d.corpus == "seq2seq":
+        data = Seq2SeqDataset(d.files, renderer.tokenizer, d.seq_len, d.max_target_len or d.seq_len)
     else:
         data = SupervisedDataset(d.files, renderer, kind="preference" if d.corpus == "preference" else "instruction")
     order = np.random.default_rng(d.split_seed).permutation(len(data)).tolist()

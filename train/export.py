@@ -352,6 +352,7 @@ def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: t
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
@@ -379,7 +380,9 @@ def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: t
                     model = AutoModelForSequenceClassification.from_pretrained(str(base), config=config,
                                                                                dtype=torch.float32)
                 else:
-                    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+                    auto = AutoModelForSeq2SeqLM if getattr(AutoConfig.from_pretrained(str(base)),
+                                                            "is_encoder_decoder", False) else AutoModelForCausalLM
+                    model = auto.from_pretrained(str(base), dtype=torch.float32)
                 if lora.get("r", 0):  # the base in full precision (also for a 4-bit run), the adapter folded in
                     from peft import PeftModel
 

@@ -24,6 +24,7 @@ from model.heads import SequenceScorer
 from model.hf_causal import (
     DTYPES,
     CausalLM,
+    Seq2SeqLM,
     causal_lm_config,
     load_causal_lm,
     meta_model,
@@ -79,7 +80,7 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
     """Check the HF model of ``cfg.hf.path`` against the recipe; raise ConfigError / ModelConfigError."""
     h, lo = cfg.hf, cfg.lora
     path = Path(str(h.path))
-    config = causal_lm_config(path)
+    config = causal_lm_config(path, seq2seq=cfg.train.objective == "seq2seq")
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     engine_dtype = _ds_dtype(ds_config)
     dtype = engine_dtype if h.dtype == "auto" else DTYPES[h.dtype]
@@ -174,7 +175,12 @@ def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch
         extension = apply_vocab(hf, p.vocab, cfg)
     else:
         hf.requires_grad_(True)
-    model: Any = CausalLM(hf) if p.head_labels is None else SequenceScorer.hf(hf)
+    if p.head_labels is not None:
+        model: Any = SequenceScorer.hf(hf)
+    elif cfg.train.objective == "seq2seq":
+        model = Seq2SeqLM(hf)
+    else:
+        model = CausalLM(hf)
     model.extension = extension  # (ExtensionInfo, tokenizer) of a vocabulary extension, for its snapshots
     trainable = sum(getattr(x, "ds_numel", x.numel()) for x in model.parameters() if x.requires_grad)
     log.info("HF model %s (%s, %s%s): %s parameters, %s trainable%s", p.path, p.config.model_type,

@@ -62,6 +62,7 @@ from train.optim import build_optimizer, build_scheduler, param_groups
 from train.preempt import RunControl
 from train.recipes.dpo import DPOObjective, build_reference
 from train.recipes.scoring import ScoreObjective
+from train.recipes.seq2seq import Seq2SeqObjective
 from train.trainer import Objective, TrainState, lm_loss, train
 from train.vocab_setup import SnapshotWriter, plan_vocab
 
@@ -130,7 +131,7 @@ def plan(args: argparse.Namespace) -> Plan:
     resume_from = _resume_target(cfg, args.resume)
     vocab = None
     if cfg.hf.path is not None:  # the model directory first: its tokenizer is the data's
-        causal_lm_config(cfg.hf.path)
+        causal_lm_config(cfg.hf.path, seq2seq=cfg.train.objective == "seq2seq")
         if cfg.vocab.lexicon is not None or cfg.vocab.from_snapshot is not None:
             vocab = plan_vocab(cfg)  # the data are tokenized with the extended tokenizer
             cfg.data.tokenizer = str(vocab.tokenizer_dir)
@@ -352,6 +353,12 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     objective = Objective(loss_fn)
     if t.objective == "dpo":
         objective = _dpo_objective(p, engine, groups, device, train_ds)
+    elif t.objective == "seq2seq":
+        from train.data.tokenizer import load_tokenizer
+
+        objective = Seq2SeqObjective(train_ds.dataset, load_tokenizer(p.bundle.tokenizer_dir),
+                                     max_new_tokens=cfg.data.max_target_len or cfg.data.seq_len,
+                                     zero3=engine.zero_optimization_stage() == 3, out_dir=out_dir, rank=env.rank)
     elif t.objective in ("reward", "classify"):
         mode = "classify" if t.objective == "classify" else \
             "pairwise" if cfg.data.corpus == "preference" else "pointwise"
@@ -367,8 +374,8 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     if not result:  # resumed a finished run: nothing to train, still report
         result = objective.evaluate(engine, val_batches, device)
     sample = None
-    if t.objective in ("reward", "classify"):
-        pass  # a sequence head generates nothing
+    if t.objective in ("reward", "classify", "seq2seq"):
+        pass  # a sequence head generates nothing; an encoder-decoder's generations are in its evaluations
     elif p.dims.pp > 1:
         log.info("no sample under pipeline parallelism: export the checkpoint (tools/export_hf.py) to generate")
     else:

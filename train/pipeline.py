@@ -313,7 +313,7 @@ def plan_pipeline(pipeline: Pipeline, check: StageCheck | None = None) -> tuple[
                 if cfg.hf.path is not None:
                     from model.hf_causal import causal_lm_config
 
-                    causal_lm_config(cfg.hf.path)
+                    causal_lm_config(cfg.hf.path, seq2seq=cfg.train.objective == "seq2seq")
                 placeholders[stage.name] = Path(tmp) / f"{index:03d}-{stage.name}" / EXPORT_DIR
                 _write_placeholder(cfg, placeholders[stage.name])
                 swaps[str(placeholders[stage.name])] = str(export_dir)

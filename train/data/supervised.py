@@ -36,7 +36,8 @@ from train.data.collators import Example, collate_classification, collate_lm, co
 from train.data.corpus import DataError, jsonl_rows
 
 _log = logging.getLogger("tessera")
-FORMATS = {"instruction": None, "preference": ("prompt", "chosen", "rejected"), "classification": ("text", "label")}
+FORMATS = {"instruction": None, "preference": ("prompt", "chosen", "rejected"), "classification": ("text", "label"),
+           "seq2seq": ("source", "target")}
 """Supported formats and their required fields (instruction: prompt + response, or messages)."""
 
 
@@ -247,3 +248,43 @@ class ClassificationDataset:
         picked = np.asarray(indices).tolist()
         out = collate_classification([self.rows[i] for i in picked], self.pad_id)
         return {**out, "index": torch.as_tensor(picked, dtype=torch.int64)}
+
+
+class Seq2SeqDataset:
+    """`{"source", "target"}` rows for an encoder-decoder: the source (cut to `max_len` tokens) is encoded, the
+    target (cut to `max_target_len`, then eos) is decoded; `batch(indices)` gives input_ids, attention_mask
+    (B, S), labels (B, T') with -100 padding, and `index`. Rows keep their texts for evaluation."""
+
+    def __init__(self, paths: Sequence[Path | str], tokenizer: Any, max_len: int, max_target_len: int) -> None:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer names no eos_token; set one in its tokenizer_config.json")
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows: list[tuple[list[int], list[int]]] = []
+        self.texts: list[tuple[str, str]] = []
+        for path in paths:
+            for where, row in read_jsonl(path):
+                _require(row, where, FORMATS["seq2seq"], "seq2seq")
+                source = list(tokenizer(row["source"], add_special_tokens=False)["input_ids"])[:max_len]
+                target = list(tokenizer(row["target"], add_special_tokens=False)["input_ids"])[:max_target_len]
+                if not source or not target:
+                    raise DataError(f"{where}: {'source' if not source else 'target'} is empty; drop the row")
+                self.rows.append((source, [*target, tokenizer.eos_token_id]))
+                self.texts.append((row["source"], row["target"]))
+        if not self.rows:
+            raise DataError(f"{[str(p) for p in paths]}: no seq2seq rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        picked = np.asarray(indices).tolist()
+        sources, targets = zip(*(self.rows[i] for i in picked), strict=True)
+        width, t_width = max(map(len, sources)), max(map(len, targets))
+        ids = torch.full((len(picked), width), self.pad_id, dtype=torch.int64)
+        mask = torch.zeros(len(picked), width, dtype=torch.int64)
+        labels = torch.full((len(picked), t_width), -100, dtype=torch.int64)
+        for b, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+            ids[b, : len(src)], mask[b, : len(src)] = torch.as_tensor(src), 1
+            labels[b, : len(tgt)] = torch.as_tensor(tgt)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "index": torch.as_tensor(picked, dtype=torch.int64)}
