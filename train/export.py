@@ -328,6 +328,8 @@ def export_hf(
         weights.pop("lm_head.weight", None)
         weights["score.weight"] = score.to(dtype).contiguous()
         config.num_labels = head["num_labels"]
+        if config.pad_token_id is None:  # the scorer skipped a trailing eos as padding (model/heads.py)
+            config.pad_token_id = config.eos_token_id
         if head.get("labels"):
             config.id2label = dict(enumerate(head["labels"]))
             config.label2id = {name: i for i, name in enumerate(head["labels"])}

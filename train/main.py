@@ -52,6 +52,7 @@ from train.checkpoint import (
 from train.config import ConfigError, JobConfig, describe_fields, load_config
 from train.data import DataError, eval_batches
 from train.data.supervised import ClassificationDataset
+from train.data.tokenizer import load_tokenizer
 from train.data_setup import DataBundle, batch_stream, build_datasets, setup_data
 from train.distributed import DistEnv, device_for, init_distributed, read_env
 from train.ds_config import load_ds_config, resolve_ds_config
@@ -274,7 +275,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
                    doc_mask=cfg.data.doc_mask, **dataclasses.asdict(cfg.perf))
         loss_fn = build_loss_fn(model, tp_ctx, default=lm_loss)
         if t.objective in ("reward", "classify"):  # the LM head replaced by a sequence head
-            model = SequenceScorer.native(model, _head_outputs(cfg, p.train_ds))
+            tok = load_tokenizer(p.bundle.tokenizer_dir)  # the pad (else eos) id, as the export records it
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            model = SequenceScorer.native(model, _head_outputs(cfg, p.train_ds), pad_id=pad)
     module: torch.nn.Module = model
     if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
         module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,
@@ -354,8 +357,6 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     if t.objective == "dpo":
         objective = _dpo_objective(p, engine, groups, device, train_ds)
     elif t.objective == "seq2seq":
-        from train.data.tokenizer import load_tokenizer
-
         objective = Seq2SeqObjective(train_ds.dataset, load_tokenizer(p.bundle.tokenizer_dir),
                                      max_new_tokens=cfg.data.max_target_len or cfg.data.seq_len,
                                      zero3=engine.zero_optimization_stage() == 3, out_dir=out_dir, rank=env.rank)
