@@ -153,6 +153,8 @@ class DPOSection:
     reference: str = _f("auto", "'auto' (the base with the adapters off under LoRA, else a frozen copy of the "
                                 "starting weights), 'copy', 'adapters', or 'cached' (the starting weights' log-probs "
                                 "computed once before training; no second model in memory).")
+    reference_from: str | None = _f(None, "A local HF model directory of the policy's architecture the reference "
+                                          "copy loads instead of the policy's starting weights (e.g. the SFT model).")
 
 
 @dataclass
@@ -555,6 +557,11 @@ def _validate_objective(cfg: JobConfig) -> None:
         raise ConfigError(f"dpo.label_smoothing={o.label_smoothing}: must be in [0, 0.5).")
     if o.reference not in ("auto", "copy", "adapters", "cached"):
         raise ConfigError(f"dpo.reference={o.reference!r}: use 'auto', 'copy', 'adapters' or 'cached'.")
+    if o.reference_from is not None and o.reference not in ("copy", "auto") or \
+            o.reference_from is not None and o.reference == "auto" and cfg.lora.r > 0:
+        raise ConfigError(f"dpo.reference_from={o.reference_from} with dpo.reference={o.reference!r}"
+                          f"{' and LoRA' if cfg.lora.r else ''}: another model is a frozen copy; set "
+                          f"dpo.reference='copy'.")
     if o.reference == "adapters" and cfg.lora.r == 0:
         raise ConfigError("dpo.reference='adapters' needs LoRA (lora.r > 0): the reference is the base with the "
                           "adapters switched off; use 'copy' or 'cached' for a full fine-tune.")

@@ -32,7 +32,7 @@ import yaml
 
 from model import ModelArgs, ModelConfigError, Transformer, generate
 from model.heads import SequenceScorer
-from model.hf import load_hf_pretrained
+from model.hf import args_from_hf_config, load_hf_config, load_hf_pretrained
 from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.groups import build_process_groups
@@ -154,10 +154,35 @@ def plan(args: argparse.Namespace) -> Plan:
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
     train_ds, val_ds = _datasets(cfg, bundle, dims.dp)
+    if cfg.train.objective == "dpo" and cfg.dpo.reference_from is not None:
+        _check_reference(cfg, hf, model_args)
     if cfg.train.objective in ("reward", "classify") and hf is not None:  # an HF sequence-classification head
         hf = dataclasses.replace(hf, head_labels=_head_outputs(cfg, train_ds))
     check_free_space(cfg.train.out_dir, _checkpoint_bytes(model_args, hf), "one checkpoint")
     return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds, hf=hf)
+
+
+def _check_reference(cfg: JobConfig, hf: HFPlan | None, model_args: ModelArgs | None) -> None:
+    """dpo.reference_from must hold the policy's architecture (its weights replace the policy's starting ones)."""
+    ref = cfg.dpo.reference_from
+    if hf is not None:
+        other = causal_lm_config(ref, where="dpo.reference_from")
+        keys = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "n_embd", "n_layer", "n_head")
+        for key in keys:
+            mine, theirs = getattr(hf.config, key, None), getattr(other, key, None)
+            if mine != theirs:
+                raise ConfigError(f"dpo.reference_from={ref}: {key}={theirs!r} there but {mine!r} in the policy "
+                                  f"(hf.path={hf.path}); the reference must have the policy's architecture.")
+        return
+    assert model_args is not None
+    theirs = dataclasses.replace(args_from_hf_config(load_hf_config(ref), max_seq_len=model_args.max_seq_len),
+                                 dropout=model_args.dropout)
+    diff = [f.name for f in dataclasses.fields(ModelArgs) if getattr(theirs, f.name) != getattr(model_args, f.name)]
+    if diff:
+        raise ConfigError(f"dpo.reference_from={ref}: {diff[0]}={getattr(theirs, diff[0])!r} there but "
+                          f"{getattr(model_args, diff[0])!r} in the policy; the reference must have the policy's "
+                          f"architecture.")
 
 
 def _head_meta(cfg: JobConfig, model: Any, train_ds: Any) -> dict[str, Any] | None:
@@ -399,10 +424,16 @@ def _dpo_objective(p: Plan, engine: Any, groups: Any, device: torch.device, trai
     """DPO against a reference built from the policy's starting point (train/recipes/dpo.py)."""
     cfg = p.cfg
 
+    source = cfg.dpo.reference_from
+
     def fresh_model() -> torch.nn.Module:
         if p.hf is not None:
-            return build_hf(dataclasses.replace(p.hf, lora_targets=[]), cfg, p.ds_config, device)[0]
-        return _native_model(p, groups, device)[0]
+            plan = dataclasses.replace(p.hf, lora_targets=[], path=Path(source) if source else p.hf.path)
+            return build_hf(plan, cfg, p.ds_config, device)[0]
+        model = _native_model(p, groups, device)[0]
+        if source:  # another checkpoint of the same architecture (checked when planning)
+            model.load_state_dict(load_hf_pretrained(source, max_seq_len=model.args.max_seq_len)[1])
+        return model
 
     dataset = train_ds.dataset  # every pair, training and validation (the batches' `index` counts in it)
     reference = build_reference(cfg.dpo.reference, engine=engine, adapters=p.hf is not None and p.hf.adapters,

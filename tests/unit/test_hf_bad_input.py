@@ -147,3 +147,19 @@ def test_classification_labels_outside_the_classes(root: Path, tmp_path: Path) -
     p = plan(parse_args(["--config", str(SMOKE), "--ds_config", "cpu", f"hf.path={root / 'llama-2l'}", *base,
                          "data.seq_len=32", "data.val_fraction=0.25", f"train.out_dir={tmp_path / 'run'}"]))
     assert p.hf is not None and p.hf.head_labels == 3
+
+
+def test_a_dpo_reference_of_another_architecture_is_refused(root: Path, tmp_path: Path) -> None:
+    from tests.hf_models import write_preferences
+
+    prefs = write_preferences(tmp_path / "pref.jsonl", n=16)
+    other = make_hf_model(tmp_path / "other", "llama", layers=3)
+    same = make_hf_model(tmp_path / "same", "llama", seed=1)
+    dpo = ["train.objective=dpo", "data.corpus=preference", f"data.files=[{prefs}]", "data.seq_len=64"]
+    with pytest.raises(USER_ERRORS, match=r"dpo.reference_from=.*: num_hidden_layers=3 there but 2 in the policy"):
+        _plan(root, tmp_path, *dpo, f"dpo.reference_from={other}")
+    with pytest.raises(USER_ERRORS, match=r"model_type='t5' is not a causal language model"):
+        _plan(root, tmp_path, *dpo, f"dpo.reference_from={root / 't5'}")
+    with pytest.raises(USER_ERRORS, match=r"another model is a frozen copy; set dpo.reference='copy'"):
+        _plan(root, tmp_path, *dpo, f"dpo.reference_from={same}", "lora.r=4")
+    _plan(root, tmp_path, *dpo, f"dpo.reference_from={same}")  # same architecture, other weights: fine
