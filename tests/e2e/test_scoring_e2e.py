@@ -93,16 +93,19 @@ def test_lora_classifier_exports_a_standard_sequence_classifier(tmp_path: Path, 
     out = tmp_path / "run"
     run_job(python_main(*_args(root, out, f"hf.path={root / 'llama-2l'}", "train.objective=classify", "lora.r=8",
                                "data.corpus=classification", f"data.files=[{root / 'reviews.jsonl'}]",
-                               "train.lr=1e-2")), tmp_path)
-    final = _final(out)
-    assert final["val_accuracy"] >= 0.9 and final["val_macro_f1"] >= 0.9, final
+                               "train.lr=1e-2", "train.steps=32")), tmp_path)
+    evals = [r for r in read_rows(out) if "val_accuracy" in r]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and evals[-1]["val_accuracy"] >= 0.75, evals
     exported = tmp_path / "hf"
     run_job([sys.executable, "tools/export_hf.py", str(out), "--out", str(exported), "--merge"], tmp_path)
     model = AutoModelForSequenceClassification.from_pretrained(str(exported)).eval()
     tok = AutoTokenizer.from_pretrained(str(exported))
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    texts = ["Review 1: the film was superb.", "Review 2: the film was dreadful."]
+    # transformers' own forward on the merged export predicts what the run predicted for every validation review
+    texts = [json.loads(line)["text"] for line in (root / "reviews.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "predictions" / "eval_step_00000032.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
     with torch.no_grad():
-        for text, label in zip(texts, (1, 0), strict=True):
-            ids = torch.tensor([tok.encode(text)])
-            assert model(input_ids=ids).logits.argmax(-1).item() == label
+        for row in rows:
+            ids = torch.tensor([tok(texts[row["index"]], add_special_tokens=False)["input_ids"][:64]])
+            assert model(input_ids=ids).logits.argmax(-1).item() == row["prediction"], row
