@@ -33,7 +33,8 @@ from model.hf_causal import (
 from model.lora import apply_lora, lora_targets
 from parallel.dims import ParallelDims
 from parallel.tp import HF_TP_MODEL_TYPES
-from train.config import ConfigError, JobConfig, parse_layers
+from train.config import ConfigError, JobConfig
+from train.config_finetune import parse_layers
 from train.vocab_setup import VocabPlan, apply_vocab
 
 ADAPTER_DIR = "adapter"

@@ -19,6 +19,7 @@ accuracy (the share of pairs with z > 0).
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,11 @@ def _forward(model: Any, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(pairs["input_ids"], position_ids=pairs["position_ids"], doc_ids=pairs["doc_ids"])
 
 
-class Reference:
+class Reference(ABC):
     """Log-probabilities of a (2B, T) pair batch under the reference policy (no gradient)."""
 
-    def logps(self, engine: Any, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def logps(self, engine: Any, pairs: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
 
 class AdapterReference(Reference):
