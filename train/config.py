@@ -28,6 +28,7 @@ from train.config_finetune import (
     _validate_hf,
     _validate_objective,
 )
+from train.config_research import ResearchSection, validate_research
 
 # ModelArgs fields a recipe may still set when starting from pretrained weights.
 INIT_FROM_OVERRIDES = {"max_seq_len", "dropout"}
@@ -160,6 +161,7 @@ class JobConfig:
     vocab: VocabSection = field(default_factory=VocabSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     perf: PerfSection = field(default_factory=PerfSection)
+    research: ResearchSection = field(default_factory=ResearchSection)
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
@@ -296,6 +298,7 @@ _SECTIONS: dict[str, type] = {
     "vocab": VocabSection,
     "dpo": DPOSection,
     "perf": PerfSection,
+    "research": ResearchSection,
 }
 
 
@@ -352,6 +355,7 @@ def validate(cfg: JobConfig) -> None:
     _validate_hf(cfg)
     _validate_data(d)
     _validate_objective(cfg)
+    validate_research(cfg)
     if d.doc_mask and cfg.parallel.pp > 1:
         raise ConfigError(f"data.doc_mask=true with parallel.pp={cfg.parallel.pp}: the pipeline engine passes only "
                           "(inputs, labels) between stages; set data.doc_mask=false or parallel.pp=1.")

@@ -64,11 +64,23 @@ from train.preempt import RunControl
 from train.recipes.dpo import DPOObjective, build_reference
 from train.recipes.scoring import ScoreObjective
 from train.recipes.seq2seq import Seq2SeqObjective
+from train.research import LossTermError
+from train.research import param_groups as research_param_groups
+from train.research_run import (
+    ResearchObjective,
+    ResearchPlan,
+    build_extension,
+    config_shape,
+    diagnostic_groups,
+    place,
+    plan_research,
+)
 from train.trainer import Objective, TrainState, lm_loss, train
 from train.vocab_setup import SnapshotWriter, plan_vocab
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
 USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError, CheckpointError)
+RUN_ERRORS = (CheckpointError, TrainingDiverged, ModelConfigError, LossTermError, ConfigError)
 # Bytes per parameter in a checkpoint: fp32 weights (4) + Adam moments (8) + an fp32 master copy under bf16 (4).
 CKPT_BYTES_PER_PARAM = 16
 log = logging.getLogger("tessera")
@@ -102,6 +114,7 @@ class Plan:
     train_ds: Any  # a dataset with batch(indices), or a stream (train/data_setup.py)
     val_ds: Any  # a dataset with batch(indices)
     hf: HFPlan | None = None  # the HF model of hf.path, checked
+    research: ResearchPlan | None = None  # the research recipe around the model (train/research.py), checked
 
 
 def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
@@ -139,6 +152,10 @@ def plan(args: argparse.Namespace) -> Plan:
     bundle = setup_data(cfg)
     hf = plan_hf(cfg, ds_config, dims, bundle.vocab_size, vocab) if cfg.hf.path is not None else None
     model_args = None if hf is not None else _native_model_args(cfg, dims, ds_config, bundle.vocab_size)
+    research = None
+    if cfg.research.recipe is not None:  # the recipe's options against the model's shape
+        dim, n_layers = config_shape(hf.config) if hf is not None else (model_args.dim, model_args.n_layers)
+        research = plan_research(cfg, dim=dim, n_layers=n_layers, vocab_size=bundle.vocab_size)
     if dims.pp > 1 and cfg.parallel.sequence_parallel:  # stages exchange sequence slices, not replicas
         ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     if resume_from is not None:
@@ -148,6 +165,10 @@ def plan(args: argparse.Namespace) -> Plan:
             if meta.get("hf") != hf.identity or meta.get("config", {}).get("lora") != cfg.to_dict()["lora"]:
                 raise ConfigError(f"--resume: the checkpoint {resume_from} was trained on {meta.get('hf')} with "
                                   f"lora {meta.get('config', {}).get('lora')}; resume with that model and lora section.")
+        elif (meta.get("research") or {}).get("recipe") != cfg.research.recipe or \
+                (meta.get("research") or {}).get("options", {}) != cfg.research.options:
+            raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with research "
+                              f"{meta.get('research')}; resume with that research.recipe and research.options.")
         elif ModelArgs(**(meta.get("model_args") or {})) != model_args:
             raise ConfigError(f"--resume: the checkpoint {resume_from} holds a different model "
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
@@ -159,7 +180,8 @@ def plan(args: argparse.Namespace) -> Plan:
     if cfg.train.objective in ("reward", "classify") and hf is not None:  # an HF sequence-classification head
         hf = dataclasses.replace(hf, head_labels=_head_outputs(cfg, train_ds))
     check_free_space(cfg.train.out_dir, _checkpoint_bytes(model_args, hf), "one checkpoint")
-    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds, hf=hf)
+    return Plan(cfg, env, dims, ds_config, bundle, model_args, resume_from, train_ds=train_ds, val_ds=val_ds, hf=hf,
+                research=research)
 
 
 def _check_reference(cfg: JobConfig, hf: HFPlan | None, model_args: ModelArgs | None) -> None:
@@ -293,6 +315,8 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         if p.dims.tp > 1:  # the HF model's modules swapped for Tessera's TP layers, by the native plan
             tp_ctx = apply_tp(model.model, groups.tp_group, plan=HF_LLAMA_TP_PLAN, seed=t.seed)
         loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
+    elif p.research is not None and not p.research.cls.needs_base:  # a recipe that is its own model
+        model, tp_ctx, n_params, loss_fn = None, TPContext(None, 1, 0), 0, lm_loss
     else:
         model, tp_ctx, n_params = _native_model(p, groups, device)
         bf16 = bool(p.ds_config.get("bf16", {}).get("enabled"))  # then activation checkpointing, kernels, compile
@@ -303,18 +327,27 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
             tok = load_tokenizer(p.bundle.tokenizer_dir)  # the pad (else eos) id, as the export records it
             pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
             model = SequenceScorer.native(model, _head_outputs(cfg, p.train_ds), pad_id=pad)
+    ext = None
+    if p.research is not None:  # the recipe's modules around the model; frozen base, placed with the activations
+        model = ext = _build_extension(p, model, loss_fn, tp_ctx, device)
+        n_params = sum(x.numel() for x in ext.parameters())
     module: torch.nn.Module = model
     if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
         module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,
                                 partition_method=cfg.parallel.partition_method,
                                 activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
-    if not (p.hf is not None and p.hf.quantization is not None):  # bitsandbytes placed the weights already
+    quantized = p.hf is not None and p.hf.quantization is not None  # bitsandbytes placed the weights already
+    if ext is not None:
+        place(ext, device, move_base=not quantized)
+    elif not quantized:
         module.to(device)
-    optimizer = None if "optimizer" in p.ds_config else build_optimizer(module, t, p.ds_config)
+    opt_groups = (research_param_groups(module, cfg.research.groups, lr=t.lr, weight_decay=t.weight_decay)
+                  if ext is not None else param_groups(module, t.weight_decay))
+    optimizer = None if "optimizer" in p.ds_config else build_optimizer(module, t, p.ds_config, groups=opt_groups)
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
-        model_parameters=None if optimizer is not None else param_groups(module, t.weight_decay),
+        model_parameters=None if optimizer is not None else opt_groups,
         lr_scheduler=lambda opt: build_scheduler(opt, t),
         config=p.ds_config,
         mpu=groups if p.dims.pp == 1 else None,
@@ -327,6 +360,7 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         "model_args": dataclasses.asdict(p.model_args) if p.model_args is not None else None,
         "hf": p.hf.identity if p.hf is not None else None,
         "head": _head_meta(cfg, model, p.train_ds),
+        "research": {"recipe": cfg.research.recipe, "options": cfg.research.options} if ext is not None else None,
         "tokenizer": p.bundle.tokenizer_id,
         "tokenizer_dir": str(p.bundle.tokenizer_dir),
         "prepared_dir": str(p.bundle.prepared_dir),
@@ -344,7 +378,8 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     extra = None
     if p.hf is not None and p.hf.adapters:  # every checkpoint also holds the adapter in PEFT's format
         def extra(tag_dir: Path) -> None:
-            save_adapter(engine.module, tag_dir / ADAPTER_DIR, rank=env.rank, tokenizer_dir=p.bundle.tokenizer_dir)
+            base = engine.module if ext is None else ext.base
+            save_adapter(base, tag_dir / ADAPTER_DIR, rank=env.rank, tokenizer_dir=p.bundle.tokenizer_dir)
     checkpoints = CheckpointWriter(out_dir, rank=env.rank, keep_last=t.keep_last,
                                    estimate_bytes=_checkpoint_bytes(p.model_args, p.hf), extra=extra)
 
@@ -379,7 +414,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         after_step = SnapshotWriter(model.model, info, tokenizer, out_dir, interval=cfg.vocab.snapshot_interval,
                                     last_step=t.steps, rank=env.rank)
     objective = Objective(loss_fn)
-    if t.objective == "dpo":
+    if ext is not None:
+        objective = _research_objective(p, ext, out_dir, env.rank, tp_ctx)
+    elif t.objective == "dpo":
         objective = _dpo_objective(p, engine, groups, device, train_ds)
     elif t.objective == "seq2seq":
         objective = Seq2SeqObjective(train_ds.dataset, load_tokenizer(p.bundle.tokenizer_dir),
@@ -400,12 +437,16 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     if not result:  # resumed a finished run: nothing to train, still report
         result = objective.evaluate(engine, val_batches, device)
     sample = None
-    if t.objective in ("reward", "classify", "seq2seq"):
+    if ext is not None:
+        result = {**result, **ext.report(state.step)}
+    if ext is not None and not p.research.cls.needs_base:
+        pass  # a recipe's own model: its evaluations are its report
+    elif t.objective in ("reward", "classify", "seq2seq"):
         pass  # a sequence head generates nothing; an encoder-decoder's generations are in its evaluations
     elif p.dims.pp > 1:
         log.info("no sample under pipeline parallelism: export the checkpoint (tools/export_hf.py) to generate")
     else:
-        sample = _sample(cfg, engine.module, p.bundle.tokenizer_dir, device, tp_ctx)
+        sample = _sample(cfg, engine.module if ext is None else ext.base, p.bundle.tokenizer_dir, device, tp_ctx)
     summary = {"steps": state.step, "train_time_s": round(time.perf_counter() - start, 1), "params": n_params,
                **result, "sample": sample}
     logger.close(summary)
@@ -418,6 +459,37 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         if sample is not None:
             print(f"--- sample ---\n{sample}\n--------------")
     return summary
+
+
+def _build_extension(p: Plan, base: torch.nn.Module | None, loss_fn: Any, tp_ctx: TPContext,
+                     device: torch.device) -> Any:
+    """The research recipe's extension around ``base`` (train/research.py)."""
+    from train.research import RecipeContext
+    from train.research_run import model_shape
+    from train.trainer import forward_kwargs
+
+    cfg = p.cfg
+    dim, n_layers = model_shape(base) if base is not None else (0, 0)
+    ctx = RecipeContext(dim=dim, n_layers=n_layers, vocab_size=p.bundle.vocab_size, device=device,
+                        out_dir=Path(cfg.train.out_dir), rank=p.env.rank, seed=cfg.train.seed, lm_loss=loss_fn,
+                        forward_kwargs=forward_kwargs(loss_fn), tp_ctx=tp_ctx if tp_ctx.size > 1 else None,
+                        tokenizer=load_tokenizer(p.bundle.tokenizer_dir), config=cfg)
+    return build_extension(p.research, base, ctx, freeze_base=cfg.research.freeze_base)
+
+
+def _research_objective(p: Plan, ext: Any, out_dir: Path, rank: int, tp_ctx: TPContext) -> ResearchObjective:
+    """The recipe's weighted terms, with diagnostics when research.diagnostics_interval is set."""
+    r = p.cfg.research
+    diagnostics = None
+    if r.diagnostics_interval > 0:
+        from train.diagnostics import Diagnostics
+
+        diagnostics = Diagnostics(out_dir, interval=r.diagnostics_interval, groups=diagnostic_groups(ext), rank=rank,
+                                  tp_group=tp_ctx.group if tp_ctx.size > 1 else None)
+    tok = ext.ctx.tokenizer
+    return ResearchObjective(p.research.terms, final_step=p.cfg.train.steps, diagnostics=diagnostics,
+                             tp_ctx=tp_ctx if tp_ctx.size > 1 else None,
+                             decode=(lambda i: tok.decode([i])) if tok is not None else None)
 
 
 def _dpo_objective(p: Plan, engine: Any, groups: Any, device: torch.device, train_ds: Any) -> DPOObjective:
@@ -455,7 +527,8 @@ def _native_model(p: Plan, groups: Any, device: torch.device) -> tuple[Transform
     split = p.dims.tp * p.dims.pp > 1
     model = build_model(p.model_args, torch.device("cpu") if split else device, t.seed)
     n_params = sum(x.numel() for x in model.parameters())
-    if cfg.model.init_from is not None and p.resume_from is None:  # full weights on every rank, then TP / ZeRO
+    frozen = p.research is not None and cfg.research.freeze_base  # a frozen base is not in the checkpoints
+    if cfg.model.init_from is not None and (p.resume_from is None or frozen):  # every rank, then TP / ZeRO
         _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
@@ -511,8 +584,8 @@ def main(argv: list[str] | None = None, *, control: RunControl | None = None) ->
     try:
         run(p, control)
     # raised on every rank together: a checkpoint that cannot be written or read, a run that keeps diverging,
-    # pretrained weights that do not match their config
-    except (CheckpointError, TrainingDiverged, ModelConfigError) as e:
+    # pretrained weights that do not match their config, a research loss term that is not a finite scalar
+    except RUN_ERRORS as e:
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 1

@@ -57,15 +57,18 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
         return None if self.overflow else super().step(closure)
 
 
-def build_optimizer(model: nn.Module, t: TrainSection, ds_config: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, t: TrainSection, ds_config: dict[str, Any],
+                    groups: list[dict[str, Any]] | None = None) -> torch.optim.Optimizer:
     """torch AdamW (every ZeRO stage takes it, no compiled op); without ZeRO and half precision, the
-    non-finite-skipping subclass, since nothing else would guard the weights there."""
+    non-finite-skipping subclass, since nothing else would guard the weights there. ``groups``: parameter
+    groups to use instead of ``param_groups(model)`` (a group's own ``lr`` follows the same schedule)."""
     cls = torch.optim.AdamW
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     half = ds_config.get("bf16", {}).get("enabled") or ds_config.get("fp16", {}).get("enabled")
     if stage == 0 and not half:
         cls = SkipNonFiniteAdamW
-    return cls(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    groups = groups if groups is not None else param_groups(model, t.weight_decay)
+    return cls(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:

@@ -148,6 +148,16 @@ class Objective:
         val_loss, val_ppl = evaluate(engine, batches, device, self.loss_fn)
         return {"val_loss": val_loss, "val_ppl": val_ppl}
 
+    # Called on every rank around each optimizer step (1-based ``step``); the default does nothing.
+    def begin_step(self, step: int) -> None:
+        """Before the first micro-batch of ``step``."""
+
+    def before_update(self, engine: Any, step: int) -> None:
+        """After the last micro-batch's backward, before the engine applies the update: gradients are there."""
+
+    def end_step(self, engine: Any, step: int, terms: dict[str, float]) -> None:
+        """After the update, with the step's logged terms averaged over micro-batches and ranks."""
+
 
 def _mean_terms(terms: dict[str, float], n: int, device: torch.device) -> dict[str, float]:
     """Per-step means of the logged loss terms over micro-batches and ranks (the same keys on every rank)."""
@@ -263,6 +273,8 @@ class Trainer:
         if self.pipeline:  # the engine pulls grad_accum micro-batches, runs the schedule and steps
             return float(self.engine.train_batch(data_iter=self.stream)), None
         batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
+        step = self.state.step + 1
+        self.objective.begin_step(step)
         terms: dict[str, float] = {}
         for micro in range(self.grad_accum):
             loss, parts = self.objective.loss(self.engine, next(self.stream), self.device)
@@ -270,11 +282,14 @@ class Trainer:
                 terms[name] = terms.get(name, 0.0) + float(value)
             loss = _injected_fault(loss, batch_no)
             self.engine.backward(loss)
-            if want_grad_norm and micro == self.grad_accum - 1 and _engine_skips_grad_norm(self.engine):
-                grad_norm = _grad_norm(self.engine.module, self.tp_ctx)
+            if micro == self.grad_accum - 1:
+                if want_grad_norm and _engine_skips_grad_norm(self.engine):
+                    grad_norm = _grad_norm(self.engine.module, self.tp_ctx)
+                self.objective.before_update(self.engine, step)
             self.engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
             loss_sum += loss.item()
         self.terms = _mean_terms(terms, self.grad_accum, self.device)
+        self.objective.end_step(self.engine, step, self.terms)
         return _mean_over_ranks(loss_sum / self.grad_accum, self.device), grad_norm
 
     def _bad_step(self, loss_avg: float) -> None:
