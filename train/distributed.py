@@ -73,3 +73,17 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         verbose=False,
     )
+
+
+def shutdown_distributed() -> None:
+    """Leave together and tear the process group down before the interpreter exits.
+
+    Without this, a rank that exits first closes its gloo connections while another rank's background threads
+    still use them, which can abort that rank after a finished run ("terminate called without an active
+    exception"). Called only where every rank arrives (after a finished run or an error raised on all of them).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

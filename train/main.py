@@ -54,7 +54,7 @@ from train.data import DataError, eval_batches
 from train.data.supervised import ClassificationDataset
 from train.data.tokenizer import load_tokenizer
 from train.data_setup import DataBundle, batch_stream, build_datasets, setup_data
-from train.distributed import DistEnv, device_for, init_distributed, read_env
+from train.distributed import DistEnv, device_for, init_distributed, read_env, shutdown_distributed
 from train.ds_config import load_ds_config, resolve_ds_config
 from train.guards import TrainingDiverged
 from train.hf_setup import ADAPTER_DIR, HFPlan, build_hf, plan_hf, save_adapter
@@ -588,7 +588,9 @@ def main(argv: list[str] | None = None, *, control: RunControl | None = None) ->
     except RUN_ERRORS as e:
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
+        shutdown_distributed()
         return 1
+    shutdown_distributed()
     return 0
 
 

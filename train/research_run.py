@@ -15,8 +15,10 @@ import torch.distributed as dist
 from torch import nn
 
 from train.config import JobConfig
+from train.config_fields import ConfigError
 from train.research import (
     Extension,
+    LossTermError,
     RecipeContext,
     Term,
     check_finite,
@@ -76,10 +78,13 @@ def build_extension(rp: ResearchPlan, base: nn.Module | None, ctx: RecipeContext
     ext = rp.cls(base, ctx, rp.options)
     if base is None:
         ext.base = ext.build_model()
+    scalars = [name for name, p in ext.named_parameters() if p.dim() == 0]
+    if scalars:  # DeepSpeed views every parameter as bytes to broadcast and partition it; 0-d tensors cannot be
+        raise ConfigError(f"research.recipe={ctx.config.research.recipe!r}: parameter {scalars[0]!r} is 0-dimensional, "
+                          f"which DeepSpeed cannot broadcast or partition; declare it with shape (1,) "
+                          f"(e.g. nn.Parameter(torch.ones(1))).")
     trainable = sum(p.numel() for p in ext.parameters() if p.requires_grad)
     if trainable == 0:
-        from train.config_fields import ConfigError
-
         raise ConfigError(f"research.recipe={ctx.config.research.recipe!r} declares no trainable parameter and "
                           f"the base is frozen (research.freeze_base=true): nothing would train.")
     return ext
@@ -131,7 +136,11 @@ class ResearchObjective(Objective):
 
     def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(as_batch(batch, device))
-        return weigh_terms(out["terms"], self.schedule, self.step - 1)
+        total, logged = weigh_terms(out["terms"], self.schedule, self.step - 1)
+        if total.grad_fn is None:
+            raise LossTermError(f"the weighted loss at step {self.step} ({', '.join(out['terms'])}) depends on no "
+                                f"trainable parameter: forward must use the recipe's modules (or an unfrozen base).")
+        return total, logged
 
     def before_update(self, engine: Any, step: int) -> None:
         if self.diagnostics is not None and self.diagnostics.due(step):

@@ -60,13 +60,14 @@ class InjectionHead(nn.Module):
         nn.init.normal_(self.up.weight, std=rank**-0.5)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, h: torch.Tensor, noise: Any = torch.randn_like) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``noise(mu)``: standard normal draws shaped like ``mu`` (B, T, r)."""
         z = self.down(h.float())  # (B, T, r) or (B, T, 2r)
         kl = None
         if self.variational:
             mu, logvar = z.chunk(2, dim=-1)
             logvar = logvar.clamp(-10.0, 10.0)
-            z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+            z = mu + noise(mu) * (0.5 * logvar).exp() if self.training else mu
             kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1).mean()  # per position, averaged
         return self.up(torch.tanh(z)), kl
 
@@ -102,7 +103,7 @@ class Injection(Extension):
             v = self.vector.to(h.dtype)
         else:
             if layer == self.layer_ids[0]:  # made from the stream where the range starts, reused after
-                self._v, self._kl = self.head(h)
+                self._v, self._kl = self.head(h, self._noise)
             v = self._v.to(h.dtype)
         return h + self.scale * v
 
@@ -114,6 +115,16 @@ class Injection(Extension):
             kl = self._kl if self._kl is not None else lm.new_zeros(())
             terms["kl"] = self._mean_over_sequence_slices(kl)
         return outputs(terms, logits=logits)
+
+    def _noise(self, mu: torch.Tensor) -> torch.Tensor:
+        """Normal draws for the whole sequence, of which a sequence-parallel rank keeps its slice: the same
+        numbers as one process draws, whatever the layout."""
+        tp = self.ctx.tp_ctx
+        if tp is None or tp.size == 1 or not tp.sequence_parallel:
+            return torch.randn_like(mu)
+        B, t, r = mu.shape  # t: this rank's positions
+        full = torch.randn(B, t * tp.size, r, dtype=mu.dtype, device=mu.device)
+        return full[:, tp.rank * t:(tp.rank + 1) * t]
 
     def _mean_over_sequence_slices(self, x: torch.Tensor) -> torch.Tensor:
         """Under sequence parallelism each TP rank saw its slice of the positions: average them."""

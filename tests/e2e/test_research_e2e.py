@@ -1,0 +1,147 @@
+"""Research recipes through the real entry point: declared modules train, are saved and restored bitwise under
+ZeRO-0 and ZeRO-3, hooks compose with tensor parallelism, bad terms stop the run in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import python_main, read_rows, run_job, train_losses
+from tests.e2e.test_train_e2e import _common, _deepspeed
+from tests.hf_models import make_hf_model, write_sft
+from train.export import consolidated_state_dict
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["train.steps=8", "train.eval_interval=4", "train.save_interval=4", "train.keep_last=0",
+         "sample.max_new_tokens=4"]
+HEAD = ["research.recipe=injection", "research.options={layers: '1-2', scale: 1.0, source: variational, rank: 8, "
+        "max_new_tokens: 4}", "research.groups=[{params: 'head.*', lr: 0.01}]"]
+
+
+def _head(tag: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in consolidated_state_dict(tag).items() if k.startswith("head.")}
+
+
+def _resume(tmp_path: Path, out: Path, launch: list[str], args: list[str], step: int = 4) -> Path:
+    """A copy of checkpoint ``step`` resumed to the end with the same command."""
+    tag = out / "checkpoints" / f"step_{step:08d}"
+    resumed = tmp_path / f"{out.name}-resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tag, resumed / "checkpoints" / tag.name)
+    rows = [r for r in read_rows(out) if r["step"] <= step]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_job([*launch, *[a for a in args if not a.startswith("train.out_dir=")], f"train.out_dir={resumed}",
+             "--resume", "auto"], tmp_path)
+    return resumed
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero3"])
+def test_declared_modules_train_and_resume_bitwise(tmp_path: Path, data_cache: Path, zero3_test_config: Path,
+                                                   stage: str) -> None:
+    out = tmp_path / stage
+    args = [*_common(out, data_cache, *STEPS, *HEAD)]
+    if stage == "zero0":
+        launch = python_main("--ds_config", "cpu")
+    else:
+        launch = _deepspeed(2, "--ds_config", str(zero3_test_config))
+    proc = run_job([*launch, *args], tmp_path)
+    assert "ZeRO stage 3" in proc.stderr if stage == "zero3" else "ZeRO stage 0" in proc.stderr
+    rows = [r for r in read_rows(out) if "loss" in r]
+    assert all("term_lm" in r and "term_kl" in r and "weight_kl" in r for r in rows)
+    assert rows[0]["weight_kl"] == 0.0 and rows[-1]["weight_kl"] == pytest.approx(0.01 * 7 / 100)
+
+    first, last = _head(out / "checkpoints/step_00000004"), _head(out / "checkpoints/step_00000008")
+    assert set(first) == {"head.down.weight", "head.down.bias", "head.up.weight", "head.up.bias"}
+    assert all(not torch.equal(first[k], last[k]) for k in first)  # every declared parameter moved
+    if stage == "zero0":  # in the optimizer, with the group's own rate (its schedule factor applied)
+        opt = torch.load(out / "checkpoints/step_00000008/mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+        assert len(opt["state"]) == 4  # the head's four tensors, nothing of the frozen base
+        assert opt["param_groups"][0]["initial_lr"] == 0.01
+        assert all(k in consolidated_state_dict(out / "checkpoints/step_00000008") for k in first)
+
+    resumed = _resume(tmp_path, out, launch, args)
+    assert {s: v for s, v in train_losses(resumed).items() if s > 4} == \
+        {s: v for s, v in train_losses(out).items() if s > 4}
+    again = _head(resumed / "checkpoints/step_00000008")
+    assert all(torch.equal(again[k], last[k]) for k in last)
+    consistency = [json.loads(line) for line in (out / "consistency.jsonl").read_text().splitlines()]
+    assert [r["turn"] for r in consistency] == [0, 1] and all("base" in r and "modified" in r for r in consistency)
+
+
+def test_injection_hooks_under_tp2_follow_one_process(tmp_path: Path, data_cache: Path) -> None:
+    """The hooks fire on the TP-sharded blocks (and on sequence slices): the loss curve of one process."""
+    args = ["train.steps=6", "train.eval_interval=6", "train.save_interval=6", "sample.max_new_tokens=0", *HEAD]
+    ref = tmp_path / "one"
+    run_job(python_main(*_common(ref, data_cache, *args), "--ds_config", "cpu"), tmp_path)
+    for sp in ("false", "true"):
+        out = tmp_path / f"tp2-sp{sp}"
+        run_job(_deepspeed(2, *_common(out, data_cache, *args, "parallel.tp=2", f"parallel.sequence_parallel={sp}"),
+                           "--ds_config", "cpu"), tmp_path)
+        got, want = train_losses(out), train_losses(ref)
+        assert sorted(got) == list(range(1, 7))
+        for step, loss in want.items():
+            assert got[step] == pytest.approx(loss, abs=1e-4), (sp, step)
+        kl = {r["step"]: r["term_kl"] for r in read_rows(out) if "term_kl" in r}
+        for r in read_rows(ref):
+            if "term_kl" in r:
+                assert kl[r["step"]] == pytest.approx(r["term_kl"], rel=1e-4), (sp, r["step"])
+
+
+def test_injection_on_a_4bit_base_with_lora(tmp_path: Path) -> None:
+    """QLoRA base + a variational head: the adapters and the head train, the base stays 4-bit and frozen."""
+    root = tmp_path / "hf"
+    model_dir = make_hf_model(root, "llama")
+    data = write_sft(root / "sft.jsonl")
+    out = tmp_path / "run"
+    args = ["--config", "train/configs/smoke.yaml", f"hf.path={model_dir}", "data.corpus=sft",
+            f"data.files=[{data}]", "data.seq_len=32", "data.val_fraction=0.25", "train.lr=3e-3", "train.steps=12",
+            "train.warmup_steps=2", "train.eval_interval=6", "train.save_interval=6", "train.eval_batches=2",
+            f"train.out_dir={out}", "log.progress=false", "lora.r=8", "hf.quantization=4bit",
+            "research.recipe=injection", "research.options={layers: '0-1', source: variational, max_new_tokens: 4}",
+            "sample.max_new_tokens=4"]
+    proc = run_job(python_main(*args), tmp_path)
+    assert "4bit" in proc.stderr
+    losses = list(train_losses(out).values())
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
+    state = torch.load(out / "checkpoints/step_00000012/mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert any(k.startswith("head.") for k in state) and any("lora_A" in k for k in state)
+    assert (out / "checkpoints/step_00000012/adapter/adapter_config.json").is_file()
+    rows = [json.loads(line) for line in (out / "consistency.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["base"], str) and isinstance(r["modified"], str) for r in rows)
+
+
+def test_a_nonfinite_term_stops_the_run_naming_it(tmp_path: Path, data_cache: Path) -> None:
+    out = tmp_path / "nan"
+    proc = run_job(python_main(*_common(out, data_cache, "train.steps=8", "train.save_interval=2",
+                                        "train.eval_interval=8", "research.recipe=tests.research_recipes:NaNRatio",
+                                        "research.options={nan_after: 6}", "research.freeze_base=false")),
+                   tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "tessera: error:" in line]
+    assert len(errors) == 1 and "loss term 'ratio' is nan at step 4" in errors[0], errors
+    assert (out / "checkpoints/step_00000002/tessera.json").is_file()  # what was written stays
+
+
+def test_a_term_that_is_not_a_scalar_and_a_group_that_matches_nothing(tmp_path: Path, data_cache: Path) -> None:
+    out = tmp_path / "vector"
+    proc = run_job(python_main(*_common(out, data_cache, "train.steps=6",
+                                        "research.recipe=tests.research_recipes:NotScalar")), tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "loss term 'per_token' returned (256,); a loss term must be a scalar" in proc.stderr
+    out = tmp_path / "zero_dim"
+    proc = run_job(python_main(*_common(out, data_cache, "train.steps=6",
+                                        "research.recipe=tests.research_recipes:ZeroDim")), tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "parameter 'scale' is 0-dimensional, which DeepSpeed cannot broadcast" in proc.stderr
+    out = tmp_path / "group"
+    proc = run_job(python_main(*_common(out, data_cache, "train.steps=6", *HEAD[:2],
+                                        "research.groups=[{params: 'heads.*', lr: 0.1}]")), tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "research.groups[0].params='heads.*' matches no trainable parameter; the trainable ones are: " \
+           "head.down.weight" in proc.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
