@@ -173,6 +173,17 @@ class Extension(nn.Module):
         logits = None if self.ctx.forward_kwargs else out
         return self.ctx.lm_loss(out, batch["labels"]), logits
 
+    def shared(self, p: torch.Tensor) -> torch.Tensor:
+        """A replicated parameter as used on this rank's activations. Under sequence parallelism each TP rank
+        sees a slice of the positions, so the parameter's gradient is summed over the TP group (identity
+        otherwise). Use it for every parameter a hook applies to the residual stream."""
+        tp = self.ctx.tp_ctx
+        if tp is None or tp.size == 1 or not tp.sequence_parallel:
+            return p
+        from parallel.comm import copy_to_tp
+
+        return copy_to_tp(p, tp.group)
+
     def declared_modules(self) -> dict[str, nn.Module]:
         """The modules this recipe added (its direct children other than the base)."""
         return {name: m for name, m in self.named_children() if name != "base"}

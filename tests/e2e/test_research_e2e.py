@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = ["train.steps=8", "train.eval_interval=4", "train.save_interval=4", "train.keep_last=0",
          "sample.max_new_tokens=4"]
-HEAD = ["research.recipe=injection", "research.options={layers: '1-2', scale: 1.0, source: variational, rank: 8, "
-        "max_new_tokens: 4}", "research.groups=[{params: 'head.*', lr: 0.01}]"]
+OPTIONS = "{layers: '1-2', scale: 1.0, source: variational, rank: 8, max_new_tokens: 4}"
+HEAD = ["research.recipe=injection", f"research.options={OPTIONS}", "research.groups=[{params: 'head.*', lr: 0.01}]"]
 
 
 def _head(tag: Path) -> dict[str, torch.Tensor]:
@@ -44,7 +44,7 @@ def _resume(tmp_path: Path, out: Path, launch: list[str], args: list[str], step:
 def test_declared_modules_train_and_resume_bitwise(tmp_path: Path, data_cache: Path, zero3_test_config: Path,
                                                    stage: str) -> None:
     out = tmp_path / stage
-    args = [*_common(out, data_cache, *STEPS, *HEAD)]
+    args = [*_common(out, data_cache, *STEPS, *HEAD, "research.diagnostics_interval=2")]
     if stage == "zero0":
         launch = python_main("--ds_config", "cpu")
     else:
@@ -56,13 +56,21 @@ def test_declared_modules_train_and_resume_bitwise(tmp_path: Path, data_cache: P
     assert rows[0]["weight_kl"] == 0.0 and rows[-1]["weight_kl"] == pytest.approx(0.01 * 7 / 100)
 
     first, last = _head(out / "checkpoints/step_00000004"), _head(out / "checkpoints/step_00000008")
-    assert set(first) == {"head.down.weight", "head.down.bias", "head.up.weight", "head.up.bias"}
+    assert set(first) == {"head.down_weight", "head.down_bias", "head.up_weight", "head.up_bias"}
     assert all(not torch.equal(first[k], last[k]) for k in first)  # every declared parameter moved
     if stage == "zero0":  # in the optimizer, with the group's own rate (its schedule factor applied)
         opt = torch.load(out / "checkpoints/step_00000008/mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
         assert len(opt["state"]) == 4  # the head's four tensors, nothing of the frozen base
         assert opt["param_groups"][0]["initial_lr"] == 0.01
         assert all(k in consolidated_state_dict(out / "checkpoints/step_00000008") for k in first)
+
+    diag = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in diag if r["kind"] == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+    for r in train_rows:  # the declared module by name; the frozen base has a parameter norm and no gradient
+        assert r["grad_norm"]["head"] > 0 and r["grad_norm"]["base"] is None and r["param_norm"]["base"] > 0
+        assert set(r["loss"]) >= {"term_lm", "term_kl"}
+    assert {r["step"] for r in diag if r["kind"] == "first_token"} == {4, 8}
 
     resumed = _resume(tmp_path, out, launch, args)
     assert {s: v for s, v in train_losses(resumed).items() if s > 4} == \
@@ -143,5 +151,5 @@ def test_a_term_that_is_not_a_scalar_and_a_group_that_matches_nothing(tmp_path: 
                                         "research.groups=[{params: 'heads.*', lr: 0.1}]")), tmp_path, check=False)
     assert proc.returncode == 1
     assert "research.groups[0].params='heads.*' matches no trainable parameter; the trainable ones are: " \
-           "head.down.weight" in proc.stderr
+           "head.down_weight" in proc.stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()

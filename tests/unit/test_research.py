@@ -249,6 +249,6 @@ def test_variational_injection_trains_its_head_and_reports_kl() -> None:
     out = ext(batch)
     assert set(out["terms"]) == {"lm", "kl"} and out["terms"]["kl"].item() > 0
     (out["terms"]["lm"] + out["terms"]["kl"]).backward()
-    assert ext.head.down.weight.grad.abs().sum() > 0 and ext.head.up.weight.grad.abs().sum() > 0
+    assert ext.head.down_weight.grad.abs().sum() > 0 and ext.head.up_weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in base.parameters())
     assert set(ext.declared_modules()) == {"head"}

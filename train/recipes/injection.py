@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from train.config_fields import ConfigError
@@ -48,28 +49,32 @@ class InjectionOptions:
 
 
 class InjectionHead(nn.Module):
-    """Residual stream (B, T, D) -> injected vector (B, T, D) through a rank-r bottleneck (optionally Gaussian)."""
+    """Residual stream (B, T, D) -> injected vector (B, T, D) through a rank-r bottleneck (optionally Gaussian).
+
+    Its parameters are its own (no submodules), so ZeRO-3 gathers them whenever the head is called.
+    """
 
     def __init__(self, dim: int, rank: int, variational: bool) -> None:
         super().__init__()
         self.variational = variational
-        self.down = nn.Linear(dim, 2 * rank if variational else rank)
-        self.up = nn.Linear(rank, dim)
-        nn.init.normal_(self.down.weight, std=dim**-0.5)
-        nn.init.zeros_(self.down.bias)
-        nn.init.normal_(self.up.weight, std=rank**-0.5)
-        nn.init.zeros_(self.up.bias)
+        width = 2 * rank if variational else rank
+        self.down_weight = nn.Parameter(torch.randn(width, dim) * dim**-0.5)
+        self.down_bias = nn.Parameter(torch.zeros(width))
+        self.up_weight = nn.Parameter(torch.randn(dim, rank) * rank**-0.5)
+        self.up_bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, h: torch.Tensor, noise: Any = torch.randn_like) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``noise(mu)``: standard normal draws shaped like ``mu`` (B, T, r)."""
-        z = self.down(h.float())  # (B, T, r) or (B, T, 2r)
+    def forward(self, h: torch.Tensor, noise: Any = torch.randn_like,
+                shared: Any = lambda p: p) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``noise(mu)``: standard normal draws shaped like ``mu`` (B, T, r); ``shared(p)``: each parameter as
+        it is used (under sequence parallelism, with its gradient summed over the slices' ranks)."""
+        z = F.linear(h.float(), shared(self.down_weight), shared(self.down_bias))  # (B, T, r) or (B, T, 2r)
         kl = None
         if self.variational:
             mu, logvar = z.chunk(2, dim=-1)
             logvar = logvar.clamp(-10.0, 10.0)
             z = mu + noise(mu) * (0.5 * logvar).exp() if self.training else mu
             kl = 0.5 * (mu.square() + logvar.exp() - 1.0 - logvar).sum(-1).mean()  # per position, averaged
-        return self.up(torch.tanh(z)), kl
+        return F.linear(torch.tanh(z), shared(self.up_weight), shared(self.up_bias)), kl
 
 
 class Injection(Extension):
@@ -103,7 +108,7 @@ class Injection(Extension):
             v = self.vector.to(h.dtype)
         else:
             if layer == self.layer_ids[0]:  # made from the stream where the range starts, reused after
-                self._v, self._kl = self.head(h, self._noise)
+                self._v, self._kl = self.head(h, self._noise, self.shared)
             v = self._v.to(h.dtype)
         return h + self.scale * v
 
