@@ -294,6 +294,13 @@ def export_hf(
         meta = read_meta(tag_dir)
     except json.JSONDecodeError as err:
         raise ExportError(f"{tag_dir / META_FILE}: not valid JSON ({err})") from err
+    if meta.get("research"):  # a research recipe: its own weights and how to rebuild it (train/research_export.py)
+        from train.research_export import export_research
+
+        if merge:
+            raise ExportError(f"{tag_dir}: --merge does not apply to a research run; its export holds the recipe's "
+                              f"weights and the adapter")
+        return export_research(tag_dir, meta, out, overwrite=overwrite)
     if meta.get("hf"):
         return _export_hf_model(tag_dir, meta, out, dtype=dtype, overwrite=overwrite, merge=merge)
     if merge:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,28 @@ def test_declared_modules_train_and_resume_bitwise(tmp_path: Path, data_cache: P
         {s: v for s, v in train_losses(out).items() if s > 4}
     again = _head(resumed / "checkpoints/step_00000008")
     assert all(torch.equal(again[k], last[k]) for k in last)
+    if stage == "zero3":  # the export rebuilds the recipe around its base with the trained weights
+        _export_reloads(tmp_path, out)
     consistency = [json.loads(line) for line in (out / "consistency.jsonl").read_text().splitlines()]
     assert [r["turn"] for r in consistency] == [0, 1] and all("base" in r and "modified" in r for r in consistency)
+
+
+def _export_reloads(tmp_path: Path, out: Path) -> None:
+    from train.research_export import load_research, rebuild_base
+
+    export = tmp_path / "export"
+    proc = run_job([sys.executable, "tools/export_hf.py", str(out), "--out", str(export)], tmp_path)
+    assert proc.stdout.strip() == str(export)
+    ext = load_research(export)
+    trained = _head(out / "checkpoints/step_00000008")
+    assert all(torch.equal(ext.state_dict()[k], v) for k, v in trained.items())
+    base = rebuild_base(export)
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ext.base.embed_tokens.weight, base.embed_tokens.weight)  # the run's frozen base
+        with ext.base_only():
+            assert torch.equal(ext({"input_ids": x, "labels": x})["logits"], base(x))
+        assert not torch.allclose(ext({"input_ids": x, "labels": x})["logits"], base(x))
 
 
 def test_injection_hooks_under_tp2_follow_one_process(tmp_path: Path, data_cache: Path) -> None:
