@@ -252,3 +252,18 @@ def test_variational_injection_trains_its_head_and_reports_kl() -> None:
     assert ext.head.down_weight.grad.abs().sum() > 0 and ext.head.up_weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in base.parameters())
     assert set(ext.declared_modules()) == {"head"}
+
+
+def test_shipped_research_recipes_plan() -> None:
+    from train.research_run import plan_research
+
+    configs = Path(__file__).resolve().parents[2] / "train" / "configs"
+    cfg = load_config(configs / "injection.yaml")
+    args = cfg.model_args(512)
+    plan = plan_research(cfg, dim=args.dim, n_layers=args.n_layers, vocab_size=512)
+    assert plan.cls is Injection and plan.terms["kl"].at(50) == pytest.approx(0.005)
+    cfg = load_config(configs / "injection_qlora.yaml")
+    plan = plan_research(cfg, dim=4096, n_layers=32, vocab_size=128256)  # a Llama-3-8B's shape
+    assert plan.options.layers == "8-15" and plan.terms["kl"].schedule == "cosine"
+    with pytest.raises(ConfigError, match=r"layers='8-15': layer 12 does not exist; the model has 12 layers"):
+        plan_research(cfg, dim=768, n_layers=12, vocab_size=50257)
