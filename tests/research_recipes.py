@@ -54,3 +54,23 @@ class ZeroDim(NotScalar):
 
     def setup(self) -> None:
         self.scale = nn.Parameter(torch.ones(()))
+
+
+
+# The README's example, verbatim (tests/unit/test_research.py runs it)
+@dataclass
+class Options:                          # research.options, checked (unknown keys, types) before anything runs
+    scale: float = 1.0
+
+
+class Steer(Extension):
+    Options = Options                   # terms: the default weights and schedules
+    terms: ClassVar[dict[str, Term]] = {"lm": Term(), "norm": Term(0.1, schedule="linear", end=500)}
+
+    def setup(self):
+        self.shift = nn.Parameter(torch.zeros(1, self.ctx.dim))             # self.ctx: dim, n_layers, tokenizer, ...
+        self.hooks.add("4-7", lambda layer, h: h + self.options.scale * self.shared(self.shift))
+
+    def forward(self, batch):           # input_ids, labels and the data's other tensors, on the device
+        lm, logits = self.base_lm(batch)          # the base's loss (vocab-parallel under TP) and logits
+        return outputs({"lm": lm, "norm": self.shift.square().mean()}, logits=logits)

@@ -174,3 +174,17 @@ def test_a_term_that_is_not_a_scalar_and_a_group_that_matches_nothing(tmp_path: 
     assert "research.groups[0].params='heads.*' matches no trainable parameter; the trainable ones are: " \
            "head.down_weight" in proc.stderr
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
+
+
+def test_the_readme_example_recipe_runs(tmp_path: Path, data_cache: Path) -> None:
+    """The README's Steer class and YAML: its parameter trains in its own group, its terms are logged."""
+    out = tmp_path / "steer"
+    run_job(python_main(*_common(out, data_cache, "train.steps=6", "train.eval_interval=6", "train.save_interval=6",
+                                 "model.n_layers=8", "sample.max_new_tokens=0",
+                                 "research.recipe=tests.research_recipes:Steer", "research.options={scale: 0.5}",
+                                 "research.terms={norm: {weight: 0.05, schedule: cosine, start: 1, end: 5}}",
+                                 "research.groups=[{params: shift, lr: 0.01, weight_decay: 0.0}]")), tmp_path)
+    rows = [r for r in read_rows(out) if "term_norm" in r]
+    assert [r["weight_norm"] for r in rows][:2] == [0.0, 0.0] and rows[-1]["weight_norm"] == pytest.approx(0.05)
+    shift = consolidated_state_dict(out / "checkpoints/step_00000006")["shift"]
+    assert shift.shape == (1, 128) and shift.abs().sum() > 0
