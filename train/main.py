@@ -387,7 +387,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out_dir / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2))
-        log.info("model: %s parameters, %s", f"{n_params:,}", p.model_args or p.hf.path)
+        own = ext is not None and not p.research.cls.needs_base  # a recipe that is its own model
+        log.info("model: %s parameters, %s", f"{n_params:,}",
+                 f"{type(ext.base).__name__}({ext.base.args})" if own else p.model_args or p.hf.path)
         log.info("world %d (dp %d x tp %d%s x pp %d), ZeRO stage %d, grad accumulation %d, %s", env.world_size,
                  dp_size, p.dims.tp, ", sequence parallel" if tp_ctx.sequence_parallel else "", p.dims.pp,
                  engine.zero_optimization_stage(), engine.gradient_accumulation_steps(), device)

@@ -11,13 +11,19 @@ from torch import nn
 from train.config import TrainSection
 
 
+def decays(p: torch.Tensor) -> bool:
+    """Matrices and embeddings decay; vectors do. A complex parameter stored as real pairs (model/complex.py,
+    ``complex_view``) has one trailing dimension that is not a shape of its own."""
+    return p.dim() - int(bool(getattr(p, "complex_view", False))) >= 2
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Matrices and embeddings decay; vectors (norm weights, biases, sink logits) never do."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if decays(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

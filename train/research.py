@@ -42,6 +42,7 @@ from torch import nn
 from model.hooks import LayerHooks, parse_layers
 from train.config_fields import ConfigError
 from train.config_research import SCHEDULES
+from train.optim import decays
 
 RECIPES = {
     "injection": "train.recipes.injection:Injection",
@@ -275,7 +276,7 @@ def param_groups(module: nn.Module, groups: list[dict[str, Any]], *, lr: float,
         out.append({"params": params, "lr": float(g.get("lr") or lr),
                     "weight_decay": float(g.get("weight_decay", weight_decay))})
     rest = [p for _, p in named if id(p) not in taken]
-    decay, no_decay = [p for p in rest if p.dim() >= 2], [p for p in rest if p.dim() < 2]
+    decay, no_decay = [p for p in rest if decays(p)], [p for p in rest if not decays(p)]
     if decay:
         out.append({"params": decay, "lr": lr, "weight_decay": weight_decay})
     if no_decay:

@@ -106,7 +106,10 @@ def diagnostic_groups(ext: Extension) -> dict[str, list[nn.Parameter]]:
     direct = list(ext.parameters(recurse=False))
     if direct:
         groups["extension"] = direct
-    if ext.base is not None:
+    if ext.base is not None and not ext.needs_base:  # the recipe's own model: each of its parts
+        for name, child in ext.base.named_children():
+            groups[f"base.{name}"] = list(child.parameters())
+    elif ext.base is not None:
         trainable = [p for p in ext.base.parameters() if p.requires_grad]
         groups["base"] = trainable or list(ext.base.parameters())
     return groups
@@ -197,4 +200,4 @@ class ResearchObjective(Objective):
         hist = self.diagnostics.write_first_tokens(step or 0, every, self.decode)
         warning = collapse_warning(hist)
         if warning and dist.get_rank() == 0:
-            log.warning("step %s: %s", step, warning)
+            log.warning("%s", warning)

@@ -188,3 +188,56 @@ def test_the_readme_example_recipe_runs(tmp_path: Path, data_cache: Path) -> Non
     assert [r["weight_norm"] for r in rows][:2] == [0.0, 0.0] and rows[-1]["weight_norm"] == pytest.approx(0.05)
     shift = consolidated_state_dict(out / "checkpoints/step_00000006")["shift"]
     assert shift.shape == (1, 128) and shift.abs().sum() > 0
+
+
+def _complex_views(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The complex parameters of a ComplexLM state dict (real pairs in a trailing dimension of 2), by name."""
+    from model.complex import ComplexArgs, ComplexLM
+
+    names = [n.removeprefix("base.") for n in state if n.startswith("base.")]
+    model = ComplexLM(ComplexArgs(vocab_size=512, dim=32, n_layers=2, n_heads=4, max_seq_len=64))
+    complex_names = {f"base.{k}" for k in dict(model.named_parameters()) if getattr(
+        model.get_parameter(k), "complex_view", False)}
+    assert complex_names and complex_names <= {f"base.{n}" for n in names}
+    return {k: torch.view_as_complex(state[k].float().contiguous()) for k in sorted(complex_names)}
+
+
+def test_complex_recipe_keeps_imaginary_parts_through_zero3_resume_and_export(
+        tmp_path: Path, data_cache: Path, zero3_test_config: Path) -> None:
+    from train.research_export import load_research
+
+    out = tmp_path / "complex"
+    args = _common(out, data_cache, *STEPS, "research.recipe=complex", "research.options={dim: 32, n_layers: 2}",
+                   "research.terms={coherence: {weight: 0.01}}", "research.diagnostics_interval=4")
+    launch = _deepspeed(2, "--ds_config", str(zero3_test_config))
+    run_job([*launch, *args], tmp_path)
+    losses = list(train_losses(out).values())
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+    rows = [r for r in read_rows(out) if "term_energy" in r]
+    assert rows and all(r["term_energy"] >= 0 and 0 <= r["term_coherence"] <= 1 for r in rows)
+
+    first = _complex_views(consolidated_state_dict(out / "checkpoints/step_00000004"))
+    last = _complex_views(consolidated_state_dict(out / "checkpoints/step_00000008"))
+    for name, z in last.items():  # trained, with imaginary parts that are neither zero nor a copy of the start
+        assert z.dtype == torch.complex64 and z.imag.abs().sum() > 0, name
+        assert not torch.equal(z.imag, first[name].imag), name
+    diag = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    assert {"base.layers", "base.head", "base.amp_embed"} <= set(diag[0]["grad_norm"])
+
+    resumed = _resume(tmp_path, out, launch, args)
+    assert {s: v for s, v in train_losses(resumed).items() if s > 4} == \
+        {s: v for s, v in train_losses(out).items() if s > 4}
+    again = _complex_views(consolidated_state_dict(resumed / "checkpoints/step_00000008"))
+    assert all(torch.equal(again[k], last[k]) for k in last)
+
+    export = tmp_path / "export"
+    run_job([sys.executable, "tools/export_hf.py", str(out), "--out", str(export)], tmp_path)
+    ext = load_research(export, vocab_size=512)
+    from model.complex import complex_parameters
+
+    loaded = {f"base.{k}": v for k, v in complex_parameters(ext.base).items()}
+    assert loaded.keys() == last.keys() and all(torch.equal(loaded[k], last[k]) for k in last)
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = ext.base.hidden(x)
+    assert z.dtype == torch.complex64 and z.imag.abs().mean() > 1e-3
