@@ -45,7 +45,8 @@ class ModelSection:
 class DataSection:
     corpus: str = _f("shakespeare", "'shakespeare' (built in), 'files' (prepare `files`), 'prepared' (mix the "
                                     "prepared dirs of `blend`), 'stream' (stream the raw sources of `blend`) or "
-                                    "'sft' (instruction / chat JSONL `files`, loss on responses only).")
+                                    "'sft' (instruction / chat JSONL `files`, loss on responses only) or 'qa' "
+                                    "(SQuAD-format `files`, read by research.recipe='soft_prompt').")
     files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (corpus='files'), or "
                               "instruction / chat JSONL files (corpus='sft').")
     max_prompt_len: int | None = _f(None, "corpus='sft': keep at most this many prompt tokens (the most recent).")
@@ -405,7 +406,7 @@ def validate(cfg: JobConfig) -> None:
 
 def _validate_data(d: DataSection) -> None:
     """The corpus choice and its blend list."""
-    corpora = ("shakespeare", "files", "prepared", "stream", "sft", "preference", "classification", "seq2seq")
+    corpora = ("shakespeare", "files", "prepared", "stream", "sft", "preference", "classification", "seq2seq", "qa")
     if d.corpus not in corpora:
         raise ConfigError(f"data.corpus={d.corpus!r}: use one of {', '.join(map(repr, corpora))}.")
     supervised = d.corpus in ("sft", "preference", "classification", "seq2seq")
@@ -413,10 +414,13 @@ def _validate_data(d: DataSection) -> None:
         what = {"sft": "instruction / chat JSONL", "preference": "preference JSONL",
                 "classification": "classification JSONL", "seq2seq": "seq2seq JSONL"}.get(d.corpus, "text/JSONL/parquet")
         raise ConfigError(f"data.corpus={d.corpus!r} but data.files is empty: list {what} files.")
+    if d.corpus == "qa" and d.tokenizer is None:
+        raise ConfigError("data.corpus='qa' is read by research.recipe='soft_prompt' with hf.path set (its tokenizer "
+                          "is used).")
     if supervised and d.tokenizer is None:
         raise ConfigError(f"data.corpus={d.corpus!r} needs a tokenizer: set data.tokenizer, or hf.path (its own is "
                           f"used).")
-    if supervised and d.doc_mask:
+    if (supervised or d.corpus == "qa") and d.doc_mask:
         raise ConfigError(f"data.corpus={d.corpus!r} pads each example (no packing): set data.doc_mask=false.")
     if d.max_prompt_len is not None:
         _positive("data.max_prompt_len", d.max_prompt_len)

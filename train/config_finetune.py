@@ -141,7 +141,7 @@ def _validate_vocab(cfg: JobConfig) -> None:
 def _validate_objective(cfg: JobConfig) -> None:
     """The objective and its data: preference pairs train with DPO, everything else with the LM loss."""
     t, d, o = cfg.train, cfg.data, cfg.dpo
-    corpora = {"lm": ("shakespeare", "files", "prepared", "stream", "sft"), "dpo": ("preference",),
+    corpora = {"lm": ("shakespeare", "files", "prepared", "stream", "sft", "qa"), "dpo": ("preference",),
                "reward": ("preference", "classification"), "classify": ("classification",), "seq2seq": ("seq2seq",)}
     if t.objective not in corpora:
         raise ConfigError(f"train.objective={t.objective!r}: use one of {', '.join(map(repr, corpora))}.")

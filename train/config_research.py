@@ -37,6 +37,8 @@ class ResearchSection:
 def validate_research(cfg: JobConfig) -> None:
     """The section's shape; everything that needs the recipe class is checked when the run is planned."""
     r = cfg.research
+    if cfg.data.corpus == "qa" and r.recipe is None:
+        raise ConfigError("data.corpus='qa' is read by a research recipe: set research.recipe='soft_prompt'.")
     if r.diagnostics_interval < 0:
         raise ConfigError(f"research.diagnostics_interval={r.diagnostics_interval}: must be >= 0 (0: off).")
     if r.recipe is None:

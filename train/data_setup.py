@@ -158,7 +158,7 @@ def _setup_supervised(cfg: JobConfig) -> DataBundle:
                       vocab_size=tok_id["vocab_size"], separator_id=sep_id)
 
 
-SUPERVISED = ("sft", "preference", "classification", "seq2seq")  # corpora of padded examples, not packed blocks
+SUPERVISED = ("sft", "preference", "classification", "seq2seq", "qa")  # corpora of padded examples, not packed
 
 
 class ExampleSplit:

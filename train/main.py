@@ -174,7 +174,7 @@ def plan(args: argparse.Namespace) -> Plan:
                               f"({meta.get('model_args')}); resume with the recipe it was trained with.")
         if meta.get("tokenizer", {}).get("sha256") != bundle.tokenizer_id.get("sha256"):
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with another tokenizer.")
-    train_ds, val_ds = _datasets(cfg, bundle, dims.dp)
+    train_ds, val_ds = _datasets(cfg, bundle, dims.dp, research)
     if cfg.train.objective == "dpo" and cfg.dpo.reference_from is not None:
         _check_reference(cfg, hf, model_args)
     if cfg.train.objective in ("reward", "classify") and hf is not None:  # an HF sequence-classification head
@@ -263,8 +263,17 @@ def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims
                           f"is not supported).")
 
 
-def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[Any, Any]:
-    """Training and validation data; splits too short for one sequence or one evaluation round fail here."""
+def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int, research: ResearchPlan | None = None
+              ) -> tuple[Any, Any]:
+    """Training and validation data (a research recipe may bring its own); splits too short for one sequence or
+    one evaluation round fail here."""
+    if research is not None and hasattr(research.cls, "datasets"):
+        train, val = research.cls.datasets(research.options, cfg)
+        if len(val) < cfg.train.micro_batch_size * dp_size:
+            raise ConfigError(f"the validation split holds {len(val)} examples, fewer than train.micro_batch_size="
+                              f"{cfg.train.micro_batch_size} x {dp_size} data-parallel ranks needed to evaluate: "
+                              f"raise data.val_fraction or lower train.micro_batch_size.")
+        return train, val
     return build_datasets(cfg, bundle, dp_size)
 
 
@@ -475,7 +484,8 @@ def _build_extension(p: Plan, base: torch.nn.Module | None, loss_fn: Any, tp_ctx
     ctx = RecipeContext(dim=dim, n_layers=n_layers, vocab_size=p.bundle.vocab_size, device=device,
                         out_dir=Path(cfg.train.out_dir), rank=p.env.rank, seed=cfg.train.seed, lm_loss=loss_fn,
                         forward_kwargs=forward_kwargs(loss_fn), tp_ctx=tp_ctx if tp_ctx.size > 1 else None,
-                        tokenizer=load_tokenizer(p.bundle.tokenizer_dir), config=cfg)
+                        tokenizer=load_tokenizer(p.bundle.tokenizer_dir), config=cfg, terms=p.research.terms,
+                        val_data=p.val_ds)
     return build_extension(p.research, base, ctx, freeze_base=cfg.research.freeze_base)
 
 

@@ -46,6 +46,7 @@ from train.optim import decays
 
 RECIPES = {
     "injection": "train.recipes.injection:Injection",
+    "soft_prompt": "train.recipes.soft_prompt:SoftPrompt",
     "complex": "train.recipes.complex_lm:ComplexRecipe",
 }
 
@@ -109,6 +110,8 @@ class RecipeContext:
     tp_ctx: Any = None  # parallel.layers.TPContext, or None
     tokenizer: Any = None
     config: Any = None  # the JobConfig
+    terms: dict[str, Term] | None = None  # the run's term schedules (the recipe's, with research.terms applied)
+    val_data: Any = None  # the validation split (a recipe's own evaluation reads its examples by batch index)
 
 
 def outputs(terms: Mapping[str, torch.Tensor], logits: torch.Tensor | None = None) -> dict[str, Any]:
@@ -154,6 +157,11 @@ class Extension(nn.Module):
     def build_model(self) -> nn.Module:
         """A recipe with ``needs_base = False`` returns its own model here (it becomes ``self.base``)."""
         raise NotImplementedError(f"{type(self).__name__} sets needs_base=False but defines no build_model()")
+
+    def evaluate(self, batches: Any, step: int | None) -> dict[str, float]:
+        """Extra validation metrics (without the ``val_`` prefix), on every rank, in eval mode without gradients;
+        ``batches()`` yields this rank's validation batches as dicts on the device."""
+        return {}
 
     def report(self, step: int) -> dict[str, Any]:
         """Called on every rank after training (e.g. to run and record an evaluation); returns what to print."""

@@ -167,7 +167,8 @@ class ResearchObjective(Objective):
                 sums[name] = sums.get(name, 0.0) + float(value)
             n += 1
             if self.diagnostics is not None and out.get("logits") is not None:
-                first.append(self._first_tokens(out["logits"], b["labels"]))
+                first.append(self._first_tokens(out["logits"], out.get("labels", b.get("labels"))))
+        extra = engine.module.evaluate(lambda: (as_batch(x, device) for x in batches()), step)
         engine.train()
         names = sorted(sums)
         t = torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64, device=device)
@@ -178,6 +179,7 @@ class ResearchObjective(Objective):
                   **{f"val_{k}": v for k, v in means.items()}}
         if "lm" in means:
             result["val_ppl"] = math.exp(min(means["lm"], 50.0))
+        result.update({f"val_{k}": v for k, v in extra.items()})
         if self.diagnostics is not None and first:
             self._histogram(torch.cat(first), step)
         return result

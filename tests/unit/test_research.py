@@ -89,7 +89,7 @@ def test_recipe_section_errors_name_the_key() -> None:
         load_config(None, ["research.recipe=injection", "parallel.pp=2"])
     with pytest.raises(ConfigError, match=r"research.groups\[0\].lrate: unknown key"):
         load_config(None, ["research.recipe=injection", "research.groups=[{params: 'head.*', lrate: 1}]"])
-    with pytest.raises(ConfigError, match=r"research.recipe='nope': use one of 'injection', 'complex'"):
+    with pytest.raises(ConfigError, match=r"research.recipe='nope': use one of 'injection', 'soft_prompt', 'complex'"):
         resolve_recipe("nope")
     with pytest.raises(ConfigError, match=r"cannot import no_such_pkg.mod:Cls"):
         resolve_recipe("no_such_pkg.mod:Cls")
