@@ -34,7 +34,8 @@ def write_model(out: Path, family: str, vocab_size: int, *, seed: int = 0) -> Pa
         corpus.write_text("\n".join(f"{e.prompt}\nAnswer: {e.answers[0]}" for e in synthetic_qa(400, seed=seed)))
         tok_dir = train_bpe_tokenizer([corpus], vocab_size, Path(tmp) / "tok")
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id}
+    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id,
+           "initializer_range": 0.3}  # random weights large enough for the inputs to matter
     cls = LlamaConfig if family == "llama" else Qwen2Config
     config = cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **ids)

@@ -113,8 +113,15 @@ class BaseAdapter(nn.Module):
 
 
 def _embedding_rms(base: nn.Module) -> float:
+    """Mean RMS of the base's input embedding rows (gathered first when ZeRO-3 loaded it partitioned)."""
     w = base.model.get_input_embeddings().weight
-    return float(w.detach().float().pow(2).mean(-1).sqrt().mean())
+    gather = contextlib.nullcontext()
+    if hasattr(w, "ds_id"):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([w])
+    with gather:
+        return float(w.detach().float().pow(2).mean(-1).sqrt().mean())
 
 
 class SoftPrompt(Extension):
