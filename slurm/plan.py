@@ -27,6 +27,7 @@ from slurm.task import NodeNeeds, RunSpec, TrainTask
 from train.checkpoint import checkpoint_root
 from train.config import ConfigError, JobConfig, load_config
 from train.ds_config import find_ds_config, load_ds_config, resolve_ds_config
+from train.research_run import config_shape, plan_research
 
 ARRAY_PARALLELISM = 256  # array tasks SLURM may run at once (submitit's default)
 
@@ -85,6 +86,12 @@ def cluster_partitions() -> list[str] | None:
     return sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
 
 
+def _check_research(cfg: JobConfig, dim: int, n_layers: int, *, vocab_size: int) -> None:
+    """A research recipe's options against the model's shape (layer indices, sizes), as the job will check them."""
+    if cfg.research.recipe is not None:
+        plan_research(cfg, dim=dim, n_layers=n_layers, vocab_size=vocab_size)
+
+
 def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
     """Raise on what the job would refuse at start-up; return the bytes one checkpoint needs."""
     from train.main import checkpoint_estimate
@@ -95,9 +102,12 @@ def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
         from train.hf_setup import plan_hf
         from train.main import CKPT_BYTES_PER_PARAM
 
-        return plan_hf(cfg, ds, dims, tokenizer_vocab=0).trainable_estimate * CKPT_BYTES_PER_PARAM + 2**20
+        hf = plan_hf(cfg, ds, dims, tokenizer_vocab=0)
+        _check_research(cfg, *config_shape(hf.config), vocab_size=int(hf.config.vocab_size))
+        return hf.trainable_estimate * CKPT_BYTES_PER_PARAM + 2**20
     # the vocabulary is the BPE's; a given tokenizer's is read in the job
     args = cfg.model_args(vocab_size=cfg.data.vocab_size) if cfg.data.tokenizer is None else cfg.model_args()
+    _check_research(cfg, args.dim, args.n_layers, vocab_size=args.vocab_size)
     dims.check_model(args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
     dims.check_pipeline(args, zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
                         grad_accum=int(ds["gradient_accumulation_steps"]))

@@ -133,6 +133,10 @@ BAD = [
     (["--profile", "local", "model.n_heads=5"], "model"),
     (["--profile", "local", "--ds_config", "zero9"], "--ds_config zero9: no such file"),
     (["--profile", "local", "--sbatch", "exclusive"], "--sbatch exclusive: expected KEY=VALUE"),
+    (["--profile", "local", "research.recipe=injection", "research.options={layers: '2-7'}"],
+     "research.options.layers='2-7': layer 4 does not exist; the model has 4 layers"),
+    (["--profile", "local", "research.recipe=injection", "research.terms={rec: {weight: 1}}"],
+     "research.terms.rec: Injection has no loss term 'rec'"),
 ]
 
 
