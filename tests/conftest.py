@@ -49,6 +49,18 @@ def read_rows(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def copy_run_until(out: Path, step: int, resumed: Path) -> Path:
+    """A new run directory holding only checkpoint ``step`` of ``out`` and its metrics rows up to that step."""
+    import shutil
+
+    tag = out / "checkpoints" / f"step_{step:08d}"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tag, resumed / "checkpoints" / tag.name)
+    rows = [r for r in read_rows(out) if r["step"] <= step]
+    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return resumed
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_rows(run_dir) if "loss" in r}
 
@@ -67,3 +79,14 @@ def zero3_test_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ds") / "zero3_test.json"
     path.write_text(json.dumps(cfg))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two tiny random HF bases (tools/tiny_hf_models.py): ``llama`` (300 tokens) and ``qwen2`` (360 tokens)."""
+    from tools.tiny_hf_models import write_model
+
+    root = tmp_path_factory.mktemp("tiny_bases")
+    write_model(root, "llama", 300)
+    write_model(root, "qwen2", 360)
+    return root

@@ -67,13 +67,12 @@ from train.recipes.seq2seq import Seq2SeqObjective
 from train.research import LossTermError
 from train.research import param_groups as research_param_groups
 from train.research_run import (
-    ResearchObjective,
     ResearchPlan,
-    build_extension,
+    build_research,
     config_shape,
-    diagnostic_groups,
     place,
     plan_research,
+    research_objective,
 )
 from train.trainer import Objective, TrainState, lm_loss, train
 from train.vocab_setup import SnapshotWriter, plan_vocab
@@ -338,7 +337,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
             model = SequenceScorer.native(model, _head_outputs(cfg, p.train_ds), pad_id=pad)
     ext = None
     if p.research is not None:  # the recipe's modules around the model; frozen base, placed with the activations
-        model = ext = _build_extension(p, model, loss_fn, tp_ctx, device)
+        model = ext = build_research(p.research, p.cfg, model, loss_fn=loss_fn, tp_ctx=tp_ctx, device=device,
+                                     rank=env.rank, vocab_size=p.bundle.vocab_size, tokenizer_dir=p.bundle.tokenizer_dir,
+                                     val_data=p.val_ds)
         n_params = sum(x.numel() for x in ext.parameters())
     module: torch.nn.Module = model
     if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
@@ -426,7 +427,7 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
                                     last_step=t.steps, rank=env.rank)
     objective = Objective(loss_fn)
     if ext is not None:
-        objective = _research_objective(p, ext, out_dir, env.rank, tp_ctx)
+        objective = research_objective(p.research, cfg, ext, out_dir=out_dir, rank=env.rank, tp_ctx=tp_ctx)
     elif t.objective == "dpo":
         objective = _dpo_objective(p, engine, groups, device, train_ds)
     elif t.objective == "seq2seq":
@@ -470,38 +471,6 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         if sample is not None:
             print(f"--- sample ---\n{sample}\n--------------")
     return summary
-
-
-def _build_extension(p: Plan, base: torch.nn.Module | None, loss_fn: Any, tp_ctx: TPContext,
-                     device: torch.device) -> Any:
-    """The research recipe's extension around ``base`` (train/research.py)."""
-    from train.research import RecipeContext
-    from train.research_run import model_shape
-    from train.trainer import forward_kwargs
-
-    cfg = p.cfg
-    dim, n_layers = model_shape(base) if base is not None else (0, 0)
-    ctx = RecipeContext(dim=dim, n_layers=n_layers, vocab_size=p.bundle.vocab_size, device=device,
-                        out_dir=Path(cfg.train.out_dir), rank=p.env.rank, seed=cfg.train.seed, lm_loss=loss_fn,
-                        forward_kwargs=forward_kwargs(loss_fn), tp_ctx=tp_ctx if tp_ctx.size > 1 else None,
-                        tokenizer=load_tokenizer(p.bundle.tokenizer_dir), config=cfg, terms=p.research.terms,
-                        val_data=p.val_ds)
-    return build_extension(p.research, base, ctx, freeze_base=cfg.research.freeze_base)
-
-
-def _research_objective(p: Plan, ext: Any, out_dir: Path, rank: int, tp_ctx: TPContext) -> ResearchObjective:
-    """The recipe's weighted terms, with diagnostics when research.diagnostics_interval is set."""
-    r = p.cfg.research
-    diagnostics = None
-    if r.diagnostics_interval > 0:
-        from train.diagnostics import Diagnostics
-
-        diagnostics = Diagnostics(out_dir, interval=r.diagnostics_interval, groups=diagnostic_groups(ext), rank=rank,
-                                  tp_group=tp_ctx.group if tp_ctx.size > 1 else None)
-    tok = ext.ctx.tokenizer
-    return ResearchObjective(p.research.terms, final_step=p.cfg.train.steps, diagnostics=diagnostics,
-                             tp_ctx=tp_ctx if tp_ctx.size > 1 else None,
-                             decode=(lambda i: tok.decode([i])) if tok is not None else None)
 
 
 def _dpo_objective(p: Plan, engine: Any, groups: Any, device: torch.device, train_ds: Any) -> DPOObjective:

@@ -156,7 +156,8 @@ class Extension(nn.Module):
 
     def build_model(self) -> nn.Module:
         """A recipe with ``needs_base = False`` returns its own model here (it becomes ``self.base``)."""
-        raise NotImplementedError(f"{type(self).__name__} sets needs_base=False but defines no build_model()")
+        raise TypeError(f"{type(self).__name__} sets needs_base=False, so it must define build_model() returning "
+                        f"its own model")
 
     def evaluate(self, batches: Any, step: int | None) -> dict[str, float]:
         """Extra validation metrics (without the ``val_`` prefix), on every rank, in eval mode without gradients;

@@ -203,3 +203,35 @@ class ResearchObjective(Objective):
         warning = collapse_warning(hist)
         if warning and dist.get_rank() == 0:
             log.warning("%s", warning)
+
+
+def build_research(rp: ResearchPlan, cfg: JobConfig, base: nn.Module | None, *, loss_fn: Any, tp_ctx: Any,
+                   device: torch.device, rank: int, vocab_size: int, tokenizer_dir: Path, val_data: Any) -> Extension:
+    """The run's extension around ``base`` (the model as built, perf options and TP applied)."""
+    from train.data.tokenizer import load_tokenizer
+    from train.trainer import forward_kwargs
+
+    dim, n_layers = model_shape(base) if base is not None else (0, 0)
+    split = tp_ctx is not None and tp_ctx.size > 1
+    ctx = RecipeContext(dim=dim, n_layers=n_layers, vocab_size=vocab_size, device=device,
+                        out_dir=Path(cfg.train.out_dir), rank=rank,
+                        seed=cfg.train.seed, lm_loss=loss_fn, forward_kwargs=forward_kwargs(loss_fn),
+                        tp_ctx=tp_ctx if split else None, tokenizer=load_tokenizer(tokenizer_dir), config=cfg,
+                        terms=rp.terms, val_data=val_data)
+    return build_extension(rp, base, ctx, freeze_base=cfg.research.freeze_base)
+
+
+def research_objective(rp: ResearchPlan, cfg: JobConfig, ext: Extension, *, out_dir: Path, rank: int,
+                       tp_ctx: Any) -> ResearchObjective:
+    """The recipe's weighted terms, with diagnostics when research.diagnostics_interval is set."""
+    split = tp_ctx is not None and tp_ctx.size > 1
+    diagnostics = None
+    if cfg.research.diagnostics_interval > 0:
+        from train.diagnostics import Diagnostics
+
+        diagnostics = Diagnostics(out_dir, interval=cfg.research.diagnostics_interval, groups=diagnostic_groups(ext),
+                                  rank=rank, tp_group=tp_ctx.group if split else None)
+    tok = ext.ctx.tokenizer
+    return ResearchObjective(rp.terms, final_step=cfg.train.steps, diagnostics=diagnostics,
+                             tp_ctx=tp_ctx if split else None,
+                             decode=(lambda i: tok.decode([i])) if tok is not None else None)

@@ -4,14 +4,22 @@ checkpoint, exact resume, export (adapter and merged)."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import MAIN, SMOKE, free_port, python_main, read_rows, run_job, train_losses
+from tests.conftest import (
+    MAIN,
+    SMOKE,
+    copy_run_until,
+    free_port,
+    python_main,
+    read_rows,
+    run_job,
+    train_losses,
+)
 from tests.hf_models import FAMILIES, make_hf_model, write_sft
 
 pytestmark = pytest.mark.slow
@@ -43,12 +51,7 @@ def _falls(out: Path) -> None:
 
 def _resume_matches(tmp_path: Path, out: Path, args: list[str], step: int = 8) -> None:
     """Resume a copy of checkpoint ``step`` and replay the remaining steps with exactly the same losses."""
-    tag = out / "checkpoints" / f"step_{step:08d}"
-    resumed = tmp_path / f"{out.name}-resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tag, resumed / "checkpoints" / tag.name)
-    rows = [r for r in read_rows(out) if r["step"] <= step]
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = copy_run_until(out, step, tmp_path / f"{out.name}-resumed")
     run_job(python_main(*args, f"train.out_dir={resumed}", "--resume", "auto"), tmp_path)
     assert train_losses(resumed) == train_losses(out)
 

@@ -4,14 +4,13 @@ ZeRO-0 and ZeRO-3, hooks compose with tensor parallelism, bad terms stop the run
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import python_main, read_rows, run_job, train_losses
+from tests.conftest import copy_run_until, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from tests.hf_models import make_hf_model, write_sft
 from train.export import consolidated_state_dict
@@ -30,12 +29,7 @@ def _head(tag: Path) -> dict[str, torch.Tensor]:
 
 def _resume(tmp_path: Path, out: Path, launch: list[str], args: list[str], step: int = 4) -> Path:
     """A copy of checkpoint ``step`` resumed to the end with the same command."""
-    tag = out / "checkpoints" / f"step_{step:08d}"
-    resumed = tmp_path / f"{out.name}-resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tag, resumed / "checkpoints" / tag.name)
-    rows = [r for r in read_rows(out) if r["step"] <= step]
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = copy_run_until(out, step, tmp_path / f"{out.name}-resumed")
     run_job([*launch, *[a for a in args if not a.startswith("train.out_dir=")], f"train.out_dir={resumed}",
              "--resume", "auto"], tmp_path)
     return resumed

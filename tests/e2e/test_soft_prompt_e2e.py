@@ -4,25 +4,20 @@ encoder, train with falling loss, evaluate in the three modes, resume exactly, a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import python_main, read_rows, run_job, train_losses
+from tests.conftest import copy_run_until, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _deepspeed
-from tools.tiny_hf_models import write_model
 
 pytestmark = pytest.mark.slow
 CONFIG = "train/configs/soft_prompt_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    write_model(root, "llama", 300)
-    write_model(root, "qwen2", 360)
-    return root
+def tiny(tiny_bases: Path) -> Path:
+    return tiny_bases
 
 
 def _args(tiny: Path, out: Path, *extra: str) -> list[str]:
@@ -50,11 +45,7 @@ def test_two_bases_train_evaluate_every_mode_and_resume(tmp_path: Path, tiny: Pa
     assert len(preds) == 16 and {p["base"] for p in preds} == {0, 1}
     assert all({"text", "truncated", "latent", "answers", "question"} <= set(p) for p in preds)
 
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(out / "checkpoints/step_00000008", resumed / "checkpoints/step_00000008")
-    rows = [r for r in read_rows(out) if r["step"] <= 8]
-    (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    resumed = copy_run_until(out, 8, tmp_path / "resumed")
     run_job(python_main(*_args(tiny, resumed), "--resume", "auto"), tmp_path)
     assert train_losses(resumed) == train_losses(out)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.tiny_hf_models import write_model
 from train.config import load_config
 from train.recipes.qa_data import synthetic_qa
 from train.recipes.soft_prompt import SoftPrompt, SoftPromptOptions
@@ -17,11 +16,8 @@ from train.trainer import lm_loss
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    write_model(root, "llama", 300)
-    write_model(root, "qwen2", 360)
-    return root
+def bases(tiny_bases: Path) -> Path:
+    return tiny_bases
 
 
 def _recipe(bases: Path, tmp: Path, **options: object) -> tuple[SoftPrompt, object]:
