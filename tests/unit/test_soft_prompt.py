@@ -122,3 +122,20 @@ def test_a_token_encoder_over_the_base_embeddings_and_reconstruction(bases: Path
     (out["terms"]["answer_ce"] + out["terms"]["recon"]).backward()
     assert ext.token_proj.weight.grad.abs().sum() > 0
     assert ext.base.model.get_input_embeddings().weight.grad is None  # read, never trained
+
+
+def test_the_tiny_bases_have_two_vocabularies(bases: Path) -> None:
+    from transformers import AutoConfig
+
+    sizes = {AutoConfig.from_pretrained(str(bases / f)).vocab_size for f in ("llama", "qwen2")}
+    assert len(sizes) == 2
+
+
+def test_kv_prefixes_with_gradient_checkpointing_are_refused_up_front(bases: Path, tmp_path: Path) -> None:
+    from train.config import ConfigError
+    from train.research_run import plan_research
+
+    cfg = load_config(None, [f"hf.path={bases / 'llama'}", "data.corpus=qa", "research.recipe=soft_prompt",
+                             "research.options={synthetic: 16, kv_prefix: true}", "hf.gradient_checkpointing=true"])
+    with pytest.raises(ConfigError, match=r"kv_prefix=true with hf.gradient_checkpointing=true"):
+        plan_research(cfg, dim=64, n_layers=2, vocab_size=300)

@@ -140,6 +140,9 @@ class SoftPrompt(Extension):
         if cfg.data.corpus != "qa":
             raise ConfigError(f"research.recipe='soft_prompt' reads QA data: set data.corpus='qa' (got "
                               f"{cfg.data.corpus!r}), with data.files or research.options.synthetic.")
+        if options.kv_prefix and cfg.hf.gradient_checkpointing:
+            raise ConfigError("research.options.kv_prefix=true with hf.gradient_checkpointing=true: transformers' "
+                              "checkpointed layers drop the cache that holds the prefix; turn one of them off.")
         if not options.synthetic and not cfg.data.files:
             raise ConfigError("research.recipe='soft_prompt': set data.files (SQuAD JSON / JSONL) or "
                               "research.options.synthetic (a synthetic set's size).")
