@@ -197,7 +197,8 @@ class ResearchObjective(Objective):
         from train.diagnostics import collapse_warning
 
         gathered: list[list[int]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(gathered, ids.tolist())
+        replica = self.tp_ctx is not None and self.tp_ctx.rank != 0  # the ranks of a TP group saw the same rows
+        dist.all_gather_object(gathered, [] if replica else ids.tolist())
         every = torch.tensor([i for part in gathered for i in part], dtype=torch.long)
         hist = self.diagnostics.write_first_tokens(step or 0, every, self.decode)
         warning = collapse_warning(hist)

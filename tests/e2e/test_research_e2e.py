@@ -103,12 +103,16 @@ def test_injection_hooks_under_tp2_follow_one_process(tmp_path: Path, data_cache
     run_job(python_main(*_common(ref, data_cache, *args), "--ds_config", "cpu"), tmp_path)
     for sp in ("false", "true"):
         out = tmp_path / f"tp2-sp{sp}"
-        run_job(_deepspeed(2, *_common(out, data_cache, *args, "parallel.tp=2", f"parallel.sequence_parallel={sp}"),
-                           "--ds_config", "cpu"), tmp_path)
+        run_job(_deepspeed(2, *_common(out, data_cache, *args, "parallel.tp=2", f"parallel.sequence_parallel={sp}",
+                                       "research.diagnostics_interval=3"), "--ds_config", "cpu"), tmp_path)
         got, want = train_losses(out), train_losses(ref)
         assert sorted(got) == list(range(1, 7))
         for step, loss in want.items():
             assert got[step] == pytest.approx(loss, abs=1e-4), (sp, step)
+        diag = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+        first = [r for r in diag if r["kind"] == "first_token"]
+        assert [r["n"] for r in first] == [16]  # the validation rows once, not once per TP rank
+        assert [r["step"] for r in diag if r["kind"] == "train"] == [3, 6]
         kl = {r["step"]: r["term_kl"] for r in read_rows(out) if "term_kl" in r}
         for r in read_rows(ref):
             if "term_kl" in r:
