@@ -65,6 +65,19 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_rows(run_dir) if "loss" in r}
 
 
+def assert_same_weights(got: dict, want: dict, what: str = "", rel: float = 1e-3) -> None:
+    """Two runs' weights after the same training, from different layouts: same names and shapes, and each tensor
+    within ``rel`` of the reference in relative Frobenius norm. An element-wise bound would be the wrong test:
+    AdamW moves a weight by about the learning rate whatever its gradient's size, so a gradient within rounding
+    of zero can step either way under another summation order (another CPU's kernels); a wrong shard or a
+    missed update is off by order one."""
+    assert got.keys() == want.keys(), (what, sorted(got.keys() ^ want.keys()))
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape, (what, name)
+        err = ((got[name].float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+        assert err < rel, (what, name, err)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One corpus/tokenizer/prepared-data cache for every end-to-end test of the session."""

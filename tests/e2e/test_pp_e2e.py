@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.conftest import python_main, read_rows, run_job, train_losses
+from tests.conftest import assert_same_weights, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from train.export import consolidated_state_dict
 
@@ -45,10 +44,7 @@ def _assert_same_run(out: Path, ref: Path) -> None:
     for r in read_rows(ref):
         if "val_loss" in r:
             assert val[r["step"]] == pytest.approx(r["val_loss"], abs=1e-5)
-    weights, ref_weights = (consolidated_state_dict(d / "checkpoints/step_00000010") for d in (out, ref))
-    assert weights.keys() == ref_weights.keys()
-    for name, tensor in ref_weights.items():
-        assert torch.allclose(weights[name], tensor, atol=1e-4), name
+    assert_same_weights(*(consolidated_state_dict(d / "checkpoints/step_00000010") for d in (out, ref)))
 
 
 def _pp_args(out: Path, cache: Path, tied: bool, *extra: str) -> list[str]:

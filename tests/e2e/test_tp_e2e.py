@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import Transformer
-from tests.conftest import python_main, read_rows, run_job, train_losses
+from tests.conftest import assert_same_weights, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from train.checkpoint import read_meta
 from train.export import checkpoint_model_args, consolidated_state_dict
@@ -30,7 +30,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> Pat
 
 
 def _assert_same_run(out: Path, reference: Path, what: str) -> None:
-    """Same loss curve within 1e-4, same logged gradient norms (each parameter counted once), same weights."""
+    """Same loss curve within 1e-4, same logged gradient norms (each parameter counted once), the same weights (relative norm 1e-3)."""
     got, ref = train_losses(out), train_losses(reference)
     assert sorted(got) == sorted(ref) == list(range(1, 21)), what
     for step, loss in ref.items():
@@ -40,11 +40,7 @@ def _assert_same_run(out: Path, reference: Path, what: str) -> None:
         # float rounding grows over the steps (spiky steps amplify it); early steps must agree closely
         assert norms[step] == pytest.approx(norm, rel=1e-5 if step <= 5 else 1e-2), (what, "grad_norm", step)
     tag = "checkpoints/step_00000020"
-    weights, ref_weights = consolidated_state_dict(out / tag), consolidated_state_dict(reference / tag)
-    assert weights.keys() == ref_weights.keys()
-    for name, tensor in ref_weights.items():
-        assert weights[name].shape == tensor.shape, name
-        assert torch.allclose(weights[name].float(), tensor.float(), atol=2e-4), (what, name)
+    assert_same_weights(consolidated_state_dict(out / tag), consolidated_state_dict(reference / tag), what)
 
 
 def test_tp2_dp2_zero3_matches_one_process_and_resumes(tmp_path: Path, data_cache: Path, zero3_test_config: Path,
