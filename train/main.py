@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before and after the flags, in the order given
 
 
 @dataclasses.dataclass

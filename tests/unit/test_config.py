@@ -32,6 +32,17 @@ def test_overrides_are_typed_and_applied() -> None:
     assert cfg.sample.top_k is None
 
 
+
+def test_command_line_overrides_go_before_and_after_the_flags() -> None:
+    from train.main import parse_args
+
+    args = parse_args(["--config", "a.yaml", "train.steps=30", "--ds_config", "zero3", "train.lr=1",
+                       "--resume", "auto", "train.lr=2"])
+    assert (args.config, args.ds_config, args.resume) == ("a.yaml", "zero3", "auto")
+    assert args.overrides == ["train.steps=30", "train.lr=1", "train.lr=2"]  # in order: the last one wins
+    cfg = load_config(RECIPES / "smoke.yaml", args.overrides)
+    assert cfg.train.steps == 30 and cfg.train.lr == 2
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
