@@ -13,6 +13,7 @@ import torch
 from tests.conftest import (
     MAIN,
     SMOKE,
+    assert_same_weights,
     copy_run_until,
     free_port,
     python_main,
@@ -171,10 +172,7 @@ def test_tp2_follows_one_process_and_exports_the_same_weights(tmp_path: Path, hf
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     for run in (one, two):
         run_job([sys.executable, "tools/export_hf.py", str(run), "--out", str(run / "hf")], tmp_path)
-    wa, wb = load_file(str(one / "hf" / "model.safetensors")), load_file(str(two / "hf" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
+    assert_same_weights(load_file(str(two / "hf" / "model.safetensors")), load_file(str(one / "hf" / "model.safetensors")))
 
 
 def test_qlora_under_zero3_on_two_ranks(tmp_path: Path, hf_root: Path) -> None:
