@@ -93,13 +93,14 @@ def write_preferences(path: Path, n: int = 64) -> Path:
 
 
 def write_classification(path: Path, n: int = 96, *, binary_names: tuple[str, str] = ("negative", "positive")) -> Path:
-    """Classification JSONL with a learnable rule: the review's adjective decides the label."""
-    good, bad = ["great", "wonderful", "lovely", "superb"], ["awful", "terrible", "horrid", "dreadful"]
+    """Classification JSONL with a learnable rule: the review's last word decides the label. The two classes'
+    words end in different letters, so even the last byte-level token a sequence head reads tells them apart."""
+    good, bad = ["great", "superb", "lovely", "brilliant"], ["awful", "dreadful", "horrid", "bad"]
     rows = []
     for i in range(n):
         positive = i % 2 == 0
         word = (good if positive else bad)[(i // 2) % 4]
-        rows.append({"text": f"Review {i}: the film was {word}.", "label": binary_names[int(positive)]})
+        rows.append({"text": f"Review {i}: the film was {word}", "label": binary_names[int(positive)]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

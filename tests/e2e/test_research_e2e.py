@@ -210,7 +210,8 @@ def test_complex_recipe_keeps_imaginary_parts_through_zero3_resume_and_export(
     launch = _deepspeed(2, "--ds_config", str(zero3_test_config))
     run_job([*launch, *args], tmp_path)
     losses = list(train_losses(out).values())
-    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+    # from ln(512) = 6.24, 8 steps (5 of warm-up) fall by 0.08-0.1 over seeds; batch noise at the start is ~0.01
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.03, losses
     rows = [r for r in read_rows(out) if "term_energy" in r]
     assert rows and all(r["term_energy"] >= 0 and 0 <= r["term_coherence"] <= 1 for r in rows)
 

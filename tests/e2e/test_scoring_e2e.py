@@ -79,15 +79,12 @@ def test_gpt2_classifier_runs_end_to_end_with_metrics(tmp_path: Path, root: Path
     out = tmp_path / "run"
     run_job(python_main(*_args(root, out, f"hf.path={root / 'gpt2-2l'}", "train.objective=classify",
                                "data.corpus=classification", f"data.files=[{root / 'reviews.jsonl'}]",
-                               "train.lr=1e-2", "train.steps=48", "train.eval_interval=16",
-                               "train.save_interval=16")), tmp_path)
-    # 48 steps: a 2-layer random GPT-2 needs them to find the adjective behind the pooled last token; after 24
-    # the validation loss still swings with the hardware's rounding (seen on a CI machine).
+                               "train.steps=24")), tmp_path)
     evals = [r for r in read_rows(out) if "val_accuracy" in r]
     assert len(evals) == 3 and evals[-1]["val_loss"] < evals[0]["val_loss"], evals
-    assert evals[-1]["val_accuracy"] >= 0.8 and {"val_macro_f1", "val_f1"} <= set(evals[-1]), evals
+    assert evals[-1]["val_accuracy"] >= 0.9 and {"val_macro_f1", "val_f1"} <= set(evals[-1]), evals
     assert sorted(p.name for p in (out / "predictions").iterdir()) == [
-        f"eval_step_{s:08d}.jsonl" for s in (16, 32, 48)]
+        f"eval_step_{s:08d}.jsonl" for s in (8, 16, 24)]
 
 
 def test_lora_classifier_exports_a_standard_sequence_classifier(tmp_path: Path, root: Path) -> None:
