@@ -172,7 +172,8 @@ def test_tp2_follows_one_process_and_exports_the_same_weights(tmp_path: Path, hf
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 for k in a), (a, b)
     for run in (one, two):
         run_job([sys.executable, "tools/export_hf.py", str(run), "--out", str(run / "hf")], tmp_path)
-    assert_same_weights(load_file(str(two / "hf" / "model.safetensors")), load_file(str(one / "hf" / "model.safetensors")))
+    exported = [load_file(str(run / "hf" / "model.safetensors")) for run in (two, one)]
+    assert_same_weights(*exported)
 
 
 def test_qlora_under_zero3_on_two_ranks(tmp_path: Path, hf_root: Path) -> None:

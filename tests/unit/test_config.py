@@ -32,7 +32,6 @@ def test_overrides_are_typed_and_applied() -> None:
     assert cfg.sample.top_k is None
 
 
-
 def test_command_line_overrides_go_before_and_after_the_flags() -> None:
     from train.main import parse_args
 
@@ -42,6 +41,7 @@ def test_command_line_overrides_go_before_and_after_the_flags() -> None:
     assert args.overrides == ["train.steps=30", "train.lr=1", "train.lr=2"]  # in order: the last one wins
     cfg = load_config(RECIPES / "smoke.yaml", args.overrides)
     assert cfg.train.steps == 30 and cfg.train.lr == 2
+
 
 @pytest.mark.parametrize(
     "override, fragment",
