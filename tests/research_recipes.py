@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from train.research import Extension, Term, outputs
+from train.research.api import Extension, Term, outputs
 
 
 @dataclass

@@ -33,9 +33,9 @@ from model.hf_causal import (
 from model.lora import apply_lora, lora_targets
 from parallel.dims import ParallelDims
 from parallel.tp import HF_TP_MODEL_TYPES
-from train.config import ConfigError, JobConfig
-from train.config_finetune import parse_layers
-from train.vocab_setup import VocabPlan, apply_vocab
+from train.config.schema import ConfigError, JobConfig
+from train.config.finetune import parse_layers
+from train.vocab.setup import VocabPlan, apply_vocab
 
 ADAPTER_DIR = "adapter"
 log = logging.getLogger("tessera")
@@ -54,7 +54,7 @@ class HFPlan:
     lora_targets: list[str] = field(default_factory=list)  # full module names; [] without LoRA
     identity: dict[str, Any] = field(default_factory=dict)  # recorded in every checkpoint
     trainable_estimate: int = 0  # parameters a checkpoint holds (all of them, or the adapters')
-    vocab: VocabPlan | None = None  # the embedding-only vocabulary extension (train/vocab_setup.py)
+    vocab: VocabPlan | None = None  # the embedding-only vocabulary extension (train/vocab/setup.py)
     head_labels: int | None = None  # a sequence head with this many outputs (reward: 1) instead of the LM head
 
     @property
@@ -133,7 +133,7 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
 
 def _check_tp(cfg: JobConfig, config: Any, tp: int) -> None:
     """Tensor parallelism of an HF model: Tessera's TP layers with the native plan (HF_LLAMA_TP_PLAN). Adapters
-    (LoRA, QLoRA) never run with tp > 1: `train.config` refuses that combination."""
+    (LoRA, QLoRA) never run with tp > 1: `train.config.schema` refuses that combination."""
     where = f"parallel.tp={tp} with hf.path={cfg.hf.path}"
     if config.model_type not in HF_TP_MODEL_TYPES:
         raise ConfigError(f"{where}: model_type={config.model_type!r} has no TP plan (covered: "

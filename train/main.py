@@ -39,7 +39,7 @@ from parallel.groups import build_process_groups
 from parallel.perf import apply_perf, build_loss_fn
 from parallel.pipeline import build_pipeline
 from parallel.tp import HF_LLAMA_TP_PLAN, FullLogits, TPContext, apply_tp, tp_lm_loss
-from train.checkpoint import (
+from train.checkpoint.writer import (
     CheckpointError,
     CheckpointWriter,
     check_free_space,
@@ -49,24 +49,24 @@ from train.checkpoint import (
     read_meta,
     remove_partial,
 )
-from train.config import ConfigError, JobConfig, describe_fields, load_config
+from train.config.schema import ConfigError, JobConfig, describe_fields, load_config
 from train.data import DataError, eval_batches
 from train.data.supervised import ClassificationDataset
 from train.data.tokenizer import load_tokenizer
-from train.data_setup import DataBundle, batch_stream, build_datasets, setup_data
+from train.data.setup import DataBundle, batch_stream, build_datasets, setup_data
 from train.distributed import DistEnv, device_for, init_distributed, read_env, shutdown_distributed
-from train.ds_config import load_ds_config, resolve_ds_config
-from train.guards import TrainingDiverged
+from train.config.deepspeed import load_ds_config, resolve_ds_config
+from train.loop.guards import TrainingDiverged
 from train.hf_setup import ADAPTER_DIR, HFPlan, build_hf, plan_hf, save_adapter
-from train.metrics import MetricsLogger
-from train.optim import build_optimizer, build_scheduler, param_groups
-from train.preempt import RunControl
-from train.recipes.dpo import DPOObjective, build_reference
-from train.recipes.scoring import ScoreObjective
-from train.recipes.seq2seq import Seq2SeqObjective
-from train.research import LossTermError
-from train.research import param_groups as research_param_groups
-from train.research_run import (
+from train.loop.metrics import MetricsLogger
+from train.loop.optim import build_optimizer, build_scheduler, param_groups
+from train.loop.preempt import RunControl
+from train.objectives.dpo import DPOObjective, build_reference
+from train.objectives.scoring import ScoreObjective
+from train.objectives.seq2seq import Seq2SeqObjective
+from train.research.api import LossTermError
+from train.research.api import param_groups as research_param_groups
+from train.research.run import (
     ResearchPlan,
     build_research,
     config_shape,
@@ -74,8 +74,8 @@ from train.research_run import (
     plan_research,
     research_objective,
 )
-from train.trainer import Objective, TrainState, lm_loss, train
-from train.vocab_setup import SnapshotWriter, plan_vocab
+from train.loop.trainer import Objective, TrainState, lm_loss, train
+from train.vocab.setup import SnapshotWriter, plan_vocab
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
 USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError, CheckpointError)
@@ -110,10 +110,10 @@ class Plan:
     bundle: DataBundle
     model_args: ModelArgs | None  # None for an HF model (hf.path)
     resume_from: Path | None
-    train_ds: Any  # a dataset with batch(indices), or a stream (train/data_setup.py)
+    train_ds: Any  # a dataset with batch(indices), or a stream (train/data/setup.py)
     val_ds: Any  # a dataset with batch(indices)
     hf: HFPlan | None = None  # the HF model of hf.path, checked
-    research: ResearchPlan | None = None  # the research recipe around the model (train/research.py), checked
+    research: ResearchPlan | None = None  # the research recipe around the model (train/research/api.py), checked
 
 
 def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
@@ -474,7 +474,7 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
 
 
 def _dpo_objective(p: Plan, engine: Any, groups: Any, device: torch.device, train_ds: Any) -> DPOObjective:
-    """DPO against a reference built from the policy's starting point (train/recipes/dpo.py)."""
+    """DPO against a reference built from the policy's starting point (train/objectives/dpo.py)."""
     cfg = p.cfg
 
     source = cfg.dpo.reference_from
@@ -547,7 +547,7 @@ def _code_version() -> str:
 
 
 def main(argv: list[str] | None = None, *, control: RunControl | None = None) -> int:
-    """Run from ``argv``; ``control`` (train/preempt.py) lets a caller in the same process stop the run."""
+    """Run from ``argv``; ``control`` (train/loop/preempt.py) lets a caller in the same process stop the run."""
     args = parse_args(argv)
     if args.help_config:
         print(describe_fields())

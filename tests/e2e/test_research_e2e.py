@@ -13,7 +13,7 @@ import torch
 from tests.conftest import copy_run_until, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from tests.hf_models import make_hf_model, write_sft
-from train.export import consolidated_state_dict
+from train.export.hf import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_declared_modules_train_and_resume_bitwise(tmp_path: Path, data_cache: P
 
 
 def _export_reloads(tmp_path: Path, out: Path) -> None:
-    from train.research_export import load_research, rebuild_base
+    from train.export.research import load_research, rebuild_base
 
     export = tmp_path / "export"
     proc = run_job([sys.executable, "tools/export_hf.py", str(out), "--out", str(export)], tmp_path)
@@ -202,7 +202,7 @@ def _complex_views(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_complex_recipe_keeps_imaginary_parts_through_zero3_resume_and_export(
         tmp_path: Path, data_cache: Path, zero3_test_config: Path) -> None:
-    from train.research_export import load_research
+    from train.export.research import load_research
 
     out = tmp_path / "complex"
     args = _common(out, data_cache, *STEPS, "research.recipe=complex", "research.options={dim: 32, n_layers: 2}",

@@ -13,8 +13,8 @@ import torch
 from model import Transformer
 from tests.conftest import assert_same_weights, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
-from train.checkpoint import read_meta
-from train.export import checkpoint_model_args, consolidated_state_dict
+from train.checkpoint.writer import read_meta
+from train.export.hf import checkpoint_model_args, consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +88,7 @@ def test_tp2_under_zero_0_1_2(tmp_path: Path, data_cache: Path, reference: Path,
     if ds == "cpu":  # a tensor-parallel checkpoint exports to a Hugging Face model like any other
         from transformers import AutoModelForCausalLM
 
-        from train.export import export_hf
+        from train.export.hf import export_hf
 
         hf = AutoModelForCausalLM.from_pretrained(export_hf(out, tmp_path / "hf"))
         x = torch.randint(0, hf.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from slurm.preflight import check_data, check_disk, check_gpus, check_mps, check_tmpdir, run_preflight
 from tests.conftest import SMOKE
-from train.config import load_config
-from train.preempt import Action, RunControl
+from train.config.schema import load_config
+from train.loop.preempt import Action, RunControl
 
 
 def test_gpus_requested_but_not_visible() -> None:
@@ -85,7 +85,7 @@ def test_run_preflight_reports_every_problem_of_this_machine(tmp_path: Path, mon
     assert checks == (expected if torch.cuda.is_available() else ["gpus", *expected])
 
 
-# ----------------------------------------------------------------------------- stop requests (train/preempt.py)
+# ----------------------------------------------------------------------------- stop requests (train/loop/preempt.py)
 
 
 def test_signal_becomes_a_stop_and_the_old_handler_is_kept() -> None:

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from train.data.tokenizer import load_tokenizer, train_bpe_tokenizer
-from train.recipes.embed_extend import ExtensionInfo, encode_blocks, freeze_all_but_new_rows
+from train.vocab.extend import ExtensionInfo, encode_blocks, freeze_all_but_new_rows
 
 CORPUS = (
     "the quick brown fox jumps over the lazy dog. a dog and a fox walk by the river bank. "

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import SMOKE
-from train.config import load_config
+from train.config.schema import load_config
 from train.data.blend import BlendDataset
 from train.data.dataset import BlockDataset
 from train.data.sampler import GlobalOrder, grad_accum_steps, micro_batches
-from train.data_setup import batch_stream
+from train.data.setup import batch_stream
 
 GB, MB = 16, 2
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.gloo import run_ranks
-from train.diagnostics import Diagnostics, collapse_warning, first_token_histogram, first_token_ids
+from train.loop.diagnostics import Diagnostics, collapse_warning, first_token_histogram, first_token_ids
 
 REPO = Path(__file__).resolve().parents[2]
 

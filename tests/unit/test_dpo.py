@@ -15,7 +15,7 @@ from tests.hf_models import make_hf_model, write_preferences
 from train.data.corpus import DataError
 from train.data.supervised import Renderer, SupervisedDataset
 from train.data.tokenizer import load_tokenizer
-from train.recipes.dpo import (
+from train.objectives.dpo import (
     AdapterReference,
     CachedReference,
     DPOObjective,
@@ -90,7 +90,7 @@ def test_adapter_reference_is_the_base_model_exactly(setup: dict, world: None) -
             torch.nn.init.normal_(p, std=0.1)
     batch = setup["data"].batch([0, 1, 2])
     objective = DPOObjective(AdapterReference(), beta=0.1)
-    from train.recipes.dpo import _pairs
+    from train.objectives.dpo import _pairs
 
     pairs = _pairs(batch, torch.device("cpu"))
     with torch.no_grad():

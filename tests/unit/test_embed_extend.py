@@ -1,4 +1,4 @@
-"""Embedding-only vocabulary extension (train/recipes/embed_extend.py, embed_snapshot.py) on tiny random HF models."""
+"""Embedding-only vocabulary extension (train/vocab/extend.py, embed_snapshot.py) on tiny random HF models."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.unit.embed_models import (
 )
 from train.data.corpus import DataError
 from train.data.tokenizer import load_tokenizer
-from train.recipes.embed_extend import (
+from train.vocab.extend import (
     VocabError,
     encode_blocks,
     extend_vocabulary,
@@ -28,7 +28,7 @@ from train.recipes.embed_extend import (
     read_lexicon,
     row_norms,
 )
-from train.recipes.embed_snapshot import load_embedding_snapshot, save_embedding_snapshot
+from train.vocab.snapshot import load_embedding_snapshot, save_embedding_snapshot
 
 
 @pytest.fixture(scope="module")

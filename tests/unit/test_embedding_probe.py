@@ -30,8 +30,8 @@ from tools.embedding_probe import (
     norm_stats,
 )
 from train.data.tokenizer import load_tokenizer
-from train.recipes.embed_extend import VocabError, encode_blocks, extend_vocabulary, freeze_all_but_new_rows
-from train.recipes.embed_snapshot import save_embedding_snapshot
+from train.vocab.extend import VocabError, encode_blocks, extend_vocabulary, freeze_all_but_new_rows
+from train.vocab.snapshot import save_embedding_snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 

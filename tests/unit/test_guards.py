@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from train.faults import failpoint_hit
-from train.guards import BadStepCounter, SpikeDetector, TrainingDiverged
+from train.loop.faults import failpoint_hit
+from train.loop.guards import BadStepCounter, SpikeDetector, TrainingDiverged
 
 
 def test_spike_detector_flags_a_jump_not_a_falling_or_noisy_loss() -> None:

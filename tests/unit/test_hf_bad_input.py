@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import SMOKE
 from tests.hf_models import make_hf_model, make_tokenizer, write_sft
-from train.config import ConfigError, load_config
+from train.config.schema import ConfigError, load_config
 from train.main import USER_ERRORS, parse_args, plan
 
 

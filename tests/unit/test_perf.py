@@ -33,7 +33,7 @@ from parallel.perf import (
     apply_perf,
     build_loss_fn,
 )
-from train.trainer import forward_kwargs, lm_loss
+from train.loop.trainer import forward_kwargs, lm_loss
 
 
 def _args(**kw) -> ModelArgs:
@@ -270,7 +270,7 @@ def test_compiled_blocks_match_eager() -> None:
     (["perf.fused_rmsnorm=true"], "Did you mean 'fused_rms_norm'?"),
 ])
 def test_perf_config_errors(overrides: list[str], message: str) -> None:
-    from train.config import ConfigError, load_config
+    from train.config.schema import ConfigError, load_config
 
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, overrides)
@@ -278,7 +278,7 @@ def test_perf_config_errors(overrides: list[str], message: str) -> None:
 
 
 def test_perf_config_defaults_are_apply_perf_keywords() -> None:
-    from train.config import load_config
+    from train.config.schema import load_config
 
     cfg = load_config(None, ["perf.activation_checkpointing=full", "perf.ac_every=2"])
     model = Transformer(_args())

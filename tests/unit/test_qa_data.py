@@ -9,7 +9,7 @@ import pytest
 
 from tests.hf_models import make_tokenizer
 from train.data.corpus import DataError
-from train.recipes.qa_data import ENCODER_PAD, QADataset, read_qa, render, synthetic_qa
+from train.research.qa_data import ENCODER_PAD, QADataset, read_qa, render, synthetic_qa
 
 
 def test_squad_json_and_jsonl_read_alike(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ from model import ModelArgs, Transformer
 from model.hooks import HookError, LayerHooks, decoder_layers
 from parallel.perf import apply_activation_checkpointing
 from tests.hf_models import FAMILIES, make_hf_model
-from train.config import ConfigError, load_config
-from train.recipes.injection import Injection, InjectionOptions
-from train.research import (
+from train.config.schema import ConfigError, load_config
+from train.research.injection import Injection, InjectionOptions
+from train.research.api import (
     LossTermError,
     RecipeContext,
     Term,
@@ -27,7 +27,7 @@ from train.research import (
     resolve_terms,
     weigh_terms,
 )
-from train.trainer import lm_loss
+from train.loop.trainer import lm_loss
 
 ARGS = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
 
@@ -93,7 +93,7 @@ def test_recipe_section_errors_name_the_key() -> None:
         resolve_recipe("nope")
     with pytest.raises(ConfigError, match=r"cannot import no_such_pkg.mod:Cls"):
         resolve_recipe("no_such_pkg.mod:Cls")
-    with pytest.raises(ConfigError, match=r"is not a train.research.Extension subclass"):
+    with pytest.raises(ConfigError, match=r"is not a train.research.api.Extension subclass"):
         resolve_recipe("torch.nn:Linear")
 
 
@@ -255,7 +255,7 @@ def test_variational_injection_trains_its_head_and_reports_kl() -> None:
 
 
 def test_shipped_research_recipes_plan() -> None:
-    from train.research_run import plan_research
+    from train.research.run import plan_research
 
     configs = Path(__file__).resolve().parents[2] / "train" / "configs"
     cfg = load_config(configs / "injection.yaml")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint import CheckpointError, complete_checkpoints, latest_complete
-from train.resize import (
+from train.checkpoint.writer import CheckpointError, complete_checkpoints, latest_complete
+from train.checkpoint.resize import (
     SOURCE_FILE,
     Resize,
     convert,

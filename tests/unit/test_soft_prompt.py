@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config import load_config
-from train.recipes.qa_data import synthetic_qa
-from train.recipes.soft_prompt import SoftPrompt, SoftPromptOptions
-from train.research import RecipeContext, resolve_terms
-from train.trainer import lm_loss
+from train.config.schema import load_config
+from train.research.qa_data import synthetic_qa
+from train.research.soft_prompt import SoftPrompt, SoftPromptOptions
+from train.research.api import RecipeContext, resolve_terms
+from train.loop.trainer import lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ def test_the_tiny_bases_have_two_vocabularies(bases: Path) -> None:
 
 
 def test_kv_prefixes_with_gradient_checkpointing_are_refused_up_front(bases: Path, tmp_path: Path) -> None:
-    from train.config import ConfigError
-    from train.research_run import plan_research
+    from train.config.schema import ConfigError
+    from train.research.run import plan_research
 
     cfg = load_config(None, [f"hf.path={bases / 'llama'}", "data.corpus=qa", "research.recipe=soft_prompt",
                              "research.options={synthetic: 16, kv_prefix: true}", "hf.gradient_checkpointing=true"])

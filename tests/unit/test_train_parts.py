@@ -12,9 +12,9 @@ import torch
 
 from model import Transformer, get_preset
 from parallel.dims import ParallelConfigError, ParallelDims
-from train.config import TrainSection
-from train.metrics import MetricsLogger, read_metrics
-from train.optim import build_optimizer, build_scheduler, lr_at, param_groups
+from train.config.schema import TrainSection
+from train.loop.metrics import MetricsLogger, read_metrics
+from train.loop.optim import build_optimizer, build_scheduler, lr_at, param_groups
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_min_lr() -> None:

@@ -1,0 +1,376 @@
+"""The training loop: micro-batches through the DeepSpeed engine, evaluation, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from parallel.layers import TPContext
+from train.checkpoint.writer import CheckpointWriter, latest_complete, load_checkpoint, tag_for
+from train.config.schema import JobConfig
+from train.loop.faults import failpoint_hit
+from train.loop.guards import BadStepCounter, SpikeDetector, TrainingDiverged
+from train.loop.metrics import MetricsLogger, peak_memory_gb
+from train.loop.preempt import Action, RunControl
+
+Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, labels) -> mean loss
+
+
+def forward_kwargs(loss_fn: LossFn) -> dict[str, Any]:
+    """What the model must be called with for ``loss_fn`` (a head-computed loss wants hidden states)."""
+    return getattr(loss_fn, "forward_kwargs", {})
+
+
+def _unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(input_ids, labels[, model keyword tensors such as position_ids / doc_ids]) moved to ``device``."""
+    x, y, *rest = batch
+    extra = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extra
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the engine: the step and the data position."""
+
+    step: int = 0  # optimizer steps completed
+    consumed_samples: int = 0  # global samples consumed (independent of the data-parallel size)
+    val_ema: float | None = None  # smoothed validation loss (exponential moving average over evaluations)
+    best_val_ema: float | None = None  # lowest smoothed validation loss, the one the best checkpoint holds
+    meta: dict[str, Any] = field(default_factory=dict)  # static checkpoint metadata (config, model, tokenizer)
+
+    def observe_val_loss(self, val_loss: float, smoothing: float) -> bool:
+        """Fold a validation loss into the EMA; True when the smoothed loss is the best so far."""
+        ema = val_loss if self.val_ema is None else smoothing * self.val_ema + (1 - smoothing) * val_loss
+        self.val_ema = ema
+        if self.best_val_ema is None or ema < self.best_val_ema:
+            self.best_val_ema = ema
+            return True
+        return False
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**self.meta, "consumed_samples": self.consumed_samples, "val_ema": self.val_ema,
+                "best_val_ema": self.best_val_ema}
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; label -100 is ignored."""
+    # logits: (B, T, V), labels: (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def _engine_skips_grad_norm(engine: Any) -> bool:
+    """DeepSpeed computes and keeps the global grad norm except for fp32 without ZeRO; there we do."""
+    return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+
+
+@torch.no_grad()
+def _grad_norm(module: torch.nn.Module, tp_ctx: TPContext | None = None) -> float:
+    """L2 norm of the (already data-parallel averaged) gradients of a replica that ZeRO does not shard.
+
+    Under tensor parallelism each rank holds a shard of the split parameters and a copy of the replicated
+    ones: the split ones are summed over the group, the replicated ones counted once (from TP rank 0).
+    """
+    split = tp_ctx is not None and tp_ctx.size > 1
+    squares = torch.zeros((), dtype=torch.float64)
+    for p in module.parameters():
+        if p.grad is None or (split and tp_ctx.rank != 0 and not getattr(p, "tensor_model_parallel", False)):
+            continue
+        squares += torch.linalg.vector_norm(p.grad.double()).cpu() ** 2
+    if split:
+        squares = squares.to(next(module.parameters()).device)
+        dist.all_reduce(squares, group=tp_ctx.group)
+    return squares.sqrt().item()
+
+
+def is_pipeline(engine: Any) -> bool:
+    """True for DeepSpeed's pipeline engine (pp > 1), which runs whole batches through `train_batch`."""
+    return hasattr(engine, "train_batch") and hasattr(engine, "eval_batch")
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.device,
+             loss_fn: LossFn = lm_loss) -> tuple[float, float]:
+    """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike).
+
+    Under pipeline parallelism the last stage computes each micro-batch's mean loss and DeepSpeed averages
+    them (every micro-batch of a prepared corpus holds the same number of tokens, so the weighting agrees).
+    """
+    if is_pipeline(engine):
+        micro = list(batches())
+        loss = float(engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
+        engine.train()
+        return loss, math.exp(min(loss, 50.0))
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
+    for batch in batches():
+        x, y, extra = _unpack(batch, device)
+        n = (y != -100).sum()
+        out = engine(x, **extra, **forward_kwargs(loss_fn))  # logits, or hidden states for a head-computed loss
+        totals += torch.stack([loss_fn(out, y).double() * n, n.double()])
+    dist.all_reduce(totals)
+    engine.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+class Objective:
+    """What a step optimizes and what an evaluation measures; the default is the language-model loss.
+
+    ``loss`` gets one micro-batch (whatever the dataset's ``batch`` returned) and returns the loss to
+    backpropagate with named terms to log (detached scalars, averaged over micro-batches and ranks).
+    ``evaluate`` returns the validation metrics; ``val_loss`` picks the best checkpoint.
+    """
+
+    def __init__(self, loss_fn: LossFn = lm_loss) -> None:
+        self.loss_fn = loss_fn
+
+    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, extra = _unpack(batch, device)
+        return self.loss_fn(engine(x, **extra, **forward_kwargs(self.loss_fn)), y), {}
+
+    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
+                 step: int | None = None) -> dict[str, float]:
+        """Validation metrics after optimizer step ``step`` (None: outside the loop)."""
+        val_loss, val_ppl = evaluate(engine, batches, device, self.loss_fn)
+        return {"val_loss": val_loss, "val_ppl": val_ppl}
+
+    # Called on every rank around each optimizer step (1-based ``step``); the default does nothing.
+    def begin_step(self, step: int) -> None:
+        """Before the first micro-batch of ``step``."""
+
+    def before_update(self, engine: Any, step: int) -> None:
+        """After the last micro-batch's backward, before the engine applies the update: gradients are there."""
+
+    def end_step(self, engine: Any, step: int, terms: dict[str, float]) -> None:
+        """After the update, with the step's logged terms averaged over micro-batches and ranks."""
+
+
+def _mean_terms(terms: dict[str, float], n: int, device: torch.device) -> dict[str, float]:
+    """Per-step means of the logged loss terms over micro-batches and ranks (the same keys on every rank)."""
+    if not terms:
+        return {}
+    names = sorted(terms)
+    t = torch.tensor([terms[k] / n for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(names, (t / dist.get_world_size()).tolist(), strict=True))
+
+
+class Trainer:
+    """Runs optimizer steps through the engine, with evaluation, checkpoints and the bad-step guards."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        engine: Any,
+        state: TrainState,
+        *,
+        batches: Callable[[int], Iterator[Batch]],
+        val_batches: Callable[[], Iterator[Batch]],
+        grad_accum: int,
+        logger: MetricsLogger,
+        device: torch.device,
+        checkpoints: CheckpointWriter,
+        loss_fn: LossFn = lm_loss,
+        tp_ctx: TPContext | None = None,
+        control: RunControl | None = None,
+        after_step: Callable[[int], None] | None = None,
+        objective: Objective | None = None,
+    ) -> None:
+        self.cfg, self.t = cfg, cfg.train
+        self.engine, self.state = engine, state
+        self.batches, self.val_batches = batches, val_batches
+        self.grad_accum, self.logger, self.device, self.checkpoints = grad_accum, logger, device, checkpoints
+        self.loss_fn, self.tp_ctx = loss_fn, tp_ctx
+        self.objective = objective or Objective(loss_fn)
+        self.terms: dict[str, float] = {}  # the last step's logged loss terms
+        self.pipeline = is_pipeline(engine)
+        self.spikes = SpikeDetector(zscore=self.t.spike_zscore)
+        self.bad_steps = BadStepCounter(max_bad_steps=self.t.max_bad_steps, max_rollbacks=self.t.max_rollbacks)
+        self.stream = batches(state.consumed_samples)
+        self.last_eval: dict[str, float] = {}
+        self.control = control  # stop / checkpoint requests from outside (train/loop/preempt.py), polled per step
+        self.after_step = after_step  # called with the step number after every applied optimizer step
+
+    def run(self) -> dict[str, float]:
+        """Train from ``state.step`` to ``train.steps``; return the last validation result."""
+        t, state = self.t, self.state
+        tokens_per_step = t.global_batch_size * self.cfg.data.seq_len
+        self.engine.train()
+        window_start, window_steps = time.perf_counter(), 0
+        while state.step < t.steps:
+            if self.control is not None and self._obey(self.control.poll(self.device)):
+                break  # stopped on request, after saving this step: a resumed run continues from here
+            lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
+            log_now = (state.step + 1) % t.log_interval == 0 or state.step + 1 == t.steps
+            loss_avg, grad_norm = self._step(want_grad_norm=log_now)
+            state.step += 1
+            state.consumed_samples += t.global_batch_size
+            window_steps += 1
+            if not (self.engine.was_step_applied() and math.isfinite(loss_avg)):
+                self._bad_step(loss_avg)
+                continue
+            self.bad_steps.good()
+            z = self.spikes.update(loss_avg)
+            if z is not None and self._spike(loss_avg, z):
+                continue
+            tok_s = tokens_per_step * window_steps / max(time.perf_counter() - window_start, 1e-9)
+            self.logger.progress(state.step, loss=f"{loss_avg:.4f}", tok_s=f"{tok_s:,.0f}")
+            if log_now:
+                if grad_norm is None:
+                    grad_norm = self.engine.get_global_grad_norm()
+                self.logger.log({
+                    "step": state.step,
+                    "loss": loss_avg,
+                    **self.terms,
+                    "lr": lr,
+                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                    "tokens_per_s": tok_s,
+                    "consumed_samples": state.consumed_samples,
+                    "skipped_steps": self.bad_steps.skipped_total,
+                    "mem_gb": peak_memory_gb(self.device),
+                })
+                window_start, window_steps = time.perf_counter(), 0
+            if self.after_step is not None:
+                self.after_step(state.step)
+            if self._evaluate_and_save():
+                window_start, window_steps = time.perf_counter(), 0
+        return self.last_eval
+
+    def _obey(self, action: Action) -> bool:
+        """Checkpoint on request (unless this step is saved already); True when the loop must stop."""
+        state = self.state
+        if action == Action.CONTINUE:
+            return False
+        latest = latest_complete(self.checkpoints.out_dir)
+        if state.step > 0 and (latest is None or latest.name != tag_for(state.step)):
+            path = self.checkpoints.save(self.engine, state.step, {**state.checkpoint_meta(), **self.last_eval})
+            self.logger.write(f"step {state.step}: checkpoint saved to {path} (requested)")
+        if action != Action.STOP:
+            return False
+        reason = self.control.stop_reason if self.control is not None else None
+        self.logger.log({"step": state.step, "event": "stopped", "reason": reason,
+                         "consumed_samples": state.consumed_samples})
+        self.logger.write(f"step {state.step}: stopping before step {state.step + 1} of {self.t.steps} ({reason})")
+        return True
+
+    def _step(self, *, want_grad_norm: bool) -> tuple[float, float | None]:
+        """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over ranks."""
+        loss_sum, grad_norm = 0.0, None
+        if self.pipeline:  # the engine pulls grad_accum micro-batches, runs the schedule and steps
+            return float(self.engine.train_batch(data_iter=self.stream)), None
+        batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
+        step = self.state.step + 1
+        self.objective.begin_step(step)
+        terms: dict[str, float] = {}
+        for micro in range(self.grad_accum):
+            loss, parts = self.objective.loss(self.engine, next(self.stream), self.device)
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0.0) + float(value)
+            loss = _injected_fault(loss, batch_no)
+            self.engine.backward(loss)
+            if micro == self.grad_accum - 1:
+                if want_grad_norm and _engine_skips_grad_norm(self.engine):
+                    grad_norm = _grad_norm(self.engine.module, self.tp_ctx)
+                self.objective.before_update(self.engine, step)
+            self.engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
+            loss_sum += loss.item()
+        self.terms = _mean_terms(terms, self.grad_accum, self.device)
+        self.objective.end_step(self.engine, step, self.terms)
+        return _mean_over_ranks(loss_sum / self.grad_accum, self.device), grad_norm
+
+    def _bad_step(self, loss_avg: float) -> None:
+        """The optimizer skipped this step on every rank (non-finite loss or gradients)."""
+        step = self.state.step
+        rollback = self.bad_steps.bad()
+        self.logger.log({"step": step, "event": "skipped", "loss": loss_avg,
+                         "consumed_samples": self.state.consumed_samples,
+                         "skipped_steps": self.bad_steps.skipped_total})
+        self.logger.write(f"step {step}: non-finite loss or gradients (loss {loss_avg}); update skipped on "
+                          f"every rank ({self.bad_steps.streak} in a row)")
+        if rollback:
+            self._rollback(f"{self.bad_steps.streak} bad steps in a row")
+
+    def _spike(self, loss_avg: float, z: float) -> bool:
+        """Report a loss spike; True when it rolled the run back."""
+        step = self.state.step
+        self.logger.log({"step": step, "event": "spike", "loss": loss_avg, "zscore": z})
+        self.logger.write(f"step {step}: loss spike {loss_avg:.4f} (z-score {z:.1f} against the running mean "
+                          f"{self.spikes.mean:.4f})")
+        if self.t.spike_action != "rollback":
+            return False
+        self.bad_steps.streak = 1
+        self._rollback(f"a loss spike (z-score {z:.1f})")
+        return True
+
+    def _rollback(self, why: str) -> None:
+        """Reload the last complete checkpoint and continue with the data after the offending batches."""
+        import torch.distributed as dist
+
+        bad_step, consumed = self.state.step, self.state.consumed_samples
+        self.bad_steps.begin_rollback(bad_step)
+        target = latest_complete(self.checkpoints.out_dir)
+        if target is None:
+            raise TrainingDiverged(f"step {bad_step}: {why} and no checkpoint to roll back to; set "
+                                   f"train.save_interval so one exists, or lower train.lr.")
+        saved = load_checkpoint(self.engine, target, rank=dist.get_rank())
+        self.state.step = int(saved["step"])
+        self.state.val_ema, self.state.best_val_ema = saved.get("val_ema"), saved.get("best_val_ema")
+        self.state.consumed_samples = consumed  # move past the batches that went bad
+        self.stream = self.batches(consumed)
+        self.logger.truncate_after(self.state.step)
+        self.logger.progress(self.state.step)
+        self.logger.log({"step": self.state.step, "event": "rollback", "from_step": bad_step,
+                         "consumed_samples": consumed, "reason": why})
+        self.logger.write(f"step {bad_step}: {why}; rolled back to {target.name}, continuing with the data "
+                          f"after sample {consumed}")
+
+    def _evaluate_and_save(self) -> bool:
+        """Evaluate and checkpoint when due; True when anything ran (the throughput window restarts)."""
+        t, state = self.t, self.state
+        last_step = state.step == t.steps
+        best = ran = False
+        if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
+            self.last_eval = self.objective.evaluate(self.engine, self.val_batches, self.device, step=state.step)
+            best = state.observe_val_loss(self.last_eval["val_loss"], t.best_smoothing)
+            self.logger.log({"step": state.step, **self.last_eval, "val_ema": state.val_ema})
+            shown = "  ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in self.last_eval.items())
+            self.logger.write(f"step {state.step}: {shown}{'  (best so far)' if best else ''}")
+            ran = True
+        if last_step or best or (t.save_interval and state.step % t.save_interval == 0):
+            meta = {**state.checkpoint_meta(), **self.last_eval}
+            if hasattr(self.stream, "state_dict"):  # a streamed corpus: its position goes into the checkpoint
+                meta["data_state"] = self.stream.state_dict()
+            path = self.checkpoints.save(self.engine, state.step, meta, best=best)
+            self.logger.write(f"step {state.step}: checkpoint saved to {path}")
+            ran = True
+        return ran
+
+
+def _injected_fault(loss: torch.Tensor, batch_no: int) -> torch.Tensor:
+    """Test faults on the last rank: a NaN loss (``nan_batch@N``) or a 20x loss (``spike_batch@N``)."""
+    if dist.get_rank() != dist.get_world_size() - 1:
+        return loss
+    if failpoint_hit("nan_batch", batch_no):
+        return loss * float("nan")
+    if failpoint_hit("spike_batch", batch_no):
+        return loss * 20.0
+    return loss
+
+
+def train(cfg: JobConfig, engine: Any, state: TrainState, **parts: Any) -> dict[str, float]:
+    """Run a ``Trainer`` (keyword parts as in its constructor); return the last validation result."""
+    return Trainer(cfg, engine, state, **parts).run()
