@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from train.config import JobConfig
+from train.config.schema import JobConfig
 from train.data.corpus import SHAKESPEARE_SUBDIR
 
 EXIT_PREFLIGHT = 3  # exit status of a task that failed preflight

@@ -4,7 +4,7 @@
 
 Every stage is checked as ``submit.py`` checks a single run (slurm/plan.py: the recipe over the job's
 data-parallel ranks, the DeepSpeed config, the model, the HF model and its LoRA targets), the exports that later
-stages start from being placeholders until they exist (train/pipeline.py). Then the stages that have not
+stages start from being placeholders until they exist (train/stages.py). Then the stages that have not
 finished are queued in file order: each job gets ``--dependency=afterok:<the job before it>`` and
 ``--kill-on-invalid-dep=yes``, so a failed stage cancels the jobs after it instead of leaving them pending
 forever. A stage's job trains its run (``--resume auto``) and then, on task 0, exports the checkpoint that the
@@ -41,8 +41,8 @@ from slurm.profile import (
     with_values,
 )
 from slurm.task import RunSpec, TrainTask
-from train.config import JobConfig
-from train.pipeline import (
+from train.config.schema import JobConfig
+from train.stages import (
     SUMMARY_FILE,
     Pipeline,
     PipelineError,
@@ -183,7 +183,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="slurm/submit.py pipeline",
                                 description="Submit a pipeline: one job per stage, each after the previous one.")
-    p.add_argument("pipeline", help="the pipeline file (train/pipeline.py)")
+    p.add_argument("pipeline", help="the pipeline file (train/stages.py)")
     p.add_argument("--profile", required=True, help=f"a name in {PROFILE_DIR} or a YAML path")
     p.add_argument("--dry-run", action="store_true", help="print each job, recipe and sbatch script; queue nothing")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",

@@ -9,7 +9,7 @@
     python slurm/submit.py summary SWEEP_DIR        a sweep's results, best validation loss first
     python slurm/submit.py profiles                 the profiles in slurm/profiles/
     python slurm/submit.py pipeline PIPELINE.yaml --profile NAME [--dry-run] [--wait SECONDS] [...]
-                                                    one job per stage, each after the previous (slurm/pipeline.py)
+                                                    one job per stage, each after the previous (slurm/stages.py)
 
 Every setting is checked before anything is queued; a problem is one line ``tessera: error: ...`` and exit
 code 2. ``--dry-run`` prints the resolved job, the resolved recipe and the sbatch script, and queues nothing.
@@ -208,7 +208,7 @@ def cmd_followup(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "pipeline":
-        from slurm.pipeline import cmd_pipeline
+        from slurm.stages import cmd_pipeline
 
         return cmd_pipeline(argv[1:])
     if argv and argv[0] in COMMANDS:

@@ -5,7 +5,7 @@ tasks). It needs no ssh between nodes and no ``deepspeed`` launcher: SLURM start
 and each task calls Tessera's entry point ``train.main.main`` with the rendezvous variables set.
 
 Preemption and time limits: SLURM sends the warning signal (``USR2``) to every task. The task turns it into a
-stop request (train/preempt.py); the training loop agrees on it across ranks, saves a checkpoint of the
+stop request (train/loop/preempt.py); the training loop agrees on it across ranks, saves a checkpoint of the
 current step and returns. Rank 0 then hands the signal to submitit's own handler, which records this callable
 for the next run and requeues the job (``scontrol requeue``); the requeued job starts with ``--resume auto``
 and continues from that checkpoint. The other ranks wait for the requeue to end them.
@@ -25,9 +25,9 @@ import submitit
 
 from slurm.env import SlurmEnvError, dist_vars
 from slurm.preflight import EXIT_PREFLIGHT, run_preflight
-from train.checkpoint import latest_complete
-from train.config import ConfigError, load_config
-from train.preempt import RunControl
+from train.checkpoint.writer import latest_complete
+from train.config.schema import ConfigError, load_config
+from train.loop.preempt import RunControl
 
 REQUEUE_WAIT_S = 300  # how long ranks other than 0 wait for the requeue to end them
 EXIT_USAGE = 2  # the task could not read its recipe or SLURM environment (as train/main.py's user errors)

@@ -37,7 +37,7 @@ import torch
 
 from model import Transformer, get_preset
 from tools import bench_data
-from train.checkpoint import CheckpointWriter, dir_bytes, load_checkpoint
+from train.checkpoint.writer import CheckpointWriter, dir_bytes, load_checkpoint
 from train.distributed import init_distributed, read_env
 
 

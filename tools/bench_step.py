@@ -2,7 +2,7 @@
 
     python tools/bench.py train-step --preset tiny --set vocab_size=2048 --batch 16 --seq 256 --compare hf bare
 
-**Tessera** is the training loop's own step (`train.trainer.Trainer._step`) on a DeepSpeed engine built as
+**Tessera** is the training loop's own step (`train.loop.trainer.Trainer._step`) on a DeepSpeed engine built as
 `train/main.py` builds it (the recipe's DeepSpeed config resolution, `apply_perf`, the loss of
 `build_loss_fn`, torch AdamW, gradient clipping 1.0): a batch from the stream, forward + loss, `engine.backward`,
 `engine.step`, the loss read back and averaged over ranks. **hf** is `transformers.LlamaForCausalLM` of the same
@@ -123,11 +123,11 @@ def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: 
     import deepspeed
 
     from parallel.perf import apply_perf, build_loss_fn
-    from train.config import load_config
-    from train.ds_config import load_ds_config, resolve_ds_config
+    from train.config.schema import load_config
+    from train.config.deepspeed import load_ds_config, resolve_ds_config
     from train.main import build_model
-    from train.optim import build_optimizer, build_scheduler, param_groups
-    from train.trainer import Trainer, TrainState, lm_loss
+    from train.loop.optim import build_optimizer, build_scheduler, param_groups
+    from train.loop.trainer import Trainer, TrainState, lm_loss
 
     overrides = [f"data.seq_len={seq}", f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",
                  "train.warmup_steps=0", "train.steps=1000000", *(f"perf.{p}" for p in perf)]

@@ -7,7 +7,7 @@ Examples:
     python tools/embedding_probe.py hf/extended --base-vocab 32000      # a saved, already extended model
 
 MODEL_DIR is a local HF model directory (config.json + weights, and the tokenizer unless --tokenizer).
-With --snapshot the base is extended from an embedding snapshot (train.recipes.embed_snapshot), which
+With --snapshot the base is extended from an embedding snapshot (train.vocab.snapshot), which
 also tells base rows (ids < base vocab size) from new ones; otherwise --base-vocab N does.
 
 Reported: L2-norm statistics (mean, std, min, max) of base and new rows of the input embedding and of
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from tools.plot_metrics import MetricsError, read_metrics
 from train.data.corpus import DataError
 from train.data.dataset import BlockDataset
-from train.recipes.embed_extend import VocabError, encode_blocks, is_single_token
+from train.vocab.extend import VocabError, encode_blocks, is_single_token
 
 
 @dataclass
@@ -167,7 +167,7 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command line asks for, as one JSON-serialisable dict."""
     from model.hf_causal import load_causal_lm, quantization_config
     from train.data.tokenizer import load_tokenizer
-    from train.recipes.embed_snapshot import load_embedding_snapshot
+    from train.vocab.snapshot import load_embedding_snapshot
 
     if not (args.model_dir / "config.json").is_file():
         raise VocabError(f"model_dir={args.model_dir}: no config.json; pass a directory written by save_pretrained")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from train.export import EXPORT_DTYPES, ExportError, export_hf, resolve_checkpoint
+from train.export.hf import EXPORT_DTYPES, ExportError, export_hf, resolve_checkpoint
 
 PROG = "export_hf"
 

@@ -1,8 +1,8 @@
 """Run a pipeline of training stages on this machine, each from an earlier stage's exported weights.
 
-    python tools/run_pipeline.py PIPELINE.yaml [--dry-run] [--only STAGE]
+    python tools/run_stages.py PIPELINE.yaml [--dry-run] [--only STAGE]
 
-Every stage's recipe is checked first (train/pipeline.py). Then, in file order, each stage that has not finished
+Every stage's recipe is checked first (train/stages.py). Then, in file order, each stage that has not finished
 runs as a subprocess: ``python train/main.py --resume auto ...``, or ``torchrun`` when it asks for ``nproc`` > 1,
 its output streamed as it comes; its checkpoint is then exported for the stages that start from it. Finished
 stages (summary.json and export present) are skipped. The first stage that fails stops the pipeline with one
@@ -24,7 +24,7 @@ import shlex
 import subprocess
 import time
 
-from train.pipeline import PipelineError, StagePlan, export_stage, load_pipeline, plan_pipeline
+from train.stages import PipelineError, StagePlan, export_stage, load_pipeline, plan_pipeline
 
 PROG = "run_pipeline"
 MAIN = Path(__file__).resolve().parents[1] / "train" / "main.py"

@@ -3,7 +3,7 @@ smoke runs of recipes that need HF bases, e.g. train/configs/soft_prompt_cpu.yam
 
     python tools/tiny_hf_models.py --out models/tiny          # models/tiny/llama, models/tiny/qwen2
 
-The tokenizers are trained on the synthetic QA set's text (train/recipes/qa_data.py), so they cover it. Existing
+The tokenizers are trained on the synthetic QA set's text (train/research/qa_data.py), so they cover it. Existing
 model directories are kept. Prints the directories written.
 """
 
@@ -24,7 +24,7 @@ def write_model(out: Path, family: str, vocab_size: int, *, seed: int = 0) -> Pa
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
     from train.data.tokenizer import train_bpe_tokenizer
-    from train.recipes.qa_data import synthetic_qa
+    from train.research.qa_data import synthetic_qa
 
     target = out / family
     if (target / "config.json").is_file():

@@ -14,7 +14,7 @@ from typing import Any
 
 from train.config.schema import ConfigError, JobConfig, check_batch_geometry
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
 
 
