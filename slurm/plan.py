@@ -25,8 +25,10 @@ from slurm.profile import JobShape, SlurmConfigError, submitit_command
 from slurm.sweep import Sweep, point_name, point_overrides, write_sweep_record
 from slurm.task import NodeNeeds, RunSpec, TrainTask
 from train.checkpoint.writer import checkpoint_root
-from train.config.schema import ConfigError, JobConfig, load_config
 from train.config.deepspeed import find_ds_config, load_ds_config, resolve_ds_config
+from train.config.fields import ConfigError
+from train.config.load import load_config
+from train.config.schema import JobConfig
 from train.research.run import config_shape, plan_research
 
 ARRAY_PARALLELISM = 256  # array tasks SLURM may run at once (submitit's default)

@@ -26,7 +26,8 @@ import submitit
 from slurm.env import SlurmEnvError, dist_vars
 from slurm.preflight import EXIT_PREFLIGHT, run_preflight
 from train.checkpoint.writer import latest_complete
-from train.config.schema import ConfigError, load_config
+from train.config.fields import ConfigError
+from train.config.load import load_config
 from train.loop.preempt import RunControl
 
 REQUEUE_WAIT_S = 300  # how long ranks other than 0 wait for the requeue to end them

@@ -123,11 +123,11 @@ def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: 
     import deepspeed
 
     from parallel.perf import apply_perf, build_loss_fn
-    from train.config.schema import load_config
     from train.config.deepspeed import load_ds_config, resolve_ds_config
-    from train.main import build_model
+    from train.config.load import load_config
     from train.loop.optim import build_optimizer, build_scheduler, param_groups
     from train.loop.trainer import Trainer, TrainState, lm_loss
+    from train.main import build_model
 
     overrides = [f"data.seq_len={seq}", f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",
                  "train.warmup_steps=0", "train.steps=1000000", *(f"perf.{p}" for p in perf)]

@@ -33,8 +33,9 @@ from model.hf_causal import (
 from model.lora import apply_lora, lora_targets
 from parallel.dims import ParallelDims
 from parallel.tp import HF_TP_MODEL_TYPES
-from train.config.schema import ConfigError, JobConfig
+from train.config.fields import ConfigError
 from train.config.finetune import parse_layers
+from train.config.schema import JobConfig
 from train.vocab.setup import VocabPlan, apply_vocab
 
 ADAPTER_DIR = "adapter"

@@ -49,18 +49,21 @@ from train.checkpoint.writer import (
     read_meta,
     remove_partial,
 )
-from train.config.schema import ConfigError, JobConfig, describe_fields, load_config
+from train.config.deepspeed import load_ds_config, resolve_ds_config
+from train.config.fields import ConfigError
+from train.config.load import describe_fields, load_config
+from train.config.schema import JobConfig
 from train.data import DataError, eval_batches
+from train.data.setup import DataBundle, batch_stream, build_datasets, setup_data
 from train.data.supervised import ClassificationDataset
 from train.data.tokenizer import load_tokenizer
-from train.data.setup import DataBundle, batch_stream, build_datasets, setup_data
 from train.distributed import DistEnv, device_for, init_distributed, read_env, shutdown_distributed
-from train.config.deepspeed import load_ds_config, resolve_ds_config
-from train.loop.guards import TrainingDiverged
 from train.hf_setup import ADAPTER_DIR, HFPlan, build_hf, plan_hf, save_adapter
+from train.loop.guards import TrainingDiverged
 from train.loop.metrics import MetricsLogger
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.loop.preempt import RunControl
+from train.loop.trainer import Objective, TrainState, lm_loss, train
 from train.objectives.dpo import DPOObjective, build_reference
 from train.objectives.scoring import ScoreObjective
 from train.objectives.seq2seq import Seq2SeqObjective
@@ -74,7 +77,6 @@ from train.research.run import (
     plan_research,
     research_objective,
 )
-from train.loop.trainer import Objective, TrainState, lm_loss, train
 from train.vocab.setup import SnapshotWriter, plan_vocab
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"

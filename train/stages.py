@@ -44,7 +44,9 @@ import yaml
 from model import ModelConfigError
 from parallel.dims import ParallelConfigError, ParallelDims
 from train.checkpoint.writer import checkpoint_root, latest_complete, read_meta
-from train.config.schema import ConfigError, JobConfig, load_config
+from train.config.fields import ConfigError
+from train.config.load import load_config
+from train.config.schema import JobConfig
 
 PIPELINE_KEYS = ("name", "out_dir", "overrides", "stages")
 STAGE_KEYS = ("name", "config", "overrides", "from", "start_key", "checkpoint", "ds_config", "nproc", "slurm")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MAIN, SMOKE, child_env, free_port, python_main, read_rows, run_job, train_losses
-from train.checkpoint.writer import CheckpointError, complete_checkpoints
 from train.checkpoint.resize import convert
+from train.checkpoint.writer import CheckpointError, complete_checkpoints
 
 pytestmark = pytest.mark.slow
 

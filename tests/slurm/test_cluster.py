@@ -24,7 +24,7 @@ import submitit
 
 from slurm.jobs import JobRecord, job_state, wait_final
 from tests.conftest import REPO, SMOKE, child_env, read_rows, train_losses
-from train.config.schema import load_config
+from train.config.load import load_config
 from train.data.setup import setup_data
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from slurm.preflight import check_data, check_disk, check_gpus, check_mps, check_tmpdir, run_preflight
 from tests.conftest import SMOKE
-from train.config.schema import load_config
+from train.config.load import load_config
 from train.loop.preempt import Action, RunControl
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm.stages import job_parameters, pipeline_parser, plan_jobs, sbatch_script
 from slurm.profile import SlurmConfigError, load_profile
+from slurm.stages import job_parameters, pipeline_parser, plan_jobs, sbatch_script
 from slurm.submit import main as submit_main
 from tests.conftest import SMOKE
 from train.stages import PipelineError, load_pipeline

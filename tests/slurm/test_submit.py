@@ -23,7 +23,7 @@ from slurm.profile import (
 from slurm.submit import main as submit_main
 from slurm.sweep import format_table, load_sweep, point_name, point_overrides
 from tests.conftest import REPO, SMOKE, child_env
-from train.config.schema import load_config
+from train.config.load import load_config
 
 SUBMIT = REPO / "slurm" / "submit.py"
 # A global batch every profile's data-parallel size divides (8 x H100: 8 ranks x micro 4).

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SMOKE, child_env, python_main
-from train.config.schema import ConfigError
+from train.config.fields import ConfigError
 from train.data import DataError, prepare, train_bpe_tokenizer
 from train.main import USER_ERRORS, parse_args, plan
 

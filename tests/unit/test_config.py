@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from train.config.schema import ConfigError, JobConfig, check_batch_geometry, describe_fields, load_config
+from train.config.checks import check_batch_geometry
 from train.config.deepspeed import DS_CONFIG_DIR, find_ds_config, load_ds_config, resolve_ds_config
+from train.config.fields import ConfigError
+from train.config.load import describe_fields, load_config
+from train.config.schema import JobConfig
 
 RECIPES = Path(__file__).resolve().parents[2] / "train" / "configs"
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SMOKE
-from train.config.schema import ConfigError, load_config
+from train.config.fields import ConfigError
+from train.config.load import load_config
 from train.data import DataError, TokenizerMismatchError, iter_documents, prepare, train_bpe_tokenizer
-from train.data.shards import HEADER_FILE, PreparedData
 from train.data.setup import setup_data
+from train.data.shards import HEADER_FILE, PreparedData
 
 TEXT = "\n".join(f"line {i}: to be or not to be, that is the question {i}." for i in range(200))
 

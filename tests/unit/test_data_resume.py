@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SMOKE
-from train.config.schema import load_config
+from train.config.load import load_config
 from train.data.blend import BlendDataset
 from train.data.dataset import BlockDataset
 from train.data.sampler import GlobalOrder, grad_accum_steps, micro_batches

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import SMOKE
 from tests.hf_models import make_hf_model, make_tokenizer, write_sft
-from train.config.schema import ConfigError, load_config
+from train.config.fields import ConfigError
+from train.config.load import load_config
 from train.main import USER_ERRORS, parse_args, plan
 
 

@@ -270,7 +270,8 @@ def test_compiled_blocks_match_eager() -> None:
     (["perf.fused_rmsnorm=true"], "Did you mean 'fused_rms_norm'?"),
 ])
 def test_perf_config_errors(overrides: list[str], message: str) -> None:
-    from train.config.schema import ConfigError, load_config
+    from train.config.fields import ConfigError
+    from train.config.load import load_config
 
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, overrides)
@@ -278,7 +279,7 @@ def test_perf_config_errors(overrides: list[str], message: str) -> None:
 
 
 def test_perf_config_defaults_are_apply_perf_keywords() -> None:
-    from train.config.schema import load_config
+    from train.config.load import load_config
 
     cfg = load_config(None, ["perf.activation_checkpointing=full", "perf.ac_every=2"])
     model = Transformer(_args())

@@ -14,8 +14,9 @@ from model import ModelArgs, Transformer
 from model.hooks import HookError, LayerHooks, decoder_layers
 from parallel.perf import apply_activation_checkpointing
 from tests.hf_models import FAMILIES, make_hf_model
-from train.config.schema import ConfigError, load_config
-from train.research.injection import Injection, InjectionOptions
+from train.config.fields import ConfigError
+from train.config.load import load_config
+from train.loop.trainer import lm_loss
 from train.research.api import (
     LossTermError,
     RecipeContext,
@@ -27,7 +28,7 @@ from train.research.api import (
     resolve_terms,
     weigh_terms,
 )
-from train.loop.trainer import lm_loss
+from train.research.injection import Injection, InjectionOptions
 
 ARGS = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from train.checkpoint.writer import CheckpointError, complete_checkpoints, latest_complete
 from train.checkpoint.resize import (
     SOURCE_FILE,
     Resize,
@@ -18,6 +17,7 @@ from train.checkpoint.resize import (
     universal_dir,
     universal_switch,
 )
+from train.checkpoint.writer import CheckpointError, complete_checkpoints, latest_complete
 
 
 def _checkpoint(root: Path, step: int, *, saved_at: float = 1.0, world_size: int = 2) -> Path:

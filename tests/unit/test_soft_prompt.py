@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.config.schema import load_config
+from train.config.load import load_config
+from train.loop.trainer import lm_loss
+from train.research.api import RecipeContext, resolve_terms
 from train.research.qa_data import synthetic_qa
 from train.research.soft_prompt import SoftPrompt, SoftPromptOptions
-from train.research.api import RecipeContext, resolve_terms
-from train.loop.trainer import lm_loss
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_the_tiny_bases_have_two_vocabularies(bases: Path) -> None:
 
 
 def test_kv_prefixes_with_gradient_checkpointing_are_refused_up_front(bases: Path, tmp_path: Path) -> None:
-    from train.config.schema import ConfigError
+    from train.config.fields import ConfigError
     from train.research.run import plan_research
 
     cfg = load_config(None, [f"hf.path={bases / 'llama'}", "data.corpus=qa", "research.recipe=soft_prompt",

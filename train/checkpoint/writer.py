@@ -261,7 +261,10 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
 
     Collective. A checkpoint saved by another number of ranks is loaded through ``train.checkpoint.resize``.
     """
-    from train.checkpoint.resize import load_universal, resized_source  # train.checkpoint.resize imports this module
+    from train.checkpoint.resize import (  # train.checkpoint.resize imports this module
+        load_universal,
+        resized_source,
+    )
 
     meta = read_meta(tag_dir)
     universal = resized_source(engine, tag_dir, meta, rank=rank)

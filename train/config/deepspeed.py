@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from train.config.schema import ConfigError, JobConfig, check_batch_geometry
+from train.config.checks import check_batch_geometry
+from train.config.fields import ConfigError
+from train.config.schema import JobConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"

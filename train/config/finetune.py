@@ -3,14 +3,9 @@ vocabulary extension), ``dpo``, and the checks that tie them to ``train.objectiv
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from train.config.fields import ConfigError, _f, _positive
-
-if TYPE_CHECKING:
-    from train.config.schema import JobConfig
+from train.config.fields import ConfigError, _f
 
 
 @dataclass
@@ -63,118 +58,6 @@ class VocabSection:
                                    "(0: only at the end).")
     from_snapshot: str | None = _f(None, "Start from an embedding snapshot (its tokens and rows) with a fresh "
                                          "optimizer and schedule.")
-
-
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _validate_hf(cfg: JobConfig) -> None:
-    """The hf and lora sections; an HF model takes its tokenizer from its directory unless one is named."""
-    h, lo = cfg.hf, cfg.lora
-    for name, value, allowed in (("dtype", h.dtype, ("auto", *_DTYPES)),
-                                 ("attn_implementation", h.attn_implementation, ("sdpa", "eager", "flash_attention_2")),
-                                 ("quantization", h.quantization, ("none", "4bit", "8bit")),
-                                 ("quant_type", h.quant_type, ("nf4", "fp4")),
-                                 ("compute_dtype", h.compute_dtype, ("auto", *_DTYPES)),
-                                 ("quant_storage", h.quant_storage, ("auto", "uint8", *_DTYPES))):
-        if value not in allowed:
-            raise ConfigError(f"hf.{name}={value!r}: use one of {', '.join(map(repr, allowed))}.")
-    if h.path is None:
-        changed = [f.name for f in dataclasses.fields(HFSection) if getattr(h, f.name) != f.default]
-        if changed:
-            raise ConfigError(f"hf.{changed[0]} is set but hf.path is not: name the HF model directory in hf.path.")
-    else:
-        if cfg.model.init_from is not None or cfg.model.overrides:
-            key = "init_from" if cfg.model.init_from is not None else min(cfg.model.overrides)
-            raise ConfigError(f"model.{key} is set together with hf.path={h.path}: an HF model keeps its own "
-                              f"config; remove model.{key} (or hf.path to train a Tessera preset).")
-        if cfg.data.tokenizer is None:
-            cfg.data.tokenizer = h.path  # the model's own tokenizer
-    v = cfg.vocab
-    extend = v.lexicon is not None or v.from_snapshot is not None
-    if extend:
-        _validate_vocab(cfg)
-    if h.quantization != "none" and lo.r == 0 and not extend:
-        raise ConfigError(f"hf.quantization={h.quantization!r} with lora.r=0: quantized weights cannot be trained; "
-                          f"set lora.r (QLoRA) or hf.quantization='none'.")
-    _positive("lora.r", lo.r, allow_zero=True)
-    if lo.r > 0:
-        _positive("lora.alpha", lo.alpha)
-        if not 0.0 <= lo.dropout < 1.0:
-            raise ConfigError(f"lora.dropout={lo.dropout}: must be in [0, 1).")
-        if lo.bias not in ("none", "lora_only", "all"):
-            raise ConfigError(f"lora.bias={lo.bias!r}: use 'none', 'lora_only' or 'all'.")
-        parse_layers(lo.layers)
-    tp_pp = cfg.parallel.tp * cfg.parallel.pp
-    if lo.r > 0 and tp_pp > 1:
-        raise ConfigError(f"lora.r={lo.r} with parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: "
-                          f"adapters train with data parallelism and ZeRO only; set parallel.tp=1 and parallel.pp=1.")
-    if h.path is not None and cfg.parallel.pp > 1:
-        raise ConfigError(f"parallel.pp={cfg.parallel.pp} with hf.path: HF models are not cut into pipeline "
-                          f"stages; use ZeRO-3 (--ds_config zero3) to shard them, or parallel.pp=1.")
-    if h.path is not None and cfg.data.doc_mask:
-        raise ConfigError("data.doc_mask=true with hf.path: HF models take padding masks, not packed-document "
-                          "masks; set data.doc_mask=false.")
-
-
-def _validate_vocab(cfg: JobConfig) -> None:
-    """Embedding-only extension: an HF model, only the new rows train, and nothing decays them."""
-    v = cfg.vocab
-    if cfg.hf.path is None:
-        raise ConfigError("vocab.lexicon / vocab.from_snapshot need hf.path: the extension resizes an HF model's "
-                          "embeddings.")
-    if cfg.lora.r > 0:
-        raise ConfigError(f"vocab.lexicon with lora.r={cfg.lora.r}: the extension trains only the new embedding "
-                          f"rows; set lora.r=0.")
-    if cfg.train.weight_decay != 0:
-        raise ConfigError(f"train.weight_decay={cfg.train.weight_decay} with vocab.lexicon: decoupled decay would "
-                          f"change the base rows; set train.weight_decay=0.")
-    if cfg.parallel.tp * cfg.parallel.pp > 1:
-        raise ConfigError("vocab.lexicon with parallel.tp / parallel.pp > 1: the extension needs the whole "
-                          "embedding on each rank; use data parallelism (ZeRO 0-2).")
-    _positive("vocab.init_scale", v.init_scale)
-    _positive("vocab.snapshot_interval", v.snapshot_interval, allow_zero=True)
-    if v.pad_to_multiple_of is not None:
-        _positive("vocab.pad_to_multiple_of", v.pad_to_multiple_of)
-
-
-def _validate_objective(cfg: JobConfig) -> None:
-    """The objective and its data: preference pairs train with DPO, everything else with the LM loss."""
-    t, d, o = cfg.train, cfg.data, cfg.dpo
-    corpora = {"lm": ("shakespeare", "files", "prepared", "stream", "sft", "qa"), "dpo": ("preference",),
-               "reward": ("preference", "classification"), "classify": ("classification",), "seq2seq": ("seq2seq",)}
-    if t.objective not in corpora:
-        raise ConfigError(f"train.objective={t.objective!r}: use one of {', '.join(map(repr, corpora))}.")
-    if d.corpus not in corpora[t.objective]:
-        raise ConfigError(f"train.objective={t.objective!r} with data.corpus={d.corpus!r}: it trains on "
-                          f"data.corpus {' or '.join(map(repr, corpora[t.objective]))}.")
-    if t.objective == "seq2seq" and cfg.hf.path is None:
-        raise ConfigError("train.objective='seq2seq' needs hf.path: an HF encoder-decoder model (e.g. T5).")
-    if t.objective in ("reward", "classify", "seq2seq"):
-        if cfg.parallel.tp * cfg.parallel.pp > 1:
-            raise ConfigError(f"train.objective={t.objective!r} with parallel.tp / parallel.pp > 1: it trains "
-                              f"with data parallelism and ZeRO; set both to 1.")
-        if cfg.vocab.lexicon is not None:
-            raise ConfigError(f"train.objective={t.objective!r} with vocab.lexicon: the vocabulary extension trains "
-                              f"a language model; remove one.")
-    if t.objective != "dpo":
-        return
-    _positive("dpo.beta", o.beta)
-    if not 0.0 <= o.label_smoothing < 0.5:
-        raise ConfigError(f"dpo.label_smoothing={o.label_smoothing}: must be in [0, 0.5).")
-    if o.reference not in ("auto", "copy", "adapters", "cached"):
-        raise ConfigError(f"dpo.reference={o.reference!r}: use 'auto', 'copy', 'adapters' or 'cached'.")
-    if o.reference_from is not None and o.reference not in ("copy", "auto") or \
-            o.reference_from is not None and o.reference == "auto" and cfg.lora.r > 0:
-        raise ConfigError(f"dpo.reference_from={o.reference_from} with dpo.reference={o.reference!r}"
-                          f"{' and LoRA' if cfg.lora.r else ''}: another model is a frozen copy; set "
-                          f"dpo.reference='copy'.")
-    if o.reference == "adapters" and cfg.lora.r == 0:
-        raise ConfigError("dpo.reference='adapters' needs LoRA (lora.r > 0): the reference is the base with the "
-                          "adapters switched off; use 'copy' or 'cached' for a full fine-tune.")
-    if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
-        raise ConfigError(f"train.objective='dpo' with parallel.tp={cfg.parallel.tp}, parallel.pp="
-                          f"{cfg.parallel.pp}: DPO runs with data parallelism and ZeRO; set both to 1.")
 
 
 def parse_layers(spec: str | None) -> list[int] | None:

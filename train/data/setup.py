@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from train.config.schema import ConfigError, JobConfig
+from train.config.fields import ConfigError
+from train.config.schema import JobConfig
 from train.data import (
     DataError,
     PreparedData,

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from train.data.corpus import atomic_dir
-from train.research.api import Extension, RecipeContext, parse_options, resolve_recipe
 from train.loop.trainer import lm_loss
+from train.research.api import Extension, RecipeContext, parse_options, resolve_recipe
 
 WEIGHTS, META = "extension.safetensors", "research.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.config.schema import JobConfig
 from train.config.fields import ConfigError
+from train.config.schema import JobConfig
+from train.loop.trainer import Objective
 from train.research.api import (
     Extension,
     LossTermError,
@@ -27,7 +28,6 @@ from train.research.api import (
     resolve_terms,
     weigh_terms,
 )
-from train.loop.trainer import Objective
 
 log = logging.getLogger("tessera")
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config.fields import ConfigError
-from train.research.qa_data import ENCODER_BYTES, QADataset, read_qa, synthetic_qa
 from train.research.api import Extension, RecipeContext, Term, outputs
+from train.research.qa_data import ENCODER_BYTES, QADataset, read_qa, synthetic_qa
 
 MODES = ("text", "truncated", "latent")
 

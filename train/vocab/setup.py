@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from train.config.schema import ConfigError, JobConfig
+from train.config.fields import ConfigError
+from train.config.schema import JobConfig
 from train.data.corpus import atomic_dir
 from train.vocab.extend import (
     ExtensionInfo,

@@ -1,0 +1,192 @@
+"""YAML recipe + ``section.key=value`` overrides -> a typed, checked ``JobConfig``, key by key."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model import ModelArgs
+from train.config.checks import validate
+from train.config.fields import ConfigError
+from train.config.finetune import DPOSection, HFSection, LoraSection, VocabSection
+from train.config.research import ResearchSection
+from train.config.schema import (
+    DataSection,
+    JobConfig,
+    LogSection,
+    ModelSection,
+    ParallelSection,
+    PerfSection,
+    SampleSection,
+    TrainSection,
+)
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
+
+
+def _coerce(where: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(where, value, opt)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single path is a list of one
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(f"{where}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return str(value)
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def _section_from_dict(name: str, cls: type, raw: Any) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(f"Unknown config key '{name}.{key}'.{_suggest(key, names)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _model_section(raw: Any) -> ModelSection:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"model: expected a mapping of keys, got {raw!r}.")
+    raw = dict(raw)
+    preset = raw.pop("preset", ModelSection.preset)
+    init_from = _coerce("model.init_from", raw.pop("init_from", None), str | None)
+    arg_fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
+    hints = typing.get_type_hints(ModelArgs)
+    overrides = {}
+    for key, value in raw.items():
+        if key not in arg_fields:
+            known = ["preset", "init_from", *arg_fields]
+            raise ConfigError(f"Unknown config key 'model.{key}'.{_suggest(key, known)}")
+        overrides[key] = _coerce(f"model.{key}", value, hints[key])
+    return ModelSection(preset=str(preset), init_from=init_from, overrides=overrides)
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataSection,
+    "train": TrainSection,
+    "parallel": ParallelSection,
+    "log": LogSection,
+    "sample": SampleSection,
+    "hf": HFSection,
+    "lora": LoraSection,
+    "vocab": VocabSection,
+    "dpo": DPOSection,
+    "perf": PerfSection,
+    "research": ResearchSection,
+}
+
+
+def config_from_dict(raw: dict[str, Any]) -> JobConfig:
+    """Build and validate a JobConfig from a nested dict (the parsed YAML with overrides applied)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"A recipe must be a mapping of sections, got {type(raw).__name__}.")
+    known = ["model", *_SECTIONS]
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"Unknown config section '{key}'.{_suggest(key, known)}")
+    cfg = JobConfig(
+        model=_model_section(raw.get("model")),
+        **{k: _section_from_dict(k, cls, raw.get(k)) for k, cls in _SECTIONS.items()},
+    )
+    validate(cfg)
+    return cfg
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override to the nested dict; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(f"Override '{override}' is not of the form section.key=value (e.g. train.lr=3e-4).")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"Override key '{dotted}' must be section.key (e.g. train.steps=100, model.n_layers=2).")
+    section, key = parts
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ConfigError(f"Override '{override}': section '{section}' is not a mapping in the recipe.")
+    raw[section][key] = yaml.safe_load(text) if text.strip() else None
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
+    """Read a YAML recipe (None: all defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {path}: no such file. Recipes live in train/configs/.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {path}: not valid YAML ({e}).") from None
+    for o in overrides:
+        apply_override(raw, o)
+    return config_from_dict(raw)
+
+
+def describe_fields() -> str:
+    """Every recipe key with its default and help line, for ``main.py --help-config``."""
+    lines = ["model:"]
+    for f in dataclasses.fields(ModelSection)[:2]:
+        lines.append(f"  {f.name} = {f.default!r}  # {f.metadata['help']}")
+    lines += [f"  {f.name}  # {f.metadata['help']}" for f in dataclasses.fields(ModelArgs)]
+    for section, cls in _SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)
