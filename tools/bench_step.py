@@ -126,7 +126,8 @@ def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: 
     from train.config.deepspeed import load_ds_config, resolve_ds_config
     from train.config.load import load_config
     from train.loop.optim import build_optimizer, build_scheduler, param_groups
-    from train.loop.trainer import Trainer, TrainState, lm_loss
+    from train.loop.trainer import Trainer, TrainState
+    from train.objectives.lm import lm_loss
     from train.main import build_model
 
     overrides = [f"data.seq_len={seq}", f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",

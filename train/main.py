@@ -63,7 +63,8 @@ from train.loop.guards import TrainingDiverged
 from train.loop.metrics import MetricsLogger
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.loop.preempt import RunControl
-from train.loop.trainer import Objective, TrainState, lm_loss, train
+from train.loop.trainer import TrainState, train
+from train.objectives.lm import Objective, lm_loss
 from train.objectives.dpo import DPOObjective, build_reference
 from train.objectives.scoring import ScoreObjective
 from train.objectives.seq2seq import Seq2SeqObjective

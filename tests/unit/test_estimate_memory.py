@@ -78,7 +78,7 @@ def test_bf16_model_states_equal_deepspeeds_estimators(preset: str, gpus: int) -
 def _measured_peak(ac: str, batch: int, seq: int) -> int:
     """Live tensor bytes at the worst moment of two steps of a plain loop (what ZeRO-0 holds)."""
     from parallel.perf import apply_activation_checkpointing
-    from train.loop.trainer import lm_loss
+    from train.objectives.lm import lm_loss
 
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, ARGS.vocab_size, (2, batch, seq + 1), generator=g)

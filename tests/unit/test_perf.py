@@ -33,7 +33,7 @@ from parallel.perf import (
     apply_perf,
     build_loss_fn,
 )
-from train.loop.trainer import forward_kwargs, lm_loss
+from train.objectives.lm import forward_kwargs, lm_loss
 
 
 def _args(**kw) -> ModelArgs:

@@ -16,7 +16,7 @@ from parallel.perf import apply_activation_checkpointing
 from tests.hf_models import FAMILIES, make_hf_model
 from train.config.fields import ConfigError
 from train.config.load import load_config
-from train.loop.trainer import lm_loss
+from train.objectives.lm import lm_loss
 from train.research.api import (
     LossTermError,
     RecipeContext,

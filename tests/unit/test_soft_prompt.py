@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from train.config.load import load_config
-from train.loop.trainer import lm_loss
+from train.objectives.lm import lm_loss
 from train.research.api import RecipeContext, resolve_terms
 from train.research.qa_data import synthetic_qa
 from train.research.soft_prompt import SoftPrompt, SoftPromptOptions

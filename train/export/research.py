@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from train.data.corpus import atomic_dir
-from train.loop.trainer import lm_loss
+from train.objectives.lm import lm_loss
 from train.research.api import Extension, RecipeContext, parse_options, resolve_recipe
 
 WEIGHTS, META = "extension.safetensors", "research.json"

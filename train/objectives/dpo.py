@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from train.loop.trainer import Objective
+from train.objectives.lm import Objective
 
 REFERENCE_FILE = "reference_logps.pt"
 log = logging.getLogger("tessera")

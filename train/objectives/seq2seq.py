@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from train.eval import evaluate_generations, perplexity, predictions_path, write_predictions
-from train.loop.trainer import Objective
+from train.objectives.lm import Objective
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from train.config.fields import ConfigError
 from train.config.schema import JobConfig
-from train.loop.trainer import Objective
+from train.objectives.lm import Objective
 from train.research.api import (
     Extension,
     LossTermError,
@@ -210,7 +210,7 @@ def build_research(rp: ResearchPlan, cfg: JobConfig, base: nn.Module | None, *, 
                    device: torch.device, rank: int, vocab_size: int, tokenizer_dir: Path, val_data: Any) -> Extension:
     """The run's extension around ``base`` (the model as built, perf options and TP applied)."""
     from train.data.tokenizer import load_tokenizer
-    from train.loop.trainer import forward_kwargs
+    from train.objectives.lm import forward_kwargs
 
     dim, n_layers = model_shape(base) if base is not None else (0, 0)
     split = tp_ctx is not None and tp_ctx.size > 1

@@ -1,0 +1,99 @@
+"""The language-model objective and what every objective is built on: the micro-batch format, the loss
+function's contract, token-weighted evaluation over ranks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (model output, labels) -> mean loss
+
+
+def forward_kwargs(loss_fn: LossFn) -> dict[str, Any]:
+    """What the model must be called with for ``loss_fn`` (a head-computed loss wants hidden states)."""
+    return getattr(loss_fn, "forward_kwargs", {})
+
+
+def unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(input_ids, labels[, model keyword tensors such as position_ids / doc_ids]) moved to ``device``."""
+    x, y, *rest = batch
+    extra = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extra
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; label -100 is ignored."""
+    # logits: (B, T, V), labels: (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def is_pipeline(engine: Any) -> bool:
+    """True for DeepSpeed's pipeline engine (pp > 1), which runs whole batches through `train_batch`."""
+    return hasattr(engine, "train_batch") and hasattr(engine, "eval_batch")
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.device,
+             loss_fn: LossFn = lm_loss) -> tuple[float, float]:
+    """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike).
+
+    Under pipeline parallelism the last stage computes each micro-batch's mean loss and DeepSpeed averages
+    them (every micro-batch of a prepared corpus holds the same number of tokens, so the weighting agrees).
+    """
+    if is_pipeline(engine):
+        micro = list(batches())
+        loss = float(engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
+        engine.train()
+        return loss, math.exp(min(loss, 50.0))
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
+    for batch in batches():
+        x, y, extra = unpack(batch, device)
+        n = (y != -100).sum()
+        out = engine(x, **extra, **forward_kwargs(loss_fn))  # logits, or hidden states for a head-computed loss
+        totals += torch.stack([loss_fn(out, y).double() * n, n.double()])
+    dist.all_reduce(totals)
+    engine.train()
+    loss = (totals[0] / totals[1].clamp(min=1)).item()
+    return loss, math.exp(min(loss, 50.0))
+
+
+class Objective:
+    """What a step optimizes and what an evaluation measures; the default is the language-model loss.
+
+    ``loss`` gets one micro-batch (whatever the dataset's ``batch`` returned) and returns the loss to
+    backpropagate with named terms to log (detached scalars, averaged over micro-batches and ranks).
+    ``evaluate`` returns the validation metrics; ``val_loss`` picks the best checkpoint.
+    """
+
+    def __init__(self, loss_fn: LossFn = lm_loss) -> None:
+        self.loss_fn = loss_fn
+
+    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y, extra = unpack(batch, device)
+        return self.loss_fn(engine(x, **extra, **forward_kwargs(self.loss_fn)), y), {}
+
+    def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
+                 step: int | None = None) -> dict[str, float]:
+        """Validation metrics after optimizer step ``step`` (None: outside the loop)."""
+        val_loss, val_ppl = evaluate(engine, batches, device, self.loss_fn)
+        return {"val_loss": val_loss, "val_ppl": val_ppl}
+
+    # Called on every rank around each optimizer step (1-based ``step``); the default does nothing.
+    def begin_step(self, step: int) -> None:
+        """Before the first micro-batch of ``step``."""
+
+    def before_update(self, engine: Any, step: int) -> None:
+        """After the last micro-batch's backward, before the engine applies the update: gradients are there."""
+
+    def end_step(self, engine: Any, step: int, terms: dict[str, float]) -> None:
+        """After the update, with the step's logged terms averaged over micro-batches and ranks."""
