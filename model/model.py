@@ -20,17 +20,15 @@ import contextlib
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from model.args import ModelArgs
+from model.cache import KVCache
 from model.attention import attention
 from model.ops import apply_rope, precompute_rope, rms_norm, swiglu
 
-if TYPE_CHECKING:
-    from model.generate import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -249,3 +247,13 @@ class Transformer(nn.Module):
         if self.lm_head is None or return_hidden:
             return h  # (B, T, dim)
         return self.lm_head(h).float()  # (B, T, V)
+
+
+def build_model(args: ModelArgs, device: torch.device, seed: int) -> Transformer:
+    """Build on the meta device, materialise on ``device``, initialise deterministically from ``seed``."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model

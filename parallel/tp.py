@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.args import ModelArgs
+from model.cache import KVCache
 from model.model import Transformer
 from parallel.comm import _gather, scatter_seq
 from parallel.dims import ParallelDims, padded_vocab_size
@@ -277,8 +278,6 @@ class FullLogits(nn.Module):
         """The wrapped model's own cache, or a KVCache shaped for it (each rank caches its own heads)."""
         if hasattr(self.model, "new_cache"):
             return self.model.new_cache(batch_size, max_len, **kw)
-        from model.generate import KVCache
-
         return KVCache.for_model(self.model.args, batch_size, max_len, **kw)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:

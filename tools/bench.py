@@ -37,7 +37,8 @@ import torch
 
 from model import Transformer, get_preset
 from tools import bench_data
-from train.checkpoint.writer import CheckpointWriter, dir_bytes, load_checkpoint
+from train.checkpoint.resume import load_checkpoint
+from train.checkpoint.writer import CheckpointWriter, dir_bytes
 from train.distributed import init_distributed, read_env
 
 

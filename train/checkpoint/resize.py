@@ -13,7 +13,7 @@ The data position (consumed samples) does not depend on the number of ranks; the
   The engine loads that copy with DeepSpeed's ``load_universal`` switch on for this one load only: a later
   load in the same run (a rollback) or a later resume reads the run's own checkpoints natively.
 
-``train.checkpoint.writer.load_checkpoint`` goes through ``resized_source`` for every load, so a resume and a
+``train.checkpoint.resume.load_checkpoint`` goes through ``resized_source`` for every load, so a resume and a
 rollback to a checkpoint of the old world size take the same path.
 
 DeepSpeed 0.19.8's universal load under ZeRO 3 gives every parameter group the hyper-parameters of the first

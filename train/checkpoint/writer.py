@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import ModelArgs
+
 CKPT_DIR = "checkpoints"
 META_FILE = "tessera.json"
 TMP_SUFFIX = ".tmp"
@@ -250,32 +252,16 @@ class CheckpointWriter:
                 shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
+# Bytes per parameter in a checkpoint: fp32 weights (4) + Adam moments (8) + an fp32 master copy under bf16 (4).
+CKPT_BYTES_PER_PARAM = 16
+
+
+def checkpoint_estimate(args: ModelArgs) -> int:
+    """Bytes one checkpoint of this model takes, before one has been written and measured."""
+    return args.num_params() * CKPT_BYTES_PER_PARAM + 2**20
+
+
 def has_frozen(engine: Any) -> bool:
     """True when the model has frozen parameters (a base under adapters): checkpoints leave them out, and a
     resumed run takes them from the base model again."""
     return any(not p.requires_grad for p in engine.module.parameters())
-
-
-def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
-    """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata.
-
-    Collective. A checkpoint saved by another number of ranks is loaded through ``train.checkpoint.resize``.
-    """
-    from train.checkpoint.resize import (  # train.checkpoint.resize imports this module
-        load_universal,
-        resized_source,
-    )
-
-    meta = read_meta(tag_dir)
-    universal = resized_source(engine, tag_dir, meta, rank=rank)
-    if universal is None:
-        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                         load_module_strict=not has_frozen(engine))
-    else:
-        path = load_universal(engine, universal)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
-    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
-    if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    return meta

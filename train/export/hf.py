@@ -16,14 +16,9 @@ master weights. Checkpoint files are unpickled (`weights_only=False`): export on
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
-import pickle
-import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +26,16 @@ import torch
 
 from model import ModelArgs, ModelConfigError
 from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
-from parallel.pipeline import LAYER_FILE, pipe_to_plain_key
-from parallel.tp import HF_LLAMA_TP_PLAN, merge_tp_shards, tp_shard_layout
-from train.checkpoint.writer import CKPT_DIR, META_FILE, latest_complete, read_meta
+from train.checkpoint.writer import META_FILE, read_meta
 from train.data.corpus import DataError, atomic_dir, sha256_file
 from train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from train.export.consolidate import (
+    ExportError,
+    checkpoint_model_args,
+    consolidated_state_dict,
+    resolve_checkpoint,
+)
+from train.export.research import export_research
 
 log = logging.getLogger("tessera")
 
@@ -46,171 +46,6 @@ TOKENIZER_FILES = (
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
 )
 """Files copied from the run's tokenizer dir when present (tokenizer.json must be)."""
-_STAGE0_FILE = "mp_rank_00_model_states.pt"
-_ZERO_OPTIM_GLOB = "zero_pp_rank_*_mp_rank_*_optim_states.pt"
-
-
-class ExportError(ValueError):
-    """A checkpoint that cannot be exported; the message names the path, the problem and the fix."""
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The complete checkpoint tag dir named by `path`: a tag dir, a run's checkpoints/ dir or a run dir.
-
-    For a run dir it is the newest complete checkpoint. A tag dir without tessera.json is incomplete
-    (still being written, or cut off) and is refused.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise ExportError(f"{p}: no such directory; pass a run dir or a checkpoint dir (checkpoints/step_N)")
-    if (p / META_FILE).is_file():
-        return p
-    run_dir = p.parent if p.name == CKPT_DIR else p
-    if (run_dir / CKPT_DIR).is_dir():
-        tag_dir = latest_complete(run_dir)
-        if tag_dir is None:
-            raise ExportError(f"{run_dir}: no complete checkpoint under {CKPT_DIR}/ (none has {META_FILE})")
-        return tag_dir
-    if any(p.glob("*model_states.pt")):
-        raise ExportError(f"{p}: incomplete checkpoint (no {META_FILE}); export a complete one")
-    raise ExportError(f"{p}: neither a Tessera run dir nor a checkpoint dir (no {META_FILE}, no {CKPT_DIR}/)")
-
-
-def checkpoint_model_args(meta: dict[str, Any], tag_dir: Path) -> ModelArgs:
-    """The ModelArgs a checkpoint was trained with, from its tessera.json."""
-    fields = meta.get("model_args")
-    if not isinstance(fields, dict):
-        raise ExportError(f"{tag_dir / META_FILE}: no model_args; this checkpoint was not written by Tessera")
-    try:
-        return ModelArgs(**fields).validate()
-    except (TypeError, ModelConfigError) as err:  # a field this version does not know, or a bad value
-        raise ExportError(
-            f"{tag_dir / META_FILE}: model_args do not fit this Tessera version ({err})"
-        ) from err
-
-
-def _pipeline_state_dict(tag: Path) -> dict[str, torch.Tensor]:
-    """The plain state dict of a pipeline checkpoint: its per-piece files, joined over TP ranks when tp > 1.
-
-    These are the module weights in the precision they were trained in (under bf16 the fp32 master copy in
-    the ZeRO-1 optimizer files is not used).
-    """
-    args = checkpoint_model_args(read_meta(tag), tag)
-    per_tp: dict[int, dict[str, torch.Tensor]] = {}
-    for f in sorted(tag.glob("layer_*-model_states.pt")):
-        m = LAYER_FILE.search(f.name)
-        if m is None:
-            continue
-        layer, tp_rank = int(m.group(1)), int(m.group(2) or 0)
-        try:
-            saved = torch.load(f, map_location="cpu", weights_only=False)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-            raise ExportError(f"{f}: unreadable ({err}); the checkpoint is damaged, export another") from err
-        for key, tensor in saved.items():
-            per_tp.setdefault(tp_rank, {})[pipe_to_plain_key(layer, key, args.n_layers)] = tensor
-    if sorted(per_tp) != list(range(len(per_tp))):
-        raise ExportError(f"{tag}: pipeline files of tensor-parallel ranks {sorted(per_tp)}; some are missing")
-    shards = [per_tp[r] for r in range(len(per_tp))]
-    state = shards[0] if len(shards) == 1 else merge_tp_shards(shards, tp_shard_layout(args, len(shards)))
-    if args.tie_embeddings and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    return state
-
-
-def _model_parallel_ranks(tag_dir: Path) -> list[int]:
-    """The model-parallel (tensor-parallel) ranks whose files the checkpoint holds: [0] without TP."""
-    ranks = {int(m.group(1)) for f in tag_dir.glob("*mp_rank_*") if (m := re.search(r"mp_rank_(\d+)", f.name))}
-    return sorted(ranks) or [0]
-
-
-def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The full model state dict (Tessera names, on CPU) of a DeepSpeed checkpoint of any ZeRO stage and tp.
-
-    ZeRO 1-3 (per-rank `zero_pp_rank_*_optim_states.pt`): DeepSpeed's `zero_to_fp32` rebuilds the
-    fp32 master weights. ZeRO-0: the `module` entry of `mp_rank_00_model_states.pt` (the weights in the
-    precision they were trained in). A tensor-parallel checkpoint is consolidated per TP rank, then its
-    shards are joined along the dimension each was split on (vocabulary padding dropped); a pipeline
-    checkpoint is read from its per-piece files. A tied head appears under both of its names.
-    """
-    tag = Path(tag_dir)
-    if any(tag.glob("layer_*-model_states.pt")):
-        return _pipeline_state_dict(tag)
-    mp_ranks = _model_parallel_ranks(tag)
-    if mp_ranks == [0]:
-        return _consolidate_one(tag)
-    if mp_ranks != list(range(len(mp_ranks))):
-        raise ExportError(f"{tag}: tensor-parallel ranks {mp_ranks} are not 0..{len(mp_ranks) - 1}; files are missing")
-    meta = read_meta(tag)
-    layout, tied = _tp_layout(meta, tag, len(mp_ranks))
-    shards = []
-    for r in mp_ranks:
-        with tempfile.TemporaryDirectory(prefix="tessera-tp-") as tmp:
-            view = Path(tmp) / tag.name  # this TP rank's files, named as DeepSpeed's tools expect of rank 0
-            view.mkdir()
-            for f in tag.glob(f"*mp_rank_{r:02d}*"):
-                (view / f.name.replace(f"mp_rank_{r:02d}", "mp_rank_00")).symlink_to(f.resolve())
-            shards.append(_consolidate_one(view))
-    state = merge_tp_shards(shards, layout)
-    if tied is not None and tied[0] in state:
-        state[tied[1]] = state[tied[0]]
-    return state
-
-
-def _tp_layout(meta: dict[str, Any], tag: Path, tp: int) -> tuple[dict[str, Any], tuple[str, str] | None]:
-    """The split of each state-dict key of a tp-way checkpoint, and the (embedding, head) names when tied."""
-    if not meta.get("hf"):
-        args = checkpoint_model_args(meta, tag)
-        return tp_shard_layout(args, tp), ("embed_tokens.weight", "lm_head.weight") if args.tie_embeddings else None
-    from model.hf_causal import (  # an hf.path run: the wrapper puts `model.` in front
-        causal_lm_config,
-        meta_model,
-    )
-
-    try:
-        config = causal_lm_config(meta["hf"]["path"], where="the run's base model")
-    except ModelConfigError as err:
-        raise ExportError(f"{tag}: {err}") from err
-    layout = tp_shard_layout(meta_model(config), tp, HF_LLAMA_TP_PLAN)
-    tied = ("model.model.embed_tokens.weight", "model.lm_head.weight") if config.tie_word_embeddings else None
-    return {f"model.{name}": spec for name, spec in layout.items()}, tied
-
-
-def _consolidate_one(tag: Path) -> dict[str, torch.Tensor]:
-    """The state dict of model-parallel rank 0's files in ``tag`` (the whole model without TP)."""
-    if any(tag.glob(_ZERO_OPTIM_GLOB)):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        chatter = io.StringIO()  # zero_to_fp32 prints its progress; keep stdout for the caller
-        try:
-            with contextlib.redirect_stdout(chatter):
-                state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-        except (FileNotFoundError, ValueError) as err:
-            raise ExportError(f"{tag}: DeepSpeed could not consolidate this ZeRO checkpoint ({err})") from err
-        log.debug("zero_to_fp32: %s", chatter.getvalue())
-        return {name: _own_storage(tensor) for name, tensor in state.items()}
-    stage0 = tag / _STAGE0_FILE
-    if not stage0.is_file():
-        raise ExportError(f"{tag}: no DeepSpeed model states ({_STAGE0_FILE} or {_ZERO_OPTIM_GLOB}) in it")
-    try:
-        saved = torch.load(stage0, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-        raise ExportError(f"{stage0}: unreadable ({err}); the checkpoint is damaged, export another") from err
-    module = saved.get("module") if isinstance(saved, dict) else None
-    if not module:
-        raise ExportError(
-            f"{stage0}: holds no 'module' state dict; was it written by engine.save_checkpoint?"
-        )
-    if any(tag.glob("bf16_zero_pp_rank_*_optim_states.pt")):
-        log.warning("%s: bf16 ZeRO-0 checkpoint: exporting the bf16 module weights "
-                    "(its fp32 master weights are not used)", tag)
-    return {name: tensor.detach().clone() for name, tensor in module.items()}
-
-
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, copied when it is a view into a larger buffer (ZeRO 1/2 flat groups), so it saves alone."""
-    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone()
 
 
 def _tokenizer_dir(meta: dict[str, Any], tag_dir: Path, override: Path | None) -> Path:
@@ -295,8 +130,6 @@ def export_hf(
     except json.JSONDecodeError as err:
         raise ExportError(f"{tag_dir / META_FILE}: not valid JSON ({err})") from err
     if meta.get("research"):  # a research recipe: its own weights and how to rebuild it (train/export/research.py)
-        from train.export.research import export_research
-
         if merge:
             raise ExportError(f"{tag_dir}: --merge does not apply to a research run; its export holds the recipe's "
                               f"weights and the adapter")

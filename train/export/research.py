@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from train.data.corpus import atomic_dir
+from train.export.consolidate import consolidated_state_dict
 from train.objectives.lm import lm_loss
 from train.research.api import Extension, RecipeContext, parse_options, resolve_recipe
 
@@ -33,7 +34,6 @@ def export_research(tag_dir: Path, meta: dict[str, Any], out: Path, *, overwrite
     """Write the recipe's weights and its description from the checkpoint ``tag_dir``."""
     from safetensors.torch import save_file
 
-    from train.export.hf import consolidated_state_dict
 
     state = {k: v.contiguous() for k, v in consolidated_state_dict(tag_dir).items()}
     info = {"recipe": meta["research"]["recipe"], "options": meta["research"]["options"], "step": meta.get("step"),

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from parallel.layers import TPContext
-from train.checkpoint.writer import CheckpointWriter, latest_complete, load_checkpoint, tag_for
+from train.checkpoint.resume import load_checkpoint
+from train.checkpoint.writer import CheckpointWriter, latest_complete, tag_for
 from train.config.schema import JobConfig
 from train.loop.faults import failpoint_hit
 from train.loop.guards import BadStepCounter, SpikeDetector, TrainingDiverged

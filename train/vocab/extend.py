@@ -59,6 +59,7 @@ Snapshots (new rows + tokenizer additions + a fingerprint of the base) are in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -248,7 +249,6 @@ def extend_vocabulary(
     PEFT) and before building the optimizer. It hashes the base embedding (and an untied head) for the
     snapshot fingerprint: about a second per GB on a CPU.
     """
-    from train.vocab.snapshot import base_fingerprint
 
     if not init_scale > 0:
         raise VocabError(f"init_scale={init_scale} must be > 0 (1.0 = the mean norm of the base rows)")
@@ -389,3 +389,31 @@ def encode_blocks(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], seq_
     if len(ids) < seq_len + 1:
         raise VocabError(f"the texts give {len(ids)} tokens, fewer than seq_len+1={seq_len + 1}; lower seq_len")
     return BlockDataset(np.asarray(ids, dtype=np.int64), seq_len, mode="blocks")
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """Hex sha256 of a tensor's raw bytes (its dtype's bytes in row-major order, on the CPU)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    raw = flat.view(torch.uint8)  # (numel * element_size,) bytes
+    digest = hashlib.sha256()
+    chunk = 1 << 26  # bytes per update: bounds the CPU copy of a GPU tensor
+    for i in range(0, raw.numel(), chunk):
+        digest.update(raw[i : i + chunk].cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Identity of an unextended base: what must match for its snapshot rows to mean the same thing."""
+    emb = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    tied = head_module is not None and head_module.weight is emb
+    return {
+        "model_type": getattr(model.config, "model_type", None),
+        "hidden_size": int(emb.shape[1]),
+        "num_embeddings": int(emb.shape[0]),
+        "tokenizer_size": len(tokenizer),
+        "embedding_dtype": str(emb.dtype).removeprefix("torch."),
+        "tied": tied,
+        "embedding_sha256": tensor_sha256(emb),
+        "head_sha256": None if tied or head_module is None else tensor_sha256(head_module.weight),
+    }

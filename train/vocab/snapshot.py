@@ -19,7 +19,6 @@ caller's part (call `freeze_all_but_new_rows` again first).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from train.data.corpus import atomic_dir
-from train.vocab.extend import ExtensionInfo, VocabError, embedding_weights, extend_vocabulary
+from train.vocab.extend import (
+    ExtensionInfo,
+    VocabError,
+    base_fingerprint,
+    embedding_weights,
+    extend_vocabulary,
+)
 
 if TYPE_CHECKING:
     from tokenizers import AddedToken
@@ -38,34 +43,6 @@ SNAPSHOT_FORMAT = 1
 ROWS_FILE = "embeddings.safetensors"
 META_FILE = "snapshot.json"
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """Hex sha256 of a tensor's raw bytes (its dtype's bytes in row-major order, on the CPU)."""
-    flat = tensor.detach().contiguous().reshape(-1)
-    raw = flat.view(torch.uint8)  # (numel * element_size,) bytes
-    digest = hashlib.sha256()
-    chunk = 1 << 26  # bytes per update: bounds the CPU copy of a GPU tensor
-    for i in range(0, raw.numel(), chunk):
-        digest.update(raw[i : i + chunk].cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def base_fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Identity of an unextended base: what must match for its snapshot rows to mean the same thing."""
-    emb = model.get_input_embeddings().weight
-    head_module = model.get_output_embeddings()
-    tied = head_module is not None and head_module.weight is emb
-    return {
-        "model_type": getattr(model.config, "model_type", None),
-        "hidden_size": int(emb.shape[1]),
-        "num_embeddings": int(emb.shape[0]),
-        "tokenizer_size": len(tokenizer),
-        "embedding_dtype": str(emb.dtype).removeprefix("torch."),
-        "tied": tied,
-        "embedding_sha256": tensor_sha256(emb),
-        "head_sha256": None if tied or head_module is None else tensor_sha256(head_module.weight),
-    }
 
 
 def _added_tokens(tokenizer: PreTrainedTokenizerBase, info: ExtensionInfo) -> list[dict[str, Any]]:
