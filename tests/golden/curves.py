@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -68,13 +69,14 @@ def run_recipe(name: str, tmp: Path, data_cache: Path, env: dict[str, str]) -> d
     """Run one golden recipe under ``tmp``; its numbers by run (one run, or one per stage)."""
     common = [f"data.cache_dir={data_cache}", "log.progress=false", "log.wandb=disabled"]
     if name == "smoke":
-        _run([sys.executable, str(MAIN), "--config", str(CONFIGS / "smoke.yaml"), f"train.out_dir={tmp / name}",
-              *common], env)
+        _run([sys.executable, str(MAIN), "--config", str(CONFIGS / "smoke.yaml"),
+              f"train.out_dir={tmp / name}", *common], env)
         return {"run": numbers(tmp / name)}
     if name == "shakespeare_short":
-        _run([sys.executable, str(MAIN), "--config", str(CONFIGS / "shakespeare.yaml"), f"train.out_dir={tmp / name}",
-              "train.steps=24", "train.warmup_steps=8", "train.eval_interval=12", "train.save_interval=12",
-              "train.eval_batches=4", "train.log_interval=4", "sample.max_new_tokens=32", *common], env)
+        _run([sys.executable, str(MAIN), "--config", str(CONFIGS / "shakespeare.yaml"),
+              f"train.out_dir={tmp / name}", "train.steps=24", "train.warmup_steps=8",
+              "train.eval_interval=12", "train.save_interval=12", "train.eval_batches=4",
+              "train.log_interval=4", "sample.max_new_tokens=32", *common], env)
         return {"run": numbers(tmp / name)}
     assert name == "stages_cpu"
     raw = yaml.safe_load((CONFIGS / "stages_cpu.yaml").read_text())
@@ -88,6 +90,50 @@ def run_recipe(name: str, tmp: Path, data_cache: Path, env: dict[str, str]) -> d
 
 def golden_path(name: str) -> Path:
     return HERE / f"{name}.json"
+
+
+def load_golden(name: str) -> dict[str, Any]:
+    """The recorded ``{"cpu": fingerprint, "runs": {run: rows}}`` of one recipe."""
+    return json.loads(golden_path(name).read_text())
+
+
+# On another CPU: numbers within a relative 1e-4, or within one unit of the sixth decimal (the precision
+# metrics.jsonl logs, so a value near zero may round the other way).
+REL_TOL, ABS_TOL = 1e-4, 1e-6
+
+
+def _same(want: Any, got: Any, exact: bool) -> bool:
+    if exact or isinstance(want, (bool, str)) or want is None or got is None:
+        return want == got and isinstance(want, bool) == isinstance(got, bool)
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return math.isclose(want, got, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    return want == got
+
+
+def first_difference(name: str, golden: dict[str, Any], got: dict[str, Any], exact: bool) -> str | None:
+    """The first place where a rerun's numbers differ from the recorded ones, in words; None if none.
+
+    ``exact``: every number and the sample text equal; else numbers within ``REL_TOL`` / ``ABS_TOL`` and the
+    sample text not compared (it is decoded from numbers that may differ in the last place).
+    """
+    want_runs = golden["runs"]
+    if list(want_runs) != list(got):
+        return f"{name}: runs {list(got)}, recorded {list(want_runs)}"
+    for run, want_rows in want_runs.items():
+        rows = got[run]
+        for i, (want, row) in enumerate(zip(want_rows, rows)):
+            step = want.get("step", "after the last step" if "sample" in want else f"row {i}")
+            where = f"{name}: run {run!r}, step {step}"
+            if list(want) != list(row):
+                return f"{where}: keys {list(row)}, recorded {list(want)}"
+            for key, value in want.items():
+                if key == "sample" and not exact:
+                    continue
+                if not _same(value, row[key], exact):
+                    return f"{where}, key {key!r}: {row[key]!r}, recorded {value!r}"
+        if len(rows) != len(want_rows):
+            return f"{name}: run {run!r}: {len(rows)} logged rows, recorded {len(want_rows)}"
+    return None
 
 
 def main() -> None:
