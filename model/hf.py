@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.args import ModelArgs, ModelConfigError
+from model.model import Transformer
 
 if TYPE_CHECKING:
     from transformers import LlamaConfig, PretrainedConfig
@@ -210,8 +211,6 @@ def args_from_hf_config(config: Any, *, max_seq_len: int | None = None) -> Model
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every entry of `Transformer(args).state_dict()` (built on the meta device)."""
-    from model.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(args)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}

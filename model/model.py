@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from model.args import ModelArgs
-from model.cache import KVCache
 from model.attention import attention
+from model.cache import KVCache
 from model.ops import apply_rope, precompute_rope, rms_norm, swiglu
-
 
 
 class RMSNorm(nn.Module):

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from model.hf_causal import CausalLM
+
 KVPrefix = Sequence[tuple[Tensor, Tensor]]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The HF (or PEFT) model inside a `model.hf_causal.CausalLM`; other models as they are."""
-    from model.hf_causal import CausalLM
-
     return model.model if isinstance(model, CausalLM) else model
 
 

@@ -35,8 +35,10 @@ from typing import Any
 
 import torch
 
-from model import Transformer, get_preset
+from model import ModelConfigError, Transformer, get_preset
 from tools import bench_data
+from tools.bench_step import bench_train_step
+from tools.bench_tp import bench_tp_comm
 from train.checkpoint.resume import load_checkpoint
 from train.checkpoint.writer import CheckpointWriter, dir_bytes
 from train.distributed import init_distributed, read_env
@@ -92,9 +94,6 @@ def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[
 
 def _train_step(ns: argparse.Namespace) -> dict[str, Any]:
     import yaml
-
-    from model import ModelConfigError
-    from tools.bench_step import bench_train_step
 
     try:
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in ns.set)}
@@ -156,8 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     ts.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args(argv)
     if args.what == "tp-comm":
-        from tools.bench_tp import bench_tp_comm
-
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_tp_comm(args.preset, args.tp, args.batch, args.seq, args.sp, overrides)
     elif args.what == "train-step":

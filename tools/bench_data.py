@@ -23,6 +23,12 @@ from typing import Any
 
 import numpy as np
 
+from train.data import prepare, train_bpe_tokenizer
+from train.data.blend import BlendDataset
+from train.data.dataset import BlockDataset
+from train.data.sampler import GlobalOrder, micro_batches
+from train.data.shards import FORMAT_NAME, FORMAT_VERSION, HEADER_FILE, PreparedData, ShardWriter
+
 
 def _check_out(out: Path) -> None:
     if out.exists():
@@ -31,8 +37,6 @@ def _check_out(out: Path) -> None:
 
 
 def bench_prepare(out: Path, mb: float, workers: int, vocab: int) -> dict[str, Any]:
-    from train.data import prepare, train_bpe_tokenizer
-
     _check_out(out)
     rng = np.random.default_rng(0)
     words = np.array(["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 9)))
@@ -61,8 +65,6 @@ def bench_prepare(out: Path, mb: float, workers: int, vocab: int) -> dict[str, A
 
 def _write_random_prepared(root: Path, n_tokens: int, vocab: int, mean_doc: int, seed: int) -> None:
     """A prepared dataset of random tokens, documents of ~mean_doc tokens ending with separator 0."""
-    from train.data.shards import FORMAT_NAME, FORMAT_VERSION, HEADER_FILE, ShardWriter
-
     root.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     dtype = np.dtype("<u2")
@@ -87,10 +89,6 @@ def _write_random_prepared(root: Path, n_tokens: int, vocab: int, mean_doc: int,
 
 
 def bench_loader(out: Path, tokens: int, seq_len: int, micro_batch: int, seconds: float) -> dict[str, Any]:
-    from train.data.dataset import BlockDataset
-    from train.data.sampler import GlobalOrder, micro_batches
-    from train.data.shards import PreparedData
-
     _check_out(out)
     _write_random_prepared(out / "data", tokens, 32_000, 600, seed=0)
     data = PreparedData.open(out / "data")
@@ -112,11 +110,6 @@ def bench_loader(out: Path, tokens: int, seq_len: int, micro_batch: int, seconds
 
 
 def bench_index(out: Path, tokens: float, seq_len: int) -> dict[str, Any]:
-    from train.data.blend import BlendDataset
-    from train.data.dataset import BlockDataset
-    from train.data.sampler import GlobalOrder
-    from train.data.shards import FORMAT_NAME, FORMAT_VERSION, HEADER_FILE, PreparedData
-
     _check_out(out)
     shares = [0.6, 0.3, 0.1]
     dirs = []

@@ -33,8 +33,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model import ModelArgs
+from model import ModelArgs, Transformer
 from model.hf import to_hf_llama_config, to_hf_state_dict
+from model.model import build_model
+from parallel.perf import apply_perf, build_loss_fn
+from train.config.deepspeed import load_ds_config, resolve_ds_config
+from train.config.load import load_config
+from train.distributed import device_for, init_distributed, read_env
+from train.loop.optim import build_optimizer, build_scheduler, param_groups
+from train.loop.trainer import Trainer, TrainState
+from train.objectives.lm import lm_loss
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
 GPU_PEAKS = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12,
@@ -122,14 +130,6 @@ def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: 
              perf: list[str], state: dict[str, torch.Tensor]) -> Callable[[], dict[str, float]]:
     import deepspeed
 
-    from parallel.perf import apply_perf, build_loss_fn
-    from train.config.deepspeed import load_ds_config, resolve_ds_config
-    from train.config.load import load_config
-    from train.loop.optim import build_optimizer, build_scheduler, param_groups
-    from train.loop.trainer import Trainer, TrainState
-    from train.objectives.lm import lm_loss
-    from train.main import build_model
-
     overrides = [f"data.seq_len={seq}", f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",
                  "train.warmup_steps=0", "train.steps=1000000", *(f"perf.{p}" for p in perf)]
     cfg = load_config(None, overrides)
@@ -192,8 +192,6 @@ def _plain_loop(model: torch.nn.Module, loss_of: Callable[[torch.Tensor, torch.T
 
 def _bare(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict[str, torch.Tensor],
           dtype: torch.dtype) -> Callable[[], dict[str, float]]:
-    from model import Transformer
-
     with torch.device(device):
         model = Transformer(args)
     model.load_state_dict(state)
@@ -241,8 +239,6 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
                      ds_name: str | None, perf: list[str], peak_tflops: float | None, rounds_of: int = 1,
                      seed: int = 0) -> dict[str, Any]:
     """Warm up each variant, then run ``steps`` measured steps each, ``rounds_of`` at a time in turn."""
-    from train.distributed import device_for, init_distributed, read_env
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     env = read_env()
     init_distributed(env)
@@ -294,8 +290,6 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
 
 
 def _reference_state(args: ModelArgs) -> dict[str, torch.Tensor]:
-    from model import Transformer
-
     torch.manual_seed(0)
     return Transformer(args).state_dict()
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from model import ModelArgs, Transformer, get_preset
+from parallel.tp import apply_tp, tp_lm_loss
 
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -70,8 +71,6 @@ def analytic_bytes(args: ModelArgs, tp: int, batch: int, seq: int, sp: bool, ele
 
 def _rank(rank: int, tp: int, init_file: str, args: ModelArgs, batch: int, seq: int, sp: bool,
           queue: Any) -> None:
-    from parallel.tp import apply_tp, tp_lm_loss
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=tp)
     try:

@@ -35,10 +35,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.hf_causal import load_causal_lm, quantization_config
 from tools.plot_metrics import MetricsError, read_metrics
 from train.data.corpus import DataError
 from train.data.dataset import BlockDataset
+from train.data.tokenizer import load_tokenizer
 from train.vocab.extend import VocabError, encode_blocks, is_single_token
+from train.vocab.snapshot import load_embedding_snapshot
 
 
 @dataclass
@@ -165,10 +168,6 @@ def _matrix_report(weight: torch.Tensor, base: list[int], new: list[int], sample
 
 def probe(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the command line asks for, as one JSON-serialisable dict."""
-    from model.hf_causal import load_causal_lm, quantization_config
-    from train.data.tokenizer import load_tokenizer
-    from train.vocab.snapshot import load_embedding_snapshot
-
     if not (args.model_dir / "config.json").is_file():
         raise VocabError(f"model_dir={args.model_dir}: no config.json; pass a directory written by save_pretrained")
     tokenizer = load_tokenizer(args.tokenizer or args.model_dir)

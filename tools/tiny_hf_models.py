@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
+from train.data.tokenizer import train_bpe_tokenizer
+from train.research.qa_data import synthetic_qa
+
 FAMILIES = {"llama": 300, "qwen2": 360}  # family -> tokenizer vocabulary size (different on purpose)
 
 
 def write_model(out: Path, family: str, vocab_size: int, *, seed: int = 0) -> Path:
     """A 2-layer random ``family`` model with a BPE of ``vocab_size`` tokens, saved in ``out/family``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
-
-    from train.data.tokenizer import train_bpe_tokenizer
-    from train.research.qa_data import synthetic_qa
 
     target = out / family
     if (target / "config.json").is_file():

@@ -21,10 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from model import ModelArgs, Transformer
+from model.hf import load_hf_pretrained
+from model.hf_causal import CausalLM, load_causal_lm
 from train.data.corpus import atomic_dir
 from train.export.consolidate import consolidated_state_dict
 from train.objectives.lm import lm_loss
 from train.research.api import Extension, RecipeContext, parse_options, resolve_recipe
+from train.research.run import model_shape
 
 WEIGHTS, META = "extension.safetensors", "research.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
@@ -62,23 +66,18 @@ def rebuild_base(export_dir: str | Path) -> nn.Module | None:
     if not resolve_recipe(info["recipe"]).needs_base:
         return None
     if info.get("hf"):
-        from model.hf_causal import CausalLM, load_causal_lm
-
         model = load_causal_lm(info["hf"]["path"])
         if (export_dir / "adapter").is_dir():
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, str(export_dir / "adapter"))
         return CausalLM(model)
-    from model import ModelArgs, Transformer
 
     args = ModelArgs(**info["model_args"])
     torch.manual_seed(info["seed"])  # as train/main.py's build_model
     model = Transformer(args)
     model.init_weights()
     if info.get("init_from"):
-        from model.hf import load_hf_pretrained
-
         model.load_state_dict(load_hf_pretrained(info["init_from"], max_seq_len=args.max_seq_len)[1])
     return model
 
@@ -88,8 +87,6 @@ def load_research(export_dir: str | Path, base: nn.Module | None = None, *, voca
     """The exported recipe around ``base`` (default: ``rebuild_base``), with its weights; every exported tensor
     must find its place."""
     from safetensors.torch import load_file
-
-    from train.research.run import model_shape
 
     export_dir = Path(export_dir)
     info = json.loads((export_dir / META).read_text())

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from model.hooks import LayerHooks, parse_layers
+from parallel.comm import copy_to_tp
 from train.config.fields import ConfigError
 from train.config.research import SCHEDULES
 from train.loop.optim import decays
@@ -190,7 +191,6 @@ class Extension(nn.Module):
         tp = self.ctx.tp_ctx
         if tp is None or tp.size == 1 or not tp.sequence_parallel:
             return p
-        from parallel.comm import copy_to_tp
 
         return copy_to_tp(p, tp.group)
 

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import generate
+from parallel.comm import reduce_from_tp
+from parallel.tp import FullLogits
 from train.config.fields import ConfigError
 from train.research.api import Extension, RecipeContext, Term, check_layers, outputs
 
@@ -136,7 +139,6 @@ class Injection(Extension):
         tp = self.ctx.tp_ctx
         if tp is None or tp.size == 1 or not tp.sequence_parallel:
             return x
-        from parallel.comm import reduce_from_tp
 
         return reduce_from_tp(x, tp.group) / tp.size
 
@@ -172,8 +174,6 @@ class Injection(Extension):
         return {"consistency_same_turns": sum(r["same"] for r in rows), "consistency_turns": len(rows)}
 
     def _answer(self, messages: list[dict[str, str]]) -> str:
-        from model import generate
-
         tok, ctx = self.ctx.tokenizer, self.ctx
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True)
@@ -182,8 +182,6 @@ class Injection(Extension):
             ids = tok.encode(text)
         base: nn.Module = self.base
         if ctx.tp_ctx is not None and ctx.tp_ctx.size > 1:
-            from parallel.tp import FullLogits
-
             base = FullLogits(base, ctx.tp_ctx)
         limit = getattr(self.base, "max_seq_len", None) or self.base.args.max_seq_len
         ids = ids[-(limit - self.options.max_new_tokens):]

@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.hf_causal import CausalLM, causal_lm_config, load_causal_lm
+from model.prefix import greedy_from_embeds, kv_shape, prefix_forward
 from train.config.fields import ConfigError
+from train.data.tokenizer import load_tokenizer
+from train.eval.generations import write_predictions
+from train.eval.text import exact_match, token_f1
 from train.research.api import Extension, RecipeContext, Term, outputs
 from train.research.qa_data import ENCODER_BYTES, QADataset, read_qa, synthetic_qa
 
@@ -146,7 +151,6 @@ class SoftPrompt(Extension):
         if not options.synthetic and not cfg.data.files:
             raise ConfigError("research.recipe='soft_prompt': set data.files (SQuAD JSON / JSONL) or "
                               "research.options.synthetic (a synthetic set's size).")
-        from model.hf_causal import causal_lm_config
 
         for i, path in enumerate(options.bases):
             causal_lm_config(path, where=f"research.options.bases[{i}]")
@@ -155,8 +159,6 @@ class SoftPrompt(Extension):
     def datasets(cls, options: SoftPromptOptions, cfg: Any) -> tuple[QADataset, QADataset]:
         """(train, validation) rendered for every base with its own tokenizer."""
         import numpy as np
-
-        from train.data.tokenizer import load_tokenizer
 
         examples = synthetic_qa(options.synthetic, seed=cfg.data.split_seed) if options.synthetic else \
             read_qa(cfg.data.files)
@@ -177,10 +179,6 @@ class SoftPrompt(Extension):
 
     # ------------------------------------------------------------------------------------------- modules
     def setup(self) -> None:
-        from model.hf_causal import CausalLM, load_causal_lm
-        from model.prefix import kv_shape
-        from train.data.tokenizer import load_tokenizer
-
         o = self.options
         cfg = self.ctx.config
         self.tokenizers = [load_tokenizer(Path(p)) for p in [cfg.hf.path, *o.bases]] if cfg is not None else []
@@ -223,8 +221,6 @@ class SoftPrompt(Extension):
     def _student(self, b: int, batch: dict[str, torch.Tensor], prefix: torch.Tensor, kv: Any,
                  tail: str = "answer") -> torch.Tensor:
         """Logits (B, A, V) predicting each ``tail`` token after [prefix (B, M, D) | anchor | tail]."""
-        from model.prefix import prefix_forward
-
         anchor, tail_ids, tail_mask = batch[f"anchor_{b}"], batch[f"{tail}_{b}"], batch[f"{tail}_mask_{b}"]
         embeds = torch.cat([prefix.to(self._embed(b, anchor).dtype), self._embed(b, anchor),
                             self._embed(b, tail_ids)], dim=1)
@@ -325,9 +321,6 @@ class SoftPrompt(Extension):
         """Answers in the three modes per base (greedy), first-token accuracy, compression; predictions JSONL."""
         import torch.distributed as dist
 
-        from train.eval.generations import write_predictions
-        from train.eval.text import exact_match, token_f1
-
         o, world = self.options, dist.get_world_size()
         limit = -(-o.eval_examples // world)  # per rank; every rank runs the same number of batches
         rows: list[dict[str, Any]] = []
@@ -358,8 +351,6 @@ class SoftPrompt(Extension):
 
     def _answer_batch(self, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
         """One validation batch answered by every base in every mode (rows carry the gold answers)."""
-        from model.prefix import greedy_from_embeds
-
         o = self.options
         z = self.latents(batch)
         out = []
