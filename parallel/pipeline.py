@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,9 @@ from model.model import Transformer, TransformerBlock
 from parallel.dims import ParallelDims
 from parallel.layers import TPContext, enter_tp_region
 
-PARTITION_METHODS = ("parameters", "uniform")
+# How the layer list is cut into stages; the recipe's parallel.partition_method takes this type.
+PartitionMethod = Literal["parameters", "uniform"]
+PARTITION_METHODS: tuple[PartitionMethod, ...] = get_args(PartitionMethod)
 
 
 class EmbeddingPipe(nn.Module):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from train.export.hf import EXPORT_DTYPES, ExportError, export_hf, resolve_checkpoint
+from model.hf_causal import DTYPES
+from train.export.hf import ExportError, export_hf, resolve_checkpoint
 
 PROG = "export_hf"
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("ckpt", type=Path, metavar="CKPT",
                         help="run dir, its checkpoints/ dir, or checkpoints/step_N")
     parser.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/hf/step_N)")
-    parser.add_argument("--dtype", choices=list(EXPORT_DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of the saved weights (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--merge", action="store_true",
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         tag_dir = resolve_checkpoint(args.ckpt)
-        out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=EXPORT_DTYPES[args.dtype],
+        out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=DTYPES[args.dtype],
                         overwrite=args.overwrite, tokenizer_dir=args.tokenizer, merge=args.merge)
     except ExportError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

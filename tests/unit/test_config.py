@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from train.config.checks import check_batch_geometry
 from train.config.deepspeed import DS_CONFIG_DIR, find_ds_config, load_ds_config, resolve_ds_config
@@ -84,18 +89,19 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 def test_batch_geometry() -> None:
     cfg = load_config(RECIPES / "smoke.yaml", ["train.global_batch_size=16", "train.micro_batch_size=4"])
-    assert check_batch_geometry(cfg, 1) == 4
-    assert check_batch_geometry(cfg, 2) == 2
-    assert check_batch_geometry(cfg, 4) == 1
+    assert check_batch_geometry(cfg.train, 1) == 4
+    assert check_batch_geometry(cfg.train, 2) == 2
+    assert check_batch_geometry(cfg.train, 4) == 1
     with pytest.raises(ConfigError) as err:
-        check_batch_geometry(cfg, 3)
+        check_batch_geometry(cfg.train, 3)
     msg = str(err.value)
     assert "train.global_batch_size=16" in msg and "train.micro_batch_size=4" in msg and "size=3" in msg
 
 
 def test_every_key_is_documented() -> None:
     text = describe_fields()
-    for key in ("seq_len", "global_batch_size", "wandb", "temperature", "tp", "preset", "n_kv_heads", "rope_theta"):
+    for key in ("seq_len", "global_batch_size", "wandb", "temperature", "tp", "preset", "n_kv_heads",
+                "rope_theta"):
         assert key in text
     assert "#" in text
 
@@ -106,7 +112,8 @@ def test_every_key_is_documented() -> None:
 def test_all_shipped_ds_configs_resolve() -> None:
     cfg = load_config(RECIPES / "smoke.yaml")
     names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-    assert {"cpu", "zero0", "zero1", "zero2", "zero3", "zero3_offload", "rtx3060", "rtx4090", "h100"} <= set(names)
+    shipped = {"cpu", "zero0", "zero1", "zero2", "zero3", "zero3_offload", "rtx3060", "rtx4090", "h100"}
+    assert shipped <= set(names)
     for name in names:
         ds = resolve_ds_config(load_ds_config(name), cfg, dp_size=2, bf16_supported=True)
         assert ds["train_batch_size"] == 8
@@ -132,7 +139,8 @@ def test_explicit_ds_values_must_agree_with_the_recipe() -> None:
         resolve_ds_config(ds, cfg, dp_size=1, bf16_supported=False)
     assert "train_micro_batch_size_per_gpu=2" in str(err.value) and "train.micro_batch_size" in str(err.value)
     agreeing = {**load_ds_config("cpu"), "train_micro_batch_size_per_gpu": 4}
-    assert resolve_ds_config(agreeing, cfg, dp_size=1, bf16_supported=False)["gradient_accumulation_steps"] == 2
+    resolved = resolve_ds_config(agreeing, cfg, dp_size=1, bf16_supported=False)
+    assert resolved["gradient_accumulation_steps"] == 2
 
 
 def test_offload_optimizer_gets_recipe_hyperparameters() -> None:
@@ -174,3 +182,128 @@ def test_init_from_reads_the_pretrained_shape(tmp_path: Path) -> None:
         load_config(RECIPES / "smoke.yaml", [f"model.init_from={tmp_path}", "model.dim=128"])
     with pytest.raises(ConfigError, match="model.init_from="):
         load_config(RECIPES / "smoke.yaml", [f"model.init_from={tmp_path / 'missing'}"])
+
+
+# ----------------------------------------------------------------------------- choice fields and sections
+
+
+def _sections() -> dict[str, type]:
+    from train.config.load import _SECTIONS
+    from train.config.schema import ModelSection
+
+    return {"model": ModelSection, **_SECTIONS}
+
+
+def _choices(tp: object) -> tuple[object, ...] | None:
+    """The choices of a Literal annotation, also inside ``X | None``; None for any other annotation."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if typing.get_origin(arg) is typing.Literal:
+                return typing.get_args(arg)
+    return None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.sampling=rndom", "data.sampling='rndom': use 'blocks' or 'random'. Did you mean 'random'?"),
+        ("train.objective=dop", ("train.objective='dop': use 'lm', 'dpo', 'reward', 'classify' or 'seq2seq'. "
+                                 "Did you mean 'dpo'?")),
+        ("perf.activation_checkpointing=ful", ("perf.activation_checkpointing='ful': use 'none', 'full' or "
+                                               "'selective'. Did you mean 'full'?")),
+        ("hf.dtype=bf16", ("hf.dtype='bf16': use 'auto', 'float32', 'bfloat16' or 'float16'. Did you mean "
+                           "'bfloat16'?")),
+        ("lora.bias=every", "lora.bias='every': use 'none', 'lora_only' or 'all'."),
+        ("log.wandb=7", "log.wandb=7: use 'offline', 'online' or 'disabled'."),
+    ],
+)
+def test_a_value_outside_a_literal_names_the_key_the_choices_and_the_closest(override: str,
+                                                                           message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPES / "smoke.yaml", [override])
+    assert str(err.value) == message
+
+
+def test_a_term_schedule_is_one_of_the_schedules() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPES / "smoke.yaml", ["research.recipe=injection",
+                                             "research.terms={kl: {schedule: cosin}}"])
+    assert str(err.value) == ("research.terms.kl.schedule='cosin': use 'constant', 'linear', 'cosine' or "
+                              "'warmup'. Did you mean 'cosine'?")
+
+
+def test_every_choice_field_is_a_literal_with_its_default_among_the_choices() -> None:
+    open_ended = {"research.recipe", "lora.layers"}  # examples in the help, not a closed set
+    literals = 0
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, tp = f"{section}.{f.name}", hints[f.name]
+            choices = _choices(tp)
+            if choices is not None:
+                literals += 1
+                assert f.default in choices, f"{key}: default {f.default!r} is not one of {choices}"
+                continue
+            quoted = re.findall(r"'([^'\s]+)'", f.metadata["help"])
+            if tp in (str, str | None) and len(quoted) >= 2 and key not in open_ended:
+                raise AssertionError(f"{key} lists choices {quoted} in its help but is annotated {tp}: "
+                                     f"make it a Literal")
+    assert literals >= 15
+
+
+def test_choice_lists_are_defined_once_at_their_owner() -> None:
+    from model.hf_causal import DTYPES
+    from parallel.perf import AC_MODES
+    from parallel.pipeline import PARTITION_METHODS
+    from train.config.finetune import HFSection
+    from train.config.research import SCHEDULES
+    from train.config.schema import ParallelSection, PerfSection
+
+    assert _choices(typing.get_type_hints(PerfSection)["activation_checkpointing"]) == AC_MODES
+    assert _choices(typing.get_type_hints(ParallelSection)["partition_method"]) == PARTITION_METHODS
+    hf = typing.get_type_hints(HFSection)
+    assert _choices(hf["dtype"]) == _choices(hf["compute_dtype"]) == ("auto", *DTYPES)
+    assert _choices(hf["quant_storage"]) == ("auto", "uint8", *DTYPES)
+    assert tuple(DTYPES) == ("float32", "bfloat16", "float16")
+    assert all(isinstance(v, torch.dtype) for v in DTYPES.values())
+    assert SCHEDULES == ("constant", "linear", "cosine", "warmup")
+
+
+def test_help_config_shows_the_choices() -> None:
+    text = describe_fields()
+    assert "sampling: 'blocks' | 'random' = 'random'" in text
+    assert "activation_checkpointing: 'none' | 'full' | 'selective' = 'none'" in text
+    assert "top_k: int | None = 50" in text
+
+
+def test_every_section_validates_its_own_fields() -> None:
+    from train.config.finetune import DPOSection, LoraSection, VocabSection
+    from train.config.schema import DataSection, ParallelSection, SampleSection, TrainSection
+
+    for section in _sections().values():
+        section().validate()  # the defaults are valid
+    cases = [
+        (TrainSection(steps=0), "train.steps=0: must be > 0"),
+        (TrainSection(min_lr=1.0), "train.min_lr=1.0 is above train.lr"),
+        (DataSection(val_fraction=1.0), "data.val_fraction=1.0: must be between 0 and 1"),
+        (DataSection(corpus="prepared"), "data.corpus='prepared' but data.blend is empty"),
+        (ParallelSection(tp=0), "parallel.tp=0: must be > 0"),
+        (SampleSection(temperature=-1.0), "sample.temperature=-1.0: must be >= 0"),
+        (LoraSection(r=4, dropout=1.0), "lora.dropout=1.0: must be in [0, 1)"),
+        (DPOSection(label_smoothing=0.5), "dpo.label_smoothing=0.5: must be in [0, 0.5)"),
+        (VocabSection(init_scale=0.0), "vocab.init_scale=0.0: must be > 0"),
+    ]
+    for section, message in cases:
+        with pytest.raises(ConfigError) as err:
+            section.validate()
+        assert message in str(err.value), str(err.value)
+
+
+def test_checks_across_sections_name_both_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(RECIPES / "smoke.yaml", ["perf.activation_checkpointing=full",
+                                             "parallel.activation_checkpoint_interval=1"])
+    assert "perf.activation_checkpointing='full'" in str(err.value)
+    assert "parallel.activation_checkpoint_interval=1" in str(err.value)

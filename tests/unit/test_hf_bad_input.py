@@ -43,8 +43,8 @@ def _plan(root: Path, tmp_path: Path, *extra: str, ds: str = "cpu") -> None:
     ([], None),
     (["hf.path=/nonexistent/model"], r"hf.path=/nonexistent/model: no such directory"),
     (["lora.r=8", "lora.target_modules=[c_attn]"],
-     (r"lora.target_modules=\['c_attn'\] match no linear layer; the blocks' linear layers are named: down_proj, "
-     r"gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")),
+     (r"lora.target_modules=\['c_attn'\] match no linear layer; the blocks' linear layers are named: "
+      r"down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")),
     (["lora.r=8", "lora.layers='0-7'"], r"lora.layers: blocks \[2, 3, 4, 5, 6, 7\] do not exist"),
     (["lora.r=8", "lora.layers=first"], r"lora.layers='first': give block indices like '0-11'"),
     (["hf.quantization=4bit"], r"hf.quantization='4bit' with lora.r=0: quantized weights cannot be trained"),
@@ -52,8 +52,10 @@ def _plan(root: Path, tmp_path: Path, *extra: str, ds: str = "cpu") -> None:
     (["model.n_layers=4"], r"model.n_layers is set together with hf.path"),
     (["lora.r=8", "parallel.tp=2"], r"adapters train with data parallelism and ZeRO only"),
     (["data.seq_len=512"], r"data.seq_len=512 is longer than hf.path=.* allows \(256 positions\)"),
-    (["hf.quant_type=int4", "lora.r=8", "hf.quantization=4bit"], r"hf.quant_type='int4': use one of 'nf4', 'fp4'"),
-    (["data.doc_mask=true"], r"data.doc_mask=true with hf.path"),
+    (["hf.quant_type=int4", "lora.r=8", "hf.quantization=4bit"],
+     r"hf.quant_type='int4': use 'nf4' or 'fp4'. Did you mean 'nf4'\?"),
+    (["data.corpus=files", "data.doc_mask=true"], r"data.doc_mask=true with hf.path"),
+    (["data.doc_mask=true"], r"data.corpus='sft' pads each example \(no packing\): set data.doc_mask=false"),
     (["data.files=[/nonexistent/sft.jsonl]"], r"data.files: /nonexistent/sft.jsonl not found"),
 ])
 def test_each_mistake_is_one_clear_error_and_nothing_is_written(root: Path, tmp_path: Path, extra: list[str],
@@ -101,10 +103,11 @@ def test_tensor_parallel_hf_models_need_a_plan_and_full_precision(root: Path, tm
         monkeypatch.setenv(key, value)  # planned as rank 0 of two (no process group is started)
     make_hf_model(root, "gpt2")
     _plan(root, tmp_path, "parallel.tp=2")  # llama: the native plan covers it
-    with pytest.raises(USER_ERRORS, match=r"model_type='gpt2' has no TP plan \(covered: llama, mistral, qwen2\)"):
+    with pytest.raises(USER_ERRORS,
+                       match=r"model_type='gpt2' has no TP plan \(covered: llama, mistral, qwen2\)"):
         _plan(root, tmp_path, "parallel.tp=2", f"hf.path={root / 'gpt2-2l'}")
-    with pytest.raises(USER_ERRORS, match=r"lora.r=4 with parallel.tp=2, parallel.pp=1: adapters train with data "
-                                          r"parallelism and ZeRO only"):  # QLoRA never with TP
+    with pytest.raises(USER_ERRORS, match=r"lora.r=4 with parallel.tp=2, parallel.pp=1: adapters train with "
+                                          r"data parallelism and ZeRO only"):  # QLoRA never with TP
         _plan(root, tmp_path, "parallel.tp=2", "hf.quantization=4bit", "lora.r=4")
     with pytest.raises(USER_ERRORS, match=r"sequence parallelism covers Tessera models only"):
         _plan(root, tmp_path, "parallel.tp=2", "parallel.sequence_parallel=true")
@@ -137,11 +140,13 @@ def test_vocabulary_extension_mistakes(root: Path, tmp_path: Path) -> None:
 
 def test_classification_labels_outside_the_classes(root: Path, tmp_path: Path) -> None:
     data = tmp_path / "three.jsonl"
-    data.write_text("".join(f'{{"text": "item {i}", "label": "{["a", "b", "c"][i % 3]}"}}\n' for i in range(24)))
+    labels = ["a", "b", "c"]
+    data.write_text("".join(f'{{"text": "item {i}", "label": "{labels[i % 3]}"}}\n' for i in range(24)))
     base = ["train.objective=classify", "data.corpus=classification", f"data.files=[{data}]"]
     with pytest.raises(USER_ERRORS, match=r"three.jsonl:3: label='c' is not one of \['a', 'b'\]"):
         _plan(root, tmp_path, *base, "data.labels=[a, b]")
-    with pytest.raises(USER_ERRORS, match=r"train.objective='reward' on data.corpus='classification' scores labels 0"):
+    with pytest.raises(USER_ERRORS,
+                       match=r"train.objective='reward' on data.corpus='classification' scores labels 0"):
         _plan(root, tmp_path, *base[1:], "train.objective=reward")
     with pytest.raises(USER_ERRORS, match=r"train.objective='classify' with data.corpus='preference'"):
         _plan(root, tmp_path, "train.objective=classify", "data.corpus=preference")
@@ -157,7 +162,8 @@ def test_a_dpo_reference_of_another_architecture_is_refused(root: Path, tmp_path
     other = make_hf_model(tmp_path / "other", "llama", layers=3)
     same = make_hf_model(tmp_path / "same", "llama", seed=1)
     dpo = ["train.objective=dpo", "data.corpus=preference", f"data.files=[{prefs}]", "data.seq_len=64"]
-    with pytest.raises(USER_ERRORS, match=r"dpo.reference_from=.*: num_hidden_layers=3 there but 2 in the policy"):
+    with pytest.raises(USER_ERRORS,
+                       match=r"dpo.reference_from=.*: num_hidden_layers=3 there but 2 in the policy"):
         _plan(root, tmp_path, *dpo, f"dpo.reference_from={other}")
     with pytest.raises(USER_ERRORS, match=r"model_type='t5' is not a causal language model"):
         _plan(root, tmp_path, *dpo, f"dpo.reference_from={root / 't5'}")

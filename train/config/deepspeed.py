@@ -63,7 +63,7 @@ def resolve_ds_config(
     """A copy of ``ds`` with every "auto" filled in and every explicit value checked against the recipe."""
     ds = copy.deepcopy(ds)
     t = cfg.train
-    accum = check_batch_geometry(cfg, dp_size)
+    accum = check_batch_geometry(t, dp_size)
     _fill(ds, "train_batch_size", t.global_batch_size, "train.global_batch_size")
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", accum, "train.global_batch_size / (micro_batch_size x dp)")
@@ -89,15 +89,16 @@ def resolve_ds_config(
         _fill(params, "weight_decay", t.weight_decay, "train.weight_decay", "optimizer.params.")
     if "scheduler" in ds:
         raise ConfigError(
-            "DeepSpeed config has a 'scheduler' section: Tessera owns the LR schedule (train.lr, train.min_lr, "
-            "train.warmup_steps); remove the section."
+            "DeepSpeed config has a 'scheduler' section: Tessera owns the LR schedule (train.lr, "
+            "train.min_lr, train.warmup_steps); remove the section."
         )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"DeepSpeed config zero_optimization.stage={stage!r}: use 0, 1, 2 or 3.")
     leftover = _find_auto(ds)
     if leftover:
-        raise ConfigError(f'DeepSpeed config field {leftover} is "auto" but Tessera cannot infer it: set a value.')
+        raise ConfigError(f'DeepSpeed config field {leftover} is "auto" but Tessera cannot infer it: set a '
+                          f'value.')
     return ds
 
 

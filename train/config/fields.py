@@ -1,7 +1,9 @@
-"""The pieces every recipe section is built from: the error type, the documented field, the positivity check."""
+"""The pieces every recipe section is built from: the error type, the documented field, the value checks."""
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
 
@@ -20,3 +22,17 @@ def _positive(where: str, value: float, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{where}={value}: must be {bound}.")
+
+
+def _choice(where: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` if it is one of ``choices`` (the arguments of a ``Literal``), else one ConfigError naming
+    the key, the value, every allowed value and the closest one."""
+    if value in choices and not isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in choices:
+        return str(value)  # YAML reads 8 as a number where the choices are strings
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listed = [repr(c) for c in choices]
+    allowed = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} or {listed[-1]}"
+    raise ConfigError(f"{where}={value!r}: use {allowed}.{hint}")

@@ -1,4 +1,9 @@
-"""YAML recipe + ``section.key=value`` overrides -> a typed, checked ``JobConfig``, key by key."""
+"""YAML recipe + ``section.key=value`` overrides -> a typed, checked ``JobConfig``, key by key.
+
+Each value is checked against its field's annotation (``_coerce``): a ``Literal`` field takes one of its
+choices, so no section lists its allowed strings twice. The whole recipe is then checked by
+``train.config.checks.validate``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import yaml
 
 from model import ModelArgs
 from train.config.checks import validate
-from train.config.fields import ConfigError
+from train.config.fields import ConfigError, _choice
 from train.config.finetune import DPOSection, HFSection, LoraSection, VocabSection
 from train.config.research import ResearchSection
 from train.config.schema import (
@@ -36,6 +41,8 @@ def _suggest(key: str, choices: list[str]) -> str:
 def _coerce(where: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return _choice(where, value, typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -154,7 +161,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     dotted, text = override.split("=", 1)
     parts = dotted.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"Override key '{dotted}' must be section.key (e.g. train.steps=100, model.n_layers=2).")
+        raise ConfigError(f"Override key '{dotted}' must be section.key (e.g. train.steps=100, "
+                          f"model.n_layers=2).")
     section, key = parts
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
@@ -178,15 +186,34 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     return config_from_dict(raw)
 
 
+def describe_type(tp: Any) -> str:
+    """An annotation as a recipe writer reads it: ``'blocks' | 'random'``, ``int | None``, ``list[str]``."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return " | ".join(map(repr, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(describe_type(t) for t in typing.get_args(tp))
+    if origin is list:
+        return f"list[{describe_type(typing.get_args(tp)[0])}]"
+    if origin is dict:
+        return "mapping"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
 def describe_fields() -> str:
-    """Every recipe key with its default and help line, for ``main.py --help-config``."""
+    """Every recipe key with its type (a choice field: its choices), default and help line, for
+    ``main.py --help-config``."""
     lines = ["model:"]
+    hints = typing.get_type_hints(ModelSection)
     for f in dataclasses.fields(ModelSection)[:2]:
-        lines.append(f"  {f.name} = {f.default!r}  # {f.metadata['help']}")
-    lines += [f"  {f.name}  # {f.metadata['help']}" for f in dataclasses.fields(ModelArgs)]
+        lines.append(f"  {f.name}: {describe_type(hints[f.name])} = {f.default!r}  # {f.metadata['help']}")
+    hints = typing.get_type_hints(ModelArgs)
+    lines += [f"  {f.name}: {describe_type(hints[f.name])}  # {f.metadata['help']}"
+              for f in dataclasses.fields(ModelArgs)]
     for section, cls in _SECTIONS.items():
         lines.append(f"{section}:")
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {default!r}  # {f.metadata['help']}")
+            lines.append(f"  {f.name}: {describe_type(hints[f.name])} = {default!r}  # {f.metadata['help']}")
     return "\n".join(lines)

@@ -2,12 +2,14 @@
 
 ``data.corpus`` picks where the tokens come from:
 
-- ``shakespeare`` / ``files``: fetched or listed inputs, prepared once into ``data.cache_dir`` (a file lock lets
-  the first rank fetch, train the tokenizer and prepare while the others wait);
+- ``shakespeare`` / ``files``: fetched or listed inputs, prepared once into ``data.cache_dir`` (a file lock
+  lets the first rank fetch, train the tokenizer and prepare while the others wait);
 - ``prepared``: the prepared datasets of ``data.blend``, mixed by weight (``train.data.blend``);
-- ``stream``: the raw sources of ``data.blend`` read with HF ``datasets`` streaming (``train.data.streaming``);
+- ``stream``: the raw sources of ``data.blend`` read with HF ``datasets`` streaming
+  (``train.data.streaming``);
 - ``sft``: instruction / chat JSONL ``files``, one padded example per sample, loss on the responses only
-  (``train.data.supervised``); ``data.val_fraction`` of the examples (chosen by ``data.split_seed``) validate.
+  (``train.data.supervised``); ``data.val_fraction`` of the examples (chosen by ``data.split_seed``)
+  validate.
 
 ``setup_data`` checks everything it can before expensive work; ``build_datasets`` cuts samples;
 ``batch_stream`` gives the trainer its ``batches(consumed_samples)`` function.
@@ -24,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from train.config.fields import ConfigError
-from train.config.schema import JobConfig
+from train.config.schema import SUPERVISED_CORPORA, Corpus, DataSection, JobConfig, TrainSection
 from train.data import (
     DataError,
     PreparedData,
@@ -34,7 +38,18 @@ from train.data import (
     prepare_corpus,
     tokenizer_identity,
 )
-from train.data.tokenizer import eos_token, load_raw_tokenizer
+from train.data.blend import BlendDataset, largest_unrepeated
+from train.data.dataset import BlockDataset
+from train.data.sampler import GlobalOrder, micro_batches
+from train.data.streaming import HeldOutSamples, StreamBatches, StreamSource, TokenStream, source_files
+from train.data.supervised import (
+    ClassificationDataset,
+    Renderer,
+    Seq2SeqDataset,
+    SupervisedDataset,
+    read_classification,
+)
+from train.data.tokenizer import eos_token, load_raw_tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -61,30 +76,33 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _input_files(cfg: JobConfig, cache: Path) -> tuple[list[Path], str]:
+def _input_files(d: DataSection, cache: Path) -> tuple[list[Path], str]:
     """The corpus files and a key that changes when they do."""
-    if cfg.data.corpus == "shakespeare":
+    if d.corpus == "shakespeare":
         return ensure_shakespeare(cache), "shakespeare"
-    files = [Path(f) for f in cfg.data.files]
+    files = [Path(f) for f in d.files]
     missing = [str(f) for f in files if not f.exists()]
     if missing:
-        raise ConfigError(f"data.files: {', '.join(missing)} not found. Give existing text/JSONL/parquet files.")
+        raise ConfigError(f"data.files: {', '.join(missing)} not found. Give existing text/JSONL/parquet "
+                          f"files.")
     stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
     return files, f"files-{digest}"
 
 
 def setup_data(cfg: JobConfig) -> DataBundle:
+    """The tokenizer and the opened token data of ``cfg.data`` (prepared first if needed), or what the
+    examples and the stream will be read with."""
     d = cfg.data
     if d.corpus == "prepared":
-        return _setup_blend(cfg)
+        return _setup_blend(d)
     if d.corpus == "stream":
-        return _setup_stream(cfg)
+        return _setup_stream(d)
     if d.corpus in SUPERVISED:
-        return _setup_supervised(cfg)
+        return _setup_supervised(d)
     cache = Path(d.cache_dir)
     with _file_lock(cache / ".lock"):
-        files, corpus_key = _input_files(cfg, cache)
+        files, corpus_key = _input_files(d, cache)
         tok_dir, prepared_dir = prepare_corpus(
             files, corpus_key, cache, vocab_size=d.vocab_size, tokenizer_dir=d.tokenizer,
             out_dir=d.prepared_dir, text_field=d.text_field, val_fraction=d.val_fraction, seed=d.split_seed,
@@ -96,9 +114,8 @@ def setup_data(cfg: JobConfig) -> DataBundle:
                       vocab_size=data.vocab_size, separator_id=data.doc_separator_id, parts=(data,))
 
 
-def _setup_blend(cfg: JobConfig) -> DataBundle:
+def _setup_blend(d: DataSection) -> DataBundle:
     """Open every prepared dataset of data.blend; they must share one tokenizer and separator."""
-    d = cfg.data
     parts = []
     for i, entry in enumerate(d.blend):
         try:
@@ -107,24 +124,22 @@ def _setup_blend(cfg: JobConfig) -> DataBundle:
             raise DataError(f"data.blend[{i}]: {err}") from None
     tok_dir = Path(d.tokenizer) if d.tokenizer is not None else Path(parts[0].header["tokenizer"]["path"])
     if not (tok_dir / "tokenizer.json").is_file():
-        raise DataError(f"data.blend[0] path={parts[0].path} was made with the tokenizer {tok_dir}, which is not "
-                        "here; set data.tokenizer to a copy of it")
+        raise DataError(f"data.blend[0] path={parts[0].path} was made with the tokenizer {tok_dir}, which is "
+                        "not here; set data.tokenizer to a copy of it")
     tok_id = tokenizer_identity(tok_dir)
     for i, part in enumerate(parts):
         check_same_tokenizer(part.header["tokenizer"], tok_id, f"data.blend[{i}] path={part.path}")
         if part.doc_separator_id != parts[0].doc_separator_id:
-            raise DataError(f"data.blend[{i}] path={part.path} ends documents with token {part.doc_separator_id}, "
-                            f"data.blend[0] with {parts[0].doc_separator_id}; prepare both with one doc_separator")
+            raise DataError(f"data.blend[{i}] path={part.path} ends documents with token "
+                            f"{part.doc_separator_id}, data.blend[0] with {parts[0].doc_separator_id}; "
+                            f"prepare both with one doc_separator")
     return DataBundle(tokenizer_dir=tok_dir, tokenizer_id=tok_id, prepared_dir=parts[0].path, data=parts[0],
                       vocab_size=max(p.vocab_size for p in parts), separator_id=parts[0].doc_separator_id,
                       parts=tuple(parts), weights=tuple(float(e["weight"]) for e in d.blend))
 
 
-def _setup_stream(cfg: JobConfig) -> DataBundle:
+def _setup_stream(d: DataSection) -> DataBundle:
     """Check the streamed sources exist and name the tokenizer; nothing is read yet."""
-    from train.data.streaming import StreamSource, source_files
-
-    d = cfg.data
     assert d.tokenizer is not None  # validate() requires it for corpus='stream'
     tok_dir = Path(d.tokenizer)
     tok_id = tokenizer_identity(tok_dir)
@@ -141,9 +156,8 @@ def _setup_stream(cfg: JobConfig) -> DataBundle:
                       weights=tuple(s.weight for s in sources), sources=sources)
 
 
-def _setup_supervised(cfg: JobConfig) -> DataBundle:
+def _setup_supervised(d: DataSection) -> DataBundle:
     """Check the instruction files and the tokenizer; the examples are rendered in ``build_datasets``."""
-    d = cfg.data
     missing = [f for f in d.files if not Path(f).is_file()]
     if missing:
         raise ConfigError(f"data.files: {', '.join(missing)} not found. Give instruction / chat JSONL files.")
@@ -159,7 +173,8 @@ def _setup_supervised(cfg: JobConfig) -> DataBundle:
                       vocab_size=tok_id["vocab_size"], separator_id=sep_id)
 
 
-SUPERVISED = ("sft", "preference", "classification", "seq2seq", "qa")  # corpora of padded examples, not packed
+# Corpora of padded examples, not packed blocks.
+SUPERVISED: tuple[Corpus, ...] = (*SUPERVISED_CORPORA, "qa")
 
 
 class ExampleSplit:
@@ -175,20 +190,8 @@ class ExampleSplit:
         return self.dataset.batch([self.indices[i] for i in indices])
 
 
-def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSplit, ExampleSplit]:
+def _supervised_datasets(d: DataSection, bundle: DataBundle) -> tuple[ExampleSplit, ExampleSplit]:
     """Render every example once; a seeded ``val_fraction`` of them (at least one) validates."""
-    import numpy as np
-
-    from train.data.supervised import (
-        ClassificationDataset,
-        Renderer,
-        Seq2SeqDataset,
-        SupervisedDataset,
-        read_classification,
-    )
-    from train.data.tokenizer import load_tokenizer
-
-    d = cfg.data
     renderer = Renderer(load_tokenizer(bundle.tokenizer_dir), d.seq_len, d.max_prompt_len)
     if d.corpus == "classification":
         rows, names = read_classification(d.files, renderer.tokenizer, d.seq_len, d.labels or None)
@@ -196,35 +199,38 @@ def _supervised_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[ExampleSpl
     elif d.corpus == "seq2seq":
         data = Seq2SeqDataset(d.files, renderer.tokenizer, d.seq_len, d.max_target_len or d.seq_len)
     else:
-        data = SupervisedDataset(d.files, renderer, kind="preference" if d.corpus == "preference" else "instruction")
+        kind = "preference" if d.corpus == "preference" else "instruction"
+        data = SupervisedDataset(d.files, renderer, kind=kind)
     order = np.random.default_rng(d.split_seed).permutation(len(data)).tolist()
     n_val = max(1, round(d.val_fraction * len(data)))
     if n_val >= len(data):
         raise ConfigError(f"data.files hold {len(data)} usable examples: too few to hold out "
-                          f"data.val_fraction={d.val_fraction} for validation and train on the rest; add examples.")
+                          f"data.val_fraction={d.val_fraction} for validation and train on the rest; add "
+                          f"examples.")
     return ExampleSplit(data, sorted(order[n_val:])), ExampleSplit(data, sorted(order[:n_val]))
 
 
 def build_datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int) -> tuple[Any, Any]:
-    """(train, val): datasets with ``batch(indices)`` or, when streaming, a ``StreamStart`` and held-out samples.
+    """(train, val): datasets with ``batch(indices)`` or, when streaming, a ``StreamStart`` and held-out
+    samples.
 
     A validation split too short for one evaluation round is a ConfigError here, before training.
     """
-    if cfg.data.corpus == "stream":
-        train, val = _stream_datasets(cfg, bundle)
-    elif cfg.data.corpus in SUPERVISED:
-        train, val = _supervised_datasets(cfg, bundle)
-    else:
-        train, val = _prepared_datasets(cfg, bundle)
     d, t = cfg.data, cfg.train
+    if d.corpus == "stream":
+        train, val = _stream_datasets(d, t, bundle)
+    elif d.corpus in SUPERVISED:
+        train, val = _supervised_datasets(d, bundle)
+    else:
+        train, val = _prepared_datasets(d, t, bundle)
     if len(val) < t.micro_batch_size * dp_size:
-        where = bundle.prepared_dir or ("the stream" if cfg.data.corpus == "stream" else "data.files")
+        where = bundle.prepared_dir or ("the stream" if d.corpus == "stream" else "data.files")
         raise ConfigError(
             f"the validation split of {where} holds {len(val)} "
             f"{'examples' if d.corpus in SUPERVISED else f'blocks of data.seq_len={d.seq_len}'}, "
-            f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed to "
-            f"evaluate: raise data.val_fraction (data.stream_val_samples when streaming), or lower data.seq_len "
-            f"or train.micro_batch_size."
+            f"fewer than train.micro_batch_size={t.micro_batch_size} x {dp_size} data-parallel ranks needed "
+            f"to evaluate: raise data.val_fraction (data.stream_val_samples when streaming), or lower "
+            f"data.seq_len or train.micro_batch_size."
         )
     return train, val
 
@@ -235,11 +241,9 @@ def batch_stream(cfg: JobConfig, train: Any, *, dp_rank: int, dp_size: int,
 
     data_state: the stream position saved in the checkpoint being resumed (streaming only).
     """
-    from train.data.sampler import GlobalOrder, micro_batches
-
-    t = cfg.train
-    if cfg.data.corpus == "stream":
-        return _stream_batches(cfg, train, dp_rank=dp_rank, dp_size=dp_size, data_state=data_state)
+    d, t = cfg.data, cfg.train
+    if d.corpus == "stream":
+        return _stream_batches(d, t, train, dp_rank=dp_rank, dp_size=dp_size, data_state=data_state)
     # a blend's index already interleaves its datasets and permutes each one: its order is used as it is
     order = GlobalOrder(len(train), seed=t.seed, shuffle=not hasattr(train, "dataset_index"))
 
@@ -250,12 +254,8 @@ def batch_stream(cfg: JobConfig, train: Any, *, dp_rank: int, dp_size: int,
     return batches
 
 
-def _prepared_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[Any, Any]:
+def _prepared_datasets(d: DataSection, t: TrainSection, bundle: DataBundle) -> tuple[Any, Any]:
     """Packed blocks of one prepared dataset, or a weighted blend of several."""
-    from train.data.blend import BlendDataset, largest_unrepeated
-    from train.data.dataset import BlockDataset
-
-    d, t = cfg.data, cfg.train
     pack = {"doc_mask": d.doc_mask, "separator_id": bundle.separator_id}
     if len(bundle.parts) == 1:
         (data,) = bundle.parts
@@ -265,7 +265,8 @@ def _prepared_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[Any, Any]:
     trains, vals = [], []
     for i, part in enumerate(bundle.parts):
         try:
-            trains.append(BlockDataset(part.split("train"), d.seq_len, mode=d.sampling, seed=t.seed + i, **pack))
+            trains.append(BlockDataset(part.split("train"), d.seq_len, mode=d.sampling, seed=t.seed + i,
+                                       **pack))
             vals.append(BlockDataset(part.split("val"), d.seq_len, mode="blocks", **pack))
         except DataError as err:
             raise DataError(f"data.blend[{i}] path={part.path}: {err}") from None
@@ -276,8 +277,8 @@ def _prepared_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[Any, Any]:
     train = BlendDataset(trains, bundle.weights, num_samples=n_train, seed=t.seed, fingerprints=keys,
                          cache_dir=cache)
     n_val = largest_unrepeated(bundle.weights, [len(v) for v in vals])
-    val = BlendDataset(vals, bundle.weights, num_samples=max(n_val, 1), seed=0, fingerprints=[f"val-{k}" for k in keys],
-                       cache_dir=cache)
+    val = BlendDataset(vals, bundle.weights, num_samples=max(n_val, 1), seed=0,
+                       fingerprints=[f"val-{k}" for k in keys], cache_dir=cache)
     return train, val
 
 
@@ -287,26 +288,21 @@ class StreamStart:
 
     stream: Any  # the TokenStream
     start: dict[str, Any]  # {"consumed": 0, "stream": position}
-    known: dict[int, dict[str, Any]] = field(default_factory=dict)  # positions saved so far, by consumed samples
+    # positions saved so far, by consumed samples
+    known: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
-def _stream_datasets(cfg: JobConfig, bundle: DataBundle) -> tuple[StreamStart, Any]:
+def _stream_datasets(d: DataSection, t: TrainSection, bundle: DataBundle) -> tuple[StreamStart, Any]:
     """The stream, with its first ``data.stream_val_samples`` samples held out for validation."""
-    from train.data.streaming import HeldOutSamples, TokenStream
-
-    d = cfg.data
     stream = TokenStream(bundle.sources, tokenizer_file=str(bundle.tokenizer_dir / "tokenizer.json"),
-                         separator_id=bundle.separator_id, seq_len=d.seq_len, seed=cfg.train.seed,
+                         separator_id=bundle.separator_id, seq_len=d.seq_len, seed=t.seed,
                          text_field=d.text_field)
     val = HeldOutSamples(stream.take(d.stream_val_samples), bundle.separator_id, d.doc_mask)
     return StreamStart(stream, {"consumed": 0, "stream": stream.state_dict()}), val
 
 
-def _stream_batches(cfg: JobConfig, train: StreamStart, *, dp_rank: int, dp_size: int,
+def _stream_batches(d: DataSection, t: TrainSection, train: StreamStart, *, dp_rank: int, dp_size: int,
                     data_state: dict[str, Any] | None) -> Callable[[int], Iterator[Any]]:
-    from train.data.streaming import StreamBatches
-
-    t = cfg.train
     train.known[0] = train.start
     if data_state is not None:
         train.known[int(data_state["consumed"])] = data_state
@@ -315,6 +311,6 @@ def _stream_batches(cfg: JobConfig, train: StreamStart, *, dp_rank: int, dp_size
         base = max(c for c in train.known if c <= consumed)  # the latest saved position not past `consumed`
         return StreamBatches(train.stream, consumed=consumed, global_batch=t.global_batch_size,
                              micro_batch=t.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                             doc_mask=cfg.data.doc_mask, start=train.known[base], known=train.known)
+                             doc_mask=d.doc_mask, start=train.known[base], known=train.known)
 
     return batches

@@ -26,6 +26,7 @@ import torch
 
 from model import ModelArgs, ModelConfigError
 from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
+from model.hf_causal import DTYPES
 from train.checkpoint.writer import META_FILE, read_meta
 from train.data.corpus import DataError, atomic_dir, sha256_file
 from train.data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -39,8 +40,6 @@ from train.export.research import export_research
 
 log = logging.getLogger("tessera")
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-"""The --dtype choices of an export, by name."""
 TOKENIZER_FILES = (
     TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -123,8 +122,8 @@ def export_hf(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists; choose another directory or pass --overwrite")
-    if dtype not in EXPORT_DTYPES.values():
-        raise ExportError(f"dtype={dtype} is not supported: use one of {', '.join(EXPORT_DTYPES)}")
+    if dtype not in DTYPES.values():
+        raise ExportError(f"dtype={dtype} is not supported: use one of {', '.join(DTYPES)}")
     try:
         meta = read_meta(tag_dir)
     except json.JSONDecodeError as err:
