@@ -5,8 +5,9 @@
   (Google's rouge-score);
 - `train.eval.classification`: accuracy, confusion matrix, per-class precision / recall / F1, macro-,
   micro- and binary F1 from integer labels;
-- `train.eval.loss`: perplexity from a mean token loss (inf on overflow) and token-weighted loss sums,
-  all-reduced over a data-parallel group when torch.distributed is initialised;
+- `train.eval.loss`: the one `perplexity` (from a mean token loss, capped at `MAX_LOG_PERPLEXITY` = 50 nats)
+  and the one validation reduction: `TokenLoss` (token-weighted loss sums) and `WeightedMean` (several named
+  values sharing one weight), float64 sums on the device added over ranks with one all-reduce;
 - `train.eval.generations`: `evaluate_generations` (corpus metrics, as percentages, and per-example rows
   in one call), `summarize`, and atomic JSONL predictions (`write_predictions`, `read_predictions`,
   `predictions_path`).
@@ -32,7 +33,7 @@ from train.eval.generations import (
     summarize,
     write_predictions,
 )
-from train.eval.loss import MAX_LOG_PERPLEXITY, TokenLoss, all_reduce_token_loss, perplexity
+from train.eval.loss import MAX_LOG_PERPLEXITY, TokenLoss, WeightedMean, all_reduce_token_loss, perplexity
 from train.eval.text import (
     ROUGE_TYPES,
     EvalInputError,
@@ -55,6 +56,7 @@ __all__ = [
     "GenerationEval",
     "RougeScorer",
     "TokenLoss",
+    "WeightedMean",
     "accuracy",
     "all_reduce_token_loss",
     "classification_metrics",

@@ -1,10 +1,10 @@
 """Generation evaluation of a policy, and best-of-N reranking with a verifier.
 
-For every prompt of a JSONL file (`{"prompt": str, "answer": str}` or `{"prompt": str, "answers": [str, ...]}`),
-the policy (an HF causal LM directory) samples N answers as one batch; a verifier (an HF
-`*ForSequenceClassification` with one output, as Tessera exports reward / verifier models) scores each
-(prompt, answer) pair and the highest score is kept (the first one on ties). With N = 1 and no verifier this is
-plain generation evaluation (greedy at temperature 0).
+For every prompt of a JSONL file (`{"prompt": str, "answer": str}` or
+`{"prompt": str, "answers": [str, ...]}`), the policy (an HF causal LM directory) samples N answers as one
+batch; a verifier (an HF `*ForSequenceClassification` with one output, as Tessera exports reward / verifier
+models) scores each (prompt, answer) pair and the highest score is kept (the first one on ties). With N = 1
+and no verifier this is plain generation evaluation (greedy at temperature 0).
 
 Preprocessing is training's: prompts go through `Renderer.prompt` (the chat template when the tokenizer has
 one, else `"user: ...\\nassistant: "`), answers are the tokens after the prompt up to the first eos, and the
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from model.generate import generate
 from model.heads import SequenceScorer
 from model.hf_causal import WEIGHT_FILES, CausalLM, causal_lm_config, load_causal_lm
 from train.data.collators import collate_lm
@@ -70,14 +71,15 @@ def check_settings(s: Settings, has_verifier: bool) -> None:
     if s.n < 1:
         raise RerankError(f"n={s.n} must be >= 1")
     if s.n > 1 and not has_verifier:
-        raise RerankError(f"n={s.n} samples per prompt need a verifier to choose among them; give --verifier DIR "
-                          "(or n=1 for plain evaluation)")
+        raise RerankError(f"n={s.n} samples per prompt need a verifier to choose among them; give --verifier "
+                          "DIR (or n=1 for plain evaluation)")
     if s.max_new_tokens < 1:
         raise RerankError(f"max_new_tokens={s.max_new_tokens} must be >= 1")
     if not (math.isfinite(s.temperature) and s.temperature >= 0):
         raise RerankError(f"temperature={s.temperature} must be a finite number >= 0 (0 = greedy)")
     if s.n > 1 and s.temperature == 0:
-        raise RerankError(f"n={s.n} with temperature=0 gives {s.n} identical greedy answers; set a temperature > 0")
+        raise RerankError(f"n={s.n} with temperature=0 gives {s.n} identical greedy answers; set a "
+                          f"temperature > 0")
     if s.top_k is not None and s.top_k < 1:
         raise RerankError(f"top_k={s.top_k} must be >= 1")
     bad = [k for k in s.kinds if k not in KINDS or k == "rouge"]
@@ -86,7 +88,8 @@ def check_settings(s: Settings, has_verifier: bool) -> None:
 
 
 def read_items(path: str | Path, kinds: Sequence[str] = ()) -> list[Item]:
-    """The rows of a JSONL file as Items; a row without a prompt or an answer is a RerankError naming its line.
+    """The rows of a JSONL file as Items; a row without a prompt or an answer is a RerankError naming its
+    line.
 
     With the "numeric" kind every reference must hold a number.
     """
@@ -98,16 +101,16 @@ def read_items(path: str | Path, kinds: Sequence[str] = ()) -> list[Item]:
                 raise RerankError(f"{where}: needs a non-empty string 'prompt' (found keys {sorted(row)})")
             refs = row["answers"] if "answers" in row else [row["answer"]] if "answer" in row else None
             if refs is None:
-                raise RerankError(f"{where}: no 'answer' (a string) or 'answers' (a list of strings) to compare "
-                                  "the generations with")
+                raise RerankError(f"{where}: no 'answer' (a string) or 'answers' (a list of strings) to "
+                                  "compare the generations with")
             if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-                raise RerankError(f"{where}: the reference answer(s) {refs!r:.80} must be a string or a non-empty "
-                                  "list of strings")
+                raise RerankError(f"{where}: the reference answer(s) {refs!r:.80} must be a string or a "
+                                  "non-empty list of strings")
             if "numeric" in kinds:
                 for ref in refs:
                     if extract_number(ref) is None:
-                        raise RerankError(f"{where}: reference {ref!r:.80} holds no number, which the 'numeric' "
-                                          "metric needs; choose --metrics em,f1 for this data")
+                        raise RerankError(f"{where}: reference {ref!r:.80} holds no number, which the "
+                                          "'numeric' metric needs; choose --metrics em,f1 for this data")
             items.append(Item(row.get("id", len(items)), prompt, refs))
     except DataError as err:
         raise RerankError(str(err)) from None
@@ -117,8 +120,8 @@ def read_items(path: str | Path, kinds: Sequence[str] = ()) -> list[Item]:
 
 
 def check_model_dirs(policy: str | Path, verifier: str | Path | None) -> None:
-    """RerankError unless `policy` is an HF causal LM and `verifier` an HF sequence classifier with one output,
-    both with weights and the same tokenizer.json. Reads configs only, loads no weights."""
+    """RerankError unless `policy` is an HF causal LM and `verifier` an HF sequence classifier with one
+    output, both with weights and the same tokenizer.json. Reads configs only, loads no weights."""
     from transformers import AutoConfig
 
     try:
@@ -133,24 +136,25 @@ def check_model_dirs(policy: str | Path, verifier: str | Path | None) -> None:
         return
     vdir = Path(verifier)
     if not (vdir / "config.json").is_file():
-        raise RerankError(f"verifier={verifier}: no config.json there; give a directory written by save_pretrained "
-                          "(tools/export_hf.py of a reward run)")
+        raise RerankError(f"verifier={verifier}: no config.json there; give a directory written by "
+                          "save_pretrained (tools/export_hf.py of a reward run)")
     if not any((vdir / name).is_file() for name in WEIGHT_FILES):
-        raise RerankError(f"verifier={verifier}: no weights ({' / '.join(WEIGHT_FILES[:2])}) next to config.json")
+        raise RerankError(f"verifier={verifier}: no weights ({' / '.join(WEIGHT_FILES[:2])}) next to "
+                          f"config.json")
     config = AutoConfig.from_pretrained(str(vdir))
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
-        raise RerankError(f"verifier={verifier}: architectures={archs}, num_labels={config.num_labels}; a verifier "
-                          "is a *ForSequenceClassification with one output (a reward model export)")
+        raise RerankError(f"verifier={verifier}: architectures={archs}, num_labels={config.num_labels}; a "
+                          "verifier is a *ForSequenceClassification with one output (a reward model export)")
     try:
         verifier_tok = tokenizer_identity(vdir)
     except DataError as err:
         raise RerankError(f"verifier={verifier}: {err}") from None
     if not same_tokenizer(policy_tok, verifier_tok):
-        raise RerankError(f"verifier={verifier} has another tokenizer than policy={policy} (tokenizer.json sha256 "
-                          f"{verifier_tok['sha256'][:12]} vs {policy_tok['sha256'][:12]}, vocab "
-                          f"{verifier_tok['vocab_size']} vs {policy_tok['vocab_size']}); a verifier must read the "
-                          "policy's tokens: train it from the same base")
+        raise RerankError(f"verifier={verifier} has another tokenizer than policy={policy} (tokenizer.json "
+                          f"sha256 {verifier_tok['sha256'][:12]} vs {policy_tok['sha256'][:12]}, vocab "
+                          f"{verifier_tok['vocab_size']} vs {policy_tok['vocab_size']}); a verifier must "
+                          "read the policy's tokens: train it from the same base")
 
 
 def load_models(policy: str | Path, verifier: str | Path | None,
@@ -168,14 +172,13 @@ def load_models(policy: str | Path, verifier: str | Path | None,
 
 
 @torch.no_grad()
-def sample_answers(policy: CausalLM, renderer: Renderer, prompt: str, settings: Settings, seed: int) -> list[str]:
+def sample_answers(policy: CausalLM, renderer: Renderer, prompt: str, settings: Settings,
+                   seed: int) -> list[str]:
     """`settings.n` answers to one prompt, sampled as one batch with a generator seeded `seed`."""
-    from model.generate import generate
-
     limit = policy.max_seq_len - settings.max_new_tokens
     if limit < 1:
-        raise RerankError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the policy's "
-                          f"{policy.max_seq_len} positions")
+        raise RerankError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
+                          f"policy's {policy.max_seq_len} positions")
     ids = renderer.prompt([{"role": "user", "content": prompt}])[-limit:]
     device = next(policy.parameters()).device
     input_ids = torch.tensor([ids] * settings.n, dtype=torch.long, device=device)  # (N, T)
@@ -199,7 +202,8 @@ def verifier_inputs(renderer: Renderer, prompt: str, answers: Sequence[str]) -> 
 
 
 @torch.no_grad()
-def score_answers(scorer: SequenceScorer, renderer: Renderer, prompt: str, answers: Sequence[str]) -> list[float]:
+def score_answers(scorer: SequenceScorer, renderer: Renderer, prompt: str,
+                  answers: Sequence[str]) -> list[float]:
     """The verifier's score of each answer to `prompt`, read at the last token of each pair."""
     device = next(scorer.parameters()).device
     batch = verifier_inputs(renderer, prompt, answers)
@@ -230,7 +234,8 @@ def evaluate(items: Sequence[Item], policy: CausalLM, tokenizer: Any, scorer: Se
     if scorer is not None:
         limit = getattr(scorer.model.config, "max_position_embeddings", None) or policy.max_seq_len
         pair_renderer = Renderer(tokenizer, int(limit))
-        scores = [score_answers(scorer, pair_renderer, it.prompt, ans) for it, ans in zip(items, answers, strict=True)]
+        scores = [score_answers(scorer, pair_renderer, it.prompt, ans)
+                  for it, ans in zip(items, answers, strict=True)]
     flat = [a for ans in answers for a in ans]
     refs = [it.references for it in items for _ in range(settings.n)]
     per_answer = evaluate_generations(flat, refs, settings.kinds).rows
@@ -247,15 +252,16 @@ def evaluate(items: Sequence[Item], policy: CausalLM, tokenizer: Any, scorer: Se
             entries.append(entry)
         chosen = 0 if scores is None else max(range(settings.n), key=lambda j, s=scores[i]: (s[j], -j))
         rows.append({"id": it.id, "prompt": it.prompt, "references": it.references,
-                     "prediction": answers[i][chosen], "chosen": chosen, "metrics": entries[chosen]["metrics"],
-                     "answers": entries})
+                     "prediction": answers[i][chosen], "chosen": chosen,
+                     "metrics": entries[chosen]["metrics"], "answers": entries})
     metrics: dict[str, Any] = {**view_metrics(rows, settings.kinds), "count": len(rows), "n": settings.n}
     if scores is not None:
         metrics["verifier_score_mean"] = sum(map(sum, scores)) / (len(items) * settings.n)
     return metrics, rows
 
 
-def write_results(out_dir: str | Path, metrics: dict[str, Any], rows: Sequence[dict[str, Any]]) -> tuple[Path, Path]:
+def write_results(out_dir: str | Path, metrics: dict[str, Any],
+                  rows: Sequence[dict[str, Any]]) -> tuple[Path, Path]:
     """`<out_dir>/metrics.json` and `<out_dir>/predictions.jsonl`; returns their paths."""
     out = Path(out_dir)
     preds = write_predictions(out / "predictions.jsonl", rows)

@@ -11,9 +11,9 @@ The policy and the reference start from the same weights. The reference is one o
 
 For a pair with summed response log-probabilities (pi_c, pi_r) under the policy and (ref_c, ref_r) under the
 reference, z = beta * ((pi_c - ref_c) - (pi_r - ref_r)) and the loss is
--(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z) (eps: label smoothing). Logged per step and per evaluation:
-the implicit rewards beta * (pi - ref) of the chosen and rejected responses, their margin, and the preference
-accuracy (the share of pairs with z > 0).
+-(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z) (eps: label smoothing). Logged per step and per
+evaluation: the implicit rewards beta * (pi - ref) of the chosen and rejected responses, their margin, and
+the preference accuracy (the share of pairs with z > 0).
 """
 
 from __future__ import annotations
@@ -29,22 +29,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from train.objectives.lm import Objective
+from train.eval import WeightedMean
+from train.objectives.lm import Objective, lm_loss
 
 REFERENCE_FILE = "reference_logps.pt"
 log = logging.getLogger("tessera")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of the log-probabilities of the labelled tokens of each row: logits (B, T, V), labels (B, T) -> (B,)."""
+    """Sum of the log-probabilities of the labelled tokens of each row (`lm_loss` per token, negated):
+    logits (B, T, V), labels (B, T) -> (B,)."""
     B, T = labels.shape
-    token = -F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
-    return token.view(B, T).sum(-1)
+    return (-lm_loss(logits, labels, reduction="none")).view(B, T).sum(-1)
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, label_smoothing: float = 0.0
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean sigmoid DPO loss of pairs from (2B,) log-probs ordered chosen first; returns (loss, per-pair terms)."""
+    """Mean sigmoid DPO loss of pairs from (2B,) log-probs ordered chosen first.
+
+    Returns (loss, per-pair terms)."""
     pc, pr = policy.chunk(2)
     rc, rr = reference.chunk(2)
     chosen, rejected = beta * (pc - rc), beta * (pr - rr)  # implicit rewards (B,)
@@ -58,8 +61,8 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, label_s
 def _pairs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A preference batch as one (2B, T) batch, chosen rows first."""
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: torch.cat([b[f"chosen_{k}"], b[f"rejected_{k}"]]) for k in ("input_ids", "labels", "position_ids",
-                                                                           "doc_ids")} | {"index": b["index"]}
+    keys = ("input_ids", "labels", "position_ids", "doc_ids")
+    return {k: torch.cat([b[f"chosen_{k}"], b[f"rejected_{k}"]]) for k in keys} | {"index": b["index"]}
 
 
 def _forward(model: Any, pairs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -106,7 +109,8 @@ class ModelReference(Reference):
 
 
 class CachedReference(Reference):
-    """Per-example (chosen, rejected) log-probs of the starting weights, looked up by the batch's ``index``."""
+    """Per-example (chosen, rejected) log-probs of the starting weights, looked up by the batch's
+    ``index``."""
 
     def __init__(self, table: torch.Tensor) -> None:
         self.table = table  # (N, 2) float64 on CPU
@@ -117,8 +121,10 @@ class CachedReference(Reference):
 
 
 @torch.no_grad()
-def compute_reference_table(engine: Any, dataset: Any, micro_batch: int, device: torch.device) -> torch.Tensor:
-    """(N, 2) log-probs of every pair of ``dataset`` under the engine's current weights; ranks share the work."""
+def compute_reference_table(engine: Any, dataset: Any, micro_batch: int,
+                            device: torch.device) -> torch.Tensor:
+    """(N, 2) log-probs of every pair of ``dataset`` under the engine's current weights; ranks share the
+    work."""
     n, rank, world = len(dataset), dist.get_rank(), dist.get_world_size()
     table = torch.zeros(n, 2, dtype=torch.float64, device=device)
     mine = list(range(rank, n, world))
@@ -152,7 +158,8 @@ class DPOObjective(Objective):
         policy = sequence_logps(_forward(engine, pairs), pairs["labels"])
         return dpo_loss(policy, self.reference.logps(engine, pairs), self.beta, self.label_smoothing)
 
-    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine: Any, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, terms = self._pair_loss(engine, batch, device)
         return loss, {k: v.mean() for k, v in terms.items()}
 
@@ -161,7 +168,7 @@ class DPOObjective(Objective):
                  step: int | None = None) -> dict[str, float]:
         """Pair-weighted means over every rank's validation pairs (eval mode: no dropout)."""
         names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected")
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
+        totals = WeightedMean(names, device)  # weighted by pairs
         engine.eval()
         for batch in batches():
             pairs = _pairs(batch, device)
@@ -172,17 +179,15 @@ class DPOObjective(Objective):
             z = self.beta * ((pc - rc) - (pr - rr))
             losses = -(1 - self.label_smoothing) * F.logsigmoid(z) - self.label_smoothing * F.logsigmoid(-z)
             values = [losses, (z > 0).float(), z, self.beta * (pc - rc), self.beta * (pr - rr)]
-            sums += torch.stack([v.double().sum() for v in values] + [torch.tensor(float(len(z)), device=device,
-                                                                                    dtype=torch.float64)])
-        dist.all_reduce(sums)
+            totals.add_sums([v.double().sum() for v in values], len(z))
+        totals = totals.all_reduce()
         engine.train()
-        n = sums[-1].clamp(min=1)
-        return {f"val_{name}": (sums[i] / n).item() for i, name in enumerate(names)}
+        return {f"val_{name}": v for name, v in totals.means().items()}
 
 
 def build_reference(kind: str, *, engine: Any, adapters: bool, fresh_model: Callable[[], nn.Module],
-                    ds_config: dict[str, Any], device: torch.device, out_dir: Path, dataset: Any, micro_batch: int,
-                    resuming: bool, rank: int) -> Reference:
+                    ds_config: dict[str, Any], device: torch.device, out_dir: Path, dataset: Any,
+                    micro_batch: int, resuming: bool, rank: int) -> Reference:
     """The reference policy of ``dpo.reference`` (resolving 'auto'); collective."""
     if kind == "auto":
         kind = "adapters" if adapters else "copy"
@@ -192,8 +197,8 @@ def build_reference(kind: str, *, engine: Any, adapters: bool, fresh_model: Call
         path = out_dir / REFERENCE_FILE
         if resuming:
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: the cached reference log-probs of this run are missing; start the "
-                                        f"run again, or use dpo.reference='copy'")
+                raise FileNotFoundError(f"{path}: the cached reference log-probs of this run are missing; "
+                                        f"start the run again, or use dpo.reference='copy'")
             return CachedReference(torch.load(path, weights_only=True))
         table = compute_reference_table(engine, dataset, micro_batch, device)
         if rank == 0:
@@ -207,7 +212,8 @@ def build_reference(kind: str, *, engine: Any, adapters: bool, fresh_model: Call
     if int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3:  # sharded like the policy
         import deepspeed
 
-        frozen = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+        training_only = ("optimizer", "scheduler", "gradient_clipping")
+        frozen = {k: v for k, v in ds_config.items() if k not in training_only}
         ref_engine, *_ = deepspeed.initialize(model=model, config=frozen)
         return ModelReference(ref_engine)
     return ModelReference(model.to(device))

@@ -1,16 +1,16 @@
 """The language-model objective and what every objective is built on: the micro-batch format, the loss
-function's contract, token-weighted evaluation over ranks."""
+function's contract, the one LM cross-entropy (`lm_loss`) and the training run's token-weighted evaluation
+(`evaluate`, reduced over ranks and turned into a perplexity by `train.eval.loss`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from train.eval.loss import TokenLoss, perplexity
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
@@ -30,10 +30,15 @@ def unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extra
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; label -100 is ignored."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (nats); label -100 is ignored.
+
+    reduction: "mean" over the labelled tokens (the `LossFn` contract), "sum" over them, or "none": one loss
+    per position, (B * T,), 0 where the label is -100.
+    """
     # logits: (B, T, V), labels: (B, T)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction=reduction)
 
 
 def is_pipeline(engine: Any) -> bool:
@@ -46,25 +51,26 @@ def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.
              loss_fn: LossFn = lm_loss) -> tuple[float, float]:
     """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike).
 
-    Under pipeline parallelism the last stage computes each micro-batch's mean loss and DeepSpeed averages
-    them (every micro-batch of a prepared corpus holds the same number of tokens, so the weighting agrees).
+    Each batch's mean loss times its labelled tokens is summed with `train.eval.loss.TokenLoss`, the sums
+    are added over the world, and `train.eval.loss.perplexity` caps the perplexity. Under pipeline
+    parallelism the last stage computes each micro-batch's mean loss and DeepSpeed averages them (every
+    micro-batch of a prepared corpus holds the same number of tokens, so the weighting agrees).
     """
     if is_pipeline(engine):
         micro = list(batches())
         loss = float(engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
         engine.train()
-        return loss, math.exp(min(loss, 50.0))
+        return loss, perplexity(loss)
     engine.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, token count)
+    totals = TokenLoss(device)
     for batch in batches():
         x, y, extra = unpack(batch, device)
-        n = (y != -100).sum()
-        out = engine(x, **extra, **forward_kwargs(loss_fn))  # logits, or hidden states for a head-computed loss
-        totals += torch.stack([loss_fn(out, y).double() * n, n.double()])
-    dist.all_reduce(totals)
+        # logits, or hidden states for a head-computed loss
+        out = engine(x, **extra, **forward_kwargs(loss_fn))
+        totals.add_mean(loss_fn(out, y), (y != -100).sum())
+    totals = totals.all_reduce()
     engine.train()
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return loss, math.exp(min(loss, 50.0))
+    return totals.mean_loss, totals.perplexity
 
 
 class Objective:
@@ -78,7 +84,8 @@ class Objective:
     def __init__(self, loss_fn: LossFn = lm_loss) -> None:
         self.loss_fn = loss_fn
 
-    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine: Any, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, extra = unpack(batch, device)
         return self.loss_fn(engine(x, **extra, **forward_kwargs(self.loss_fn)), y), {}
 
@@ -93,7 +100,8 @@ class Objective:
         """Before the first micro-batch of ``step``."""
 
     def before_update(self, engine: Any, step: int) -> None:
-        """After the last micro-batch's backward, before the engine applies the update: gradients are there."""
+        """After the last micro-batch's backward, before the engine applies the update (gradients are
+        there)."""
 
     def end_step(self, engine: Any, step: int, terms: dict[str, float]) -> None:
         """After the update, with the step's logged terms averaged over micro-batches and ranks."""

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from train.eval import evaluate_generations, perplexity, predictions_path, write_predictions
-from train.objectives.lm import Objective
+from train.eval import TokenLoss, evaluate_generations, predictions_path, write_predictions
+from train.objectives.lm import Objective, lm_loss
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -28,18 +27,18 @@ def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def _token_losses(engine: Any, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target-token losses, number of target tokens) of one batch."""
     logits = engine(b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])  # (B, T', V)
-    losses = F.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten(), ignore_index=-100, reduction="sum")
-    return losses, (b["labels"] != -100).sum()
+    return lm_loss(logits, b["labels"], reduction="sum"), (b["labels"] != -100).sum()
 
 
 class Seq2SeqObjective(Objective):
-    def __init__(self, dataset: Any, tokenizer: Any, *, max_new_tokens: int, zero3: bool, out_dir: Path | None,
-                 rank: int) -> None:
+    def __init__(self, dataset: Any, tokenizer: Any, *, max_new_tokens: int, zero3: bool,
+                 out_dir: Path | None, rank: int) -> None:
         super().__init__()
         self.dataset, self.tokenizer, self.max_new_tokens = dataset, tokenizer, max_new_tokens
         self.zero3, self.out_dir, self.rank = zero3, out_dir, rank
 
-    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine: Any, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, n = _token_losses(engine, _on(batch, device))
         return total / n.clamp(min=1), {}
 
@@ -47,29 +46,27 @@ class Seq2SeqObjective(Objective):
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
                  step: int | None = None) -> dict[str, float]:
         engine.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)
+        totals = TokenLoss(device)
         mine: list[tuple[int, str]] = []  # (example index, generated target)
         for batch in batches():
             b = _on(batch, device)
-            total, n = _token_losses(engine, b)
-            sums += torch.stack([total.double(), n.double()])
+            totals.add(*_token_losses(engine, b))
             # every rank generates for as many batches as the others (ZeRO-3 gathers weights collectively)
             out = engine.module.generate(b["input_ids"], b["attention_mask"], self.max_new_tokens,
                                          synced_gpus=self.zero3)
             texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
             mine += list(zip(b["index"].tolist(), texts, strict=True))
         engine.train()
-        dist.all_reduce(sums)
+        totals = totals.all_reduce()
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
         rows = sorted(r for part in gathered for r in part)
-        loss = (sums[0] / sums[1].clamp(min=1)).item()
-        result = {"val_loss": loss, "val_ppl": perplexity(loss)}
+        result = {"val_loss": totals.mean_loss, "val_ppl": totals.perplexity}
         if rows:
             sources = [self.dataset.texts[i][0] for i, _ in rows]
             refs = [self.dataset.texts[i][1] for i, _ in rows]
-            scored = evaluate_generations([t for _, t in rows], refs, kinds=("rouge",), ids=[i for i, _ in rows],
-                                          prompts=sources)
+            scored = evaluate_generations([t for _, t in rows], refs, kinds=("rouge",),
+                                          ids=[i for i, _ in rows], prompts=sources)
             result |= {f"val_{k}": v for k, v in scored.metrics.items() if k.startswith("rouge")}
             if self.rank == 0 and self.out_dir is not None and step is not None:
                 write_predictions(predictions_path(self.out_dir, step), scored.rows)

@@ -1,10 +1,10 @@
-"""A research recipe inside a run: planned before any device is touched, built around the base, trained through
-the ``ResearchObjective`` (weighted loss terms, finiteness checks, diagnostics, first-token histograms)."""
+"""A research recipe inside a run: planned before any device is touched, built around the base, trained
+through the ``ResearchObjective`` (weighted loss terms, finiteness checks, diagnostics, first-token
+histograms)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from parallel.comm import gather_last
 from train.config.fields import ConfigError
 from train.config.schema import JobConfig
-from train.objectives.lm import Objective
+from train.data.tokenizer import load_tokenizer
+from train.eval.loss import TokenLoss, WeightedMean
+from train.loop.diagnostics import Diagnostics, collapse_warning, first_token_ids
+from train.objectives.lm import Objective, forward_kwargs
 from train.research.api import (
     Extension,
     LossTermError,
@@ -64,11 +68,13 @@ def model_shape(model: nn.Module) -> tuple[int, int]:
 def config_shape(config: Any) -> tuple[int, int]:
     """(hidden size, decoder layers) from an HF config."""
     dim = next(getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(config, k))
-    layers = next(getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k))
+    layer_keys = ("num_hidden_layers", "n_layer", "num_layers")
+    layers = next(getattr(config, k) for k in layer_keys if hasattr(config, k))
     return int(dim), int(layers)
 
 
-def build_extension(rp: ResearchPlan, base: nn.Module | None, ctx: RecipeContext, *, freeze_base: bool) -> Extension:
+def build_extension(rp: ResearchPlan, base: nn.Module | None, ctx: RecipeContext, *,
+                    freeze_base: bool) -> Extension:
     """The extension around ``base`` (frozen when asked; LoRA adapters of a PEFT base keep training)."""
     if base is not None and freeze_base:
         for name, p in base.named_parameters():
@@ -79,14 +85,15 @@ def build_extension(rp: ResearchPlan, base: nn.Module | None, ctx: RecipeContext
     if base is None:
         ext.base = ext.build_model()
     scalars = [name for name, p in ext.named_parameters() if p.dim() == 0]
-    if scalars:  # DeepSpeed views every parameter as bytes to broadcast and partition it; 0-d tensors cannot be
-        raise ConfigError(f"research.recipe={ctx.config.research.recipe!r}: parameter {scalars[0]!r} is 0-dimensional, "
-                          f"which DeepSpeed cannot broadcast or partition; declare it with shape (1,) "
-                          f"(e.g. nn.Parameter(torch.ones(1))).")
+    # DeepSpeed views every parameter as bytes to broadcast and partition it; 0-d tensors cannot be
+    if scalars:
+        raise ConfigError(f"research.recipe={ctx.config.research.recipe!r}: parameter {scalars[0]!r} is "
+                          f"0-dimensional, which DeepSpeed cannot broadcast or partition; declare it with "
+                          f"shape (1,) (e.g. nn.Parameter(torch.ones(1))).")
     trainable = sum(p.numel() for p in ext.parameters() if p.requires_grad)
     if trainable == 0:
-        raise ConfigError(f"research.recipe={ctx.config.research.recipe!r} declares no trainable parameter and "
-                          f"the base is frozen (research.freeze_base=true): nothing would train.")
+        raise ConfigError(f"research.recipe={ctx.config.research.recipe!r} declares no trainable parameter "
+                          f"and the base is frozen (research.freeze_base=true): nothing would train.")
     return ext
 
 
@@ -118,14 +125,16 @@ def diagnostic_groups(ext: Extension) -> dict[str, list[nn.Parameter]]:
 def as_batch(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """A dataset's batch as the extension's dict: (inputs, labels[, extra]) or a mapping, on ``device``."""
     if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
     x, y, *rest = batch
     out = {"input_ids": x, "labels": y, **(rest[0] if rest else {})}
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 class ResearchObjective(Objective):
-    """The recipe's weighted terms as the loss; validation reports each term and the total at the final weights."""
+    """The recipe's weighted terms as the loss; validation reports each term and the total at the final
+    weights."""
 
     def __init__(self, terms: dict[str, Term], *, final_step: int, diagnostics: Any = None,
                  tp_ctx: Any = None, decode: Callable[[int], str] | None = None) -> None:
@@ -137,12 +146,14 @@ class ResearchObjective(Objective):
     def begin_step(self, step: int) -> None:
         self.step = step
 
-    def loss(self, engine: Any, batch: Any, device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, engine: Any, batch: Any,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = engine(as_batch(batch, device))
         total, logged = weigh_terms(out["terms"], self.schedule, self.step - 1)
         if total.grad_fn is None:
-            raise LossTermError(f"the weighted loss at step {self.step} ({', '.join(out['terms'])}) depends on no "
-                                f"trainable parameter: forward must use the recipe's modules (or an unfrozen base).")
+            names = ", ".join(out["terms"])
+            raise LossTermError(f"the weighted loss at step {self.step} ({names}) depends on no trainable "
+                                f"parameter: forward must use the recipe's modules (or an unfrozen base).")
         return total, logged
 
     def before_update(self, engine: Any, step: int) -> None:
@@ -157,47 +168,62 @@ class ResearchObjective(Objective):
     @torch.no_grad()
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
                  step: int | None = None) -> dict[str, float]:
+        """``val_lm`` (and ``val_ppl``) token-weighted like the LM objective's evaluation, every other term
+        the mean of its batch values, ``val_loss`` the terms weighted as at the final step, and the recipe's
+        own metrics."""
         engine.eval()
-        sums: dict[str, float] = {}
-        n, first = 0, []
+        lm = TokenLoss(device)  # the "lm" term: each batch's mean next-token loss times its labelled tokens
+        others: WeightedMean | None = None  # the other terms: one weight per batch
+        has_lm, first = False, []
         for batch in batches():
             b = as_batch(batch, device)
             out = engine(b)
-            for name, value in out["terms"].items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-            n += 1
+            terms = dict(out["terms"])
+            if "lm" in terms:
+                if "labels" not in b:
+                    raise LossTermError("the 'lm' term is averaged over the batch's labelled tokens in "
+                                        "evaluation, but the validation batch has no 'labels'; name the term "
+                                        "otherwise.")
+                lm.add_mean(terms.pop("lm"), (b["labels"] != -100).sum())
+                has_lm = True
+            if others is None:
+                others = WeightedMean(sorted(terms), device)
+            if set(terms) != set(others.names):
+                raise LossTermError(f"validation batches returned different loss terms ({sorted(terms)} "
+                                    f"after {list(others.names)}); forward must return the same terms for "
+                                    f"every batch.")
+            others.add_means([terms[k] for k in others.names], 1)
             if self.diagnostics is not None and out.get("logits") is not None:
                 first.append(self._first_tokens(out["logits"], out.get("labels", b.get("labels"))))
         extra = engine.module.evaluate(lambda: (as_batch(x, device) for x in batches()), step)
         engine.train()
-        names = sorted(sums)
-        t = torch.tensor([sums[k] for k in names] + [n], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        means = dict(zip(names, (t[:-1] / t[-1].clamp(min=1)).tolist(), strict=True))
+        # every rank has as many batches and the same terms, so every rank runs the same collectives
+        means: dict[str, float] = {}
+        if others is not None:
+            others = others.all_reduce()
+            means |= others.means() if others.names else {}
+        lm = lm.all_reduce()
+        if has_lm:
+            means["lm"] = lm.mean_loss
         final = self.final_step - 1
-        result = {"val_loss": sum(self.schedule[k].at(final) * v for k, v in means.items()),
-                  **{f"val_{k}": v for k, v in means.items()}}
+        result = {"val_loss": sum(self.schedule[k].at(final) * v for k, v in sorted(means.items())),
+                  **{f"val_{k}": v for k, v in sorted(means.items())}}
         if "lm" in means:
-            result["val_ppl"] = math.exp(min(means["lm"], 50.0))
+            result["val_ppl"] = lm.perplexity
         result.update({f"val_{k}": v for k, v in extra.items()})
         if self.diagnostics is not None and first:
             self._histogram(torch.cat(first), step)
         return result
 
     def _first_tokens(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        from train.loop.diagnostics import first_token_ids
-
         if self.tp_ctx is not None and self.tp_ctx.size > 1:  # vocab-parallel logits: the whole vocabulary
-            from parallel.comm import gather_last
-
             logits = gather_last(logits.contiguous(), self.tp_ctx.group)
         return first_token_ids(logits, labels).cpu()
 
     def _histogram(self, ids: torch.Tensor, step: int | None) -> None:
-        from train.loop.diagnostics import collapse_warning
-
         gathered: list[list[int]] = [[] for _ in range(dist.get_world_size())]
-        replica = self.tp_ctx is not None and self.tp_ctx.rank != 0  # the ranks of a TP group saw the same rows
+        # the ranks of a TP group saw the same rows
+        replica = self.tp_ctx is not None and self.tp_ctx.rank != 0
         dist.all_gather_object(gathered, [] if replica else ids.tolist())
         every = torch.tensor([i for part in gathered for i in part], dtype=torch.long)
         hist = self.diagnostics.write_first_tokens(step or 0, every, self.decode)
@@ -207,11 +233,9 @@ class ResearchObjective(Objective):
 
 
 def build_research(rp: ResearchPlan, cfg: JobConfig, base: nn.Module | None, *, loss_fn: Any, tp_ctx: Any,
-                   device: torch.device, rank: int, vocab_size: int, tokenizer_dir: Path, val_data: Any) -> Extension:
+                   device: torch.device, rank: int, vocab_size: int, tokenizer_dir: Path,
+                   val_data: Any) -> Extension:
     """The run's extension around ``base`` (the model as built, perf options and TP applied)."""
-    from train.data.tokenizer import load_tokenizer
-    from train.objectives.lm import forward_kwargs
-
     dim, n_layers = model_shape(base) if base is not None else (0, 0)
     split = tp_ctx is not None and tp_ctx.size > 1
     ctx = RecipeContext(dim=dim, n_layers=n_layers, vocab_size=vocab_size, device=device,
@@ -228,10 +252,9 @@ def research_objective(rp: ResearchPlan, cfg: JobConfig, ext: Extension, *, out_
     split = tp_ctx is not None and tp_ctx.size > 1
     diagnostics = None
     if cfg.research.diagnostics_interval > 0:
-        from train.loop.diagnostics import Diagnostics
-
-        diagnostics = Diagnostics(out_dir, interval=cfg.research.diagnostics_interval, groups=diagnostic_groups(ext),
-                                  rank=rank, tp_group=tp_ctx.group if split else None)
+        diagnostics = Diagnostics(out_dir, interval=cfg.research.diagnostics_interval,
+                                  groups=diagnostic_groups(ext), rank=rank,
+                                  tp_group=tp_ctx.group if split else None)
     tok = ext.ctx.tokenizer
     return ResearchObjective(rp.terms, final_step=cfg.train.steps, diagnostics=diagnostics,
                              tp_ctx=tp_ctx if split else None,
