@@ -53,10 +53,12 @@ if __package__ in (None, ""):
 
 from model import ModelArgs, ModelConfigError, get_preset
 from parallel.dims import ParallelConfigError, ParallelDims
+from parallel.perf import AC_MODES
 
 GB = 1e9
 DEVICES = {"h100": 80, "4090": 24, "3060": 12}  # GB of device memory
-AC_MODES = ("none", "selective", "full")
+AC_SEARCH = ("none", "selective", "full")  # the search tries the least recomputation first
+assert set(AC_SEARCH) == set(AC_MODES)
 OFFLOAD = ("none", "optimizer", "all")
 
 
@@ -105,7 +107,7 @@ def check(args: ModelArgs, lay: Layout) -> None:
     if lay.offload == "all" and lay.zero != 3:
         raise EstimateError("--offload all (parameters too) needs --zero 3")
     if lay.ac not in AC_MODES:
-        raise EstimateError(f"--ac {lay.ac}: use one of {', '.join(AC_MODES)}")
+        raise EstimateError(f"--ac {lay.ac}: use one of {', '.join(AC_SEARCH)}")
     if lay.dtype not in ("bf16", "fp32"):
         raise EstimateError(f"--dtype {lay.dtype}: use bf16 or fp32")
     for name in ("micro_batch", "seq", "ac_every"):
@@ -235,7 +237,7 @@ def suggest(args: ModelArgs, device_gb: float, *, gpus: int, seq: int, reduce_bu
     budget = device_gb * GB * 0.9 - GB
     found = []
     tps = [t for t in (1, 2, 4, 8) if t <= gpus and gpus % t == 0]
-    for offload, zero, ac, tp, mb in itertools.product(OFFLOAD, (0, 1, 2, 3), AC_MODES, tps, (8, 4, 2, 1)):
+    for offload, zero, ac, tp, mb in itertools.product(OFFLOAD, (0, 1, 2, 3), AC_SEARCH, tps, (8, 4, 2, 1)):
         lay = Layout(gpus=gpus, tp=tp, zero=zero, offload=offload, micro_batch=mb, seq=seq, ac=ac,
                      fused_ce=tp == 1, reduce_bucket=reduce_bucket)
         try:

@@ -134,7 +134,7 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
 
 def _check_tp(cfg: JobConfig, config: Any, tp: int) -> None:
     """Tensor parallelism of an HF model: Tessera's TP layers with the native plan (HF_LLAMA_TP_PLAN). Adapters
-    (LoRA, QLoRA) never run with tp > 1: `train.config.schema` refuses that combination."""
+    (LoRA, QLoRA) never run with tp > 1: `train.config.checks` refuses that combination."""
     where = f"parallel.tp={tp} with hf.path={cfg.hf.path}"
     if config.model_type not in HF_TP_MODEL_TYPES:
         raise ConfigError(f"{where}: model_type={config.model_type!r} has no TP plan (covered: "

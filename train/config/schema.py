@@ -25,6 +25,7 @@ from train.config.finetune import (
     VocabSection,
 )
 from train.config.research import ResearchSection
+from train.data.dataset import Sampling
 
 # ModelArgs fields a recipe may still set when starting from pretrained weights.
 INIT_FROM_OVERRIDES = {"max_seq_len", "dropout"}
@@ -34,7 +35,6 @@ Corpus = Literal[
 ]
 # Corpora of labelled examples, one padded example a sample ('qa' pads too but is read by a research recipe).
 SUPERVISED_CORPORA: tuple[Corpus, ...] = ("sft", "preference", "classification", "seq2seq")
-Sampling = Literal["blocks", "random"]
 Objective = Literal["lm", "dpo", "reward", "classify", "seq2seq"]
 SpikeAction = Literal["warn", "rollback"]
 WandbMode = Literal["offline", "online", "disabled"]

@@ -8,6 +8,8 @@ the model turns into attention that never crosses a document boundary; the label
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 import torch
 
@@ -19,7 +21,8 @@ __all__ = ["Batch", "BlockDataset", "PreparedData", "doc_positions"]
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 """(input_ids (B, T), labels (B, T)) or that plus model keyword tensors (e.g. position_ids, doc_ids)."""
 
-_MODES = ("blocks", "random")
+Sampling = Literal["blocks", "random"]  # how training samples are cut from the token stream (data.sampling)
+_MODES = get_args(Sampling)
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)
 _MIX1 = _U64(0xBF58476D1CE4E5B9)
