@@ -1,5 +1,5 @@
-"""Activation checkpointing on a tensor-parallel model (2 gloo ranks, dropout > 0): the same losses and gradients
-as without it, on every rank, because recomputation redraws each rank's dropout masks."""
+"""Activation checkpointing on a tensor-parallel model (2 gloo ranks, dropout > 0): the same losses and
+gradients as without it, on every rank, because recomputation redraws each rank's dropout masks."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from tests.gloo import run_ranks
 pytestmark = pytest.mark.slow
 
 
-def _run(sequence_parallel: bool, mode: str | None, rewind: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _run(sequence_parallel: bool, mode: str | None, rewind: bool
+         ) -> tuple[list[float], dict[str, torch.Tensor]]:
     import torch.distributed as dist
 
     from model import ModelArgs, Transformer
     from parallel.perf import apply_activation_checkpointing
     from parallel.tp import apply_tp, tp_lm_loss
 
-    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=96, max_seq_len=32,
-                     dropout=0.2)
+    args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=96,
+                     max_seq_len=32, dropout=0.2)
     torch.manual_seed(0)
     model = Transformer(args)
     ctx = apply_tp(model, dist.group.WORLD, sequence_parallel=sequence_parallel, seed=5)
@@ -36,7 +37,8 @@ def _run(sequence_parallel: bool, mode: str | None, rewind: bool) -> tuple[list[
         loss = loss_fn(model(x), y)
         loss.backward()
         losses.append(loss.item())
-        grads.update({f"{n}@{step}": p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads.update({f"{n}@{step}": p.grad.clone() for n, p in model.named_parameters()
+                      if p.grad is not None})
     return losses, grads
 
 
@@ -46,7 +48,8 @@ def check_ac_matches(rank: int, world: int, sequence_parallel: bool, mode: str) 
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     worst = max((g - ref_grads[n]).abs().max().item() for n, g in grads.items())
     assert worst < 1e-6, f"rank {rank}: gradients differ by {worst}"
-    _, unrewound = _run(sequence_parallel, mode, rewind=False)  # the control: the test can tell the difference
+    # the control: the test can tell the difference
+    _, unrewound = _run(sequence_parallel, mode, rewind=False)
     return max((g - ref_grads[n]).abs().max().item() for n, g in unrewound.items())
 
 

@@ -135,7 +135,8 @@ def check_rng_streams(rank: int, world: int, sequence_parallel: bool) -> list[fl
     with ctx.tp_rng():
         own = torch.rand(8)
     streams = _gather(own.unsqueeze(0), 0, dist.group.WORLD)
-    assert not torch.equal(streams[0], streams[1]), "TP ranks drew the same dropout masks over different heads"
+    assert not torch.equal(streams[0], streams[1]), \
+        "TP ranks drew the same dropout masks over different heads"
     with ctx.tp_rng():
         again = torch.rand(8)
     assert not torch.equal(own, again)  # the stream advances, it is not reseeded each time
@@ -149,7 +150,8 @@ def test_rng_streams_are_shared_and_split_where_they_must_be(sequence_parallel: 
 
 
 def check_inputs_embeds(rank: int, world: int, sequence_parallel: bool) -> float:
-    """Soft prompts through ``inputs_embeds``: the same logits, and the same gradient reaches the embeddings."""
+    """Soft prompts through ``inputs_embeds``: the same logits, and the same gradient reaches the
+    embeddings."""
     import torch.distributed as dist
 
     from parallel.tp import FullLogits, apply_tp, tp_lm_loss
