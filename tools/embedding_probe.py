@@ -40,6 +40,8 @@ from tools.plot_metrics import MetricsError, read_metrics
 from train.data.corpus import DataError
 from train.data.dataset import BlockDataset
 from train.data.tokenizer import load_tokenizer
+from train.eval.loss import TokenLoss
+from train.objectives.lm import lm_loss
 from train.vocab.extend import VocabError, encode_blocks, is_single_token
 from train.vocab.snapshot import load_embedding_snapshot
 
@@ -143,18 +145,18 @@ def eval_perplexity(model: torch.nn.Module, data: BlockDataset, *, batch_size: i
     """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    totals = TokenLoss(device)
     try:
         with torch.no_grad():
-            device = next(model.parameters()).device
             for start in range(0, len(data), batch_size):
                 x, y = data.batch(np.arange(start, min(start + batch_size, len(data))))[:2]
-                logits = model(input_ids=x.to(device)).logits.float()  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="sum")
-                total, count = total + loss.item(), count + y.numel()
+                y = y.to(device)
+                logits = model(input_ids=x.to(device)).logits  # (B, T, V)
+                totals.add(lm_loss(logits, y, reduction="sum"), (y != -100).sum())
     finally:
         model.train(was_training)
-    return {"loss": total / count, "ppl": math.exp(total / count), "tokens": count, "blocks": len(data)}
+    return {"loss": totals.mean_loss, "ppl": totals.perplexity, "tokens": totals.tokens, "blocks": len(data)}
 
 
 def _matrix_report(weight: torch.Tensor, base: list[int], new: list[int], sample: int, seed: int) -> dict[str, Any]:
