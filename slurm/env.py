@@ -62,25 +62,27 @@ def rendezvous_port(job_id: str, restart_count: int) -> int:
 
 
 def dist_vars(job_env: submitit.JobEnvironment, environ: Mapping[str, str] | None = None) -> DistVars:
-    """Map submitit's view of this task (and ``SLURM_RESTART_COUNT`` / ``TESSERA_MASTER_PORT``) to DistVars."""
+    """Map submitit's view of this task (and ``SLURM_RESTART_COUNT`` / ``TESSERA_MASTER_PORT``) to
+    DistVars."""
     environ = os.environ if environ is None else environ
     world, nodes = job_env.num_tasks, job_env.num_nodes
     if nodes < 1 or world < nodes or world % nodes:
         raise SlurmEnvError(
-            f"{world} tasks on {nodes} nodes: Tessera needs the same number of tasks on every node; submit with "
-            f"tasks per node (slurm/submit.py does) rather than a total task count."
+            f"{world} tasks on {nodes} nodes: Tessera needs the same number of tasks on every node; "
+            f"submit with tasks per node (slurm/submit.py does) rather than a total task count."
         )
     rank, local_rank, node = job_env.global_rank, job_env.local_rank, job_env.node
     per_node = world // nodes
     if not (0 <= rank < world and 0 <= local_rank < per_node and 0 <= node < nodes):
-        raise SlurmEnvError(f"task rank {rank} (local {local_rank}, node {node}) does not fit {world} tasks on "
-                            f"{nodes} nodes.")
+        raise SlurmEnvError(f"task rank {rank} (local {local_rank}, node {node}) does not fit {world} "
+                            f"tasks on {nodes} nodes.")
     hosts = list(job_env.hostnames)
     if len(hosts) != nodes:
-        raise SlurmEnvError(f"SLURM_JOB_NODELIST names {len(hosts)} hosts ({', '.join(hosts)}) for {nodes} nodes.")
+        raise SlurmEnvError(f"SLURM_JOB_NODELIST names {len(hosts)} hosts ({', '.join(hosts)}) for "
+                            f"{nodes} nodes.")
     if PORT_VARIABLE in environ:
         port = int(environ[PORT_VARIABLE])
     else:
         port = rendezvous_port(job_env.job_id, int(environ.get("SLURM_RESTART_COUNT", "0") or 0))
-    return DistVars(rank=rank, local_rank=local_rank, world_size=world, local_world_size=per_node, node_rank=node,
-                    num_nodes=nodes, master_addr=hosts[0], master_port=port)
+    return DistVars(rank=rank, local_rank=local_rank, world_size=world, local_world_size=per_node,
+                    node_rank=node, num_nodes=nodes, master_addr=hosts[0], master_port=port)

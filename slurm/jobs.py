@@ -1,8 +1,8 @@
 """Submitted jobs after the fact: where their logs are, their state in accounting, waiting, cancelling.
 
 ``submit.py`` appends one line per job to an index (``~/.cache/tessera/slurm_jobs.jsonl``, or
-``$TESSERA_SLURM_JOBS``): job id, submitit folder, run directory. ``status``, ``cancel`` and ``tail`` find a job
-there by its id (the newest entry wins: a wiped test cluster numbers its jobs from 1 again), or take a run
+``$TESSERA_SLURM_JOBS``): job id, submitit folder, run directory. ``status``, ``cancel`` and ``tail`` find a
+job there by its id (the newest entry wins: a wiped test cluster numbers its jobs from 1 again), or take a run
 directory. States come from ``sacct``, which needs the cluster's accounting (slurmdbd).
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import yaml
 from submitit.core.utils import JobPaths
 
 INDEX_VARIABLE = "TESSERA_SLURM_JOBS"
@@ -54,7 +55,8 @@ def record_jobs(records: list[JobRecord]) -> None:
     path = index_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.writelines(json.dumps(dataclasses.asdict(r) | {"submitted_at": time.time()}) + "\n" for r in records)
+        f.writelines(json.dumps(dataclasses.asdict(r) | {"submitted_at": time.time()}) + "\n"
+                     for r in records)
     for r in records:
         out = Path(r.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -75,8 +77,8 @@ def find_job(ref: str) -> JobRecord:
                 row.pop("submitted_at", None)
                 found = JobRecord(**row)
     if found is None:
-        raise JobLookupError(f"job {ref}: not in {path} and not a run directory with {RECORD_FILE}; give the id "
-                             f"slurm/submit.py printed, or the run directory.")
+        raise JobLookupError(f"job {ref}: not in {path} and not a run directory with {RECORD_FILE}; give the "
+                             f"id slurm/submit.py printed, or the run directory.")
     return found
 
 
@@ -110,8 +112,8 @@ def job_state(job_id: str) -> JobState | None:
 
 def _restart_count(job_id: str) -> int:
     """Restarts of a job the controller still holds (scontrol forgets jobs some minutes after they end)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30,
-                         check=False)
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                         timeout=30, check=False)
     for token in out.stdout.split():
         if token.startswith("Restarts="):
             return int(token.split("=", 1)[1])
@@ -157,7 +159,5 @@ def progress(out_dir: str | Path) -> str:
     steps = [json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()]
     total = ""
     if config.is_file():
-        import yaml
-
         total = f" / {yaml.safe_load(config.read_text())['train']['steps']}"
     return f"step {max(steps, default=0)}{total}"

@@ -16,7 +16,8 @@ from typing import Any
 
 import submitit
 
-# submitit's own renderer, the one SlurmExecutor writes each job's script with: --dry-run shows the real script.
+# submitit's own renderer, the one SlurmExecutor writes each job's script with: --dry-run shows the real
+# script.
 from submitit.slurm.slurm import _make_sbatch_string
 
 from parallel.dims import ParallelDims
@@ -24,11 +25,12 @@ from slurm.jobs import JobRecord, record_jobs
 from slurm.profile import JobShape, SlurmConfigError, submitit_command
 from slurm.sweep import Sweep, point_name, point_overrides, write_sweep_record
 from slurm.task import NodeNeeds, RunSpec, TrainTask
-from train.checkpoint.writer import checkpoint_root
+from train.checkpoint.writer import CKPT_BYTES_PER_PARAM, checkpoint_estimate, checkpoint_root
 from train.config.deepspeed import find_ds_config, load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config
 from train.config.schema import JobConfig
+from train.hf_setup import plan_hf
 from train.research.run import config_shape, plan_research
 
 ARRAY_PARALLELISM = 256  # array tasks SLURM may run at once (submitit's default)
@@ -53,7 +55,7 @@ class Submission:
         return _make_sbatch_string(command=submitit_command(self.folder), folder=self.folder, **params)
 
     def submit(self) -> list[JobRecord]:
-        """Queue the job (or the array, one task per sweep point) and record it; returns one record per run."""
+        """Queue the job (or the array, one task per sweep point) and record it; one record per run."""
         if shutil.which("sbatch") is None or shutil.which("srun") is None:
             raise SlurmConfigError("sbatch/srun not found: this machine is not a SLURM submit host; start "
                                    "slurm/local_cluster.sh, or use --dry-run to see the script.")
@@ -83,27 +85,26 @@ def cluster_partitions() -> list[str] | None:
         return None
     out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30, check=False)
     if out.returncode != 0:
-        raise SlurmConfigError(f"sinfo failed ({out.stderr.strip() or out.returncode}): the cluster's controller "
-                               f"is not reachable; start it (slurm/local_cluster.sh start) or use --dry-run.")
+        raise SlurmConfigError(f"sinfo failed ({out.stderr.strip() or out.returncode}): the cluster's "
+                               f"controller is not reachable; start it (slurm/local_cluster.sh start) or use "
+                               f"--dry-run.")
     return sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
 
 
 def _check_research(cfg: JobConfig, dim: int, n_layers: int, *, vocab_size: int) -> None:
-    """A research recipe's options against the model's shape (layer indices, sizes), as the job will check them."""
+    """A research recipe's options against the model's shape (layer indices, sizes), as the job checks
+    them."""
     if cfg.research.recipe is not None:
         plan_research(cfg, dim=dim, n_layers=n_layers, vocab_size=vocab_size)
 
 
 def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
     """Raise on what the job would refuse at start-up; return the bytes one checkpoint needs."""
-    from train.main import checkpoint_estimate
-
     dims = ParallelDims(shape.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    ds = resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp, bf16_supported=shape.gpus_per_node > 0)
-    if cfg.hf.path is not None:  # an HF model: its directory, LoRA targets and TP layout (the vocabulary in the job)
-        from train.hf_setup import plan_hf
-        from train.main import CKPT_BYTES_PER_PARAM
-
+    ds = resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp,
+                           bf16_supported=shape.gpus_per_node > 0)
+    # an HF model: its directory, LoRA targets and TP layout (its vocabulary is checked in the job)
+    if cfg.hf.path is not None:
         hf = plan_hf(cfg, ds, dims, tokenizer_vocab=0)
         _check_research(cfg, *config_shape(hf.config), vocab_size=int(hf.config.vocab_size))
         return hf.trainable_estimate * CKPT_BYTES_PER_PARAM + 2**20
@@ -119,15 +120,18 @@ def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
 def _check_out_dir(out_dir: Path, resume: str) -> None:
     used = checkpoint_root(out_dir).exists() or (out_dir / "metrics.jsonl").exists()
     if used and resume == "never":
-        raise ConfigError(f"train.out_dir={out_dir} already holds a run: pass --resume auto to continue it, or "
-                          f"choose another train.out_dir (nothing was queued).")
+        raise ConfigError(f"train.out_dir={out_dir} already holds a run: pass --resume auto to continue it, "
+                          f"or choose another train.out_dir (nothing was queued).")
     if resume not in ("never", "auto") and not (Path(resume) / "tessera.json").is_file():
         raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it).")
 
 
 def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_config: str | None,
-                    resume: str = "never", sweep: Sweep | None = None, folder: str | None = None) -> Submission:
-    """Check every run of the submission and build it; raises ConfigError / SlurmConfigError / model errors."""
+                    resume: str = "never", sweep: Sweep | None = None,
+                    folder: str | None = None) -> Submission:
+    """Check every run of the submission and build it.
+
+    Raises ConfigError / SlurmConfigError / the model's and the parallel layout's errors."""
     config_path = str(Path(config).resolve())
     if not Path(config_path).is_file():
         raise ConfigError(f"--config {config}: no such recipe file.")
@@ -136,7 +140,8 @@ def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_co
     points = sweep.points() if sweep is not None else [{}]
     if sweep is not None and resume not in ("never", "auto"):
         raise SlurmConfigError(f"--resume {resume}: a sweep resumes its points with --resume auto only.")
-    # A log file is no place for a progress bar (the user's overrides still win); the run directory is set below.
+    # A log file is no place for a progress bar (the user's overrides still win); the run directory is set
+    # below.
     overrides = ["log.progress=false", *(o for o in overrides if not o.startswith("train.out_dir="))] + \
         [o for o in overrides if o.startswith("train.out_dir=")][-1:]
     runs, recipes, biggest = [], [], 0
@@ -154,15 +159,16 @@ def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_co
         cfg = load_config(config_path, list(run_overrides))
         biggest = max(biggest, _check_recipe(cfg, shape, ds))
         _check_out_dir(out_dir, resume)
-        runs.append(RunSpec(config=config_path, overrides=run_overrides, out_dir=str(out_dir), ds_config=ds_arg,
-                            resume=resume, name=name, point=point))
+        runs.append(RunSpec(config=config_path, overrides=run_overrides, out_dir=str(out_dir),
+                            ds_config=ds_arg, resume=resume, name=name, point=point))
         recipes.append(cfg.to_dict())
     if folder is not None:
         job_folder = Path(folder).resolve()
     else:
         job_folder = (sweep.out_dir if sweep is not None else Path(runs[0].out_dir)) / "slurm"
     if not shape.name:  # default job name: the sweep's or the run directory's
-        shape = dataclasses.replace(shape, name=f"tessera-{sweep.name if sweep is not None else runs[0].name}")
+        default = sweep.name if sweep is not None else runs[0].name
+        shape = dataclasses.replace(shape, name=f"tessera-{default}")
     needs = NodeNeeds(gpus_per_node=shape.gpus_per_node, mps=shape.profile.mps, checkpoint_bytes=biggest,
                       checkpoint_every_s=shape.profile.checkpoint_every_min * 60)
     return Submission(shape=shape, runs=runs, recipes=recipes, folder=job_folder, needs=needs, sweep=sweep)

@@ -51,16 +51,17 @@ def check_gpus(requested: int, visible: int, cuda_visible_devices: str | None) -
 
 
 def check_mps(required: bool, environ: dict[str, str] | os._Environ[str]) -> list[Problem]:
-    """When MPS is configured (the profile says so, or CUDA_MPS_PIPE_DIRECTORY is set), its daemon must answer."""
+    """When MPS is configured (the profile says so, or CUDA_MPS_PIPE_DIRECTORY is set), its daemon must
+    answer."""
     configured = required or MPS_PIPE_VARIABLE in environ
     if not configured:
         return []
     pipe_dir = Path(environ.get(MPS_PIPE_VARIABLE, MPS_DEFAULT_PIPE_DIR))
     control = pipe_dir / "control"
     if not control.exists():
-        return [Problem("mps", f"CUDA MPS is configured but {control} does not exist: the MPS control daemon is "
-                               f"not running; start it (nvidia-cuda-mps-control -d) or unset {MPS_PIPE_VARIABLE} "
-                               f"and set mps: false in the profile.")]
+        return [Problem("mps", f"CUDA MPS is configured but {control} does not exist: the MPS control daemon "
+                               f"is not running; start it (nvidia-cuda-mps-control -d) or unset "
+                               f"{MPS_PIPE_VARIABLE} and set mps: false in the profile.")]
     if torch.cuda.is_available():
         try:
             torch.zeros(1, device="cuda").add_(1)  # a client connects to MPS at its first kernel
@@ -72,11 +73,12 @@ def check_mps(required: bool, environ: dict[str, str] | os._Environ[str]) -> lis
     return []
 
 
-def check_tmpdir(environ: dict[str, str] | os._Environ[str], min_free: int = MIN_TMP_FREE_BYTES) -> list[Problem]:
+def check_tmpdir(environ: dict[str, str] | os._Environ[str],
+                 min_free: int = MIN_TMP_FREE_BYTES) -> list[Problem]:
     tmp = Path(environ.get("TMPDIR", "/tmp"))
     if not tmp.is_dir():
-        return [Problem("tmpdir", f"TMPDIR={tmp} is not a directory; point TMPDIR at node-local scratch in the "
-                                  f"profile's setup lines.")]
+        return [Problem("tmpdir", f"TMPDIR={tmp} is not a directory; point TMPDIR at node-local scratch in "
+                                  f"the profile's setup lines.")]
     try:
         with tempfile.NamedTemporaryFile(dir=tmp) as f:
             f.write(b"x")
@@ -97,11 +99,13 @@ def check_disk(out_dir: Path, needed_bytes: int) -> list[Problem]:
     while not probe.exists():
         probe = probe.parent
     if not os.access(probe, os.W_OK):
-        return [Problem("disk", f"train.out_dir={out_dir}: {probe} is not writable; choose a writable train.out_dir.")]
+        return [Problem("disk", f"train.out_dir={out_dir}: {probe} is not writable; choose a writable "
+                                f"train.out_dir.")]
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
-        return [Problem("disk", f"train.out_dir={out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need about "
-                                f"{needed_bytes / 2**20:,.0f} MiB; free space or choose another train.out_dir.")]
+        return [Problem("disk", f"train.out_dir={out_dir}: {free / 2**20:,.0f} MiB free, checkpoints need "
+                                f"about {needed_bytes / 2**20:,.0f} MiB; free space or choose another "
+                                f"train.out_dir.")]
     return []
 
 
@@ -120,20 +124,20 @@ def check_data(cfg: JobConfig) -> list[Problem]:
         return []
     problems = []
     if d.tokenizer is not None and not Path(d.tokenizer).is_dir():
-        problems.append(Problem("data", f"data.tokenizer={d.tokenizer}: no such directory on this node; copy the "
-                                        f"tokenizer to shared storage."))
+        problems.append(Problem("data", f"data.tokenizer={d.tokenizer}: no such directory on this node; copy "
+                                        f"the tokenizer to shared storage."))
     if d.corpus == "shakespeare":
         texts = Path(d.cache_dir) / SHAKESPEARE_SUBDIR
         if not any(texts.glob("*.txt")):
-            problems.append(Problem("data", f"data.cache_dir={d.cache_dir}: the Shakespeare corpus is not there "
-                                            f"({texts} is missing); fetch it on a machine with network access: "
-                                            f"python tools/prepare_data.py --shakespeare {d.cache_dir} "
-                                            f"--vocab-size {d.vocab_size}."))
+            problems.append(Problem(
+                "data", f"data.cache_dir={d.cache_dir}: the Shakespeare corpus is not there ({texts} is "
+                f"missing); fetch it on a machine with network access: python tools/prepare_data.py "
+                f"--shakespeare {d.cache_dir} --vocab-size {d.vocab_size}."))
     else:
         missing = [f for f in d.files if not Path(f).exists()]
         if missing:
-            problems.append(Problem("data", f"data.files: {', '.join(missing)} not found on this node; put the "
-                                            f"corpus on storage every node mounts."))
+            problems.append(Problem("data", f"data.files: {', '.join(missing)} not found on this node; put "
+                                            f"the corpus on storage every node mounts."))
     return problems
 
 

@@ -29,7 +29,8 @@ SUBMITIT_ENTRY = "-u -m submitit.core._submit"
 
 
 class SlurmConfigError(ValueError):
-    """A profile or job setting that cannot be submitted; the message names the field, the value and the fix."""
+    """A profile or job setting that cannot be submitted; the message names the field, the value and the
+    fix."""
 
 
 @dataclass
@@ -50,11 +51,11 @@ class Profile:
     cpus_per_task: int = 1  # --cpus-per-task
     mem_gb_per_task: float = 4.0  # memory per task; sbatch gets --mem = this x tasks per node
     time_min: int = 60  # time limit in minutes
-    signal_delay_s: int | None = None  # warning signal this long before the limit (None: chosen from time_min)
+    signal_delay_s: int | None = None  # warning signal this long before the limit (None: from time_min)
     checkpoint_every_min: float = 0.0  # wall-time checkpoint period inside the job (0: steps only)
     max_requeues: int = 3  # requeues after reaching the time limit (preemptions do not count)
     mps: bool = False  # the node runs CUDA MPS: preflight checks its daemon is reachable
-    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, export, ...)
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, ...)
     sbatch: dict[str, Any] = field(default_factory=dict)  # further sbatch parameters (name without --)
     ds_config: str | None = None  # DeepSpeed config when --ds_config is not given
 
@@ -129,8 +130,9 @@ def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> Profile:
         path = directory / f"{name_or_path}.yaml"
     if not path.is_file():
         raise SlurmConfigError(
-            f"--profile {name_or_path}: no such profile; choose one of {', '.join(known_profiles(directory))} "
-            f"(files in {directory}) or give the path of a profile YAML file."
+            f"--profile {name_or_path}: no such profile; choose one of "
+            f"{', '.join(known_profiles(directory))} (files in {directory}) or give the path of a profile "
+            f"YAML file."
         )
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
@@ -175,7 +177,8 @@ def choose_signal_delay(time_min: int) -> int:
 
 def resolve(profile: Profile, *, gpus_per_node: int | None = None, tasks_per_node: int | None = None,
             name: str = "", live_partitions: list[str] | None = None) -> JobShape:
-    """Check the merged profile and derive the job shape; ``live_partitions``: what the cluster has, if known."""
+    """Check the merged profile and derive the job shape; ``live_partitions``: what the cluster has, if
+    known."""
     p = profile
     for key in ("nodes", "cpus_per_task", "time_min"):
         if getattr(p, key) < 1:
@@ -208,18 +211,18 @@ def resolve(profile: Profile, *, gpus_per_node: int | None = None, tasks_per_nod
     if delay < 1 or earliest_signal_s < MIN_USEFUL_RUN_S:
         shortest = -(-(delay + SIGNAL_RESOLUTION_S + MIN_USEFUL_RUN_S) // 60)
         raise SlurmConfigError(
-            f"--time {p.time_min}: the warning signal comes {delay} s before the limit and Slurm may send it "
-            f"{SIGNAL_RESOLUTION_S} s earlier still, so the job could be told to checkpoint and requeue before "
-            f"it has run {MIN_USEFUL_RUN_S} s, again after every requeue; ask for --time {shortest} or more "
-            f"(or a smaller --signal-delay-s)."
+            f"--time {p.time_min}: the warning signal comes {delay} s before the limit and Slurm may send "
+            f"it {SIGNAL_RESOLUTION_S} s earlier still, so the job could be told to checkpoint and requeue "
+            f"before it has run {MIN_USEFUL_RUN_S} s, again after every requeue; ask for --time {shortest} "
+            f"or more (or a smaller --signal-delay-s)."
         )
     if p.checkpoint_every_min < 0:
         raise SlurmConfigError(f"--checkpoint-every-min {p.checkpoint_every_min}: must be >= 0 (0: off).")
     if p.checkpoint_every_min and p.checkpoint_every_min * 60 >= earliest_signal_s + SIGNAL_RESOLUTION_S:
         raise SlurmConfigError(
             f"--time {p.time_min}: shorter than the checkpoint interval (--checkpoint-every-min "
-            f"{p.checkpoint_every_min:g}) plus the {delay} s warning: the job would reach its limit before its "
-            f"first periodic checkpoint; raise --time or lower --checkpoint-every-min."
+            f"{p.checkpoint_every_min:g}) plus the {delay} s warning: the job would reach its limit before "
+            f"its first periodic checkpoint; raise --time or lower --checkpoint-every-min."
         )
     if p.max_requeues < 0:
         raise SlurmConfigError(f"--max-requeues {p.max_requeues}: must be >= 0.")

@@ -1,10 +1,10 @@
-"""Pipelines on SLURM: one job per stage, each queued to start only after the job before it succeeded.
+"""A chain of stages on SLURM: one job per stage, each queued to start only after the job before it succeeded.
 
-    python slurm/submit.py pipeline PIPELINE.yaml --profile NAME [--dry-run] [--wait SECONDS] [job shape options]
+    python slurm/submit.py stages STAGES.yaml --profile NAME [--dry-run] [--wait SECONDS] [job shape options]
 
 Every stage is checked as ``submit.py`` checks a single run (slurm/plan.py: the recipe over the job's
-data-parallel ranks, the DeepSpeed config, the model, the HF model and its LoRA targets), the exports that later
-stages start from being placeholders until they exist (train/stages.py). Then the stages that have not
+data-parallel ranks, the DeepSpeed config, the model, the HF model and its LoRA targets), the exports that
+later stages start from being placeholders until they exist (train/stages.py). Then the stages that have not
 finished are queued in file order: each job gets ``--dependency=afterok:<the job before it>`` and
 ``--kill-on-invalid-dep=yes``, so a failed stage cancels the jobs after it instead of leaving them pending
 forever. A stage's job trains its run (``--resume auto``) and then, on task 0, exports the checkpoint that the
@@ -30,31 +30,25 @@ import yaml
 from submitit.slurm.slurm import _make_sbatch_string
 
 from slurm import jobs
+from slurm.options import add_job_options, with_command_line
 from slurm.plan import Submission, cluster_partitions, plan_submission
-from slurm.profile import (
-    PROFILE_DIR,
-    Profile,
-    SlurmConfigError,
-    load_profile,
-    resolve,
-    submitit_command,
-    with_values,
-)
+from slurm.profile import Profile, SlurmConfigError, load_profile, resolve, submitit_command, with_values
 from slurm.task import RunSpec, TrainTask
 from train.config.schema import JobConfig
+from train.plan import USER_ERRORS
 from train.stages import (
     SUMMARY_FILE,
-    Pipeline,
-    PipelineError,
     Stage,
+    StageChain,
     StagePlan,
+    StagesError,
     export_stage,
-    load_pipeline,
-    plan_pipeline,
+    load_stages,
+    plan_stages,
     swap_paths,
 )
 
-JOBS_FILE = "pipeline_jobs.json"  # in the pipeline's out_dir: each submitted stage's job
+JOBS_FILE = "stage_jobs.json"  # in the chain's out_dir: each submitted stage's job
 ON_INVALID_DEPENDENCY = {"kill-on-invalid-dep": "yes"}  # a failed stage cancels the jobs that wait for it
 
 
@@ -71,7 +65,7 @@ class StageJob:
 
 
 class StageTask(TrainTask):
-    """TrainTask, then task 0 exports the stage's checkpoint (skips training when the run already finished)."""
+    """TrainTask, then task 0 exports the stage's checkpoint (no training when the run already finished)."""
 
     def __init__(self, needs: Any, plan: StagePlan) -> None:
         super().__init__(needs)
@@ -86,18 +80,19 @@ class StageTask(TrainTask):
             return result
         try:
             out = export_stage(self.plan)
-        except PipelineError as e:
+        except StagesError as e:
             print(f"tessera: error: {e}", file=sys.stderr, flush=True)
             sys.exit(1)
-        print(f"tessera: stage '{self.plan.stage.name}': {self.plan.stage.checkpoint} checkpoint exported to {out}",
+        stage = self.plan.stage
+        print(f"tessera: stage '{stage.name}': {stage.checkpoint} checkpoint exported to {out}",
               file=sys.stderr, flush=True)
         return {**result, "export": str(out)}
 
 
-def plan_jobs(pipeline: Pipeline, profile: Profile, *, cli: argparse.Namespace | None = None,
+def plan_jobs(chain: StageChain, profile: Profile, *, cli: argparse.Namespace | None = None,
               live_partitions: list[str] | None = None) -> list[StageJob]:
-    """Check every stage as a job of ``profile`` (with its ``slurm:`` fields and the command line's options)."""
-    from slurm.submit import with_command_line
+    """Check every stage as a job of ``profile`` (with its ``slurm:`` fields and the command line's
+    options)."""
 
     def check(stage: Stage, cfg: JobConfig, overrides: list[str], swaps: dict[str, str]) -> Submission:
         try:
@@ -106,15 +101,16 @@ def plan_jobs(pipeline: Pipeline, profile: Profile, *, cli: argparse.Namespace |
                 prof = with_command_line(prof, cli)
             shape = resolve(prof, gpus_per_node=getattr(cli, "gpus_per_node", None),
                             tasks_per_node=getattr(cli, "tasks_per_node", None),
-                            name=f"tessera-{pipeline.name}-{stage.name}", live_partitions=live_partitions)
+                            name=f"tessera-{chain.name}-{stage.name}", live_partitions=live_partitions)
         except SlurmConfigError as e:
-            raise SlurmConfigError(f"pipeline {pipeline.path}: stage '{stage.name}': {e}") from None
+            raise SlurmConfigError(f"stages {chain.path}: stage '{stage.name}': {e}") from None
         sub = plan_submission(shape, config=str(stage.config), overrides=overrides, ds_config=stage.ds_config,
                               resume="auto")
-        run = dataclasses.replace(sub.runs[0], overrides=tuple(swap_paths(list(sub.runs[0].overrides), swaps)))
+        swapped = tuple(swap_paths(list(sub.runs[0].overrides), swaps))
+        run = dataclasses.replace(sub.runs[0], overrides=swapped)
         return dataclasses.replace(sub, runs=[run], recipes=swap_paths(sub.recipes, swaps))
 
-    plans, submissions = plan_pipeline(pipeline, check)
+    plans, submissions = plan_stages(chain, check)
     return [StageJob(plan, sub) for plan, sub in zip(plans, submissions, strict=True)]
 
 
@@ -133,7 +129,7 @@ def sbatch_script(job: StageJob, after: str | None) -> str:
     return _make_sbatch_string(command=submitit_command(folder), folder=folder, **job_parameters(job, after))
 
 
-def submit_jobs(pipeline: Pipeline, stage_jobs: list[StageJob]) -> list[tuple[StageJob, jobs.JobRecord]]:
+def submit_jobs(chain: StageChain, stage_jobs: list[StageJob]) -> list[tuple[StageJob, jobs.JobRecord]]:
     """Queue the stages that have not finished, each after the one queued before it; record them."""
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise SlurmConfigError("sbatch/srun not found: this machine is not a SLURM submit host; start "
@@ -149,18 +145,18 @@ def submit_jobs(pipeline: Pipeline, stage_jobs: list[StageJob]) -> list[tuple[St
         executor.update_parameters(**{f"slurm_{k}": v for k, v in job_parameters(job, after).items()})
         submitted = executor.submit(StageTask(sub.needs, job.plan), job.run)
         record = jobs.JobRecord(job_id=str(submitted.job_id), folder=str(sub.folder), out_dir=job.run.out_dir,
-                                tasks=sub.shape.world_size, name=f"{pipeline.name}/{job.plan.stage.name}")
+                                tasks=sub.shape.world_size, name=f"{chain.name}/{job.plan.stage.name}")
         jobs.record_jobs([record])
         queued.append((job, record))
         after = record.job_id
-    pipeline.out_dir.mkdir(parents=True, exist_ok=True)
+    chain.out_dir.mkdir(parents=True, exist_ok=True)
     rows = [{"stage": job.plan.stage.name, "job_id": rec.job_id, "out_dir": rec.out_dir,
              "after": queued[i - 1][1].job_id if i else None} for i, (job, rec) in enumerate(queued)]
-    (pipeline.out_dir / JOBS_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    (chain.out_dir / JOBS_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     return queued
 
 
-def _print_dry_run(pipeline: Pipeline, stage_jobs: list[StageJob]) -> None:
+def _print_dry_run(stage_jobs: list[StageJob]) -> None:
     previous: str | None = None
     for index, job in enumerate(stage_jobs):
         stage = job.plan.stage
@@ -169,7 +165,8 @@ def _print_dry_run(pipeline: Pipeline, stage_jobs: list[StageJob]) -> None:
             print(f"{head}; finished, not queued (export {job.plan.export_dir})\n")
             continue
         after = None if previous is None else f"JOB_OF_{previous}"  # the job id sbatch gives that stage
-        print(f"{head}; {f'after the job of stage {previous!r}' if after else 'no dependency'} (nothing was queued)")
+        waits = f"after the job of stage {previous!r}" if after else "no dependency"
+        print(f"{head}; {waits} (nothing was queued)")
         print(yaml.safe_dump(job.submission.shape.as_dict(), sort_keys=False).rstrip())
         print(f"\n# run: train/main.py {' '.join(job.run.argv())}")
         print(yaml.safe_dump(job.submission.recipes[0], sort_keys=False).rstrip())
@@ -178,33 +175,30 @@ def _print_dry_run(pipeline: Pipeline, stage_jobs: list[StageJob]) -> None:
         previous = stage.name
 
 
-def pipeline_parser() -> argparse.ArgumentParser:
-    from slurm.submit import add_shape_options
-
-    p = argparse.ArgumentParser(prog="slurm/submit.py pipeline",
-                                description="Submit a pipeline: one job per stage, each after the previous one.")
-    p.add_argument("pipeline", help="the pipeline file (train/stages.py)")
-    p.add_argument("--profile", required=True, help=f"a name in {PROFILE_DIR} or a YAML path")
-    p.add_argument("--dry-run", action="store_true", help="print each job, recipe and sbatch script; queue nothing")
+def stages_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slurm/submit.py stages",
+                                description="Submit a chain of stages: one job per stage, each after the "
+                                            "previous one.")
+    p.add_argument("stages", help="the stages file (train/stages.py)")
+    add_job_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each job, recipe and sbatch script; queue nothing")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait for the jobs to end (each within SECONDS); print their states")
-    add_shape_options(p)
     return p
 
 
-def cmd_pipeline(argv: list[str]) -> int:
-    from train.main import USER_ERRORS
-
-    args = pipeline_parser().parse_args(argv)
+def cmd_stages(argv: list[str]) -> int:
+    args = stages_parser().parse_args(argv)
     try:
-        pipeline = load_pipeline(args.pipeline)
+        chain = load_stages(args.stages)
         live = None if args.dry_run else cluster_partitions()
-        stage_jobs = plan_jobs(pipeline, load_profile(args.profile), cli=args, live_partitions=live)
+        stage_jobs = plan_jobs(chain, load_profile(args.profile), cli=args, live_partitions=live)
         if args.dry_run:
-            _print_dry_run(pipeline, stage_jobs)
+            _print_dry_run(stage_jobs)
             return 0
-        queued = submit_jobs(pipeline, stage_jobs)
-    except (PipelineError, SlurmConfigError, *USER_ERRORS) as e:
+        queued = submit_jobs(chain, stage_jobs)
+    except (StagesError, SlurmConfigError, *USER_ERRORS) as e:
         print(f"tessera: error: {e}", file=sys.stderr)
         return 2
     for job in stage_jobs:
@@ -218,7 +212,8 @@ def cmd_pipeline(argv: list[str]) -> int:
     failed = 0
     for job, rec in queued:
         state = jobs.wait_final(rec.job_id, args.wait)
-        print(f"{rec.job_id} ({job.plan.stage.name}): {state.state} (exit {state.exit_code}, {state.elapsed})")
+        print(f"{rec.job_id} ({job.plan.stage.name}): {state.state} (exit {state.exit_code}, "
+              f"{state.elapsed})")
         if state.state != "COMPLETED" and not failed:
             failed += 1
             print(jobs.log_tail(rec), file=sys.stderr)

@@ -8,8 +8,9 @@
     python slurm/submit.py tail JOB|RUN_DIR [--task N] [--lines N]
     python slurm/submit.py summary SWEEP_DIR        a sweep's results, best validation loss first
     python slurm/submit.py profiles                 the profiles in slurm/profiles/
-    python slurm/submit.py pipeline PIPELINE.yaml --profile NAME [--dry-run] [--wait SECONDS] [...]
-                                                    one job per stage, each after the previous (slurm/stages.py)
+    python slurm/submit.py stages STAGES.yaml --profile NAME [--dry-run] [--wait SECONDS] [...]
+                                                    a chain of stages: one job per stage, each after the
+                                                    previous (slurm/stages.py)
 
 Every setting is checked before anything is queued; a problem is one line ``tessera: error: ...`` and exit
 code 2. ``--dry-run`` prints the resolved job, the resolved recipe and the sbatch script, and queues nothing.
@@ -29,62 +30,34 @@ from typing import Any
 import yaml
 
 from slurm import jobs
-from slurm.profile import (
-    PROFILE_DIR,
-    Profile,
-    SlurmConfigError,
-    known_profiles,
-    load_profile,
-    resolve,
-    with_values,
-)
+from slurm.options import add_job_options, with_command_line
+from slurm.plan import cluster_partitions, plan_submission
+from slurm.profile import SlurmConfigError, known_profiles, load_profile, resolve
+from slurm.stages import cmd_stages
 from slurm.sweep import format_table, load_sweep, summarize
+from train.plan import USER_ERRORS
 
 COMMANDS = ("status", "cancel", "tail", "summary", "profiles")
-# command-line option -> profile field
-PROFILE_OPTIONS = {"nodes": "nodes", "partition": "partition", "account": "account", "qos": "qos",
-                   "constraint": "constraint", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb_per_task",
-                   "time": "time_min", "signal_delay_s": "signal_delay_s",
-                   "checkpoint_every_min": "checkpoint_every_min", "max_requeues": "max_requeues"}
 
 
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slurm/submit.py", description="Submit Tessera training to SLURM "
-                                f"(follow-ups: {', '.join(COMMANDS)}; see `slurm/submit.py status -h`).")
-    p.add_argument("--profile", required=True, help=f"a name in {PROFILE_DIR} or a YAML path")
+                                f"(follow-ups: {', '.join(COMMANDS)}; see `slurm/submit.py status -h`; "
+                                f"a chain of stages: `slurm/submit.py stages -h`).")
+    add_job_options(p)
     p.add_argument("--config", required=True, help="training recipe (YAML)")
     p.add_argument("--ds_config", default=None, help="DeepSpeed config (default: the profile's)")
-    p.add_argument("--resume", default="never", help="as train/main.py: never (default), auto, or a checkpoint")
+    p.add_argument("--resume", default="never",
+                   help="as train/main.py: never (default), auto, or a checkpoint")
     p.add_argument("--sweep", default=None, help="YAML grid of overrides: one array task per point")
-    p.add_argument("--dry-run", action="store_true", help="print the job, recipe and sbatch script; queue nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the job, recipe and sbatch script; queue nothing")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait for the job(s) to end; print the result (a sweep: its summary)")
     p.add_argument("--name", default=None, help="job name (default: tessera-<run directory name>)")
     p.add_argument("--folder", default=None, help="submitit folder (default: RUN_DIR/slurm)")
-    add_shape_options(p)
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     return p
-
-
-def add_shape_options(p: argparse.ArgumentParser) -> None:
-    """The options that override a profile's fields (shared with `submit.py pipeline`)."""
-    g = p.add_argument_group("job shape (override the profile)")
-    g.add_argument("--nodes", type=int)
-    g.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
-    g.add_argument("--tasks-per-node", type=int, help="CPU tasks per node (jobs without GPUs)")
-    g.add_argument("--cpus-per-task", type=int)
-    g.add_argument("--mem-gb", type=float, help="memory per task in GB")
-    g.add_argument("--time", type=int, help="time limit in minutes")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--qos")
-    g.add_argument("--constraint")
-    g.add_argument("--setup", action="append", default=[], help="a shell line run before the job (repeatable)")
-    g.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="a further sbatch parameter, e.g. --sbatch mail-type=END (repeatable)")
-    g.add_argument("--signal-delay-s", type=int, help="warning signal this long before the time limit")
-    g.add_argument("--checkpoint-every-min", type=float, help="wall-time checkpoint period (0: off)")
-    g.add_argument("--max-requeues", type=int, help="requeues after the time limit")
 
 
 def followup_parser() -> argparse.ArgumentParser:
@@ -93,7 +66,8 @@ def followup_parser() -> argparse.ArgumentParser:
     for name, what in (("status", "state, exit code, restarts and progress"), ("cancel", "scancel the job"),
                        ("tail", "the end of a task's log")):
         s = sub.add_parser(name, help=what)
-        s.add_argument("job", help="job id as printed at submission (123, or 123_4 in an array), or run directory")
+        s.add_argument("job",
+                       help="job id as printed at submission (123, or 123_4 in an array), or run directory")
         if name == "tail":
             s.add_argument("--task", type=int, default=0, help="task (rank) whose log to show (default 0)")
             s.add_argument("--lines", type=int, default=30)
@@ -102,32 +76,7 @@ def followup_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _profile_values(args: argparse.Namespace) -> dict[str, Any]:
-    values: dict[str, Any] = {field: getattr(args, opt) for opt, field in PROFILE_OPTIONS.items()}
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _sbatch_extras(items: list[str]) -> dict[str, str]:
-    extras = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SlurmConfigError(f"--sbatch {item}: expected KEY=VALUE (e.g. --sbatch mail-type=END).")
-        extras[key.strip().lstrip("-")] = value
-    return extras
-
-
-def with_command_line(profile: Profile, args: argparse.Namespace) -> Profile:
-    """``profile`` with the job-shape options of the command line applied (``--setup`` lines are appended)."""
-    profile = with_values(profile, _profile_values(args), where="command line")
-    return with_values(profile, {"setup": [*profile.setup, *args.setup],
-                                 "sbatch": {**profile.sbatch, **_sbatch_extras(args.sbatch)}}, where="command line")
-
-
 def cmd_submit(argv: list[str]) -> int:
-    from slurm.plan import cluster_partitions, plan_submission
-    from train.main import USER_ERRORS
-
     args = submit_parser().parse_intermixed_args(argv)
     try:
         profile = with_command_line(load_profile(args.profile), args)
@@ -157,7 +106,8 @@ def _wait(records: list[jobs.JobRecord], timeout_s: float, sweep_dir: Path | Non
     failed = 0
     for r in records:
         state = jobs.wait_final(r.job_id, timeout_s)
-        print(f"{r.job_id}: {state.state} (exit {state.exit_code}, {state.elapsed}, {state.restarts} restarts)")
+        print(f"{r.job_id}: {state.state} (exit {state.exit_code}, {state.elapsed}, "
+              f"{state.restarts} restarts)")
         if state.state != "COMPLETED":
             failed += 1
             print(jobs.log_tail(r), file=sys.stderr)
@@ -207,10 +157,8 @@ def cmd_followup(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "pipeline":
-        from slurm.stages import cmd_pipeline
-
-        return cmd_pipeline(argv[1:])
+    if argv and argv[0] == "stages":
+        return cmd_stages(argv[1:])
     if argv and argv[0] in COMMANDS:
         return cmd_followup(argv)
     return cmd_submit(argv)

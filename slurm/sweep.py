@@ -63,7 +63,8 @@ def load_sweep(path: str | Path) -> Sweep:
                                f"[values, ...] (see slurm/sweep.py).")
     unknown = sorted(set(raw) - {"name", "out_dir", "grid"})
     if unknown:
-        raise SlurmConfigError(f"--sweep {path}: unknown field '{unknown[0]}'; a sweep has name, out_dir, grid.")
+        raise SlurmConfigError(f"--sweep {path}: unknown field '{unknown[0]}'; a sweep has name, out_dir, "
+                               f"grid.")
     keys, values = [], []
     for key, vals in raw["grid"].items():
         if not isinstance(key, str) or key.count(".") != 1:

@@ -29,6 +29,7 @@ from train.checkpoint.writer import latest_complete
 from train.config.fields import ConfigError
 from train.config.load import load_config
 from train.loop.preempt import RunControl
+from train.main import main as train_main
 
 REQUEUE_WAIT_S = 300  # how long ranks other than 0 wait for the requeue to end them
 EXIT_USAGE = 2  # the task could not read its recipe or SLURM environment (as train/main.py's user errors)
@@ -95,10 +96,8 @@ class TrainTask(submitit.helpers.Checkpointable):
                 _say(problem.line(where))
             sys.exit(EXIT_PREFLIGHT)
         if dist.rank == 0:
-            _say(f"tessera: {job_env.job_id}: {dist.world_size} tasks on {dist.num_nodes} node(s), rendezvous "
-                 f"{dist.master_addr}:{dist.master_port}, preflight passed")
-
-        from train.main import main as train_main  # imported late: torch/deepspeed start-up after preflight
+            _say(f"tessera: {job_env.job_id}: {dist.world_size} tasks on {dist.num_nodes} node(s), "
+                 f"rendezvous {dist.master_addr}:{dist.master_port}, preflight passed")
 
         usr_sig = signal.Signals[f"SIG{submitit.JobEnvironment.USR_SIG}"]
         control = RunControl(checkpoint_every_s=self.needs.checkpoint_every_s)
@@ -116,7 +115,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         return {"status": "completed", "rank": dist.rank, "name": run.name, "out_dir": run.out_dir, **summary}
 
     def _requeue(self, rank: int, usr_sig: signal.Signals, control: RunControl) -> None:
-        """The checkpoint is saved on every rank: rank 0 requeues through submitit, the others wait. No return."""
+        """The checkpoint is saved on every rank: rank 0 requeues through submitit, the others wait.
+
+        Does not return."""
         if rank != 0:
             time.sleep(REQUEUE_WAIT_S)
             _say(f"tessera: error: task {rank}: stopped ({control.stop_reason}) but the job was not requeued "
@@ -125,7 +126,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         _say(f"tessera: checkpoint saved after {control.stop_reason}; requeueing the job")
         handler = control.previous(usr_sig)
         if not callable(handler):
-            _say("tessera: error: no submitit signal handler to requeue with; run this task through submitit.")
+            _say("tessera: error: no submitit signal handler to requeue with; run this task through "
+                 "submitit.")
             sys.exit(1)
         handler(int(usr_sig), None)  # submitit: pickle this callable for the next run, scontrol requeue, exit
         sys.exit(1)  # not reached: the handler exits or raises

@@ -1,13 +1,13 @@
-"""Run a pipeline of training stages on this machine, each from an earlier stage's exported weights.
+"""Run a chain of training stages on this machine, each from an earlier stage's exported weights.
 
-    python tools/run_stages.py PIPELINE.yaml [--dry-run] [--only STAGE]
+    python tools/run_stages.py STAGES.yaml [--dry-run] [--only STAGE]
 
-Every stage's recipe is checked first (train/stages.py). Then, in file order, each stage that has not finished
-runs as a subprocess: ``python train/main.py --resume auto ...``, or ``torchrun`` when it asks for ``nproc`` > 1,
-its output streamed as it comes; its checkpoint is then exported for the stages that start from it. Finished
-stages (summary.json and export present) are skipped. The first stage that fails stops the pipeline with one
-line naming it and its exit code (2 for a pipeline that fails its checks); running the same command again
-continues with that stage, from its newest checkpoint.
+Every stage's recipe is checked first (train/stages.py). Then, in file order, each stage that has not
+finished runs as a subprocess: ``python train/main.py --resume auto ...``, or ``torchrun`` when it asks for
+``nproc`` > 1, its output streamed as it comes; its checkpoint is then exported for the stages that start from
+it. Finished stages (summary.json and export present) are skipped. The first stage that fails stops the
+chain with one line naming it and its exit code (2 for a stages file that fails its checks); running the same
+command again continues with that stage, from its newest checkpoint.
 """
 
 from __future__ import annotations
@@ -24,17 +24,20 @@ import shlex
 import subprocess
 import time
 
-from train.stages import PipelineError, StagePlan, export_stage, load_pipeline, plan_pipeline
+from train.distributed import free_port
+from train.stages import StagePlan, StagesError, export_stage, load_stages, plan_stages
 
-PROG = "run_pipeline"
+PROG = "run_stages"
 MAIN = Path(__file__).resolve().parents[1] / "train" / "main.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("pipeline", type=Path, metavar="PIPELINE.yaml", help="the pipeline file")
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stages", type=Path, metavar="STAGES.yaml", help="the stages file (train/stages.py)")
     p.add_argument("--dry-run", action="store_true", help="check every stage and print the plan; run nothing")
-    p.add_argument("--only", metavar="STAGE", help="run this stage alone (the stage it starts from must be finished)")
+    p.add_argument("--only", metavar="STAGE",
+                   help="run this stage alone (the stage it starts from must be finished)")
     return p
 
 
@@ -42,8 +45,6 @@ def stage_command(plan: StagePlan, python: str = sys.executable) -> list[str]:
     """The launch of one stage: the entry point in one process, or torchrun with ``nproc`` processes."""
     if plan.stage.nproc == 1:
         return [python, str(MAIN), *plan.main_args()]
-    from train.distributed import free_port
-
     return [python, "-m", "torch.distributed.run", "--nproc_per_node", str(plan.stage.nproc), "--master_port",
             str(free_port()), str(MAIN), *plan.main_args()]
 
@@ -63,17 +64,18 @@ def run_stage(plan: StagePlan, position: str) -> int:
         code = subprocess.run(stage_command(plan), check=False).returncode  # its output goes straight through
         if code != 0:
             print(f"{PROG}: error: stage '{name}' failed with exit code {code} (its output is above; run "
-                  f"{plan.run_dir}); later stages did not run. Run the pipeline again to continue from this stage.",
-                  file=sys.stderr, flush=True)
+                  f"{plan.run_dir}); later stages did not run. Run the same command again to continue from "
+                  f"this stage.", file=sys.stderr, flush=True)
             return code if code > 0 else 1
         if not (plan.run_dir / "summary.json").is_file():
-            print(f"{PROG}: error: stage '{name}' ended without {plan.run_dir / 'summary.json'} (it stopped before "
-                  f"its last step); run the pipeline again to continue it.", file=sys.stderr, flush=True)
+            print(f"{PROG}: error: stage '{name}' ended without {plan.run_dir / 'summary.json'} (it stopped "
+                  f"before its last step); run the same command again to continue it.", file=sys.stderr,
+                  flush=True)
             return 1
         _say(f"stage '{name}' trained in {time.monotonic() - began:.0f} s")
     try:
         out = export_stage(plan)
-    except PipelineError as e:
+    except StagesError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return 1
     _say(f"stage '{name}': {plan.stage.checkpoint} checkpoint exported to {out}")
@@ -87,21 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():  # the export consolidates DeepSpeed checkpoints: no accelerator needed
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        pipeline = load_pipeline(args.pipeline)
-        plans, _ = plan_pipeline(pipeline)
+        chain = load_stages(args.stages)
+        plans, _ = plan_stages(chain)
         if args.only is not None:
-            stage = pipeline.stage(args.only)
+            stage = chain.stage(args.only)
             source = next((p for p in plans if p.stage.name == stage.source), None)
             if source is not None and source.status != "done":
-                raise PipelineError(f"pipeline {pipeline.path}: stage '{stage.name}' starts from stage "
-                                    f"'{source.stage.name}', which has not finished ({source.status}); run it first.")
+                raise StagesError(f"stages {chain.path}: stage '{stage.name}' starts from stage "
+                                  f"'{source.stage.name}', which has not finished ({source.status}); run it "
+                                  f"first.")
             plans = [p for p in plans if p.stage.name == stage.name]
-    except PipelineError as e:
+    except StagesError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    total = len(pipeline.stages)
+    total = len(chain.stages)
     for plan in plans:
-        position = f"{pipeline.stages.index(plan.stage) + 1}/{total}"
+        position = f"{chain.stages.index(plan.stage) + 1}/{total}"
         if args.dry_run:
             print(f"# stage {position} '{plan.stage.name}': {plan.status}; run {plan.run_dir}, export "
                   f"{plan.export_dir} ({plan.stage.checkpoint} checkpoint)")
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             return code
     if not args.dry_run:
-        _say(f"pipeline '{pipeline.name}' finished: {pipeline.out_dir}")
+        _say(f"stages '{chain.name}' finished: {chain.out_dir}")
     return 0
 
 

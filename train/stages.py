@@ -1,6 +1,6 @@
-"""Pipelines: training stages that each start from an earlier stage's weights (pretrain -> SFT -> DPO -> ...).
+"""Stages: a chain of training runs, each from an earlier stage's weights (pretrain -> SFT -> DPO -> ...).
 
-    # a pipeline file
+    # a stages file
     name: align                      # optional (default: the file's name)
     out_dir: runs/align              # optional (default: runs/<name>); stage runs in out_dir/<stage name>
     overrides: [log.wandb=disabled]  # optional; applied to every stage before its own
@@ -17,11 +17,12 @@
         nproc: 1                     # local processes (torchrun when > 1)
         slurm: {tasks_per_node: 1}   # this stage's job: profile fields (slurm/stages.py)
 
-A finished stage's run is exported to ``<run dir>/export`` with ``train.export.hf.export_hf`` (LoRA adapters merged
-into the base, so every later stage starts from full weights) and the stages that start from it get
-``hf.path=<export>`` or ``model.init_from=<export>`` (and then ``data.tokenizer=<export>`` unless they name one).
-A stage is finished when its run wrote ``summary.json`` and its export exists; finished stages are skipped, so
-a pipeline that stopped runs again from the stage that failed (which resumes from its newest checkpoint).
+A finished stage's run is exported to ``<run dir>/export`` with ``train.export.hf.export_hf`` (LoRA adapters
+merged into the base, so every later stage starts from full weights) and the stages that start from it get
+``hf.path=<export>`` or ``model.init_from=<export>`` (and then ``data.tokenizer=<export>`` unless they name
+one). A stage is finished when its run wrote ``summary.json`` and its export exists; finished stages are
+skipped, so a chain that stopped runs again from the stage that failed (which resumes from its newest
+checkpoint).
 
 Everything is checked before anything runs: the file, every stage's recipe and overrides (``load_config``),
 its DeepSpeed config and batch geometry. The exports later stages start from do not exist yet; they are
@@ -39,16 +40,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from model import ModelConfigError
+from model.hf import to_hf_config
+from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
 from train.checkpoint.writer import checkpoint_root, latest_complete, read_meta
+from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config
 from train.config.schema import JobConfig
+from train.export.hf import ExportError, export_hf
+from train.hf_setup import plan_hf
 
-PIPELINE_KEYS = ("name", "out_dir", "overrides", "stages")
+CHAIN_KEYS = ("name", "out_dir", "overrides", "stages")  # the top level of a stages file
 STAGE_KEYS = ("name", "config", "overrides", "from", "start_key", "checkpoint", "ds_config", "nproc", "slurm")
 START_KEYS = ("hf.path", "model.init_from")
 CHECKPOINTS = ("latest", "best")
@@ -59,17 +66,17 @@ STATUSES = ("done", "trained", "partial", "new")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class PipelineError(ValueError):
-    """A pipeline that cannot run; the message names the file, the stage, the field and the fix."""
+class StagesError(ValueError):
+    """A chain of stages that cannot run; the message names the file, the stage, the field and the fix."""
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One training run of a pipeline."""
+    """One training run of a chain."""
 
     name: str  # also its run directory's name
     config: Path  # the recipe (absolute)
-    overrides: tuple[str, ...] = ()  # section.key=value, after the pipeline's own
+    overrides: tuple[str, ...] = ()  # section.key=value, after the chain's own
     source: str | None = None  # the stage whose export it starts from (None: from its recipe as written)
     start_key: str = "hf.path"  # the recipe key that receives the source's export
     checkpoint: str = "latest"  # which of its checkpoints is exported and handed on
@@ -79,9 +86,11 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Pipeline:
+class StageChain:
+    """A stages file, checked: its stages in the order they run."""
+
     name: str
-    path: Path  # the pipeline file
+    path: Path  # the stages file
     out_dir: Path  # absolute; stage runs in out_dir/<stage name>
     overrides: tuple[str, ...]  # applied to every stage first
     stages: tuple[Stage, ...]
@@ -90,8 +99,8 @@ class Pipeline:
         for s in self.stages:
             if s.name == name:
                 return s
-        raise PipelineError(f"pipeline {self.path}: no stage '{name}'; its stages are "
-                            f"{', '.join(s.name for s in self.stages)}.")
+        raise StagesError(f"stages {self.path}: no stage '{name}'; its stages are "
+                          f"{', '.join(s.name for s in self.stages)}.")
 
     def run_dir(self, stage: Stage) -> Path:
         return self.out_dir / stage.name
@@ -113,15 +122,16 @@ class StagePlan:
     recipe: dict[str, Any]  # the resolved recipe
 
     def main_args(self) -> list[str]:
-        """train/main.py arguments; a stage always resumes its own run directory when it holds a checkpoint."""
+        """train/main.py arguments; a stage always resumes its own run directory when it holds a
+        checkpoint."""
         args = ["--config", str(self.stage.config), "--resume", "auto"]
         if self.stage.ds_config is not None:
             args += ["--ds_config", self.stage.ds_config]
         return [*args, *self.overrides]
 
 
-def _fail(path: Path, where: str, what: str) -> PipelineError:
-    return PipelineError(f"pipeline {path}: {where}{what}")
+def _fail(path: Path, where: str, what: str) -> StagesError:
+    return StagesError(f"stages {path}: {where}{what}")
 
 
 def _override_list(path: Path, where: str, value: Any) -> tuple[str, ...]:
@@ -132,10 +142,11 @@ def _override_list(path: Path, where: str, value: Any) -> tuple[str, ...]:
     for o in value:
         key = o.split("=", 1)[0].strip()
         if "=" not in o or key.count(".") != 1:
-            raise _fail(path, where, f"override {o!r} is not of the form section.key=value (e.g. train.lr=3e-4).")
+            raise _fail(path, where, f"override {o!r} is not of the form section.key=value "
+                                     f"(e.g. train.lr=3e-4).")
         if key == "train.out_dir":
-            raise _fail(path, where, f"override {o!r}: the pipeline sets train.out_dir (out_dir/<stage name>); "
-                                     f"set the pipeline's out_dir instead.")
+            raise _fail(path, where, f"override {o!r}: the chain sets train.out_dir (out_dir/<stage name>); "
+                                     f"set the stages file's out_dir instead.")
     return tuple(value)
 
 
@@ -146,8 +157,8 @@ def _stage(path: Path, index: int, raw: Any, names: list[str], later: list[str])
         raise _fail(path, where, f"expected a mapping with name and config, got {raw!r}.")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise _fail(path, where, f"name={name!r}: give a name of letters, digits, '_', '.' or '-' (it names the "
-                                 f"stage's run directory).")
+        raise _fail(path, where, f"name={name!r}: give a name of letters, digits, '_', '.' or '-' (it names "
+                                 f"the stage's run directory).")
     if name in names:
         raise _fail(path, where, f"name={name!r} is used by an earlier stage; stage names must be unique.")
     where = f"stage '{name}': "
@@ -156,8 +167,8 @@ def _stage(path: Path, index: int, raw: Any, names: list[str], later: list[str])
         raise _fail(path, where, f"unknown field '{unknown[0]}'; a stage has {', '.join(STAGE_KEYS)}.")
     config = raw.get("config")
     if not isinstance(config, str) or not Path(config).is_file():
-        raise _fail(path, where, f"config={config!r}: no such recipe file (paths are relative to the directory "
-                                 f"the pipeline runs from).")
+        raise _fail(path, where, f"config={config!r}: no such recipe file (paths are relative to the "
+                                 f"directory the stages run from).")
     default_from = "previous" if index else "none"
     source = raw.get("from", default_from)
     if source == "previous":
@@ -176,8 +187,8 @@ def _stage(path: Path, index: int, raw: Any, names: list[str], later: list[str])
         raise _fail(path, where, f"start_key={start_key!r}: use hf.path (an HF model) or model.init_from "
                                  f"(a Tessera model).")
     if source is None and "start_key" in raw:
-        raise _fail(path, where, "start_key is set but the stage starts from no earlier stage; remove it or set "
-                                 "'from'.")
+        raise _fail(path, where, "start_key is set but the stage starts from no earlier stage; remove it or "
+                                 "set 'from'.")
     checkpoint = raw.get("checkpoint", "latest")
     if checkpoint not in CHECKPOINTS:
         raise _fail(path, where, f"checkpoint={checkpoint!r}: use latest (the newest) or best (the lowest "
@@ -190,31 +201,33 @@ def _stage(path: Path, index: int, raw: Any, names: list[str], later: list[str])
         raise _fail(path, where, f"ds_config={ds_config!r}: give a name in ds_configs/ or a path.")
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
-        raise _fail(path, where, f"slurm={slurm!r}: give a mapping of profile fields (e.g. {{tasks_per_node: 1}}).")
+        raise _fail(path, where, f"slurm={slurm!r}: give a mapping of profile fields "
+                                 f"(e.g. {{tasks_per_node: 1}}).")
     overrides = _override_list(path, where, raw.get("overrides"))
     clash = [o for o in overrides if source is not None and o.split("=", 1)[0].strip() == start_key]
     if clash:
-        raise _fail(path, where, f"override {clash[0]!r}: the pipeline sets {start_key} to the export of stage "
+        raise _fail(path, where, f"override {clash[0]!r}: the chain sets {start_key} to the export of stage "
                                  f"'{source}'; remove the override (or set from: none).")
-    return Stage(name=name, config=Path(config).resolve(), overrides=overrides, source=source, start_key=start_key,
-                 checkpoint=checkpoint, ds_config=ds_config, nproc=nproc, slurm=dict(slurm))
+    return Stage(name=name, config=Path(config).resolve(), overrides=overrides, source=source,
+                 start_key=start_key, checkpoint=checkpoint, ds_config=ds_config, nproc=nproc,
+                 slurm=dict(slurm))
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Read and check a pipeline file (not yet the stages' recipes: see ``plan_pipeline``)."""
+def load_stages(path: str | Path) -> StageChain:
+    """Read and check a stages file (not yet the stages' recipes: see ``plan_stages``)."""
     path = Path(path)
     if not path.is_file():
-        raise PipelineError(f"pipeline {path}: no such file.")
+        raise StagesError(f"stages {path}: no such file.")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise PipelineError(f"pipeline {path}: not valid YAML ({e}).") from None
+        raise StagesError(f"stages {path}: not valid YAML ({e}).") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("stages"), list) or not raw["stages"]:
-        raise PipelineError(f"pipeline {path}: expected a mapping with a non-empty 'stages:' list.")
-    unknown = sorted(set(raw) - set(PIPELINE_KEYS))
+        raise StagesError(f"stages {path}: expected a mapping with a non-empty 'stages:' list.")
+    unknown = sorted(set(raw) - set(CHAIN_KEYS))
     if unknown:
-        raise PipelineError(f"pipeline {path}: unknown field '{unknown[0]}'; a pipeline has "
-                            f"{', '.join(PIPELINE_KEYS)}.")
+        raise StagesError(f"stages {path}: unknown field '{unknown[0]}'; a stages file has "
+                          f"{', '.join(CHAIN_KEYS)}.")
     name = str(raw.get("name") or path.stem)
     out_dir = Path(raw.get("out_dir") or Path("runs") / name).resolve()
     overrides = _override_list(path, "", raw.get("overrides"))
@@ -222,7 +235,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
     for index, item in enumerate(raw["stages"]):
         later = [s.get("name") for s in raw["stages"][index + 1:] if isinstance(s, dict)]
         stages.append(_stage(path, index, item, [s.name for s in stages], later))
-    return Pipeline(name=name, path=path.resolve(), out_dir=out_dir, overrides=overrides, stages=tuple(stages))
+    return StageChain(name=name, path=path.resolve(), out_dir=out_dir, overrides=overrides,
+                      stages=tuple(stages))
 
 
 def stage_status(run_dir: Path, export_dir: Path) -> str:
@@ -234,20 +248,14 @@ def stage_status(run_dir: Path, export_dir: Path) -> str:
 
 
 def check_local(stage: Stage, cfg: JobConfig) -> None:
-    """What a local launch of ``stage.nproc`` processes refuses: the layout, the DeepSpeed config, the batch, and
-    for an HF model its LoRA targets, precision and length (checked on its config)."""
-    import torch
-
-    from train.config.deepspeed import load_ds_config, resolve_ds_config
-
+    """What a local launch of ``stage.nproc`` processes refuses: the layout, the DeepSpeed config, the batch,
+    and for an HF model its LoRA targets, precision and length (checked on its config)."""
     dims = ParallelDims(stage.nproc, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     cuda = torch.cuda.is_available()
     ds_name = stage.ds_config or ("zero0" if cuda else "cpu")
     ds = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp,
                            bf16_supported=cuda and torch.cuda.is_bf16_supported())
     if cfg.hf.path is not None:
-        from train.hf_setup import plan_hf
-
         plan_hf(cfg, ds, dims, tokenizer_vocab=0)
 
 
@@ -257,14 +265,12 @@ def _write_placeholder(cfg: JobConfig, out: Path) -> None:
     if cfg.hf.path is not None:  # an HF model exports as its own architecture (adapters merged)
         shutil.copy2(Path(cfg.hf.path) / "config.json", out / "config.json")
     else:
-        from model.hf import to_hf_config
-
         args = cfg.model_args(vocab_size=cfg.data.vocab_size if cfg.data.tokenizer is None else None)
         try:
             config = to_hf_config(args)
         except ModelConfigError as e:
             raise ConfigError(f"the stage's model cannot be exported as a Hugging Face model, which is how a "
-                              f"pipeline hands it on: {e}") from None
+                              f"chain of stages hands it on: {e}") from None
         config.save_pretrained(str(out))
     (out / "model.safetensors").touch()  # the HF model checks look for weights beside the config
 
@@ -283,38 +289,38 @@ def swap_paths(value: Any, swaps: dict[str, str]) -> Any:
 
 
 StageCheck = Callable[[Stage, JobConfig, list[str], dict[str, str]], Any]
-"""A launcher's own checks of a stage: (stage, recipe, overrides, placeholder -> export path) -> its result."""
+"""A launcher's own checks of a stage: (stage, recipe, overrides, placeholder -> export path) -> a result."""
 
 
-def plan_pipeline(pipeline: Pipeline, check: StageCheck | None = None) -> tuple[list[StagePlan], list[Any]]:
+def plan_stages(chain: StageChain, check: StageCheck | None = None) -> tuple[list[StagePlan], list[Any]]:
     """Check every stage and plan it; returns the plans and what ``check`` returned for each stage.
 
-    Each recipe is loaded with its overrides and its start (placeholders stand in for exports that do not exist
-    yet; error messages and the plans name the real paths). ``check`` (default: ``check_local``) adds the
-    launcher's checks. Raises PipelineError, also when a stage that has to run again (not finished) has a later
-    stage starting from it whose run directory is already used: that run was trained from the old weights.
+    Each recipe is loaded with its overrides and its start (placeholders stand in for exports that do not
+    exist yet; error messages and the plans name the real paths). ``check`` (default: ``check_local``) adds
+    the launcher's checks. Raises StagesError, also when a stage that has to run again (not finished) has a
+    later stage starting from it whose run directory is already used: that run was trained from the old
+    weights.
     """
     plans: list[StagePlan] = []
     results: list[Any] = []
     swaps: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="tessera-pipeline-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tessera-stages-") as tmp:
         placeholders: dict[str, Path] = {}
-        for index, stage in enumerate(pipeline.stages):
-            run_dir, export_dir = pipeline.run_dir(stage), pipeline.export_dir(stage)
-            start = pipeline.export_dir(pipeline.stage(stage.source)) if stage.source is not None else None
-            where = f"pipeline {pipeline.path}: stage '{stage.name}' ({stage.config}): "
+        for index, stage in enumerate(chain.stages):
+            run_dir, export_dir = chain.run_dir(stage), chain.export_dir(stage)
+            start = chain.export_dir(chain.stage(stage.source)) if stage.source is not None else None
+            where = f"stages {chain.path}: stage '{stage.name}' ({stage.config}): "
             try:
-                overrides = [*pipeline.overrides, *stage.overrides]
+                overrides = [*chain.overrides, *stage.overrides]
                 if stage.source is not None:
                     overrides.append(f"{stage.start_key}={placeholders[stage.source]}")
                 cfg = load_config(stage.config, [*overrides, f"train.out_dir={run_dir}"])
-                if stage.start_key == "model.init_from" and stage.source is not None and cfg.data.tokenizer is None:
+                tessera_start = stage.start_key == "model.init_from" and stage.source is not None
+                if tessera_start and cfg.data.tokenizer is None:
                     overrides.append(f"data.tokenizer={placeholders[stage.source]}")  # the export's tokenizer
                 overrides.append(f"train.out_dir={run_dir}")
                 cfg = load_config(stage.config, overrides)
                 if cfg.hf.path is not None:
-                    from model.hf_causal import causal_lm_config
-
                     causal_lm_config(cfg.hf.path, seq2seq=cfg.train.objective == "seq2seq")
                 placeholders[stage.name] = Path(tmp) / f"{index:03d}-{stage.name}" / EXPORT_DIR
                 _write_placeholder(cfg, placeholders[stage.name])
@@ -325,16 +331,16 @@ def plan_pipeline(pipeline: Pipeline, check: StageCheck | None = None) -> tuple[
                 else:
                     results.append(check(stage, cfg, overrides, dict(swaps)))
             except (ConfigError, ModelConfigError, ParallelConfigError) as e:
-                raise PipelineError(where + swap_paths(str(e), swaps)) from None
+                raise StagesError(where + swap_paths(str(e), swaps)) from None
             plans.append(StagePlan(stage=stage, run_dir=run_dir, export_dir=export_dir, start=start,
                                    overrides=tuple(swap_paths(overrides, swaps)),
                                    status=stage_status(run_dir, export_dir),
                                    recipe=swap_paths(cfg.to_dict(), swaps)))
-    _check_stale(pipeline, plans)
+    _check_stale(chain, plans)
     return plans, results
 
 
-def _check_stale(pipeline: Pipeline, plans: list[StagePlan]) -> None:
+def _check_stale(chain: StageChain, plans: list[StagePlan]) -> None:
     """Refuse to keep a later stage's run when a stage it (indirectly) starts from trains again."""
     again = {p.stage.name for p in plans if p.status in ("partial", "new")}
     for p in plans:
@@ -343,29 +349,29 @@ def _check_stale(pipeline: Pipeline, plans: list[StagePlan]) -> None:
         source = p.stage.source
         while source is not None:
             if source in again:
-                raise PipelineError(
-                    f"pipeline {pipeline.path}: stage '{p.stage.name}' already holds a run ({p.run_dir}) started "
-                    f"from stage '{source}', which has not finished and trains again; delete {p.run_dir} so it "
-                    f"starts from the new weights.")
-            source = pipeline.stage(source).source
+                raise StagesError(
+                    f"stages {chain.path}: stage '{p.stage.name}' already holds a run ({p.run_dir}) started "
+                    f"from stage '{source}', which has not finished and trains again; delete {p.run_dir} so "
+                    f"it starts from the new weights.")
+            source = chain.stage(source).source
 
 
 def export_stage(plan: StagePlan) -> Path:
-    """Export the stage's ``checkpoint`` (latest or best) to its export directory, adapters merged; return it."""
-    from train.export.hf import ExportError, export_hf
-
+    """Export the stage's ``checkpoint`` (latest or best) to its export directory, adapters merged; return
+    the directory."""
     root = checkpoint_root(plan.run_dir)
     if plan.stage.checkpoint == "best":
         best = root / "best"
         if not best.is_file():
-            raise PipelineError(f"stage '{plan.stage.name}': checkpoint=best but {plan.run_dir} has no best "
-                                f"checkpoint (it never evaluated: set train.eval_interval), or use checkpoint: latest.")
+            raise StagesError(f"stage '{plan.stage.name}': checkpoint=best but {plan.run_dir} has no best "
+                              f"checkpoint (it never evaluated: set train.eval_interval), or use checkpoint: "
+                              f"latest.")
         tag: Path | None = root / best.read_text().strip()
     else:
         tag = latest_complete(plan.run_dir)
     if tag is None or not tag.is_dir():
-        raise PipelineError(f"stage '{plan.stage.name}': no complete checkpoint in {root} to export.")
+        raise StagesError(f"stage '{plan.stage.name}': no complete checkpoint in {root} to export.")
     try:
         return export_hf(tag, plan.export_dir, merge=bool(read_meta(tag).get("hf")))
     except ExportError as e:
-        raise PipelineError(f"stage '{plan.stage.name}': export of {tag} failed: {e}") from None
+        raise StagesError(f"stage '{plan.stage.name}': export of {tag} failed: {e}") from None

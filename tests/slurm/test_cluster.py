@@ -1,4 +1,5 @@
-"""Tessera on a real single-node SLURM cluster (slurm/local_cluster.sh): training, sweeps, preemption, failures.
+"""Tessera on a real single-node SLURM cluster (slurm/local_cluster.sh): training, sweeps, preemption,
+failures.
 
 The module starts the cluster (root only: it installs Debian's packages and starts system daemons), submits
 the long jobs at once so they run side by side, and stops the cluster at the end. Every wait has a timeout.
@@ -38,7 +39,8 @@ JOB_TIMEOUT_S = 300
 
 def _cluster_env(base: Path) -> dict[str, str]:
     # More CPUs than the machine has, so the module's jobs run side by side; two fake GPUs for preflight.
-    return {**os.environ, "TESSERA_SLURM_DIR": str(base), "TESSERA_SLURM_CPUS": "10", "TESSERA_SLURM_GPUS": "2"}
+    return {**os.environ, "TESSERA_SLURM_DIR": str(base), "TESSERA_SLURM_CPUS": "10",
+            "TESSERA_SLURM_GPUS": "2"}
 
 
 def _controller_up() -> bool:
@@ -69,23 +71,24 @@ def cluster() -> Iterator[None]:
         assert start.returncode == 0, f"local_cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
         yield
     finally:  # a failed start has undone itself; stopping again is harmless
-        stop = subprocess.run(["bash", str(CLUSTER), "stop", "--wipe"], env=env, capture_output=True, text=True,
-                              timeout=180, check=False)
+        stop = subprocess.run(["bash", str(CLUSTER), "stop", "--wipe"], env=env, capture_output=True,
+                              text=True, timeout=180, check=False)
         shutil.rmtree(base, ignore_errors=True)
     assert stop.returncode == 0, stop.stderr
 
 
 @pytest.fixture(scope="module")
 def job_env(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[str, str]:
-    """Environment of submit.py (sbatch hands it to the jobs); the corpus is prepared before any job starts."""
+    """Environment of submit.py (sbatch hands it to the jobs); the corpus is prepared before any job
+    starts."""
     setup_data(load_config(str(SMOKE), [f"data.cache_dir={data_cache}"]))
     tmp = tmp_path_factory.mktemp("slurm_jobs")
     return {**child_env(tmp), "TESSERA_SLURM_JOBS": str(tmp / "jobs.jsonl")}
 
 
 def submit(env: dict[str, str], *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SUBMIT), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run([sys.executable, str(SUBMIT), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
 
 
 def record_of(out_dir: Path) -> JobRecord:
@@ -112,7 +115,8 @@ def _last_step(out: Path) -> int:
 @pytest.fixture(scope="module")
 def runs(cluster: None, job_env: dict[str, str], data_cache: Path,
          tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Submit the long jobs together: an uninterrupted 2-task run, the same run to preempt, a 3-point sweep."""
+    """Submit the long jobs together: an uninterrupted 2-task run, the same run to preempt, a 3-point
+    sweep."""
     root = tmp_path_factory.mktemp("slurm_runs")
     common = ["--profile", "local", "--config", str(SMOKE), *RUN, f"data.cache_dir={data_cache}"]
     train_out, preempt_out, sweep_out = root / "train", root / "preempt", root / "sweep"
@@ -123,24 +127,31 @@ def runs(cluster: None, job_env: dict[str, str], data_cache: Path,
         assert proc.returncode == 0, proc.stderr
     grid = root / "grid.yaml"
     grid.write_text(f"out_dir: {sweep_out}\ngrid:\n  train.lr: [1.0e-3, 3.0e-3, 1.0e-2]\n")
-    proc = submit(job_env, "--profile", "local", "--config", str(SMOKE), "--tasks-per-node", "1", "--sweep", str(grid),
-                  f"data.cache_dir={data_cache}", "train.steps=12", "train.eval_interval=0", "train.save_interval=0",
-                  "sample.max_new_tokens=0")
+    proc = submit(job_env, "--profile", "local", "--config", str(SMOKE), "--tasks-per-node", "1", "--sweep",
+                  str(grid), f"data.cache_dir={data_cache}", "train.steps=12", "train.eval_interval=0",
+                  "train.save_interval=0", "sample.max_new_tokens=0")
     assert proc.returncode == 0, proc.stderr
     return {"train": train_out, "preempt": preempt_out, "sweep": sweep_out, "dry_run": dry.stdout,
             "sweep_stdout": proc.stdout}
 
 
-def test_bad_partition_is_refused_by_the_live_cluster(cluster: None, job_env: dict[str, str], tmp_path: Path) -> None:
+def _queue() -> str:
+    return subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def test_bad_partition_is_refused_by_the_live_cluster(cluster: None, job_env: dict[str, str],
+                                                      tmp_path: Path) -> None:
     profile = tmp_path / "anywhere.yaml"
-    profile.write_text("partition: gpu-a100\ntasks_per_node: 2\ntime_min: 30\n")  # no partitions list to vet it
-    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30, check=True).stdout
-    proc = submit(job_env, "--profile", str(profile), "--config", str(SMOKE), f"train.out_dir={tmp_path / 'r'}")
+    # no partitions list to vet it
+    profile.write_text("partition: gpu-a100\ntasks_per_node: 2\ntime_min: 30\n")
+    before = _queue()
+    proc = submit(job_env, "--profile", str(profile), "--config", str(SMOKE),
+                  f"train.out_dir={tmp_path / 'r'}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [(
-        "tessera: error: --partition gpu-a100: this cluster has no such partition (sinfo lists local); use one of "
-        "those.")]
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30, check=True).stdout == before
+        "tessera: error: --partition gpu-a100: this cluster has no such partition (sinfo lists local); use "
+        "one of those.")]
+    assert _queue() == before
     assert not (tmp_path / "r").exists()
 
 
@@ -151,7 +162,8 @@ def test_usr2_checkpoints_requeues_and_continues(runs: dict[str, Any], job_env: 
     wait_until("step 5 of the job to preempt", JOB_TIMEOUT_S, lambda: _last_step(out) >= 5)
     signalled = time.monotonic()
     subprocess.run(["scancel", "--signal=USR2", record.job_id], timeout=30, check=True)
-    stop = wait_until("the stop", 120, lambda: next((r for r in read_rows(out) if r.get("event") == "stopped"), None))
+    stop = wait_until("the stop", 120,
+                      lambda: next((r for r in read_rows(out) if r.get("event") == "stopped"), None))
     stopped_at = stop["step"]
     wait_until("training to continue", JOB_TIMEOUT_S, lambda: _last_step(out) > stopped_at)
     print(f"USR2 at step >= 5: stopped at step {stopped_at}, the requeued job trained step {stopped_at + 1} "
@@ -162,7 +174,8 @@ def test_usr2_checkpoints_requeues_and_continues(runs: dict[str, Any], job_env: 
     log = Path(record.folder, f"{record.job_id}_0_log.err").read_text()
     tag = f"step_{stopped_at:08d}"
     assert f"step {stopped_at}: checkpoint saved to {out}/checkpoints/{tag} (requested)" in log
-    assert re.search(rf"resumed from {re.escape(str(out))}/checkpoints/{tag} at step {stopped_at} ", log), log[-3000:]
+    resumed_line = rf"resumed from {re.escape(str(out))}/checkpoints/{tag} at step {stopped_at} "
+    assert re.search(resumed_line, log), log[-3000:]
     # the step counter continues and nothing is trained twice ...
     steps = [r["step"] for r in read_rows(out) if "loss" in r]
     assert steps == list(range(1, 41))
@@ -176,22 +189,24 @@ def test_usr2_checkpoints_requeues_and_continues(runs: dict[str, Any], job_env: 
 def test_failing_job_is_reported_failed_with_its_log_tail(cluster: None, job_env: dict[str, str],
                                                          data_cache: Path, tmp_path: Path) -> None:
     """One fake GPU asked for: SLURM sets CUDA_VISIBLE_DEVICES, torch sees none, preflight fails the job."""
-    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30, check=True).stdout
+    gres = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
     if "gpu" not in gres:
         pytest.skip("the running cluster declares no GPUs (start it with TESSERA_SLURM_GPUS=2)")
     profile = tmp_path / "fakegpu.yaml"
-    profile.write_text("partition: local\ngpus_per_node: 2\ncpus_per_task: 1\nmem_gb_per_task: 2\ntime_min: 30\n")
+    profile.write_text("partition: local\ngpus_per_node: 2\ncpus_per_task: 1\nmem_gb_per_task: 2\n"
+                       "time_min: 30\n")
     out = tmp_path / "run"
     start = time.monotonic()
     proc = submit(job_env, "--profile", str(profile), "--gpus-per-node", "1", "--config", str(SMOKE),
-                  "--ds_config", "cpu", f"data.cache_dir={data_cache}", f"train.out_dir={out}", "--wait", "180",
-                  timeout=240)
+                  "--ds_config", "cpu", f"data.cache_dir={data_cache}", f"train.out_dir={out}", "--wait",
+                  "180", timeout=240)
     print(f"failing job reported after {time.monotonic() - start:.1f} s")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     record = record_of(out)
     assert f"{record.job_id}: FAILED (exit 3:0" in proc.stdout
-    line = (f"tessera: preflight: {socket.gethostname()} task 0: gpus: the job asked for 1 GPU per node but torch "
-            f"sees 0 (CUDA_VISIBLE_DEVICES=0)")
+    line = (f"tessera: preflight: {socket.gethostname()} task 0: gpus: the job asked for 1 GPU per node but "
+            f"torch sees 0 (CUDA_VISIBLE_DEVICES=0)")
     assert line in proc.stderr  # the log tail
     assert "Traceback" not in proc.stderr and not (out / "metrics.jsonl").exists()
     status = submit(job_env, "status", record.job_id)
@@ -206,7 +221,8 @@ def test_cancel(cluster: None, job_env: dict[str, str], data_cache: Path, tmp_pa
                   f"data.cache_dir={data_cache}", f"train.out_dir={out}", "train.steps=100000")
     assert proc.returncode == 0, proc.stderr
     record = record_of(out)
-    wait_until("the job to run", 120, lambda: (s := job_state(record.job_id)) is not None and s.state == "RUNNING")
+    wait_until("the job to run", 120,
+               lambda: (s := job_state(record.job_id)) is not None and s.state == "RUNNING")
     cancel = submit(job_env, "cancel", record.job_id)
     assert cancel.returncode == 0 and f"cancelled {record.job_id}" in cancel.stdout, cancel.stderr
     assert wait_final(record.job_id, 120).state == "CANCELLED"

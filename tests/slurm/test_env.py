@@ -1,4 +1,5 @@
-"""SLURM task variables, read by submitit's JobEnvironment, become torch.distributed's rendezvous variables."""
+"""SLURM task variables, read by submitit's JobEnvironment, become torch.distributed's rendezvous
+variables."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import submitit
 from slurm.env import PORT_RANGE, DistVars, SlurmEnvError, dist_vars, rendezvous_port
 
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_JOB_NODELIST",
-              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-              "TESSERA_MASTER_PORT")
+              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+              "SLURM_RESTART_COUNT", "TESSERA_MASTER_PORT")
 
 
 @pytest.fixture
@@ -42,8 +43,8 @@ def test_single_node_two_tasks(slurm_task) -> None:
     assert (v.rank, v.local_rank, v.world_size, v.local_world_size, v.num_nodes) == (1, 1, 2, 2, 1)
     assert v.master_addr == "vm" and PORT_RANGE[0] <= v.master_port < PORT_RANGE[1]
     env = v.as_env()
-    assert env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "vm",
-                   "MASTER_PORT": str(v.master_port)}
+    assert env == {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "vm", "MASTER_PORT": str(v.master_port)}
 
 
 @pytest.mark.parametrize(
@@ -55,17 +56,18 @@ def test_single_node_two_tasks(slurm_task) -> None:
         ("h[100-163]", 64, 8, 511, "h100"),  # 512 ranks
     ],
 )
-def test_multi_node_shapes(slurm_task, nodelist: str, nodes: int, per_node: int, proc: int, master: str) -> None:
+def test_multi_node_shapes(slurm_task, nodelist: str, nodes: int, per_node: int, proc: int,
+                           master: str) -> None:
     node, local = divmod(proc, per_node)
-    v = dist_vars(slurm_task("7", nodes=nodes, tasks=nodes * per_node, nodelist=nodelist, proc=proc, local=local,
-                             node=node))
+    v = dist_vars(slurm_task("7", nodes=nodes, tasks=nodes * per_node, nodelist=nodelist, proc=proc,
+                             local=local, node=node))
     assert v == DistVars(rank=proc, local_rank=local, world_size=nodes * per_node, local_world_size=per_node,
                          node_rank=node, num_nodes=nodes, master_addr=master, master_port=v.master_port)
 
 
 def test_every_task_of_a_run_derives_the_same_port_and_a_requeue_another(slurm_task) -> None:
-    ports = {dist_vars(slurm_task("99", nodes=2, tasks=4, nodelist="a,b", proc=r, local=r % 2, node=r // 2)).master_port
-             for r in range(4)}
+    ports = {dist_vars(slurm_task("99", nodes=2, tasks=4, nodelist="a,b", proc=r, local=r % 2,
+                                  node=r // 2)).master_port for r in range(4)}
     assert len(ports) == 1
     requeued = dist_vars(slurm_task("99", nodes=2, tasks=4, nodelist="a,b", proc=0, local=0, node=0,
                                     SLURM_RESTART_COUNT="1")).master_port
@@ -101,4 +103,5 @@ def test_export_replaces_what_a_launcher_left(slurm_task, monkeypatch: pytest.Mo
 def test_inconsistent_variables_are_refused(slurm_task, nodes: int, tasks: int, nodelist: str, proc: int,
                                             local: int, node: int, fragment: str) -> None:
     with pytest.raises(SlurmEnvError, match=fragment):
-        dist_vars(slurm_task("5", nodes=nodes, tasks=tasks, nodelist=nodelist, proc=proc, local=local, node=node))
+        dist_vars(slurm_task("5", nodes=nodes, tasks=tasks, nodelist=nodelist, proc=proc, local=local,
+                             node=node))

@@ -21,7 +21,8 @@ from train.loop.preempt import Action, RunControl
 def test_gpus_requested_but_not_visible() -> None:
     assert check_gpus(0, 0, None) == [] and check_gpus(8, 8, "0,1,2,3,4,5,6,7") == []
     (p,) = check_gpus(2, 0, "0,1")
-    assert p.check == "gpus" and "asked for 2 GPUs per node but torch sees 0 (CUDA_VISIBLE_DEVICES=0,1)" in p.message
+    assert p.check == "gpus"
+    assert "asked for 2 GPUs per node but torch sees 0 (CUDA_VISIBLE_DEVICES=0,1)" in p.message
     (p,) = check_gpus(4, 2, "0,1")
     assert "--gpus-per-node" in p.message
     line = p.line("vm task 3")
@@ -53,7 +54,8 @@ def test_tmpdir_missing_unwritable_or_full(tmp_path: Path) -> None:
 def test_disk_too_small_for_checkpoints(tmp_path: Path) -> None:
     assert check_disk(tmp_path / "run" / "deeper", 2**20) == []
     (p,) = check_disk(tmp_path / "run", 2**62)
-    assert p.check == "disk" and f"train.out_dir={tmp_path / 'run'}" in p.message and "checkpoints need" in p.message
+    assert p.check == "disk" and f"train.out_dir={tmp_path / 'run'}" in p.message
+    assert "checkpoints need" in p.message
 
 
 def test_data_not_on_the_node(tmp_path: Path) -> None:
@@ -74,7 +76,8 @@ def test_data_not_on_the_node(tmp_path: Path) -> None:
     assert "data.prepared_dir=" in p.message and "no header.json" in p.message
 
 
-def test_run_preflight_reports_every_problem_of_this_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_preflight_reports_every_problem_of_this_machine(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path / "nowhere"))
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "mps"))
     cfg = load_config(str(SMOKE), [f"data.cache_dir={tmp_path}", f"train.out_dir={tmp_path / 'run'}"])
@@ -85,7 +88,7 @@ def test_run_preflight_reports_every_problem_of_this_machine(tmp_path: Path, mon
     assert checks == (expected if torch.cuda.is_available() else ["gpus", *expected])
 
 
-# ----------------------------------------------------------------------------- stop requests (train/loop/preempt.py)
+# ---------------------------------------------------------------------- stop requests (train/loop/preempt.py)
 
 
 def test_signal_becomes_a_stop_and_the_old_handler_is_kept() -> None:

@@ -1,4 +1,5 @@
-"""Submit time: profiles and overrides, the sbatch script they render, sweeps, and input refused before queueing."""
+"""Submit time: profiles and overrides, the sbatch script they render, sweeps, and input refused before
+queueing."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def _submit(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_dry_run_prints_job_recipe_and_script_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = _submit(tmp_path, "--profile", "local", "--config", str(SMOKE), "--dry-run", "--time", "45",
-                   "--sbatch", "mail-type=END", "--setup", "echo hello", "train.steps=7", f"train.out_dir={out}")
+                   "--sbatch", "mail-type=END", "--setup", "echo hello", "train.steps=7",
+                   f"train.out_dir={out}")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "# job (profile local; nothing was queued)" in text and "time_min: 45" in text
@@ -153,16 +155,19 @@ def test_bad_input_is_one_line_before_anything_is_queued(tmp_path: Path, capsys:
 
 
 def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
-    proc = _submit(tmp_path, "--profile", "h100x8", "--gpus-per-node", "16", "--config", str(SMOKE), "--dry-run")
+    proc = _submit(tmp_path, "--profile", "h100x8", "--gpus-per-node", "16", "--config", str(SMOKE),
+                   "--dry-run")
     assert proc.returncode == 2 and not proc.stdout
-    assert proc.stderr.splitlines() == [("tessera: error: --gpus-per-node 16: profile h100x8 nodes have 8 GPUs; ask "
-                                        "for at most 8 per node (and more nodes with --nodes) or use another profile.")]
+    assert proc.stderr.splitlines() == [(
+        "tessera: error: --gpus-per-node 16: profile h100x8 nodes have 8 GPUs; ask for at most 8 per node "
+        "(and more nodes with --nodes) or use another profile.")]
 
 
 def test_a_used_run_directory_needs_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    proc = _submit(tmp_path, "--profile", "local", "--config", str(SMOKE), "--dry-run", f"train.out_dir={out}")
+    proc = _submit(tmp_path, "--profile", "local", "--config", str(SMOKE), "--dry-run",
+                   f"train.out_dir={out}")
     assert proc.returncode == 2 and "already holds a run: pass --resume auto" in proc.stderr
     again = _submit(tmp_path, "--profile", "local", "--config", str(SMOKE), "--dry-run", "--resume", "auto",
                     f"train.out_dir={out}")
@@ -196,7 +201,8 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_grid_points_names_and_overrides(tmp_path: Path) -> None:
-    sweep = load_sweep(_write(tmp_path, f"out_dir: {tmp_path / 'sw'}\ngrid:\n  train.lr: [1.0e-3, 3.0e-3, 0.01]\n"
+    sweep = load_sweep(_write(tmp_path, f"out_dir: {tmp_path / 'sw'}\ngrid:\n"
+                                        f"  train.lr: [1.0e-3, 3.0e-3, 0.01]\n"
                                         f"  data.sampling: [random, blocks]\n"))
     assert sweep.name == "grid" and sweep.out_dir == tmp_path / "sw"
     points = sweep.points()
@@ -226,7 +232,8 @@ def test_bad_sweep_files(tmp_path: Path, text: str, fragment: str) -> None:
 
 
 def test_sweep_becomes_one_array_with_a_directory_per_point(tmp_path: Path) -> None:
-    sweep = load_sweep(_write(tmp_path, f"name: seeds\nout_dir: {tmp_path / 'sw'}\ngrid:\n  train.seed: [1, 2, 3]\n"))
+    sweep = load_sweep(_write(tmp_path, f"name: seeds\nout_dir: {tmp_path / 'sw'}\ngrid:\n"
+                                        f"  train.seed: [1, 2, 3]\n"))
     shape = resolve(load_profile("local"), tasks_per_node=1)
     sub = plan_submission(shape, config=str(SMOKE), overrides=["train.steps=6"], ds_config=None, sweep=sweep)
     assert [r.name for r in sub.runs] == ["000-seed=1", "001-seed=2", "002-seed=3"]
