@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from model import ModelConfigError, Transformer, get_preset
 from tools import bench_data
@@ -93,8 +94,6 @@ def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[
 
 
 def _train_step(ns: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
     try:
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in ns.set)}
         args = dataclasses.replace(get_preset(ns.preset), **overrides).validate()

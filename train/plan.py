@@ -90,7 +90,7 @@ def plan(args: argparse.Namespace) -> Plan:
         if cfg.vocab.lexicon is not None or cfg.vocab.from_snapshot is not None:
             vocab = plan_vocab(cfg)  # the data are tokenized with the extended tokenizer
             cfg.data.tokenizer = str(vocab.tokenizer_dir)
-    bundle = setup_data(cfg)
+    bundle = setup_data(cfg.data)
     hf = plan_hf(cfg, ds_config, dims, bundle.vocab_size, vocab) if cfg.hf.path is not None else None
     model_args = None if hf is not None else _native_model_args(cfg, dims, ds_config, bundle.vocab_size)
     research = None

@@ -81,7 +81,7 @@ def cluster() -> Iterator[None]:
 def job_env(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[str, str]:
     """Environment of submit.py (sbatch hands it to the jobs); the corpus is prepared before any job
     starts."""
-    setup_data(load_config(str(SMOKE), [f"data.cache_dir={data_cache}"]))
+    setup_data(load_config(str(SMOKE), [f"data.cache_dir={data_cache}"]).data)
     tmp = tmp_path_factory.mktemp("slurm_jobs")
     return {**child_env(tmp), "TESSERA_SLURM_JOBS": str(tmp / "jobs.jsonl")}
 

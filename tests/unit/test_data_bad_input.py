@@ -38,11 +38,11 @@ def _cfg(tmp_path: Path, *overrides: str):
 def test_prepared_data_from_another_tokenizer_is_refused(two: dict[str, Path], tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "data.corpus=prepared", f"data.blend=[{{path: {two['data_a']}}}]", f"data.tokenizer={two['tok_b']}")
     with pytest.raises(TokenizerMismatchError, match=r"data\.blend\[0\] path=.*data_a was tokenized with .*tok_a"):
-        setup_data(cfg)
+        setup_data(cfg.data)
     mixed = _cfg(tmp_path, "data.corpus=prepared", f"data.blend=[{{path: {two['data_a']}}}, {{path: {two['data_b']}}}]")
     with pytest.raises(TokenizerMismatchError, match=r"data\.blend\[1\] path=.*data_b was tokenized with .*tok_b"):
-        setup_data(mixed)
-    bundle = setup_data(_cfg(tmp_path, "data.corpus=prepared", f"data.blend=[{{path: {two['data_a']}}}]"))
+        setup_data(mixed.data)
+    bundle = setup_data(_cfg(tmp_path, "data.corpus=prepared", f"data.blend=[{{path: {two['data_a']}}}]").data)
     assert bundle.tokenizer_dir == two["tok_a"] and bundle.vocab_size == bundle.data.vocab_size
 
 
@@ -72,13 +72,13 @@ def test_stream_needs_a_tokenizer_and_existing_sources(tmp_path: Path, two: dict
     cfg = _cfg(tmp_path, "data.corpus=stream", f"data.blend=[{{path: {tmp_path}/none*.jsonl}}]",
                f"data.tokenizer={two['tok_a']}")
     with pytest.raises(DataError, match=r"none\*\.jsonl'?: no such file, directory or glob match"):
-        setup_data(cfg)
+        setup_data(cfg.data)
 
 
 def test_a_missing_or_damaged_blend_member_names_its_entry(two: dict[str, Path], tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "data.corpus=prepared", f"data.blend=[{{path: {two['data_a']}}}, {{path: {tmp_path}/nope}}]")
     with pytest.raises(DataError, match=r"data\.blend\[1\]: data_dir=.*nope: no header\.json"):
-        setup_data(cfg)
+        setup_data(cfg.data)
 
 
 def test_header_claiming_a_vocab_beyond_its_dtype(two: dict[str, Path], tmp_path: Path) -> None:

@@ -90,10 +90,9 @@ def _input_files(d: DataSection, cache: Path) -> tuple[list[Path], str]:
     return files, f"files-{digest}"
 
 
-def setup_data(cfg: JobConfig) -> DataBundle:
-    """The tokenizer and the opened token data of ``cfg.data`` (prepared first if needed), or what the
+def setup_data(d: DataSection) -> DataBundle:
+    """The tokenizer and the opened token data of the data section (prepared first if needed), or what the
     examples and the stream will be read with."""
-    d = cfg.data
     if d.corpus == "prepared":
         return _setup_blend(d)
     if d.corpus == "stream":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,8 +159,6 @@ class SoftPrompt(Extension):
     @classmethod
     def datasets(cls, options: SoftPromptOptions, cfg: Any) -> tuple[QADataset, QADataset]:
         """(train, validation) rendered for every base with its own tokenizer."""
-        import numpy as np
-
         examples = synthetic_qa(options.synthetic, seed=cfg.data.split_seed) if options.synthetic else \
             read_qa(cfg.data.files)
         tokenizers = [load_tokenizer(Path(p)) for p in [cfg.hf.path, *options.bases]]
