@@ -155,8 +155,11 @@ def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch
     """Load the weights and add adapters; returns the wrapped model and an object to keep alive until
     `deepspeed.initialize` is done (the `HfDeepSpeedConfig` that makes transformers load partitioned).
 
-    With tp > 1 every rank loads the whole model on the host and `train.main` splits it (like Tessera models).
+    With tp > 1 every rank loads the whole model on the host and `train.build` splits it (like Tessera models).
     """
+    # New weights (LoRA matrices, a sequence head) start from the run's seed: torch seeds itself at random when a
+    # process starts, so without this two runs of one recipe would differ.
+    torch.manual_seed(cfg.train.seed)
     keep = None
     if p.zero3 and cfg.parallel.tp == 1:
         from transformers.integrations import HfDeepSpeedConfig
