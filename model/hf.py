@@ -238,10 +238,41 @@ def check_state_dict(args: ModelArgs, state_dict: Mapping[str, torch.Tensor], so
             )
 
 
-def load_hf_config(path: str | Path) -> PretrainedConfig:
-    """The config of a local HF model dir; refuses a missing dir and unsupported model types (no hub)."""
+def read_config_json(config_file: Path, where: str) -> dict[str, Any]:
+    """The JSON object of an HF ``config.json``; a file that is not JSON, or not an object, is a
+    ModelConfigError starting with ``where``."""
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"{where}: {config_file.name} is not valid JSON ({str(e).splitlines()[0]}); "
+                               f"re-save the model with save_pretrained") from None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{where}: {config_file.name} holds a JSON {type(raw).__name__}, not an "
+                               f"object of config fields; re-save the model with save_pretrained")
+    return raw
+
+
+def auto_config(directory: Path, where: str, **kwargs: Any) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained`` of a local directory; a field of the wrong type or an impossible value
+    (transformers' strict config checks) is a ModelConfigError naming the field."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    try:
+        return AutoConfig.from_pretrained(str(directory), **kwargs)
+    except StrictDataclassError as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ModelConfigError(f"{where}: config.json is refused by transformers ({why}); correct that field "
+                               f"in {directory / 'config.json'}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as e:
+        raise ModelConfigError(f"{where}: config.json cannot be read by transformers ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}); correct it in "
+                               f"{directory / 'config.json'}") from None
+
+
+def load_hf_config(path: str | Path) -> PretrainedConfig:
+    """The config of a local HF model dir; refuses a missing dir and unsupported model types (no hub)."""
     directory = Path(path)
     config_file = directory / "config.json"
     if not config_file.is_file():
@@ -249,13 +280,14 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
             f"HF model dir {directory}: no config.json there; "
             f"pass a local directory written by save_pretrained"
         )
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    where = f"HF model dir {directory}"
+    model_type = read_config_json(config_file, where).get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelConfigError(
-            f"HF model dir {directory}: model_type={model_type!r} is not supported; "
+            f"{where}: model_type={model_type!r} is not supported; "
             f"Tessera imports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return AutoConfig.from_pretrained(str(directory))
+    return auto_config(directory, where)
 
 
 def weight_files(path: str | Path) -> list[Path]:

@@ -16,7 +16,6 @@ this package never imports DeepSpeed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from model.args import ModelConfigError
+from model.hf import auto_config, read_config_json
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -36,7 +36,6 @@ DTYPES: dict[DtypeName, torch.dtype] = {name: getattr(torch, name) for name in g
 def causal_lm_config(path: str | Path, *, where: str = "hf.path", seq2seq: bool = False) -> PretrainedConfig:
     """The config of a local HF causal-LM directory (``seq2seq``: an encoder-decoder, e.g. T5); a missing dir,
     missing weights or another kind of model is refused."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
@@ -48,8 +47,9 @@ def causal_lm_config(path: str | Path, *, where: str = "hf.path", seq2seq: bool 
                                f"save_pretrained (Tessera never downloads models).")
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise ModelConfigError(f"{where}={path}: no config.json there; give a directory written by save_pretrained.")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+        raise ModelConfigError(f"{where}={path}: no config.json there; give a directory written by "
+                               f"save_pretrained.")
+    model_type = read_config_json(config_file, f"{where}={path}").get("model_type")
     if seq2seq and model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
         raise ModelConfigError(f"{where}={path}: model_type={model_type!r} is not an encoder-decoder model "
                                f"(AutoModelForSeq2SeqLM has no class for it); give e.g. a t5 or bart model.")
@@ -60,7 +60,7 @@ def causal_lm_config(path: str | Path, *, where: str = "hf.path", seq2seq: bool 
     if not any((directory / name).is_file() for name in WEIGHT_FILES):
         raise ModelConfigError(f"{where}={path}: no weights ({' / '.join(WEIGHT_FILES[:2])}) next to config.json; "
                                f"save the model with save_pretrained.")
-    return AutoConfig.from_pretrained(str(directory))
+    return auto_config(directory, f"{where}={path}")
 
 
 def num_parameters(config: PretrainedConfig) -> int:

@@ -39,13 +39,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tok_a = train_bpe_tokenizer(docs, 300, root / "tok_a")
     tok_b = train_bpe_tokenizer(docs, 320, root / "tok_b")
     prepare(docs, tok_a, root / "prepared_a", val_fraction=0.5)
-    return {"root": root, "a": docs[0], "b": docs[1], "tok_a": tok_a, "tok_b": tok_b, "prepared": root / "prepared_a"}
+    return {"root": root, "a": docs[0], "b": docs[1], "tok_a": tok_a, "tok_b": tok_b,
+            "prepared": root / "prepared_a"}
+
+
+def _launch(env: pytest.MonkeyPatch, *, rank: int, world: int) -> None:
+    """The variables a launcher (torchrun, deepspeed) sets for ``rank`` of a one-node job of ``world``."""
+    for key, value in {"RANK": rank, "WORLD_SIZE": world, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": world,
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}.items():
+        env.setenv(key, str(value))
 
 
 def _files_args(corpus: dict[str, Path], tmp_path: Path, *extra: str) -> list[str]:
     return ["--config", str(SMOKE), "data.corpus=files", f"data.files=[{corpus['a']}, {corpus['b']}]",
-            "data.val_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / 'run'}",
-            "data.seq_len=32", *extra]
+            "data.val_fraction=0.5", f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.out_dir={tmp_path / 'run'}", "data.seq_len=32", *extra]
 
 
 def _snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
@@ -53,17 +61,19 @@ def _snapshot(*roots: Path) -> dict[str, tuple[int, int, str]]:
     for root in roots:
         for p in sorted(root.rglob("*")):
             if p.is_file():
-                out[str(p)] = (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                out[str(p)] = (p.stat().st_size, p.stat().st_mtime_ns, digest)
     return out
 
 
 def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run(python_main("--config", str(SMOKE), "train.lrr=1e-3", f"train.out_dir={tmp_path}/r"),
-                          cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True, timeout=120,
-                          check=False)
+    argv = python_main("--config", str(SMOKE), "train.lrr=1e-3", f"train.out_dir={tmp_path}/r")
+    proc = subprocess.run(argv, cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tessera: error:")]
-    assert len(errors) == 1 and "Unknown config key 'train.lrr'" in errors[0] and "Did you mean 'lr'" in errors[0]
+    assert len(errors) == 1 and "Unknown config key 'train.lrr'" in errors[0]
+    assert "Did you mean 'lr'" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
 
@@ -97,8 +107,7 @@ def test_config_errors_before_anything_runs(clean_env: pytest.MonkeyPatch, corpu
 
 def test_batch_that_does_not_factor_over_the_world(clean_env: pytest.MonkeyPatch, corpus: dict,
                                                    tmp_path: Path) -> None:
-    clean_env.setenv("RANK", "0")
-    clean_env.setenv("WORLD_SIZE", "3")
+    _launch(clean_env, rank=0, world=3)
     with pytest.raises(ConfigError) as err:
         plan(parse_args(_files_args(corpus, tmp_path)))
     assert "train.global_batch_size=8" in str(err.value) and "data-parallel size=3" in str(err.value)
@@ -115,7 +124,8 @@ def test_empty_corpus(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Pat
 def test_tokenizer_that_does_not_match_the_prepared_data(clean_env: pytest.MonkeyPatch, corpus: dict,
                                                          tmp_path: Path) -> None:
     before = _snapshot(corpus["prepared"])
-    args = _files_args(corpus, tmp_path, f"data.tokenizer={corpus['tok_b']}", f"data.prepared_dir={corpus['prepared']}")
+    args = _files_args(corpus, tmp_path, f"data.tokenizer={corpus['tok_b']}",
+                       f"data.prepared_dir={corpus['prepared']}")
     with pytest.raises(DataError) as err:
         plan(parse_args(args))
     assert "tokenized with" in str(err.value) and "tok_a" in str(err.value)
@@ -123,7 +133,8 @@ def test_tokenizer_that_does_not_match_the_prepared_data(clean_env: pytest.Monke
     assert isinstance(err.value, USER_ERRORS)
 
 
-def test_used_run_directory_is_refused_and_kept(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path) -> None:
+def test_used_run_directory_is_refused_and_kept(clean_env: pytest.MonkeyPatch, corpus: dict,
+                                                tmp_path: Path) -> None:
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
     ckpt.mkdir(parents=True)
     (ckpt / "tessera.json").write_text(json.dumps({"step": 5, "model_args": {}}))
@@ -145,15 +156,16 @@ def test_used_run_directory_is_refused_and_kept(clean_env: pytest.MonkeyPatch, c
         ("3", ["parallel.tp=2"], "world size 3 is not divisible by parallel.tp=2 x parallel.pp=1"),
         ("2", ["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_len=33"],
          "data.seq_len=33 is not divisible by 2"),
-        ("8", ["parallel.pp=8", "--ds_config", "zero1"], "parallel.pp=8 stages for a model of 4 blocks (model.n_layers)"),
+        ("8", ["parallel.pp=8", "--ds_config", "zero1"],
+         "parallel.pp=8 stages for a model of 4 blocks (model.n_layers)"),
         ("2", ["parallel.pp=2"], "parallel.pp=2 with a ZeRO-0 DeepSpeed config"),
         ("2", ["parallel.pp=2", "--ds_config", "zero2"], "parallel.pp=2 with a ZeRO-2 DeepSpeed config"),
     ],
 )
-def test_parallel_layout_errors_before_any_process_group(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path,
-                                                         world: str, extra: list[str], fragment: str) -> None:
-    clean_env.setenv("RANK", "1")  # any rank: every rank reaches the same verdict before a collective runs
-    clean_env.setenv("WORLD_SIZE", world)
+def test_parallel_layout_errors_before_any_process_group(clean_env: pytest.MonkeyPatch, corpus: dict,
+                                                         tmp_path: Path, world: str, extra: list[str],
+                                                         fragment: str) -> None:
+    _launch(clean_env, rank=1, world=int(world))  # any rank: every rank reaches the same verdict first
     from parallel.dims import ParallelConfigError
 
     with pytest.raises(ParallelConfigError) as err:
@@ -173,8 +185,8 @@ def test_resume_with_another_tensor_parallel_layout_is_refused(clean_env: pytest
     resume = [*_files_args(corpus, tmp_path), "--resume", "auto"]
     with pytest.raises(ConfigError, match=r"trained with parallel.tp=2, this run has parallel.tp=1"):
         plan(parse_args(resume))
-    clean_env.setenv("RANK", "0")
-    clean_env.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"tensor/pipeline-parallel checkpoint of 4 ranks; resume it on 4 ranks"):
+    _launch(clean_env, rank=0, world=2)
+    with pytest.raises(ConfigError,
+                       match=r"tensor/pipeline-parallel checkpoint of 4 ranks; resume it on 4 ranks"):
         plan(parse_args([*_files_args(corpus, tmp_path, "parallel.tp=2"), "--resume", "auto"]))
     assert _snapshot(tmp_path / "run") == before

@@ -307,3 +307,83 @@ def test_checks_across_sections_name_both_keys() -> None:
                                              "parallel.activation_checkpoint_interval=1"])
     assert "perf.activation_checkpointing='full'" in str(err.value)
     assert "parallel.activation_checkpoint_interval=1" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- bad values and files
+
+
+def test_misspelled_ds_keys_are_refused_with_the_closest_key(tmp_path: Path) -> None:
+    from train.config.ds_schema import ds_schema
+
+    cases = {
+        "top": ({"zero_optimizationn": {"stage": 3}}, "unknown key 'zero_optimizationn'. Did you mean "
+                                                      "'zero_optimization'?"),
+        "zero": ({"zero_optimization": {"stage": 3, "stage3_param_persistance_threshold": 0}},
+                 "Did you mean 'zero_optimization.stage3_param_persistence_threshold'?"),
+        "offload": ({"zero_optimization": {"stage": 3, "offload_param": {"devic": "cpu"}}},
+                    "Did you mean 'zero_optimization.offload_param.device'?"),
+        "optimizer": ({"optimizer": {"typ": "AdamW"}}, "Did you mean 'optimizer.type'?"),
+        "section": ({"bf16": True}, "'bf16' is True; write a JSON object"),
+        "flag": ({"wall_clock_breakdown": "no"}, "DeepSpeed expects true or false"),
+    }
+    for name, (raw, message) in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ConfigError) as err:
+            load_ds_config(str(path))
+        assert str(err.value).startswith(f"--ds_config {path}: "), str(err.value)
+        assert message in str(err.value), str(err.value)
+    # the lists come from DeepSpeed: its aliases, nested models and pipeline defaults are known
+    keys = ds_schema().keys
+    zero = keys["zero_optimization"]
+    assert {"stage", "stage3_param_persistence_threshold", "param_persistence_threshold"} <= zero
+    assert "pin_memory" in keys["zero_optimization.offload_optimizer"] and "stages" in keys["pipeline"]
+    assert {"bf16", "fp16", "gradient_clipping", "steps_per_print"} <= keys[""]
+
+
+def test_ds_values_are_checked_by_deepspeeds_models() -> None:
+    cfg = load_config(RECIPES / "smoke.yaml")
+    zero = {**load_ds_config("zero3"), "zero_optimization": {"stage": 3, "reduce_bucket_size": "big"}}
+    with pytest.raises(ConfigError,
+                       match=r"zero_optimization.reduce_bucket_size='big': Input should be a valid integer"):
+        resolve_ds_config(zero, cfg, dp_size=1, bf16_supported=False)
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", "nan", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"train.lr=.*: not a finite number"):
+        load_config(RECIPES / "smoke.yaml", [f"train.lr={text}"])
+    with pytest.raises(ConfigError, match=r"sample.top_p=.*: not a finite number"):
+        load_config(RECIPES / "smoke.yaml", [f"sample.top_p={text}"])
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- a\n- b\n", "holds a YAML list, not a recipe"),
+    ("42\n", "holds a YAML int, not a recipe"),
+    ("train: {lr: 1\n", "not valid YAML (expected ',' or '}'"),
+    ("[" * 3000 + "]" * 3000, "nested too deeply"),
+])
+def test_a_recipe_that_is_no_mapping_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.lr=1e-3"])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_online_wandb_needs_a_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    with pytest.raises(ConfigError, match=r"log.wandb='online' but wandb has no API key .* or set "
+                                          r"log.wandb=offline"):
+        load_config(RECIPES / "smoke.yaml", ["log.wandb=online"])
+    netrc.write_text("machine example.org login user password secret\n")
+    with pytest.raises(ConfigError, match="no entry for api.wandb.ai"):
+        load_config(RECIPES / "smoke.yaml", ["log.wandb=online"])
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert load_config(RECIPES / "smoke.yaml", ["log.wandb=online"]).log.wandb == "online"
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert load_config(RECIPES / "smoke.yaml", ["log.wandb=online"]).log.wandb == "online"

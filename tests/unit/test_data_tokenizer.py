@@ -95,3 +95,30 @@ def test_eos_token_is_read_from_hf_config_files(tmp_path: Path) -> None:
     assert eos_token(tmp_path) == "</s>"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
     assert eos_token(tmp_path) == "<|end_of_text|>"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "tokenizer.json is empty"),
+    ('{"version": "1.0", "model": {', "tokenizer.json is not a valid tokenizer"),
+    ("[]", "tokenizer.json is not a valid tokenizer"),
+    (b"\xff\xfe\x00", "tokenizer.json is not a valid tokenizer"),
+])
+def test_a_broken_tokenizer_json_is_one_data_error(tmp_path: Path, content: str | bytes,
+                                                   message: str) -> None:
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for load in (load_raw_tokenizer, load_tokenizer, tokenizer_identity):
+        with pytest.raises(DataError) as err:
+            load(tmp_path)
+        assert message in str(err.value) and f"tokenizer_dir={tmp_path}" in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_a_broken_tokenizer_config_is_one_data_error(tok_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_bytes((tok_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(DataError, match="tokenizer_config.json is not valid JSON"):
+        eos_token(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="tokenizer_config.json holds a JSON list"):
+        load_tokenizer(tmp_path)

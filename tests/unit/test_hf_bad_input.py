@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,7 +101,8 @@ def test_the_shipped_sft_recipe_plans_on_a_local_model(root: Path, tmp_path: Pat
 
 def test_tensor_parallel_hf_models_need_a_plan_and_full_precision(root: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+    for key, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
         monkeypatch.setenv(key, value)  # planned as rank 0 of two (no process group is started)
     make_hf_model(root, "gpt2")
     _plan(root, tmp_path, "parallel.tp=2")  # llama: the native plan covers it
@@ -170,3 +173,25 @@ def test_a_dpo_reference_of_another_architecture_is_refused(root: Path, tmp_path
     with pytest.raises(USER_ERRORS, match=r"another model is a frozen copy; set dpo.reference='copy'"):
         _plan(root, tmp_path, *dpo, f"dpo.reference_from={same}", "lora.r=4")
     _plan(root, tmp_path, *dpo, f"dpo.reference_from={same}")  # same architecture, other weights: fine
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"hidden_size": "big"}, r"Field 'hidden_size' expected int, got str \(value: 'big'\)"),
+    ({"rms_norm_eps": [1]}, r"Field 'rms_norm_eps' expected float"),
+    ({"num_attention_heads": 0}, r"ZeroDivisionError"),
+    ("[1]", r"config.json holds a JSON list"),
+    ('{"model_type": "llama",', r"config.json is not valid JSON"),
+])
+def test_a_config_json_of_wrong_types_is_one_model_error(root: Path, tmp_path: Path, patch: dict | str,
+                                                         message: str) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "llama-2l", bad)
+    config = bad / "config.json"
+    if isinstance(patch, dict):
+        patch = json.dumps({**json.loads(config.read_text()), **patch})
+    config.write_text(patch)
+    with pytest.raises(USER_ERRORS, match=rf"hf.path={bad}: .*{message}"):
+        _plan(root, tmp_path, f"hf.path={bad}")
+    with pytest.raises(ConfigError, match=rf"model.init_from={bad}: .*{message}"):
+        load_config(SMOKE, [f"model.init_from={bad}", f"train.out_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from train.config.checks import check_batch_geometry
+from train.config.ds_schema import check_ds_keys, check_ds_values
 from train.config.fields import ConfigError
 from train.config.schema import JobConfig
 
@@ -34,14 +35,30 @@ def find_ds_config(name_or_path: str) -> Path:
 
 
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    """The JSON object of a DeepSpeed config, without its ``_comment``-style keys; unknown keys, sections that
+    are not objects and scalars of the wrong type are refused (train/config/ds_schema.py)."""
     path = find_ds_config(name_or_path)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--ds_config {path}: not valid JSON ({e}).") from None
+        raw = json.loads(path.read_text(encoding="utf-8"), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--ds_config {path}: not valid JSON ({str(e).splitlines()[0]}); fix the file or "
+                          f"start from one in ds_configs/.") from None
+    except OSError as e:
+        raise ConfigError(f"--ds_config {path}: cannot be read ({e.strerror}).") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"--ds_config {path}: expected a JSON object.")
-    return {k: v for k, v in raw.items() if not k.startswith("_")}
+        raise ConfigError(f"--ds_config {path}: holds a JSON {type(raw).__name__}; a DeepSpeed config is a "
+                          f"JSON object of sections ({{\"zero_optimization\": {{\"stage\": 1}}, ...}}).")
+    ds = {k: v for k, v in raw.items() if not (isinstance(k, str) and k.startswith("_"))}
+    check_ds_keys(ds, f"--ds_config {path}")
+    if "bfloat16" in ds:  # DeepSpeed's older name of the bf16 section
+        if "bf16" in ds:
+            raise ConfigError(f"--ds_config {path}: both 'bf16' and 'bfloat16' are set; keep 'bf16'.")
+        ds["bf16"] = ds.pop("bfloat16")
+    return ds
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _fill(ds: dict[str, Any], key: str, want: Any, recipe_key: str, where: str = "") -> None:
@@ -99,6 +116,7 @@ def resolve_ds_config(
     if leftover:
         raise ConfigError(f'DeepSpeed config field {leftover} is "auto" but Tessera cannot infer it: set a '
                           f'value.')
+    check_ds_values(ds)
     return ds
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -33,8 +34,8 @@ from train.config.schema import (
 )
 
 
-def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+def _suggest(key: Any, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
 
 
@@ -74,19 +75,31 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}.")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}.")
-        return float(value)
+        return finite(where, number)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}.")
         return str(value)
     raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def finite(where: str, value: int | float) -> float:
+    """``value`` as a float, or a ConfigError when it is NaN or infinite (YAML's ``.nan``, ``.inf``)."""
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}={value!r}: not a finite number; give a number such as 3e-4.")
+    return number
 
 
 def _section_from_dict(name: str, cls: type, raw: Any) -> Any:
@@ -110,7 +123,7 @@ def _model_section(raw: Any) -> ModelSection:
     if not isinstance(raw, dict):
         raise ConfigError(f"model: expected a mapping of keys, got {raw!r}.")
     raw = dict(raw)
-    preset = raw.pop("preset", ModelSection.preset)
+    preset = _coerce("model.preset", raw.pop("preset", ModelSection.preset), str)
     init_from = _coerce("model.init_from", raw.pop("init_from", None), str | None)
     arg_fields = {f.name: f for f in dataclasses.fields(ModelArgs)}
     hints = typing.get_type_hints(ModelArgs)
@@ -167,20 +180,43 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     raw.setdefault(section, {})
     if not isinstance(raw[section], dict):
         raise ConfigError(f"Override '{override}': section '{section}' is not a mapping in the recipe.")
-    raw[section][key] = yaml.safe_load(text) if text.strip() else None
+    raw[section][key] = _parse_yaml(text, f"Override '{override}'") if text.strip() else None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values; a syntax error or absurd nesting is one ConfigError naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        m = e.problem_mark
+        mark = f" at line {m.line + 1}, column {m.column + 1}" if m is not None else ""
+        raise ConfigError(f"{where}: not valid YAML ({e.problem or e.context}{mark}); quote the value or "
+                          f"fix the syntax.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]}).") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a recipe.") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig:
     """Read a YAML recipe (None: all defaults), apply overrides, validate."""
-    raw: dict[str, Any] = {}
+    raw: Any = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"--config {path}: no such file. Recipes live in train/configs/.")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML ({e}).") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not a text file (not UTF-8); give a YAML recipe.") from None
+        except OSError as e:
+            raise ConfigError(f"--config {path}: cannot be read ({e.strerror}).") from None
+        raw = _parse_yaml(text, f"--config {path}")
+        if raw is None:  # an empty file: every default
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: holds a YAML {type(raw).__name__}, not a recipe; a recipe "
+                              f"is a mapping of sections (model:, data:, train:, ...), see train/configs/.")
     for o in overrides:
         apply_override(raw, o)
     return config_from_dict(raw)

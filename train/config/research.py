@@ -8,6 +8,7 @@ training starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -55,18 +56,43 @@ class ResearchSection:
             if not isinstance(spec, dict):
                 raise ConfigError(f"research.terms.{name}={spec!r}: write a mapping, e.g. {{weight: 0.1, "
                                   f"schedule: linear, start: 0, end: 100}}.")
-            unknown = sorted(set(spec) - set(TERM_KEYS))
+            unknown = sorted(set(spec) - set(TERM_KEYS), key=str)
             if unknown:
                 raise ConfigError(f"research.terms.{name}.{unknown[0]}: unknown key; a term takes "
                                   f"{', '.join(TERM_KEYS)}.")
             _choice(f"research.terms.{name}.schedule", spec.get("schedule", "constant"), SCHEDULES)
+            for key in ("weight", "initial"):
+                if key in spec:
+                    spec[key] = _number(f"research.terms.{name}.{key}", spec[key])
+            for key in ("start", "end"):
+                value = spec.get(key, 0)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ConfigError(f"research.terms.{name}.{key}={value!r}: give a step number >= 0.")
         for i, g in enumerate(self.groups):
-            if not isinstance(g, dict) or "params" not in g:
+            if not isinstance(g, dict) or not isinstance(g.get("params"), str):
                 raise ConfigError(f"research.groups[{i}]={g!r}: write {{params: GLOB, lr: ..., "
                                   f"weight_decay: ...}}.")
-            unknown = sorted(set(g) - set(GROUP_KEYS))
+            unknown = sorted(set(g) - set(GROUP_KEYS), key=str)
             if unknown:
                 raise ConfigError(f"research.groups[{i}].{unknown[0]}: unknown key; a group takes "
                                   f"{', '.join(GROUP_KEYS)}.")
-            if g.get("lr") is not None and not float(g["lr"]) > 0:
-                raise ConfigError(f"research.groups[{i}].lr={g['lr']}: must be > 0.")
+            for key in ("lr", "weight_decay"):
+                if g.get(key) is None:
+                    continue
+                value = _number(f"research.groups[{i}].{key}", g[key])
+                if value < 0 or (key == "lr" and value == 0):
+                    raise ConfigError(f"research.groups[{i}].{key}={g[key]!r}: must be "
+                                      f"{'> 0' if key == 'lr' else '>= 0'}.")
+
+
+def _number(where: str, value: Any) -> float:
+    """A finite number (YAML's 1e-3, read as a string, too), or a ConfigError naming ``where``."""
+    number = value
+    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+        raise ConfigError(f"{where}={value!r}: give a finite number.")
+    return float(number)

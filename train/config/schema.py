@@ -10,8 +10,13 @@ combinations across sections.
 from __future__ import annotations
 
 import dataclasses
+import math
+import netrc
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from model import ModelArgs, ModelConfigError, get_preset
 from model.hf import args_from_hf_config, load_hf_config
@@ -140,13 +145,13 @@ class DataSection:
         if c == "stream" and self.tokenizer is None:
             raise ConfigError("data.corpus='stream' needs data.tokenizer (a local HF tokenizer directory).")
         for i, entry in enumerate(self.blend):
-            extra = sorted(set(entry) - {"path", "weight"})
+            extra = sorted(set(entry) - {"path", "weight"}, key=str)
             if extra or "path" not in entry or not isinstance(entry["path"], str):
                 raise ConfigError(f"data.blend[{i}]={entry!r}: each entry is "
                                   f"{{path: <dir or files>, weight: <number>}}.")
             weight = entry.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-                raise ConfigError(f"data.blend[{i}].weight={weight!r}: must be a number >= 0.")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+                raise ConfigError(f"data.blend[{i}].weight={weight!r}: must be a number >= 0 and finite.")
             entry["weight"] = float(weight)
         if self.blend and not sum(e["weight"] for e in self.blend) > 0:
             raise ConfigError(f"data.blend weights {[e['weight'] for e in self.blend]} do not sum to a "
@@ -239,7 +244,41 @@ class LogSection:
     progress: bool = _f(True, "Show a progress bar on rank 0.")
 
     def validate(self) -> None:
-        """Nothing beyond the types (log.wandb is one of its modes)."""
+        """An online wandb run needs an API key where wandb looks for one (checked before anything is
+        written, not at the first logged step)."""
+        if self.wandb == "online" and wandb_key_source() is None:
+            raise ConfigError(
+                f"log.wandb='online' but wandb has no API key here (no WANDB_API_KEY, no entry for "
+                f"{_wandb_host()} in {_netrc_path()}): run `wandb login` or export WANDB_API_KEY, or set "
+                f"log.wandb=offline (upload later with `wandb sync`)."
+            )
+
+
+def _wandb_host() -> str:
+    return urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc or "api.wandb.ai"
+
+
+def _netrc_path() -> Path:
+    """The netrc file wandb reads: $NETRC, else ~/.netrc, else ~/_netrc."""
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    home = Path("~/.netrc").expanduser()
+    windows = Path("~/_netrc").expanduser()
+    return windows if not home.exists() and windows.exists() else home
+
+
+def wandb_key_source() -> str | None:
+    """Where wandb would find its credentials (WANDB_API_KEY, an identity token file, the netrc entry for its
+    host), or None."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        if os.environ.get(name):
+            return name
+    path = _netrc_path()
+    try:
+        entry = netrc.netrc(str(path)).authenticators(_wandb_host())
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return str(path) if entry and entry[2] else None
 
 
 @dataclass

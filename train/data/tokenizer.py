@@ -81,29 +81,47 @@ def train_bpe_tokenizer(
     return Path(out_dir)
 
 
+_RESAVE = ("train one (tools/train_tokenizer.py) or re-save a HF tokenizer with "
+           "AutoTokenizer.from_pretrained(src).save_pretrained(dir)")
+
+
 def _tokenizer_file(tok_dir: Path | str) -> Path:
     path = Path(tok_dir) / TOKENIZER_FILE
     if not path.is_file():
-        raise DataError(
-            f"tokenizer_dir={tok_dir}: no {TOKENIZER_FILE}; train one (tools/train_tokenizer.py) or "
-            "re-save a HF tokenizer with AutoTokenizer.from_pretrained(src).save_pretrained(dir)"
-        )
+        raise DataError(f"tokenizer_dir={tok_dir}: no {TOKENIZER_FILE}; {_RESAVE}")
     return path
+
+
+def _broken(path: Path, why: str) -> DataError:
+    return DataError(f"tokenizer_dir={path.parent}: {path.name} {why}; {_RESAVE}")
 
 
 def load_tokenizer(tok_dir: Path | str) -> PreTrainedTokenizerBase:
     """Load the tokenizer dir with `transformers.AutoTokenizer` (for training, generation, decoding)."""
     from transformers import AutoTokenizer
 
-    _tokenizer_file(tok_dir)
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    load_raw_tokenizer(tok_dir)  # a broken tokenizer.json is named here, not deep inside transformers
+    eos_token(tok_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(tok_dir))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        raise DataError(f"tokenizer_dir={tok_dir}: transformers cannot load it ({str(e).splitlines()[0]}); "
+                        f"{_RESAVE}") from None
 
 
 def load_raw_tokenizer(tok_dir: Path | str) -> Tokenizer:
-    """Load the dir's `tokenizer.json` with HF `tokenizers` (fast batch encoding, no transformers)."""
+    """Load the dir's `tokenizer.json` with HF `tokenizers` (fast batch encoding, no transformers).
+
+    An empty or malformed file is a DataError naming it (`tokenizers` reports it as a bare Exception)."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(_tokenizer_file(tok_dir)))
+    path = _tokenizer_file(tok_dir)
+    if path.stat().st_size == 0:
+        raise _broken(path, "is empty")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception for every parse error of the file
+        raise _broken(path, f"is not a valid tokenizer ({str(e).splitlines()[0]})") from None
 
 
 def eos_token(tok_dir: Path | str) -> str | None:
@@ -111,7 +129,13 @@ def eos_token(tok_dir: Path | str) -> str | None:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         path = Path(tok_dir) / name
         if path.is_file():
-            token: Any = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+            try:
+                config: Any = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise _broken(path, f"is not valid JSON ({str(e).splitlines()[0]})") from None
+            if not isinstance(config, dict):
+                raise _broken(path, f"holds a JSON {type(config).__name__}, not an object")
+            token = config.get("eos_token")
             if isinstance(token, dict):  # serialized AddedToken
                 token = token.get("content")
             if isinstance(token, str):
