@@ -6,7 +6,7 @@ the plain model's, and marks its sharded parameters the way DeepSpeed reads them
 Replicated parameters carry no mark and are counted on TP rank 0 only.
 
 All layers share one `TPContext`: the group, this rank's place in it, whether sequence parallelism
-is on, and the RNG stream for randomness that must differ between TP ranks.
+is on, and the generator for randomness that must differ between TP ranks.
 """
 
 from __future__ import annotations
@@ -27,14 +27,20 @@ from parallel.comm import copy_to_tp, gather_seq, reduce_from_tp, reduce_scatter
 
 @dataclass
 class TPContext:
-    """What every tensor-parallel layer of one model shares."""
+    """What every tensor-parallel layer of one model shares.
+
+    Randomness that must differ between the ranks of a TP group (dropout over this rank's heads, or over its
+    slice of the sequence) draws from the context's own `torch.Generator`, one per device, seeded
+    ``seed + 2718 + rank`` at its first draw. The default generator, used everywhere else, stays identical on
+    the ranks of a group, so dropout on replicated activations draws the same mask on each of them.
+    """
 
     group: Any  # the tensor-parallel process group (None: a group of one)
     size: int
     rank: int
     sequence_parallel: bool = False  # activations between blocks are split along the sequence
-    seed: int = 0  # base seed of the per-TP-rank RNG stream
-    _stream: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    seed: int = 0  # base seed of the per-TP-rank generator
+    _generators: dict[str, torch.Generator] = field(default_factory=dict, repr=False)  # device -> this rank's
 
     @classmethod
     def for_group(cls, group: Any, *, sequence_parallel: bool = False, seed: int = 0) -> TPContext:
@@ -42,48 +48,57 @@ class TPContext:
         rank = 0 if group is None else dist.get_rank(group)
         return cls(group, size, rank, sequence_parallel=sequence_parallel and size > 1, seed=seed)
 
-    @contextlib.contextmanager
-    def tp_rng(self) -> Iterator[None]:
-        """Run the block with this TP rank's own RNG stream (dropout over sharded heads or sequence slices).
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """This TP rank's generator on ``device`` (made and seeded at the first call for that device)."""
+        key = _device_key(device)
+        g = self._generators.get(key)
+        if g is None:
+            g = self._generators[key] = torch.Generator(key).manual_seed(self.seed + 2718 + self.rank)
+        return g
 
-        The default stream, used everywhere else, stays identical on the ranks of a TP group, so dropout on
-        replicated activations draws the same mask on each of them.
-        """
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-        saved_cpu = torch.get_rng_state()
-        saved_cuda = torch.cuda.get_rng_state() if cuda else None
-        if not self._stream:
-            torch.manual_seed(self.seed + 2718 + self.rank)  # seeds the CUDA generators too
-        else:
-            torch.set_rng_state(self._stream["cpu"])
-            if cuda and "cuda" in self._stream:
-                torch.cuda.set_rng_state(self._stream["cuda"])
+    @contextlib.contextmanager
+    def default_rng(self) -> Iterator[None]:
+        """Run the block with the default generators drawing this rank's stream, for kernels that take no
+        generator (attention dropout inside SDPA / flash-attn): the CPU one, and the current CUDA device's
+        once CUDA is in use. They hold this rank's generator states for the block, which then keep what was
+        drawn, and the default generators get their own states back."""
+        devices = ["cpu"]
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            devices.append(f"cuda:{torch.cuda.current_device()}")
+        pairs = [(self.generator(d), _default_generator(d)) for d in devices]
+        saved = [default.get_state() for _, default in pairs]
+        for own, default in pairs:
+            default.set_state(own.get_state())
         try:
             yield
         finally:
-            self._stream["cpu"] = torch.get_rng_state()
-            if cuda:
-                self._stream["cuda"] = torch.cuda.get_rng_state()
-            torch.set_rng_state(saved_cpu)
-            if saved_cuda is not None:
-                torch.cuda.set_rng_state(saved_cuda)
+            for (own, default), state in zip(pairs, saved, strict=True):
+                own.set_state(default.get_state())
+                default.set_state(state)
 
-    def rng_snapshot(self) -> dict[str, torch.Tensor]:
-        """Where this rank's stream is now (empty before its first draw): what `replay_rng` goes back to."""
-        return dict(self._stream)
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The state of each of this rank's generators, by device (empty before the first draw): what
+        `set_rng_state` and `replay_rng` go back to, and what a checkpoint keeps to resume the stream."""
+        return {key: g.get_state() for key, g in self._generators.items()}
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Put the generators back to ``state`` (`rng_state`'s); a device it does not name starts from the
+        seed again at its next draw."""
+        for key in [k for k in self._generators if k not in state]:
+            del self._generators[key]
+        for key, value in state.items():
+            self.generator(key).set_state(value)
 
     @contextlib.contextmanager
-    def replay_rng(self, snapshot: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Draw again from ``snapshot`` (activation recomputation redraws the masks of the first pass), then
-        leave the stream where it was, so later draws are those of a run without recomputation."""
-        current = dict(self._stream)
-        self._stream.clear()
-        self._stream.update(snapshot)
+    def replay_rng(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Draw again from ``state`` (activation recomputation redraws the masks of the first pass), then
+        leave the generators where they were, so later draws are those of a run without recomputation."""
+        current = self.rng_state()
+        self.set_rng_state(state)
         try:
             yield
         finally:
-            self._stream.clear()
-            self._stream.update(current)
+            self.set_rng_state(current)
 
     @contextlib.contextmanager
     def sequence_parallel_off(self) -> Iterator[None]:
@@ -264,7 +279,9 @@ class SequenceParallelRMSNorm(nn.Module):
 
 
 class TPDropout(nn.Dropout):
-    """Dropout on sequence-parallel activations: each TP rank holds other positions, so it draws its own mask."""
+    """Dropout on sequence-parallel activations: each TP rank holds other positions, so it draws its own mask
+    from the context's generator (replicated activations, without sequence parallelism, draw from the default
+    generator, alike on every rank)."""
 
     def __init__(self, p: float, ctx: TPContext) -> None:
         super().__init__(p)
@@ -275,5 +292,24 @@ class TPDropout(nn.Dropout):
             return x
         if not self.ctx.sequence_parallel:
             return super().forward(x)
-        with self.ctx.tp_rng():
-            return super().forward(x)
+        # what F.dropout computes on the CPU, with the mask drawn from this rank's generator
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.ctx.generator(x.device))
+        return x * keep.div_(1 - self.p)
+
+
+def _device_key(device: torch.device | str) -> str:
+    """``device`` as a generator's key: "cpu", or "cuda:<index>" (the current device when none is named)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
+
+
+def _default_generator(key: str) -> torch.Generator:
+    """The generator that ops without a ``generator`` argument draw from on the device ``key``."""
+    device = torch.device(key)
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index]
+    raise ValueError(f"no default generator known for {key}: TP dropout runs on CPU or CUDA")

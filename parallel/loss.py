@@ -1,19 +1,57 @@
-"""Cross-entropy over vocabulary-parallel logits, without ever gathering the full (B, T, V) logits.
+"""The language-model losses a model can be trained with; `parallel.parallelize.parallelize` picks one.
 
-Each rank holds logits for its rows [start, start + V_local) of the padded vocabulary. The softmax
-denominator and the target logit are each one all-reduce of a (B, T) tensor. Padding rows (ids at or
-beyond the real vocabulary size) are masked to the lowest float before anything else, so they carry no
+- `lm_loss`: next-token cross-entropy on whole logits (B, T, V), the one definition (`train.objectives.lm`
+  re-exports it);
+- `HeadLoss`: the loss computed by an output head that never materialises the logits (fused linear
+  cross-entropy, `model.kernels.LinearCrossEntropyHead`);
+- `vocab_parallel_cross_entropy`: cross-entropy over vocabulary-parallel logits, without ever gathering the
+  full (B, T, V) logits (`parallel.tp.tp_lm_loss` binds it to a model's split head).
+
+Vocabulary-parallel: each rank holds logits for its rows [start, start + V_local) of the padded vocabulary.
+The softmax denominator and the target logit are each one all-reduce of a (B, T) tensor. Padding rows (ids at
+or beyond the real vocabulary size) are masked to the lowest float before anything else, so they carry no
 probability and get no gradient: the padding can never be predicted.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from model.kernels import LinearCrossEntropyHead
 from parallel.comm import gather_last
+
+LossFn = Callable[..., torch.Tensor]
+"""(model output, labels (B, T)) -> the mean loss over labelled positions; the model is called with the loss's
+``forward_kwargs`` attribute when it has one (`HeadLoss`: hidden states instead of logits)."""
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32 (nats); label -100 is ignored.
+
+    reduction: "mean" over the labelled tokens (the `LossFn` contract), "sum" over them, or "none": one loss
+    per position, (B * T,), 0 where the label is -100.
+    """
+    # logits: (B, T, V), labels: (B, T)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                           reduction=reduction)
+
+
+class HeadLoss:
+    """The loss of a model whose head computes it (`LinearCrossEntropyHead`): the model returns hidden states
+    (``forward_kwargs``), and the head turns them and the labels into the mean cross-entropy."""
+
+    forward_kwargs: ClassVar[dict[str, Any]] = {"return_hidden": True}
+
+    def __init__(self, head: LinearCrossEntropyHead) -> None:
+        self.head = head
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden, labels)
 
 
 def _all_reduce(x: torch.Tensor, group: Any, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:

@@ -1,17 +1,12 @@
-"""Speed and memory transformations of the (possibly tensor-parallel) model, applied after `apply_tp`:
-
-    ctx = apply_tp(model, groups.tp_group, ...)
-    kernels = apply_perf(model, tp_ctx=ctx, device=device, activation_checkpointing="full", compile=True)
-    loss_fn = build_loss_fn(model, ctx, default=lm_loss)
-
-`apply_perf` runs, in this order and each logged once:
+"""Speed and memory transformations of the (possibly tensor-parallel) model, applied after `apply_tp`.
+`parallel.parallelize.parallelize` applies them in this order, each logged once:
 
 1. `apply_activation_checkpointing`: ``full`` recomputes whole transformer blocks in backward, ``selective``
    only their attention (projections, RoPE, attention, output projection); ``every=k`` takes blocks
    0, k, 2k, ... only. Blocks keep their parameter names (the forward is wrapped, not the module), so
    checkpoints, ZeRO and the TP plan see the same model. Recomputation redraws the dropout masks of the first
-   pass: torch restores the default RNG stream, and the TP context's own per-rank stream (used for dropout on
-   split heads or sequence slices) is rewound here.
+   pass: torch restores the default generators, and the TP context's own per-rank generators (used for
+   dropout on split heads or sequence slices) are rewound here.
 2. `apply_kernels`: the fused ops `model.kernels.resolve_kernels` chose (liger-kernel on CUDA, references
    elsewhere), and the output head that computes the loss itself when the fused linear cross-entropy is on.
 3. `apply_compile`: `torch.compile` of each transformer block, in place (names unchanged).
@@ -22,19 +17,15 @@ Pipeline parallelism composes: `build_pipeline` wraps the same block objects aft
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
-from collections.abc import Callable
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.kernels import KernelChoice, LinearCrossEntropyHead, resolve_kernels
+from model.kernels import KernelChoice, LinearCrossEntropyHead
 from parallel.layers import TPContext
-
-log = logging.getLogger("tessera")
 
 # What activation checkpointing recomputes; the recipe's perf.activation_checkpointing takes this type.
 ACMode = Literal["none", "full", "selective"]
@@ -58,17 +49,17 @@ def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not torch.is_grad_enabled():  # evaluation and generation (KV caches must not be updated twice)
         return inner(*args, **kwargs)
     ctx: TPContext | None = self._ac_tp_ctx
-    if ctx is None:  # the default RNG stream is saved and restored by torch itself (preserve_rng_state)
+    if ctx is None:  # the default generators are saved and restored by torch itself (preserve_rng_state)
         return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
-    def context_fn() -> tuple[Any, Any]:  # called as the first pass starts: remember the TP stream there
-        return contextlib.nullcontext(), ctx.replay_rng(ctx.rng_snapshot())
+    def context_fn() -> tuple[Any, Any]:  # called as the first pass starts: remember the generators there
+        return contextlib.nullcontext(), ctx.replay_rng(ctx.rng_state())
 
     return checkpoint(inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
 def _checkpoint_module(module: nn.Module, tp_ctx: TPContext | None) -> None:
-    module._ac_tp_ctx = tp_ctx  # None when nothing draws from a per-rank stream
+    module._ac_tp_ctx = tp_ctx  # None when nothing draws from a per-rank generator
     module.forward = types.MethodType(_checkpointed_forward, module)  # a bound method: deepcopy rebinds it
 
 
@@ -84,7 +75,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full", *, ever
         return 0
     dropout = float(getattr(getattr(model, "args", None), "dropout", 1.0))  # unknown models: assume dropout
     if tp_ctx is not None and (tp_ctx.size == 1 or dropout == 0.0):
-        tp_ctx = None  # no mask is drawn from the per-rank stream: nothing to rewind
+        tp_ctx = None  # no mask is drawn from the per-rank generators: nothing to rewind
     wrapped = 0
     for i, block in enumerate(_blocks(model)):
         if i % every:
@@ -130,64 +121,3 @@ def apply_compile(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
-
-
-def apply_perf(
-    model: nn.Module,
-    *,
-    tp_ctx: TPContext | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    doc_mask: bool = False,
-    fused_rms_norm: bool = True,
-    fused_swiglu: bool = True,
-    fused_rope: bool = True,
-    fused_linear_cross_entropy: bool = False,
-    activation_checkpointing: str = "none",
-    ac_every: int = 1,
-    compile: bool = False,
-) -> KernelChoice:
-    """Activation checkpointing, then fused kernels, then torch.compile (the keywords of the recipe's ``perf:``
-    section); logs what was applied and returns the kernel choice."""
-    device = torch.device(device)
-    args = getattr(model, "args", None)
-    attention = {"sinks": bool(getattr(args, "attn_sinks", False)), "dropout": float(getattr(args, "dropout", 0.0)),
-                 "doc_mask": doc_mask}
-    n = apply_activation_checkpointing(model, activation_checkpointing, every=ac_every, tp_ctx=tp_ctx)
-    if n:
-        what = "blocks" if activation_checkpointing == "full" else "attention modules"
-        log.info("activation checkpointing: %s, %d %s recomputed in backward (every %d)", activation_checkpointing,
-                 n, what, ac_every)
-    choice = resolve_kernels(device, rms_norm=fused_rms_norm, swiglu=fused_swiglu, rope=fused_rope,
-                             linear_cross_entropy=fused_linear_cross_entropy, dtype=dtype, attention=attention)
-    apply_kernels(model, choice)
-    if compile:
-        log.info("torch.compile: %d transformer blocks", apply_compile(model))
-    return choice
-
-
-class HeadLoss:
-    """The loss of a model whose head computes it (`LinearCrossEntropyHead`): the model returns hidden states
-    (``forward_kwargs``), and the head turns them and the labels into the mean cross-entropy."""
-
-    forward_kwargs: ClassVar[dict[str, Any]] = {"return_hidden": True}
-
-    def __init__(self, head: LinearCrossEntropyHead) -> None:
-        self.head = head
-
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden, labels)
-
-
-def build_loss_fn(model: nn.Module, tp_ctx: TPContext | None,
-                  default: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """The one loss of this model: through its head (fused linear cross-entropy), vocabulary-parallel under
-    TP, else ``default`` on the logits. Call the model with ``getattr(loss_fn, "forward_kwargs", {})``."""
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, LinearCrossEntropyHead):
-        return HeadLoss(head)
-    if tp_ctx is not None and tp_ctx.size > 1:
-        from parallel.tp import tp_lm_loss
-
-        return tp_lm_loss(model, tp_ctx)
-    return default

@@ -5,6 +5,8 @@
     loss = tp_lm_loss(model, ctx)(model(x), y)          # vocab-parallel cross-entropy
     full = gather_full_state_dict(model)                # the plain model's state dict, on every rank
 
+A run applies it through `parallel.parallelize.parallelize`, which also chooses the loss.
+
 A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_proj``) to a style:
 
 - ``column``: `nn.Linear` split by output features (q/k/v, gate/up: heads and hidden units per rank);
@@ -110,7 +112,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _shard_heads(attn: nn.Module, ctx: TPContext, name: str) -> None:
-    """Slice per-head parameters (sinks) and give attention dropout this rank's RNG stream."""
+    """Slice per-head parameters (sinks) and have attention dropout draw from this rank's generator."""
     sinks = getattr(attn, "sinks", None)
     if sinks is not None:
         if sinks.shape[0] % ctx.size:
@@ -120,7 +122,8 @@ def _shard_heads(attn: nn.Module, ctx: TPContext, name: str) -> None:
         if not sinks.is_meta:
             local.copy_(sinks[ctx.rank * n : (ctx.rank + 1) * n])
         attn.sinks = mark_sharded(nn.Parameter(local), 0)
-    attn.dropout_rng = ctx.tp_rng  # attention probabilities are over this rank's heads
+    # attention probabilities are over this rank's heads; attention kernels draw from the default generator
+    attn.dropout_rng = ctx.default_rng
 
 
 def apply_tp(

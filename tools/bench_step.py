@@ -2,14 +2,15 @@
 
     python tools/bench.py train-step --preset tiny --set vocab_size=2048 --batch 16 --seq 256 --compare hf bare
 
-**Tessera** is the training loop's own step (`train.loop.trainer.Trainer._step`) on a DeepSpeed engine built as
-`train/main.py` builds it (the recipe's DeepSpeed config resolution, `apply_perf`, the loss of
-`build_loss_fn`, torch AdamW, gradient clipping 1.0): a batch from the stream, forward + loss, `engine.backward`,
-`engine.step`, the loss read back and averaged over ranks. **hf** is `transformers.LlamaForCausalLM` of the same
-shape and weights (`model.hf.to_hf_llama_config`, SDPA attention) with `labels`, torch AdamW and
-`clip_grad_norm_`. **bare** is Tessera's `Transformer` in a hand-written loop (logits, `F.cross_entropy`,
-backward, `clip_grad_norm_`, AdamW, `zero_grad`). All see the same batches, in the same process; variants take
-turns step by step, so a machine whose speed drifts (shared, throttled) affects each alike.
+**Tessera** is the training loop's own step (`train.loop.trainer.Trainer._step`) on a DeepSpeed engine built
+as `train/main.py` builds it (the recipe's DeepSpeed config resolution, `parallelize` with the recipe's perf
+options, which also chooses the loss, torch AdamW, gradient clipping 1.0): a batch from the stream, forward +
+loss, `engine.backward`, `engine.step`, the loss read back and averaged over ranks. **hf** is
+`transformers.LlamaForCausalLM` of the same shape and weights (`model.hf.to_hf_llama_config`, SDPA attention)
+with `labels`, torch AdamW and `clip_grad_norm_`. **bare** is Tessera's `Transformer` in a hand-written loop
+(logits, `F.cross_entropy`, backward, `clip_grad_norm_`, AdamW, `zero_grad`). All see the same batches, in the
+same process; variants take turns step by step, so a machine whose speed drifts (shared, throttled) affects
+each alike.
 
 Reported per variant: median and fastest step time, tokens/s (per device and in total, with the data-parallel size, here 1),
 MFU, the time shares of data / forward (with the loss) / backward / optimizer (the rest is the loss read-back
@@ -36,13 +37,14 @@ import torch.nn.functional as F
 from model import ModelArgs, Transformer
 from model.hf import to_hf_llama_config, to_hf_state_dict
 from model.model import build_model
-from parallel.perf import apply_perf, build_loss_fn
+from parallel.dims import ParallelDims
+from parallel.groups import build_process_groups
+from parallel.parallelize import parallelize
 from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.load import load_config
 from train.distributed import device_for, init_distributed, read_env
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.loop.trainer import Trainer, TrainState
-from train.objectives.lm import lm_loss
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name().
 GPU_PEAKS = {"H200": 989.4e12, "H100 PCIe": 756.0e12, "H100": 989.4e12, "A100": 312.0e12,
@@ -138,9 +140,8 @@ def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: 
     model = build_model(args, device, 0)
     model.load_state_dict(state)
     bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
-    apply_perf(model, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
-               **{k: v for k, v in vars(cfg.perf).items()})
-    loss_fn = build_loss_fn(model, None, default=lm_loss)
+    loss_fn = parallelize(model, build_process_groups(ParallelDims(1)), parallel=cfg.parallel, perf=cfg.perf,
+                          device=device, dtype=torch.bfloat16 if bf16 else torch.float32).loss_fn
     optimizer = build_optimizer(model, cfg.train, ds_config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       model_parameters=None if optimizer else param_groups(model, 0.1),

@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 
 from model import ModelArgs, Transformer, get_preset
-from parallel.tp import apply_tp, tp_lm_loss
+from parallel.dims import ParallelDims
+from parallel.groups import build_process_groups
+from parallel.parallelize import parallelize
+from train.config.schema import ParallelSection
 
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -77,10 +80,10 @@ def _rank(rank: int, tp: int, init_file: str, args: ModelArgs, batch: int, seq: 
         torch.manual_seed(0)
         with torch.device("meta"):
             model = Transformer(args)
-        ctx = apply_tp(model, dist.group.WORLD, sequence_parallel=sp)
+        groups = build_process_groups(ParallelDims(tp, tp=tp))
+        loss_fn = parallelize(model, groups, parallel=ParallelSection(tp=tp, sequence_parallel=sp)).loss_fn
         model.to_empty(device="cpu")
         model.init_weights()
-        loss_fn = tp_lm_loss(model, ctx)
         x = torch.randint(0, args.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
         counts: dict[str, list[int]] = defaultdict(list)
         _count_collectives(counts, tp)

@@ -1,5 +1,7 @@
 """From a Plan to what the loop trains: the model (HF, native or a research recipe's own), transformed for the
-layout (TP, activation checkpointing, kernels, pipeline stages), the loss, DeepSpeed's engine and the objective.
+layout and given its loss by `parallel.parallelize.parallelize` (TP, activation checkpointing, kernels,
+compile, the loss, a sequence head or research recipe around the model, pipeline stages), DeepSpeed's engine
+and the objective.
 
     built = build(plan, groups, device)     # collective: every rank builds its part
     built.engine, built.objective, built.loss_fn, built.tp_ctx, built.n_params
@@ -21,15 +23,15 @@ from model.heads import SequenceScorer
 from model.hf import load_hf_pretrained
 from model.model import build_model
 from parallel.groups import ProcessGroups
-from parallel.perf import apply_perf, build_loss_fn
-from parallel.pipeline import build_pipeline
-from parallel.tp import HF_LLAMA_TP_PLAN, TPContext, apply_tp, tp_lm_loss
+from parallel.layers import TPContext
+from parallel.parallelize import Wrap, parallelize
+from parallel.tp import HF_LLAMA_TP_PLAN, TRANSFORMER_TP_PLAN
 from train.data.tokenizer import load_tokenizer
 from train.checkpoint.writer import CheckpointWriter
 from train.hf_setup import ADAPTER_DIR, build_hf, save_adapter
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.objectives import OBJECTIVES, ObjectiveInputs, head_meta, head_outputs
-from train.objectives.lm import LossFn, Objective, lm_loss
+from train.objectives.lm import LossFn, Objective
 from train.plan import Plan, checkpoint_bytes
 from train.research.api import Extension
 from train.research.api import param_groups as research_param_groups
@@ -61,36 +63,27 @@ def build(p: Plan, groups: ProcessGroups, device: torch.device) -> Built:
 
     cfg, t = p.cfg, p.cfg.train
     keep_alive = None  # ZeRO-3 loading of an HF model: transformers reads the DeepSpeed config through it
+    model: nn.Module | None
     if p.hf is not None:
         model, keep_alive = build_hf(p.hf, cfg, p.ds_config, device)
         n_params = p.hf.n_params
-        tp_ctx = TPContext(None, 1, 0)
-        if p.dims.tp > 1:  # the HF model's modules swapped for Tessera's TP layers, by the native plan
-            tp_ctx = apply_tp(model.model, groups.tp_group, plan=HF_LLAMA_TP_PLAN, seed=t.seed)
-        loss_fn = tp_lm_loss(model, tp_ctx) if tp_ctx.size > 1 else lm_loss
     elif p.research is not None and not p.research.cls.needs_base:  # a recipe that is its own model
-        model, tp_ctx, n_params, loss_fn = None, TPContext(None, 1, 0), 0, lm_loss
+        model, n_params = None, 0
     else:
-        model, tp_ctx, n_params = _native_model(p, groups, device)
-        bf16 = bool(p.ds_config.get("bf16", {}).get("enabled"))  # then activation checkpointing, kernels, compile
-        apply_perf(model, tp_ctx=tp_ctx, device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
-                   doc_mask=cfg.data.doc_mask, **dataclasses.asdict(cfg.perf))
-        loss_fn = build_loss_fn(model, tp_ctx, default=lm_loss)
-        if OBJECTIVES[t.objective].sequence_head:  # the LM head replaced by a sequence head
-            tok = load_tokenizer(p.bundle.tokenizer_dir)  # the pad (else eos) id, as the export records it
-            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            model = SequenceScorer.native(model, head_outputs(cfg, p.train_ds), pad_id=pad)
-    ext = None
-    if p.research is not None:  # the recipe's modules around the model; frozen base, placed with the activations
-        model = ext = build_research(p.research, cfg, model, loss_fn=loss_fn, tp_ctx=tp_ctx, device=device,
-                                     rank=p.env.rank, vocab_size=p.bundle.vocab_size,
-                                     tokenizer_dir=p.bundle.tokenizer_dir, val_data=p.val_ds)
+        model, n_params = _native_model(p, device)
+    bf16 = bool(p.ds_config.get("bf16", {}).get("enabled"))
+    # TP (an HF model: by the native plan, on its inner model), then for a Tessera model activation
+    # checkpointing, kernels and compile, the loss, `_wrap`, and the pipeline stages (pp > 1; each stage keeps
+    # its pieces, DeepSpeed's grid, in the same rank order, is the mpu)
+    hf = p.hf is not None
+    par = parallelize(model, groups, parallel=cfg.parallel, perf=None if hf else cfg.perf, seed=t.seed,
+                      tp_plan=HF_LLAMA_TP_PLAN if hf else TRANSFORMER_TP_PLAN, tp_root="model" if hf else "",
+                      device=device, dtype=torch.bfloat16 if bf16 else torch.float32,
+                      doc_mask=cfg.data.doc_mask, wrap=_wrap(p, device))
+    model, module, ext = par.model, par.module, None
+    if p.research is not None:  # the recipe's modules around the model (frozen base), by `_wrap`
+        ext = model
         n_params = sum(x.numel() for x in ext.parameters())
-    module: nn.Module = model
-    if p.dims.pp > 1:  # each stage keeps its pieces; DeepSpeed's grid (same rank order) is the mpu
-        module = build_pipeline(model, p.dims, loss_fn=loss_fn, tp_ctx=tp_ctx,
-                                partition_method=cfg.parallel.partition_method,
-                                activation_checkpoint_interval=cfg.parallel.activation_checkpoint_interval)
     quantized = p.hf is not None and p.hf.quantization is not None  # bitsandbytes placed the weights already
     if ext is not None:
         place(ext, device, move_base=not quantized)
@@ -108,7 +101,31 @@ def build(p: Plan, groups: ProcessGroups, device: torch.device) -> Built:
         mpu=groups if p.dims.pp == 1 else None,
     )
     del keep_alive
-    return Built(engine, model, ext, tp_ctx, loss_fn, n_params)
+    return Built(engine, model, ext, par.tp_ctx, par.loss_fn, n_params)
+
+
+def _wrap(p: Plan, device: torch.device) -> Wrap | None:
+    """What `parallelize` hands the model to once its loss is chosen: a Tessera model's LM head replaced by a
+    sequence head (sequence objectives), then the research recipe's modules around it (None: nothing to
+    add)."""
+    cfg = p.cfg
+    sequence_head = p.hf is None and OBJECTIVES[cfg.train.objective].sequence_head
+    if not sequence_head and p.research is None:
+        return None
+
+    def wrap(model: nn.Module | None, loss_fn: LossFn, tp_ctx: TPContext) -> nn.Module:
+        if sequence_head and model is not None:
+            tok = load_tokenizer(p.bundle.tokenizer_dir)  # the pad (else eos) id, as the export records it
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            model = SequenceScorer.native(model, head_outputs(cfg, p.train_ds), pad_id=pad)
+        if p.research is not None:
+            model = build_research(p.research, cfg, model, loss_fn=loss_fn, tp_ctx=tp_ctx, device=device,
+                                   rank=p.env.rank, vocab_size=p.bundle.vocab_size,
+                                   tokenizer_dir=p.bundle.tokenizer_dir, val_data=p.val_ds)
+        assert model is not None, "only a research recipe comes without a model, and it builds its own"
+        return model
+
+    return wrap
 
 
 def make_objective(p: Plan, built: Built, groups: ProcessGroups, device: torch.device) -> Objective:
@@ -122,17 +139,17 @@ def make_objective(p: Plan, built: Built, groups: ProcessGroups, device: torch.d
         cfg=p.cfg, engine=built.engine, loss_fn=built.loss_fn, train_ds=p.train_ds,
         tokenizer_dir=p.bundle.tokenizer_dir, ds_config=p.ds_config, device=device, rank=p.env.rank,
         resuming=p.resume_from is not None, adapters=p.hf is not None and p.hf.adapters,
-        fresh_model=lambda: _fresh_model(p, groups, device)))
+        fresh_model=lambda: _fresh_model(p, device)))
 
 
-def _fresh_model(p: Plan, groups: ProcessGroups, device: torch.device) -> nn.Module:
+def _fresh_model(p: Plan, device: torch.device) -> nn.Module:
     """The policy's starting point built again: DPO's reference (dpo.reference_from: another checkpoint of the
     same architecture, checked when planning)."""
     source = p.cfg.dpo.reference_from
     if p.hf is not None:
         plan = dataclasses.replace(p.hf, lora_targets=[], path=Path(source) if source else p.hf.path)
         return build_hf(plan, p.cfg, p.ds_config, device)[0]
-    model = _native_model(p, groups, device)[0]
+    model = _native_model(p, device)[0]  # DPO runs at tp = pp = 1: nothing to split
     if source:
         model.load_state_dict(load_hf_pretrained(source, max_seq_len=model.args.max_seq_len)[1])
     return model
@@ -155,11 +172,11 @@ def run_meta(p: Plan, built: Built, code_version: str) -> dict[str, Any]:
     }
 
 
-def _native_model(p: Plan, groups: Any, device: torch.device) -> tuple[Transformer, TPContext, int]:
-    """Build, initialise (or load) and split the Tessera model.
+def _native_model(p: Plan, device: torch.device) -> tuple[Transformer, int]:
+    """Build and initialise (or load) the whole Tessera model, and count its parameters.
 
-    The whole model is built and initialised (or loaded) first, then split: every tp and pp starts from the
-    same weights. With tp or pp > 1 the whole model lives on the host until each rank keeps its part.
+    `parallelize` splits it afterwards: every tp and pp starts from the same weights. With tp or pp > 1 the
+    whole model lives on the host until each rank keeps its part.
     """
     cfg, t = p.cfg, p.cfg.train
     assert p.model_args is not None
@@ -171,8 +188,7 @@ def _native_model(p: Plan, groups: Any, device: torch.device) -> tuple[Transform
         _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
-    tp_ctx = apply_tp(model, groups.tp_group, sequence_parallel=cfg.parallel.sequence_parallel, seed=t.seed)
-    return model, tp_ctx, n_params
+    return model, n_params
 
 
 def checkpoint_writer(p: Plan, built: Built) -> CheckpointWriter:

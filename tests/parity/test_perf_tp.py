@@ -1,5 +1,6 @@
 """Activation checkpointing on a tensor-parallel model (2 gloo ranks, dropout > 0): the same losses and
-gradients as without it, on every rank, because recomputation redraws each rank's dropout masks."""
+gradients as without it, on every rank, because recomputation rewinds each rank's dropout generator and
+redraws its masks; `parallelize` applies the same transformations and chooses the same loss."""
 
 from __future__ import annotations
 
@@ -11,22 +12,33 @@ from tests.gloo import run_ranks
 pytestmark = pytest.mark.slow
 
 
-def _run(sequence_parallel: bool, mode: str | None, rewind: bool
+def _run(sequence_parallel: bool, mode: str | None, rewind: bool, via_parallelize: bool = False
          ) -> tuple[list[float], dict[str, torch.Tensor]]:
     import torch.distributed as dist
 
     from model import ModelArgs, Transformer
+    from parallel.dims import ParallelDims
+    from parallel.groups import build_process_groups
+    from parallel.parallelize import parallelize
     from parallel.perf import apply_activation_checkpointing
     from parallel.tp import apply_tp, tp_lm_loss
+    from train.config.schema import ParallelSection, PerfSection
 
     args = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=101, ffn_hidden_dim=96,
                      max_seq_len=32, dropout=0.2)
     torch.manual_seed(0)
     model = Transformer(args)
-    ctx = apply_tp(model, dist.group.WORLD, sequence_parallel=sequence_parallel, seed=5)
-    if mode is not None:
-        apply_activation_checkpointing(model, mode, tp_ctx=ctx if rewind else None)
-    loss_fn = tp_lm_loss(model, ctx)
+    if via_parallelize:  # as a run does it: TP, checkpointing (rewinding), kernels, compile off, the loss
+        world = dist.get_world_size()
+        par = parallelize(model, build_process_groups(ParallelDims(world, tp=world)),
+                          parallel=ParallelSection(tp=world, sequence_parallel=sequence_parallel),
+                          perf=PerfSection(activation_checkpointing=mode or "none"), seed=5)
+        loss_fn = par.loss_fn
+    else:
+        ctx = apply_tp(model, dist.group.WORLD, sequence_parallel=sequence_parallel, seed=5)
+        if mode is not None:
+            apply_activation_checkpointing(model, mode, tp_ctx=ctx if rewind else None)
+        loss_fn = tp_lm_loss(model, ctx)
     g = torch.Generator().manual_seed(1)
     losses, grads = [], {}
     for step in range(2):  # the second step checks the streams continue where a run without recomputation is
@@ -48,6 +60,8 @@ def check_ac_matches(rank: int, world: int, sequence_parallel: bool, mode: str) 
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     worst = max((g - ref_grads[n]).abs().max().item() for n, g in grads.items())
     assert worst < 1e-6, f"rank {rank}: gradients differ by {worst}"
+    par_losses, par_grads = _run(sequence_parallel, mode, rewind=True, via_parallelize=True)
+    assert par_losses == losses and all(torch.equal(g, grads[n]) for n, g in par_grads.items())
     # the control: the test can tell the difference
     _, unrewound = _run(sequence_parallel, mode, rewind=False)
     return max((g - ref_grads[n]).abs().max().item() for n, g in unrewound.items())

@@ -114,7 +114,8 @@ def test_apply_tp_shards_in_place() -> None:
 
 
 def check_rng_streams(rank: int, world: int, sequence_parallel: bool) -> list[float]:
-    """Dropout on: replicated activations stay identical across TP ranks; per-rank streams differ."""
+    """Dropout on: replicated activations stay identical across TP ranks, and so does the default generator;
+    the TP context's generators differ between ranks."""
     import torch.distributed as dist
 
     from parallel.comm import _gather
@@ -132,14 +133,15 @@ def check_rng_streams(rank: int, world: int, sequence_parallel: bool) -> list[fl
     h = _gather(hidden["h"], 1, dist.group.WORLD) if sequence_parallel else hidden["h"]
     copies = _gather(h.unsqueeze(0), 0, dist.group.WORLD)  # (world, B, T, dim)
     assert all(torch.equal(copies[0], c) for c in copies), "replicated activations differ across TP ranks"
-    with ctx.tp_rng():
-        own = torch.rand(8)
+    default = _gather(torch.rand(8).unsqueeze(0), 0, dist.group.WORLD)  # per-rank draws did not move it
+    assert all(torch.equal(default[0], d) for d in default), "the default generator differs across TP ranks"
+    assert isinstance(ctx.generator("cpu"), torch.Generator) and set(ctx.rng_state()) == {"cpu"}
+    own = torch.rand(8, generator=ctx.generator("cpu"))
     streams = _gather(own.unsqueeze(0), 0, dist.group.WORLD)
     assert not torch.equal(streams[0], streams[1]), \
         "TP ranks drew the same dropout masks over different heads"
-    with ctx.tp_rng():
-        again = torch.rand(8)
-    assert not torch.equal(own, again)  # the stream advances, it is not reseeded each time
+    again = torch.rand(8, generator=ctx.generator("cpu"))
+    assert not torch.equal(own, again)  # the generator advances, it is not reseeded each time
     return own.tolist()
 
 

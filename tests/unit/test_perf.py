@@ -1,15 +1,15 @@
-"""Performance transformations: the FLOP formula, kernel choice, the head-computed loss, activation checkpointing
-(same gradients as without, dropout masks included), torch.compile, and the perf config's errors."""
+"""Performance transformations: the FLOP formula, kernel choice, the head-computed loss, activation
+checkpointing (same gradients as without, dropout masks included), the TP ranks' own dropout generators,
+torch.compile, and the perf config's errors. Their order and the loss choice are `parallelize`'s
+(tests/unit/test_parallelize.py)."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -25,14 +25,8 @@ from model.kernels import (
 )
 from model.ops import apply_rope, rms_norm, swiglu
 from parallel.layers import TPContext, TPDropout
-from parallel.perf import (
-    PerfConfigError,
-    apply_activation_checkpointing,
-    apply_compile,
-    apply_kernels,
-    apply_perf,
-    build_loss_fn,
-)
+from parallel.loss import HeadLoss
+from parallel.perf import PerfConfigError, apply_activation_checkpointing, apply_compile, apply_kernels
 from train.objectives.lm import forward_kwargs, lm_loss
 
 
@@ -92,12 +86,14 @@ def test_cpu_falls_back_to_the_references_and_logs_it(caplog: pytest.LogCaptureF
     with caplog.at_level(logging.INFO, logger="tessera"):
         choice = resolve_kernels(torch.device("cpu"), linear_cross_entropy=True)
     assert (choice.rms_norm, choice.swiglu, choice.rope, choice.linear_cross_entropy) == ("reference",) * 4
-    assert choice.rms_norm_fn() is rms_norm and choice.swiglu_fn() is swiglu and choice.rope_fn() is apply_rope
+    assert choice.rms_norm_fn() is rms_norm and choice.swiglu_fn() is swiglu
+    assert choice.rope_fn() is apply_rope
     assert choice.linear_cross_entropy_fn() is linear_cross_entropy
     assert choice.attention == "sdpa"
     text = caplog.text
     assert "kernels: attention=sdpa, rms_norm=reference" in text
-    assert "fused rms_norm, swiglu, rope, linear_cross_entropy requested but liger-kernel needs a CUDA device" in text
+    assert ("fused rms_norm, swiglu, rope, linear_cross_entropy requested but liger-kernel needs a CUDA "
+            "device") in text
 
 
 def test_switches_off_log_no_fallback(caplog: pytest.LogCaptureFixture) -> None:
@@ -130,13 +126,12 @@ def test_head_computed_loss_equals_logits_loss(tied: bool) -> None:
     assert isinstance(model.lm_head, LinearCrossEntropyHead)
     assert (model.lm_head.weight is model.embed_tokens.weight) == tied
     assert model.state_dict().keys() == ref.state_dict().keys()
-    loss_fn = build_loss_fn(model, None, default=lm_loss)
+    loss_fn = HeadLoss(model.lm_head)
     assert forward_kwargs(loss_fn) == {"return_hidden": True}
     x, y = _batch(args)
     _assert_same(_loss_and_grads(model, x, y, loss_fn=loss_fn), _loss_and_grads(ref, x, y), tol=1e-6)
     with torch.no_grad():  # generation still gets logits from the same head
         assert torch.allclose(model(x), ref(x), atol=1e-6)
-    assert build_loss_fn(ref, None, default=lm_loss) is lm_loss
 
 
 def test_head_computed_loss_refuses_a_vocabulary_parallel_head() -> None:
@@ -189,10 +184,10 @@ def test_activation_checkpointing_recomputes_in_backward() -> None:
 
 
 def _per_rank_dropout(model: Transformer, ctx: TPContext) -> None:
-    """The dropout wiring `apply_tp` gives a TP rank (attention and sequence-parallel residual dropout draw from
-    the rank's own stream), on a one-process model: no collectives are involved in drawing masks."""
+    """The dropout wiring `apply_tp` gives a TP rank (attention and sequence-parallel residual dropout draw
+    from the rank's own generator), on a one-process model: no collectives are involved in drawing masks."""
     for block in model.layers:
-        block.self_attn.dropout_rng = ctx.tp_rng
+        block.self_attn.dropout_rng = ctx.default_rng
         block.resid_dropout = TPDropout(block.resid_dropout.p, ctx)
 
 
@@ -219,6 +214,57 @@ def test_activation_checkpointing_replays_the_tp_rank_stream() -> None:
     assert any(not torch.allclose(g, ref_grads[n], atol=1e-4) for n, g in grads.items())
 
 
+# ----------------------------------------------------------------------------- the TP ranks' generators
+
+
+def test_tp_context_owns_a_generator_per_rank_and_leaves_the_default_one_alone() -> None:
+    """Sequence-parallel dropout draws its mask from the TP context's generator (seed + 2718 + rank), not from
+    the process-wide one; attention kernels, which take no generator, borrow its state for the call only."""
+    ctx = TPContext(group=None, size=2, rank=1, sequence_parallel=True, seed=5)
+    assert ctx.rng_state() == {}  # made at the first draw, on the activations' device
+    g = ctx.generator("cpu")
+    assert isinstance(g, torch.Generator) and ctx.generator(torch.device("cpu")) is g
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(5 + 2718 + 1).get_state())
+    assert not torch.equal(g.get_state(), TPContext(None, 2, 0, seed=5).generator("cpu").get_state())
+
+    drop = TPDropout(0.3, ctx).train()
+    x = torch.randn(2, 8, 16)
+    expected_keep = torch.empty_like(x).bernoulli_(0.7, generator=torch.Generator().manual_seed(5 + 2718 + 1))
+    torch.manual_seed(0)
+    default = torch.get_rng_state()
+    y = drop(x)
+    assert torch.equal(torch.get_rng_state(), default)  # the default generator did not move
+    assert torch.equal(y, x * (expected_keep / 0.7))  # F.dropout on the CPU, with the rank's generator
+    assert not torch.equal(drop(x), y)  # the generator goes on, it is not reseeded
+
+    before = ctx.rng_state()["cpu"]
+    with ctx.default_rng():  # what attention dropout runs under
+        lent = torch.rand(4)
+    assert torch.equal(lent, torch.rand(4, generator=torch.Generator().set_state(before)))
+    assert torch.equal(torch.get_rng_state(), default)  # handed back
+    assert not torch.equal(ctx.rng_state()["cpu"], before)  # and the rank's generator kept what was drawn
+
+
+def test_tp_generator_state_rewinds_and_resumes() -> None:
+    ctx = TPContext(group=None, size=4, rank=2, seed=1)
+    ctx.generator("cpu")
+    state = ctx.rng_state()
+    first = torch.rand(5, generator=ctx.generator("cpu"))
+    with ctx.replay_rng(state):  # recomputation redraws the first pass's numbers
+        assert torch.equal(torch.rand(5, generator=ctx.generator("cpu")), first)
+    after = torch.rand(5, generator=ctx.generator("cpu"))  # ... and the stream goes on as without it
+    twin = TPContext(group=None, size=4, rank=2, seed=1)
+    torch.rand(5, generator=twin.generator("cpu"))
+    assert torch.equal(after, torch.rand(5, generator=twin.generator("cpu")))
+
+    resumed = TPContext(group=None, size=4, rank=2, seed=1)  # a checkpoint keeps rng_state, a resume sets it
+    resumed.set_rng_state({k: v.clone() for k, v in ctx.rng_state().items()})
+    assert torch.equal(torch.rand(5, generator=resumed.generator("cpu")),
+                       torch.rand(5, generator=ctx.generator("cpu")))
+    with ctx.replay_rng({}):  # a snapshot from before the first draw: the stream starts from the seed again
+        assert torch.equal(torch.rand(5, generator=ctx.generator("cpu")), first)
+
+
 def test_activation_checkpointing_bad_input() -> None:
     model = Transformer(_args())
     with pytest.raises(PerfConfigError, match="mode 'blocks'"):
@@ -232,14 +278,6 @@ def test_activation_checkpointing_bad_input() -> None:
     apply_activation_checkpointing(tp_model, "full", tp_ctx=TPContext(group=None, size=2, rank=0))
     with pytest.raises(PerfConfigError, match="torch.compile cannot trace"):
         apply_compile(tp_model)
-
-
-def test_apply_perf_logs_each_step(caplog: pytest.LogCaptureFixture) -> None:
-    model = Transformer(_args())
-    with caplog.at_level(logging.INFO, logger="tessera"):
-        choice = apply_perf(model, activation_checkpointing="selective", ac_every=2, fused_linear_cross_entropy=True)
-    assert "activation checkpointing: selective, 2 attention modules recomputed in backward (every 2)" in caplog.text
-    assert choice.linear_cross_entropy == "reference" and isinstance(model.lm_head, LinearCrossEntropyHead)
 
 
 @pytest.mark.slow
@@ -276,21 +314,3 @@ def test_perf_config_errors(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_config(None, overrides)
     assert message in str(excinfo.value)
-
-
-def test_perf_config_defaults_are_apply_perf_keywords() -> None:
-    from train.config.load import load_config
-
-    cfg = load_config(None, ["perf.activation_checkpointing=full", "perf.ac_every=2"])
-    model = Transformer(_args())
-    apply_perf(model, **dataclasses.asdict(cfg.perf))
-    assert "forward" in vars(model.layers[0]) and "forward" not in vars(model.layers[1])
-    assert dataclasses.asdict(cfg.model_args()) == dataclasses.asdict(load_config(None).model_args())
-
-
-def test_head_loss_keeps_the_reference_loss_without_perf() -> None:
-    args = _args()
-    model = Transformer(args)
-    x, y = _batch(args)
-    loss_fn = build_loss_fn(model, None, default=lm_loss)
-    assert torch.equal(loss_fn(model(x), y), F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100))

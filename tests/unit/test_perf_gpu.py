@@ -1,4 +1,5 @@
-"""Fused kernels and flash attention against their references, on CUDA (skipped without it).
+"""Fused kernels and flash attention against their references, and the TP ranks' CUDA dropout generators, on
+CUDA (skipped without it).
 
 Run on a GPU machine: ``python -m pytest -m gpu tests/unit/test_perf_gpu.py``.
 """
@@ -20,6 +21,7 @@ from model.kernels import (
     linear_cross_entropy,
 )
 from model.ops import apply_rope, precompute_rope, rms_norm, swiglu
+from parallel.layers import TPContext, TPDropout
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
@@ -102,3 +104,30 @@ def test_flash_backends_match_sdpa(doc_mask: bool, monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(attn_mod, name, None)
     ref = attention(q, k, v, doc_ids=doc_ids)
     torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_tp_dropout_generators_on_cuda() -> None:
+    """Sequence-parallel dropout draws from the TP context's CUDA generator, attention dropout borrows its
+    state (the kernels take no generator) and hands the default CUDA generator back; rewinding redraws."""
+    ctx = TPContext(group=None, size=2, rank=1, sequence_parallel=True, seed=5)
+    x = torch.randn(2, 64, 128, device="cuda")
+    torch.cuda.manual_seed(0)
+    default = torch.cuda.get_rng_state()
+    y = TPDropout(0.25, ctx).train()(x)
+    assert torch.equal(torch.cuda.get_rng_state(), default)
+    own = torch.Generator(device="cuda").manual_seed(5 + 2718 + 1)
+    assert torch.equal(y, x * (torch.empty_like(x).bernoulli_(0.75, generator=own) / 0.75))
+
+    q = torch.randn(2, 64, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 64, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    state = ctx.rng_state()
+    with ctx.default_rng():
+        first = attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(torch.cuda.get_rng_state(), default)
+    with ctx.replay_rng(state), ctx.default_rng():  # what activation recomputation does
+        assert torch.equal(attention(q, k, v, dropout_p=0.2), first)
+    with ctx.default_rng():  # the generator went on
+        assert not torch.equal(attention(q, k, v, dropout_p=0.2), first)
+    other = TPContext(group=None, size=2, rank=0, sequence_parallel=True, seed=5)
+    with other.default_rng():  # another TP rank draws other masks
+        assert not torch.equal(attention(q, k, v, dropout_p=0.2), first)

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from parallel.loss import lm_loss  # the one LM cross-entropy, beside the losses parallelize chooses from
 from train.eval.loss import TokenLoss, perplexity
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -28,17 +28,6 @@ def unpack(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tens
     x, y, *rest = batch
     extra = {k: v.to(device, non_blocking=True) for k, v in (rest[0] if rest else {}).items()}
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True), extra
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32 (nats); label -100 is ignored.
-
-    reduction: "mean" over the labelled tokens (the `LossFn` contract), "sum" over them, or "none": one loss
-    per position, (B * T,), 0 where the label is -100.
-    """
-    # logits: (B, T, V), labels: (B, T)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                           reduction=reduction)
 
 
 def is_pipeline(engine: Any) -> bool:
