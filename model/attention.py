@@ -15,7 +15,7 @@
 With ``doc_ids`` (B, T) (packed documents), a query only sees keys of its own document: a block-diagonal
 causal mask on SDPA / eager, flash-attn's variable-length kernel on CUDA (``flash_attn_varlen``,
 ``flash_attn3_varlen``). `describe_attention` names the backend a device and dtype will get (logged once at
-start-up by `parallel.perf.apply_perf`); each backend is also logged once, the first time it runs. Grouped-query attention (fewer key/value heads
+start-up by `parallel.parallelize.parallelize`); each backend is also logged once, the first time it runs. Grouped-query attention (fewer key/value heads
 than query heads) is handled here. With a KV cache the T queries are the *last* T of the S keys, so
 the causal mask is aligned bottom-right: query i sees keys 0..S-T+i.
 """

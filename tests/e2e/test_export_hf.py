@@ -21,7 +21,7 @@ from model import ModelArgs, Transformer
 from tests.conftest import REPO, python_main, run_job
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from train.data.dataset import BlockDataset, PreparedData
-from train.export.hf import consolidated_state_dict
+from train.export.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

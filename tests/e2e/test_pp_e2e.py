@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import assert_same_weights, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
-from train.export.hf import consolidated_state_dict
+from train.export.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

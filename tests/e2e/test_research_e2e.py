@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from model import ModelArgs
+from model.model import build_model
 from tests.conftest import copy_run_until, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from tests.hf_models import make_hf_model, write_sft
-from train.export.hf import consolidated_state_dict
+from train.export.consolidate import consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +90,10 @@ def _export_reloads(tmp_path: Path, out: Path) -> None:
     trained = _head(out / "checkpoints/step_00000008")
     assert all(torch.equal(ext.state_dict()[k], v) for k, v in trained.items())
     base = rebuild_base(export)
+    meta = json.loads((out / "checkpoints/step_00000008/tessera.json").read_text())
+    built = build_model(ModelArgs(**meta["model_args"]), torch.device("cpu"), meta["config"]["train"]["seed"])
+    for name, value in built.state_dict().items():  # the export's base is the run's, as the run built it
+        assert torch.equal(base.state_dict()[name], value), name
     x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(ext.base.embed_tokens.weight, base.embed_tokens.weight)  # the run's frozen base

@@ -14,7 +14,7 @@ from model import Transformer
 from tests.conftest import assert_same_weights, python_main, read_rows, run_job, train_losses
 from tests.e2e.test_train_e2e import _common, _deepspeed
 from train.checkpoint.writer import read_meta
-from train.export.hf import checkpoint_model_args, consolidated_state_dict
+from train.export.consolidate import checkpoint_model_args, consolidated_state_dict
 
 pytestmark = pytest.mark.slow
 

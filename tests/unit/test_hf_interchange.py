@@ -22,7 +22,8 @@ from model.hf import load_hf_pretrained, to_hf_config, to_hf_llama_config, to_hf
 from tools import export_hf as export_cli
 from tools import import_hf as import_cli
 from train.data.tokenizer import tokenizer_identity, train_bpe_tokenizer
-from train.export.hf import ExportError, consolidated_state_dict, export_hf
+from train.export.consolidate import ExportError, consolidated_state_dict
+from train.export.hf import export_hf
 
 VOCAB = 97
 HF_SIZES = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
