@@ -10,7 +10,10 @@ config.json (LlamaConfig; Qwen2Config for a model with q/k/v biases), generation
 tokenizer files; by default it is written to RUN_DIR/hf/step_N. A run of an HF model (hf.path) is written
 as that model's own architecture; with LoRA, as the adapter in PEFT format (--merge: merged full weights).
 The output path is printed on success.
-A checkpoint that cannot be exported is reported in one line, with exit code 2.
+The checkpoint is verified first (each file's size and sha256 against those recorded at save; for a run dir
+a damaged newer checkpoint is skipped with a warning naming the file) and its files are read weights-only.
+A checkpoint that cannot be exported (damaged, holding objects a weights-only load refuses, ...) is reported
+in one line, with exit code 2.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from model.hf_causal import DTYPES
+from train.checkpoint.writer import CheckpointError
 from train.export.hf import ExportError, export_hf, resolve_checkpoint
 
 PROG = "export_hf"
@@ -40,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the saved weights (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     parser.add_argument("--merge", action="store_true",
-                        help="adapter runs (lora.r > 0): write the base with the adapter merged in, not the adapter")
+                        help="adapter runs (lora.r > 0): write the base with the adapter merged in, not the "
+                             "adapter")
     parser.add_argument("--tokenizer", type=Path, metavar="DIR",
                         help="the run's tokenizer dir, if it moved (its tokenizer.json must be unchanged)")
     return parser
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         tag_dir = resolve_checkpoint(args.ckpt)
         out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=DTYPES[args.dtype],
                         overwrite=args.overwrite, tokenizer_dir=args.tokenizer, merge=args.merge)
-    except ExportError as err:
+    except (ExportError, CheckpointError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     print(out)

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", default="never",
                    help="'auto': continue from the newest complete checkpoint in train.out_dir if there is one; "
                         "a checkpoint directory: continue from it; 'never' (default): refuse a used out_dir")
+    p.add_argument("--verify-checksums", action="store_true",
+                   help="before resuming, compare each checkpoint file's sha256 with the one saved with it")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--help-config", action="store_true", help="list every recipe key with its default and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from train.checkpoint.writer import (
     CKPT_BYTES_PER_PARAM,
     CheckpointError,
     check_free_space,
+    check_out_dir,
     checkpoint_estimate,
     checkpoint_root,
-    latest_complete,
+    complete_checkpoints,
     read_meta,
 )
+from train.checkpoint.verify import BadCheckpoint, newest_verified, verified
 from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config
@@ -35,6 +38,8 @@ from train.hf_setup import HFPlan, plan_hf
 from train.objectives import OBJECTIVES, head_outputs
 from train.research.run import ResearchPlan, config_shape, plan_research
 from train.vocab.setup import plan_vocab
+
+log = logging.getLogger("tessera")
 
 # Errors of the user's input: one line, exit code 2.
 USER_ERRORS = (ConfigError, ParallelConfigError, ModelConfigError, DataError, CheckpointError)
@@ -57,10 +62,22 @@ class Plan:
     research: ResearchPlan | None = None  # the research recipe around the model (train/research/api.py), checked
 
 
-def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
+def _resume_target(cfg: JobConfig, resume: str, *, checksums: bool = False,
+                   quiet: bool = False) -> Path | None:
+    """The checkpoint to resume from: for 'auto' the newest that verifies (train/checkpoint/verify.py; each
+    one skipped is a warning naming its damaged file), a named one only if it verifies, None for a fresh run.
+    ``train.out_dir`` below a regular file is one line here, before anything is written."""
     out_dir = Path(cfg.train.out_dir)
+    check_out_dir(out_dir)
+    warn = (lambda msg: None) if quiet else log.warning
+    info = (lambda msg: None) if quiet else log.info
     if resume == "auto":
-        return latest_complete(out_dir)
+        found = newest_verified(out_dir, checksums=checksums, warn=warn, info=info)
+        if found is None and complete_checkpoints(out_dir):
+            raise CheckpointError(f"--resume auto: no checkpoint in {checkpoint_root(out_dir)} verifies (see "
+                                  f"the warnings above); restore one, or start a new run in another "
+                                  f"train.out_dir.")
+        return found
     if resume == "never":
         used = checkpoint_root(out_dir).exists() or (out_dir / "metrics.jsonl").exists()
         if used:
@@ -72,7 +89,11 @@ def _resume_target(cfg: JobConfig, resume: str) -> Path | None:
     tag_dir = Path(resume)
     if not (tag_dir / "tessera.json").is_file():
         raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it).")
-    return tag_dir
+    try:
+        return verified(tag_dir, checksums=checksums, info=info)
+    except BadCheckpoint as err:
+        raise CheckpointError(f"--resume {resume}: {err} Resume from another checkpoint (--resume auto takes "
+                              f"the newest one that verifies).") from None
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -83,7 +104,8 @@ def plan(args: argparse.Namespace) -> Plan:
     ds_name = args.ds_config or ("zero0" if torch.cuda.is_available() else "cpu")
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
-    resume_from = _resume_target(cfg, args.resume)
+    resume_from = _resume_target(cfg, args.resume, checksums=getattr(args, "verify_checksums", False),
+                                 quiet=not env.is_main)
     vocab = None
     if cfg.hf.path is not None:  # the model directory first: its tokenizer is the data's
         causal_lm_config(cfg.hf.path, seq2seq=spec.encoder_decoder)

@@ -36,10 +36,13 @@ from typing import Any
 
 import torch
 
+from train.checkpoint.safe_load import load
 from train.checkpoint.writer import TMP_SUFFIX, UNIVERSAL_SUFFIX, CheckpointError, read_meta
 
 SOURCE_FILE = "tessera_source.json"  # in a universal copy: which save of the checkpoint it was made from
 CONVERT_MODULE = "deepspeed.checkpoint.ds_to_universal"
+SAFE_RUNNER = "train.checkpoint.run_safely"  # runs the converter with every torch.load in it weights-only
+REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("tessera")
 
 
@@ -93,8 +96,8 @@ def is_current(tag_dir: Path) -> bool:
 def convert(tag_dir: Path) -> Path:
     """Write the universal copy of ``tag_dir`` (atomically: a ``.tmp`` directory renamed) and return it.
 
-    An up-to-date copy is reused. Runs DeepSpeed's converter in a child process; any failure raises
-    CheckpointError and leaves ``tag_dir`` untouched.
+    An up-to-date copy is reused. Runs DeepSpeed's converter in a child process, its loads weights-only
+    (``train.checkpoint.run_safely``); any failure raises CheckpointError and leaves ``tag_dir`` untouched.
     """
     final = universal_dir(tag_dir)
     if is_current(tag_dir):
@@ -105,13 +108,15 @@ def convert(tag_dir: Path) -> Path:
         for stale in (tmp, final):
             if stale.exists():
                 shutil.rmtree(stale)
-        cmd = [sys.executable, "-m", CONVERT_MODULE, "--input_folder", str(tag_dir), "--output_folder", str(tmp),
-               "--inject_missing_state"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        cmd = [sys.executable, "-m", SAFE_RUNNER, CONVERT_MODULE, "--input_folder", str(tag_dir),
+               "--output_folder", str(tmp), "--inject_missing_state"]
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode != 0:
             cause = ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1].strip()
-            raise CheckpointError(f"could not convert {tag_dir} to a universal checkpoint for the new world size "
-                                  f"({CONVERT_MODULE} exited {proc.returncode}: {cause})")
+            raise CheckpointError(f"could not convert {tag_dir} to a universal checkpoint for the new world "
+                                  f"size ({CONVERT_MODULE} exited {proc.returncode}: {cause})")
         (tmp / SOURCE_FILE).write_text(json.dumps(_source_stamp(tag_dir)))
         os.replace(tmp, final)
     except OSError as e:
@@ -170,8 +175,8 @@ def universal_switch(engine: Any) -> Iterator[None]:
     """
     config = getattr(engine, "_config", None)
     if config is None or not hasattr(config, "load_universal_checkpoint"):
-        raise CheckpointError("this DeepSpeed version has no load_universal switch on its engine; resume with "
-                              "the number of ranks the checkpoint was saved with.")
+        raise CheckpointError("this DeepSpeed version has no load_universal switch on its engine; resume "
+                              "with the number of ranks the checkpoint was saved with.")
     before = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
     try:
@@ -199,11 +204,12 @@ def repair_universal_load(engine: Any, source: Path) -> None:
     if engine.zero_optimization_stage() != 3:
         return
     inner = engine.optimizer.optimizer
-    saved = torch.load(source / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    saved = load(source / "zero" / "optimizer_state.pt")
     groups = saved.get("optimizer_state_dict", {}).get("param_groups", [])
     if len(groups) != len(inner.param_groups):
         raise CheckpointError(f"{source}: the universal checkpoint has {len(groups)} parameter groups, the "
-                              f"optimizer {len(inner.param_groups)}; resume with the recipe it was trained with.")
+                              f"optimizer {len(inner.param_groups)}; resume with the recipe it was trained "
+                              f"with.")
     for group, saved_group in zip(inner.param_groups, groups):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     for flat in engine.optimizer.fp32_partitioned_groups_flat:

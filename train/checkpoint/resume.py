@@ -1,14 +1,51 @@
-"""Load a checkpoint into the engine, through a universal copy when the world size changed."""
+"""Load a checkpoint into the engine, through a universal copy when the world size changed.
+
+Nothing in a checkpoint runs: before DeepSpeed reads a file, every file it may read is unpickled weights-only
+by one of the ranks (``preflight``: the files are shared out over the ranks, their memory-mapped tensors are
+not read), and all ranks stop together with one line when any file is refused or unreadable. DeepSpeed's own
+loads then run inside ``safe_load.weights_only_loads``, so a file changed in between is refused too.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from train.checkpoint.resize import load_universal, resized_source
-from train.checkpoint.writer import CheckpointError, has_frozen, read_meta, set_rng_state
+from train.checkpoint.safe_load import UnreadableFile, load, probe, weights_only_loads
+from train.checkpoint.verify import damage_report, load_meta
+from train.checkpoint.writer import CheckpointError, has_frozen, set_rng_state
+
+
+def _is_rng(path: Path) -> bool:
+    return path.name.startswith("rng_rank")
+
+
+def preflight(tag_dir: Path, *, rank: int, world_size: int, root: Path | None = None) -> None:
+    """Collective: unpickle (weights-only, tensors memory-mapped) every ``.pt`` file under ``root`` (default
+    ``tag_dir``; or its universal copy), each rank a share; CheckpointError on every rank if any file fails.
+
+    An unreadable file is compared with the size and sha256 recorded at save, and the error says whether it
+    was damaged after the save.
+    """
+    import torch.distributed as dist
+
+    files = sorted((root or tag_dir).rglob("*.pt"))
+    error = None
+    for path in files[rank::world_size]:
+        try:
+            probe(path, rng=_is_rng(path))
+        except UnreadableFile as err:
+            error = f"{err}{damage_report(tag_dir, path) if path.is_relative_to(tag_dir) else ''}"
+            break
+        except CheckpointError as err:
+            error = str(err)
+            break
+    gathered: list[str | None] = [None] * world_size
+    dist.all_gather_object(gathered, error)
+    failed = [e for e in gathered if e is not None]
+    if failed:
+        raise CheckpointError(failed[0])
 
 
 def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
@@ -16,16 +53,23 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
 
     Collective. A checkpoint saved by another number of ranks is loaded through ``train.checkpoint.resize``.
     """
-    meta = read_meta(tag_dir)
+    import torch.distributed as dist
+
+    meta = load_meta(tag_dir)
+    world_size = dist.get_world_size()
+    preflight(tag_dir, rank=rank, world_size=world_size)  # before a resize converts the files
     universal = resized_source(engine, tag_dir, meta, rank=rank)
-    if universal is None:
-        path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
-                                         load_module_strict=not has_frozen(engine))
-    else:
-        path = load_universal(engine, universal)
+    if universal is not None:
+        preflight(tag_dir, rank=rank, world_size=world_size, root=universal)
+    with weights_only_loads():
+        if universal is None:
+            path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                             load_module_strict=not has_frozen(engine))
+        else:
+            path = load_universal(engine, universal)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(load(rng_file, rng=True))
     return meta

@@ -3,8 +3,9 @@
 Layout under ``<out_dir>/checkpoints``::
 
     step_00000100/          DeepSpeed files (model, optimizer and scheduler states, zero_to_fp32.py)
-        rng_rank00000.pt    RNG states of each rank
-        tessera.json        metadata: config, model args, tokenizer, consumed samples, code version, ...
+        rng_rank00000.pt    RNG states of each rank (tensors, ints and tuples: loadable weights-only)
+        tessera.json        metadata: config, model args, tokenizer, consumed samples, code version, ...,
+                            and the size and sha256 of every other file (train/checkpoint/verify.py)
     step_00000100.tmp/      a checkpoint being written (never resumed from; removed on the next start)
     step_00000100.universal/  its universal copy, made when a run resumes on another number of ranks
     latest                  the newest complete tag, moved into place last
@@ -13,6 +14,9 @@ Layout under ``<out_dir>/checkpoints``::
 A save writes everything into ``step_N.tmp``, renames it to ``step_N`` once every rank has finished and
 the metadata is in, and only then moves ``latest``. A crash at any moment leaves the previous checkpoint
 complete, and ``--resume auto`` takes the newest directory that is complete, whatever ``latest`` says.
+A write that fails on any rank (a full disk shows as torch's ``RuntimeError: [enforce fail at
+inline_container.cc ...]``, not as ``OSError``) fails the save on every rank together with one
+``CheckpointError`` naming the directory and its free space; the partial directory is removed.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ import numpy as np
 import torch
 
 from model import ModelArgs
+from train.checkpoint.files import FILES_KEY, checkpoint_files, describe_files
 
 CKPT_DIR = "checkpoints"
 META_FILE = "tessera.json"
 TMP_SUFFIX = ".tmp"
-UNIVERSAL_SUFFIX = ".universal"  # a DeepSpeed universal copy of a checkpoint (train/checkpoint/resize.py), never resumed
-FORMAT_VERSION = 1
+UNIVERSAL_SUFFIX = ".universal"  # a checkpoint's universal copy (train/checkpoint/resize.py), never resumed
+FORMAT_VERSION = 2  # 2: RNG files hold no numpy objects; tessera.json lists every file, its size and sha256
 
 
 class CheckpointError(RuntimeError):
@@ -74,15 +79,21 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors, ints, floats, strings and tuples (weights-only loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``'s states (also those of the first format, whose numpy keys are an array)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -108,8 +119,9 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith((TMP_SUFFIX, UNIVERSAL_SUFFIX))
-             and (p / META_FILE).is_file()]
+    partial = (TMP_SUFFIX, UNIVERSAL_SUFFIX)
+    found = [p for p in root.glob("step_*")
+             if p.is_dir() and not p.name.endswith(partial) and (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -136,18 +148,43 @@ def remove_partial(out_dir: str | Path) -> list[Path]:
     return stale
 
 
+def existing_parent(path: str | Path) -> Path:
+    """``path`` or the nearest of its parents that exists."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes on the filesystem of ``path`` (or of its nearest existing parent); -1 if unknown."""
+    try:
+        return shutil.disk_usage(existing_parent(path)).free
+    except OSError:
+        return -1
+
+
+def check_out_dir(out_dir: str | Path) -> None:
+    """Raise CheckpointError unless ``out_dir`` is, or can be made, a directory (not below a regular file)."""
+    probe = existing_parent(out_dir)
+    if not probe.is_dir():
+        raise CheckpointError(f"train.out_dir={out_dir}: {probe} is a file, not a directory; choose a "
+                              f"directory path.")
+
+
 def check_free_space(out_dir: str | Path, needed_bytes: int, what: str) -> None:
     """Raise CheckpointError unless the filesystem of ``out_dir`` has room for ``needed_bytes``."""
-    probe = Path(out_dir)
-    while not probe.exists():
-        probe = probe.parent
+    check_out_dir(out_dir)
+    probe = existing_parent(out_dir)
     if not os.access(probe, os.W_OK):
-        raise CheckpointError(f"train.out_dir={out_dir}: {probe} is not writable; choose a writable directory.")
+        raise CheckpointError(f"train.out_dir={out_dir}: {probe} is not writable; choose a writable "
+                              f"directory.")
     free = shutil.disk_usage(probe).free
     if free < needed_bytes:
         raise CheckpointError(
             f"train.out_dir={out_dir}: {free / 2**20:,.0f} MiB free but {what} needs about "
-            f"{needed_bytes / 2**20:,.0f} MiB; free space, choose another train.out_dir, or lower train.keep_last."
+            f"{needed_bytes / 2**20:,.0f} MiB; free space, choose another train.out_dir, or lower "
+            f"train.keep_last."
         )
 
 
@@ -159,20 +196,38 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, *, rank: int, keep_last: int, estimate_bytes: int,
                  extra: Callable[[Path], None] | None = None) -> None:
-        self.extra = extra  # collective: writes more files (e.g. the PEFT adapter) into the checkpoint directory
+        self.extra = extra  # collective: writes more files (e.g. the PEFT adapter) into the checkpoint dir
         self.out_dir = Path(out_dir)
         self.root = checkpoint_root(out_dir)
         self.rank = rank
         self.keep_last = keep_last  # complete checkpoints kept besides the best one (0: all)
         self.estimate_bytes = estimate_bytes  # size of one checkpoint before one has been measured
 
-    def _errors(self, error: BaseException | None) -> list[str]:
+    def _errors(self, error: BaseException | str | None) -> list[str]:
         """Every rank's error ("rank N: ..."), the same list on all ranks; empty when all succeeded."""
         import torch.distributed as dist
 
+        if error is not None and not (isinstance(error, str) and error.startswith("rank ")):
+            error = f"rank {self.rank}: {_short(error)}"
         gathered: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, None if error is None else f"rank {self.rank}: {error}")
+        dist.all_gather_object(gathered, error)
         return [e for e in gathered if e is not None]
+
+    def _settle(self, step: int, error: BaseException | str | None, previous: Path | None,
+                remove: Path | None = None) -> None:
+        """Collective: raise CheckpointError on every rank if any rank failed, after rank 0 measured the free
+        space and removed ``remove`` (the partial directory)."""
+        import torch.distributed as dist
+
+        errors = self._errors(error)
+        if not errors:
+            return
+        free = [free_bytes(self.root)]
+        if self.rank == 0 and remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
+        dist.broadcast_object_list(free, src=0)
+        dist.barrier()
+        raise self._failure(step, errors, previous, free[0])
 
     def save(self, engine: Any, step: int, meta: dict[str, Any], *, best: bool = False) -> Path:
         """Write checkpoint ``step``; raise CheckpointError on every rank if any rank could not."""
@@ -182,7 +237,7 @@ class CheckpointWriter:
         tmp_dir, final = self.root / (tag + TMP_SUFFIX), self.root / tag
         previous = latest_complete(self.out_dir)
         needed = int(1.1 * (dir_bytes(previous) if previous is not None else self.estimate_bytes))
-        error: BaseException | None = None
+        error: BaseException | str | None = None
         if self.rank == 0:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -191,9 +246,7 @@ class CheckpointWriter:
                 check_free_space(self.root, needed, f"checkpoint {tag}")
             except (OSError, CheckpointError) as e:
                 error = e
-        errors = self._errors(error)
-        if errors:
-            raise self._failure(step, errors, previous)
+        self._settle(step, error, previous)
 
         in_engine = True
         try:
@@ -208,37 +261,66 @@ class CheckpointWriter:
                 self.extra(tmp_dir)
             failpoint("after_engine_save", step)
             torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank:05d}.pt")
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - any failed write (torch.save: a full disk is a RuntimeError)
             error = e
             if in_engine:
                 dist.barrier()  # the barrier DeepSpeed's save ends with, which the other ranks are in
-        errors = self._errors(error)
-        if errors:
-            if self.rank == 0:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-            dist.barrier()
-            raise self._failure(step, errors, previous)
+        self._settle(step, error, previous, remove=tmp_dir)
 
+        files = self._describe(tmp_dir)  # collective: each rank hashes its share of the files
+        if isinstance(files, str):  # the same on every rank: reported once
+            self._settle(step, files if self.rank == 0 else None, previous, remove=tmp_dir)
+        error, renamed = None, False
         if self.rank == 0:
-            full = {**meta, "step": step, "format_version": FORMAT_VERSION, "saved_at": time.time(),
-                    "world_size": dist.get_world_size()}
-            _atomic_write(tmp_dir / META_FILE, json.dumps(full, indent=2, default=str))
-            failpoint("before_rename", step)
-            if final.exists():  # a step saved again after a rollback replaces the old copy
-                shutil.rmtree(final)
-            os.replace(tmp_dir, final)
-            failpoint("before_latest", step)
-            _atomic_write(self.root / "latest", tag)
-            if best:
-                _atomic_write(self.root / "best", tag)
-            self._rotate()
+            try:
+                unseen = [n for n in checkpoint_files(tmp_dir, meta_file=META_FILE) if n not in files]
+                files.update(describe_files(tmp_dir, unseen))  # a file another rank's listing missed
+                full = {**meta, "step": step, "format_version": FORMAT_VERSION, "saved_at": time.time(),
+                        "world_size": dist.get_world_size(), FILES_KEY: files}
+                _atomic_write(tmp_dir / META_FILE, json.dumps(full, indent=2, default=str))
+                failpoint("before_rename", step)
+                if final.exists():  # a step saved again after a rollback replaces the old copy
+                    shutil.rmtree(final)
+                os.replace(tmp_dir, final)
+                renamed = True
+                failpoint("before_latest", step)
+                _atomic_write(self.root / "latest", tag)
+                if best:
+                    _atomic_write(self.root / "best", tag)
+                self._rotate()
+            except Exception as e:  # noqa: BLE001 - as above
+                error = f"{_short(e)} (after {final} was complete)" if renamed else e
+                for pointer in ("latest", "best"):
+                    (self.root / (pointer + TMP_SUFFIX)).unlink(missing_ok=True)
+        self._settle(step, error, previous, remove=None if renamed else tmp_dir)
         dist.barrier()
         return final
 
-    def _failure(self, step: int, errors: list[str], previous: Path | None) -> CheckpointError:
+    def _describe(self, tmp_dir: Path) -> dict[str, dict[str, Any]] | str:
+        """Collective: size and sha256 of every file written into ``tmp_dir`` (each rank hashes every
+        world-size-th file), the same on all ranks; or the first rank's error as a string."""
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        mine: dict[str, dict[str, Any]] | str
+        try:
+            names = checkpoint_files(tmp_dir, meta_file=META_FILE)
+            mine = describe_files(tmp_dir, names[self.rank::world])
+        except OSError as e:
+            mine = f"rank {self.rank}: {_short(e)}"
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        failed = [g for g in gathered if isinstance(g, str)]
+        if failed:
+            return failed[0]
+        return {name: gathered[r][name] for r in range(world) for name in sorted(gathered[r])}
+
+    def _failure(self, step: int, errors: list[str], previous: Path | None, free: int) -> CheckpointError:
         cause = "; ".join(errors)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        return CheckpointError(f"checkpoint at step {step} could not be written to {self.root}: {cause}; {kept}.")
+        room = f" ({free / 2**20:,.1f} MiB free there)" if free >= 0 else ""
+        return CheckpointError(f"checkpoint at step {step} could not be written to {self.root}{room}: "
+                               f"{cause}; {kept}.")
 
     def _rotate(self) -> None:
         if self.keep_last <= 0:
@@ -252,7 +334,20 @@ class CheckpointWriter:
                 shutil.rmtree(old.with_name(old.name + UNIVERSAL_SUFFIX), ignore_errors=True)
 
 
-# Bytes per parameter in a checkpoint: fp32 weights (4) + Adam moments (8) + an fp32 master copy under bf16 (4).
+def _short(error: BaseException | str) -> str:
+    """One line for a write error; torch's ``[enforce fail at inline_container.cc:N] . `` prefix dropped."""
+    if isinstance(error, str):
+        return error
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if "enforce fail at" in text:  # torch.save's writer: a full disk, a quota, an I/O error
+        text = f"torch.save failed ({text.split('] ', 1)[-1].lstrip('. ')})"
+    if not isinstance(error, (OSError, RuntimeError)):
+        text = f"{type(error).__name__}: {text}"
+    return text
+
+
+# Bytes per parameter in a checkpoint: fp32 weights (4) + Adam moments (8) + an fp32 master copy (bf16, 4).
 CKPT_BYTES_PER_PARAM = 16
 
 

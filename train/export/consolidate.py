@@ -1,9 +1,11 @@
-"""DeepSpeed checkpoint files (any ZeRO stage, tensor- and pipeline-parallel shards) to one plain state dict with
-Tessera's parameter names.
+"""DeepSpeed checkpoint files (any ZeRO stage, tensor- and pipeline-parallel shards) to one plain state dict
+with Tessera's parameter names.
 
 Weights come from DeepSpeed's own files: under ZeRO-0 the full `module` state dict of
 `mp_rank_00_model_states.pt`; under ZeRO 1-3 DeepSpeed's `zero_to_fp32` consolidation of the fp32
-master weights. Checkpoint files are unpickled (`weights_only=False`): export only your own runs.
+master weights. Every file is read weights-only (train/checkpoint/safe_load.py, DeepSpeed's `zero_to_fp32`
+included): a file holding any other object is refused, and nothing in it runs. The checkpoint is verified
+first (the size and sha256 of each file against those recorded at save, train/checkpoint/verify.py).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -23,7 +24,9 @@ from model import ModelArgs, ModelConfigError
 from model.hf_causal import causal_lm_config, meta_model
 from parallel.pipeline import LAYER_FILE, pipe_to_plain_key
 from parallel.tp import HF_LLAMA_TP_PLAN, merge_tp_shards, tp_shard_layout
-from train.checkpoint.writer import CKPT_DIR, META_FILE, latest_complete, read_meta
+from train.checkpoint.safe_load import load, weights_only_loads
+from train.checkpoint.verify import newest_verified, verified
+from train.checkpoint.writer import CKPT_DIR, META_FILE, CheckpointError, complete_checkpoints, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +42,31 @@ class ExportError(ValueError):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The complete checkpoint tag dir named by `path`: a tag dir, a run's checkpoints/ dir or a run dir.
+    """The complete, verified checkpoint tag dir named by `path`: a tag dir, a run's checkpoints/ dir or a run
+    dir.
 
-    For a run dir it is the newest complete checkpoint. A tag dir without tessera.json is incomplete
-    (still being written, or cut off) and is refused.
+    For a run dir it is the newest complete checkpoint whose files match the sizes and sha256 recorded at save
+    (a newer one that does not is skipped with a warning naming the file); a tag dir that does not verify is
+    refused. A tag dir without tessera.json is incomplete (still being written, or cut off) and is refused.
     """
     p = Path(path)
     if not p.is_dir():
         raise ExportError(f"{p}: no such directory; pass a run dir or a checkpoint dir (checkpoints/step_N)")
     if (p / META_FILE).is_file():
-        return p
+        try:
+            return verified(p, checksums=True)
+        except CheckpointError as err:
+            raise ExportError(f"{err} Export another checkpoint.") from None
     run_dir = p.parent if p.name == CKPT_DIR else p
     if (run_dir / CKPT_DIR).is_dir():
-        tag_dir = latest_complete(run_dir)
-        if tag_dir is None:
+        if not complete_checkpoints(run_dir):
             raise ExportError(f"{run_dir}: no complete checkpoint under {CKPT_DIR}/ (none has {META_FILE})")
+        try:
+            tag_dir = newest_verified(run_dir, checksums=True)
+        except CheckpointError as err:
+            raise ExportError(str(err)) from None
+        if tag_dir is None:
+            raise ExportError(f"{run_dir}: no checkpoint under {CKPT_DIR}/ verifies (see the warnings above)")
         return tag_dir
     if any(p.glob("*model_states.pt")):
         raise ExportError(f"{p}: incomplete checkpoint (no {META_FILE}); export a complete one")
@@ -87,13 +100,14 @@ def _pipeline_state_dict(tag: Path) -> dict[str, torch.Tensor]:
             continue
         layer, tp_rank = int(m.group(1)), int(m.group(2) or 0)
         try:
-            saved = torch.load(f, map_location="cpu", weights_only=False)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-            raise ExportError(f"{f}: unreadable ({err}); the checkpoint is damaged, export another") from err
+            saved = load(f)
+        except CheckpointError as err:
+            raise ExportError(f"{err} Export another checkpoint.") from None
         for key, tensor in saved.items():
             per_tp.setdefault(tp_rank, {})[pipe_to_plain_key(layer, key, args.n_layers)] = tensor
     if sorted(per_tp) != list(range(len(per_tp))):
-        raise ExportError(f"{tag}: pipeline files of tensor-parallel ranks {sorted(per_tp)}; some are missing")
+        raise ExportError(f"{tag}: pipeline files of tensor-parallel ranks {sorted(per_tp)}; some are "
+                          f"missing")
     shards = [per_tp[r] for r in range(len(per_tp))]
     state = shards[0] if len(shards) == 1 else merge_tp_shards(shards, tp_shard_layout(args, len(shards)))
     if args.tie_embeddings and "embed_tokens.weight" in state:
@@ -103,7 +117,8 @@ def _pipeline_state_dict(tag: Path) -> dict[str, torch.Tensor]:
 
 def _model_parallel_ranks(tag_dir: Path) -> list[int]:
     """The model-parallel (tensor-parallel) ranks whose files the checkpoint holds: [0] without TP."""
-    ranks = {int(m.group(1)) for f in tag_dir.glob("*mp_rank_*") if (m := re.search(r"mp_rank_(\d+)", f.name))}
+    ranks = {int(m.group(1)) for f in tag_dir.glob("*mp_rank_*")
+             if (m := re.search(r"mp_rank_(\d+)", f.name))}
     return sorted(ranks) or [0]
 
 
@@ -123,7 +138,8 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     if mp_ranks == [0]:
         return _consolidate_one(tag)
     if mp_ranks != list(range(len(mp_ranks))):
-        raise ExportError(f"{tag}: tensor-parallel ranks {mp_ranks} are not 0..{len(mp_ranks) - 1}; files are missing")
+        raise ExportError(f"{tag}: tensor-parallel ranks {mp_ranks} are not 0..{len(mp_ranks) - 1}; files "
+                          f"are missing")
     meta = read_meta(tag)
     layout, tied = _tp_layout(meta, tag, len(mp_ranks))
     shards = []
@@ -144,7 +160,8 @@ def _tp_layout(meta: dict[str, Any], tag: Path, tp: int) -> tuple[dict[str, Any]
     """The split of each state-dict key of a tp-way checkpoint, and the (embedding, head) names when tied."""
     if not meta.get("hf"):
         args = checkpoint_model_args(meta, tag)
-        return tp_shard_layout(args, tp), ("embed_tokens.weight", "lm_head.weight") if args.tie_embeddings else None
+        tied = ("embed_tokens.weight", "lm_head.weight") if args.tie_embeddings else None
+        return tp_shard_layout(args, tp), tied
     # an hf.path run: the wrapper puts `model.` in front
     try:
         config = causal_lm_config(meta["hf"]["path"], where="the run's base model")
@@ -162,8 +179,10 @@ def _consolidate_one(tag: Path) -> dict[str, torch.Tensor]:
 
         chatter = io.StringIO()  # zero_to_fp32 prints its progress; keep stdout for the caller
         try:
-            with contextlib.redirect_stdout(chatter):
+            with contextlib.redirect_stdout(chatter), weights_only_loads():
                 state = get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+        except CheckpointError as err:
+            raise ExportError(f"{err} Export another checkpoint.") from None
         except (FileNotFoundError, ValueError) as err:
             raise ExportError(f"{tag}: DeepSpeed could not consolidate this ZeRO checkpoint ({err})") from err
         log.debug("zero_to_fp32: %s", chatter.getvalue())
@@ -172,9 +191,9 @@ def _consolidate_one(tag: Path) -> dict[str, torch.Tensor]:
     if not stage0.is_file():
         raise ExportError(f"{tag}: no DeepSpeed model states ({_STAGE0_FILE} or {_ZERO_OPTIM_GLOB}) in it")
     try:
-        saved = torch.load(stage0, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-        raise ExportError(f"{stage0}: unreadable ({err}); the checkpoint is damaged, export another") from err
+        saved = load(stage0, mmap=True)
+    except CheckpointError as err:
+        raise ExportError(f"{err} Export another checkpoint.") from None
     module = saved.get("module") if isinstance(saved, dict) else None
     if not module:
         raise ExportError(

@@ -11,7 +11,8 @@ into a temporary directory beside the target and renamed into place, so a failed
 
 Weights come from DeepSpeed's own files: under ZeRO-0 the full `module` state dict of
 `mp_rank_00_model_states.pt`; under ZeRO 1-3 DeepSpeed's `zero_to_fp32` consolidation of the fp32
-master weights. Checkpoint files are unpickled (`weights_only=False`): export only your own runs.
+master weights. Checkpoint files are verified (sizes and sha256 recorded at save) and read weights-only: a
+file that is damaged, or holds objects a weights-only load refuses, is refused in one line (`ExportError`).
 """
 
 from __future__ import annotations
