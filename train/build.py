@@ -199,4 +199,5 @@ def checkpoint_writer(p: Plan, built: Built) -> CheckpointWriter:
             save_adapter(built.generator_model(), tag_dir / ADAPTER_DIR, rank=p.env.rank,
                          tokenizer_dir=p.bundle.tokenizer_dir)
     return CheckpointWriter(Path(p.cfg.train.out_dir), rank=p.env.rank, keep_last=p.cfg.train.keep_last,
-                            estimate_bytes=checkpoint_bytes(p.model_args, p.hf), extra=extra)
+                            estimate_bytes=checkpoint_bytes(p.model_args, p.hf), extra=extra,
+                            tp_ctx=built.tp_ctx)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from parallel.layers import TPContext
 from train.checkpoint.resize import load_universal, resized_source
 from train.checkpoint.safe_load import UnreadableFile, load, probe, weights_only_loads
 from train.checkpoint.verify import damage_report, load_meta
@@ -48,7 +49,7 @@ def preflight(tag_dir: Path, *, rank: int, world_size: int, root: Path | None = 
         raise CheckpointError(failed[0])
 
 
-def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
+def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext | None = None) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata.
 
     Collective. A checkpoint saved by another number of ranks is loaded through ``train.checkpoint.resize``.
@@ -71,5 +72,5 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int) -> dict[str, Any]:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
-        set_rng_state(load(rng_file, rng=True))
+        set_rng_state(load(rng_file, rng=True), tp_ctx)
     return meta

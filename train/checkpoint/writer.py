@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from model import ModelArgs
+from parallel.layers import TPContext
 from train.checkpoint.files import FILES_KEY, checkpoint_files, describe_files
 
 CKPT_DIR = "checkpoints"
@@ -78,18 +79,22 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors, ints, floats, strings and tuples (weights-only loadable)."""
+def rng_state(tp_ctx: TPContext | None = None) -> dict[str, Any]:
+    """This process's RNG states as tensors, ints, floats, strings and tuples (weights-only loadable), with this
+    tensor-parallel rank's own dropout generators under ``tp`` when there is a TP group."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if tp_ctx is not None and tp_ctx.size > 1:
+        state["tp"] = tp_ctx.rng_state()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore ``rng_state()``'s states (also those of the first format, whose numpy keys are an array)."""
+def set_rng_state(state: dict[str, Any], tp_ctx: TPContext | None = None) -> None:
+    """Restore ``rng_state()``'s states (also those of the first format, whose numpy keys are an array); the TP
+    dropout generators too when both the checkpoint and this run have them."""
     random.setstate(state["python"])
     name, keys, *rest = state["numpy"]
     keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
@@ -97,6 +102,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "tp" in state and tp_ctx is not None and tp_ctx.size > 1:
+        tp_ctx.set_rng_state(state["tp"])
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
@@ -195,7 +202,8 @@ class CheckpointWriter:
     """Collective checkpoint saves for one run (every rank holds one and calls ``save`` together)."""
 
     def __init__(self, out_dir: str | Path, *, rank: int, keep_last: int, estimate_bytes: int,
-                 extra: Callable[[Path], None] | None = None) -> None:
+                 extra: Callable[[Path], None] | None = None, tp_ctx: TPContext | None = None) -> None:
+        self.tp_ctx = tp_ctx  # its dropout generators are saved with each rank's RNG state
         self.extra = extra  # collective: writes more files (e.g. the PEFT adapter) into the checkpoint dir
         self.out_dir = Path(out_dir)
         self.root = checkpoint_root(out_dir)
@@ -260,7 +268,7 @@ class CheckpointWriter:
             if self.extra is not None:
                 self.extra(tmp_dir)
             failpoint("after_engine_save", step)
-            torch.save(rng_state(), tmp_dir / f"rng_rank{self.rank:05d}.pt")
+            torch.save(rng_state(self.tp_ctx), tmp_dir / f"rng_rank{self.rank:05d}.pt")
         except Exception as e:  # noqa: BLE001 - any failed write (torch.save: a full disk is a RuntimeError)
             error = e
             if in_engine:

@@ -243,7 +243,7 @@ class Trainer:
         if target is None:
             raise TrainingDiverged(f"step {bad_step}: {why} and no checkpoint to roll back to; set "
                                    f"train.save_interval so one exists, or lower train.lr.")
-        saved = load_checkpoint(self.engine, target, rank=dist.get_rank())
+        saved = load_checkpoint(self.engine, target, rank=dist.get_rank(), tp_ctx=self.tp_ctx)
         self.state.step = int(saved["step"])
         self.state.val_ema, self.state.best_val_ema = saved.get("val_ema"), saved.get("best_val_ema")
         self.state.consumed_samples = consumed  # move past the batches that went bad
