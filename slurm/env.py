@@ -81,7 +81,11 @@ def dist_vars(job_env: submitit.JobEnvironment, environ: Mapping[str, str] | Non
         raise SlurmEnvError(f"SLURM_JOB_NODELIST names {len(hosts)} hosts ({', '.join(hosts)}) for "
                             f"{nodes} nodes.")
     if PORT_VARIABLE in environ:
-        port = int(environ[PORT_VARIABLE])
+        raw = environ[PORT_VARIABLE]
+        if not raw.strip().isdigit() or not 0 < int(raw) < 2**16:
+            raise SlurmEnvError(f"{PORT_VARIABLE}={raw!r}: not a TCP port; set it to a free port from 1 to "
+                                f"65535 on the first node, or unset it to derive one from the job id.")
+        port = int(raw)
     else:
         port = rendezvous_port(job_env.job_id, int(environ.get("SLURM_RESTART_COUNT", "0") or 0))
     return DistVars(rank=rank, local_rank=local_rank, world_size=world, local_world_size=per_node,

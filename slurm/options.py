@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from slurm.profile import PROFILE_DIR, Profile, SlurmConfigError, with_values
+from slurm.profile import PROFILE_DIR, Profile, with_values
+from slurm.script import SlurmConfigError, check_key, check_setup_line, check_value
 
 # command-line option (argparse dest) -> profile field
 PROFILE_OPTIONS = {"nodes": "nodes", "partition": "partition", "account": "account", "qos": "qos",
@@ -50,18 +51,26 @@ def _profile_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sbatch_extras(items: list[str]) -> dict[str, str]:
-    """``--sbatch KEY=VALUE`` items as sbatch parameters (a leading ``--`` on the key is dropped)."""
+    """``--sbatch KEY=VALUE`` items as sbatch parameters (a leading ``--`` on the key is dropped); keys and
+    values are checked as slurm/script.py says."""
     extras = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise SlurmConfigError(f"--sbatch {item}: expected KEY=VALUE (e.g. --sbatch mail-type=END).")
-        extras[key.strip().lstrip("-")] = value
+            raise SlurmConfigError(f"--sbatch {item!r}: expected KEY=VALUE (e.g. --sbatch mail-type=END).")
+        name = check_key("--sbatch", key)
+        check_value(f"--sbatch {name}", value)
+        extras[name] = value
     return extras
 
 
 def with_command_line(profile: Profile, args: argparse.Namespace) -> Profile:
     """``profile`` with the job-shape options of the command line applied (``--setup`` lines are appended)."""
+    for opt in ("partition", "account", "qos", "constraint"):  # written into the script as given
+        if getattr(args, opt) is not None:
+            check_value(f"--{opt}", getattr(args, opt))
+    for line in args.setup:
+        check_setup_line("--setup", line)
     profile = with_values(profile, _profile_values(args), where="command line")
     setup = [*profile.setup, *args.setup]
     sbatch = {**profile.sbatch, **_sbatch_extras(args.sbatch)}

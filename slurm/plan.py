@@ -22,7 +22,8 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from parallel.dims import ParallelDims
 from slurm.jobs import JobRecord, record_jobs
-from slurm.profile import JobShape, SlurmConfigError, submitit_command
+from slurm.profile import JobShape, submitit_command
+from slurm.script import SlurmConfigError, check_parameters, check_value
 from slurm.sweep import Sweep, point_name, point_overrides, write_sweep_record
 from slurm.task import NodeNeeds, RunSpec, TrainTask
 from train.checkpoint.writer import CKPT_BYTES_PER_PARAM, checkpoint_estimate, checkpoint_root
@@ -59,9 +60,11 @@ class Submission:
         if shutil.which("sbatch") is None or shutil.which("srun") is None:
             raise SlurmConfigError("sbatch/srun not found: this machine is not a SLURM submit host; start "
                                    "slurm/local_cluster.sh, or use --dry-run to see the script.")
+        params = self.shape.slurm_parameters()
+        check_parameters(params)  # what submitit writes into the script, once more before it is queued
         executor = submitit.AutoExecutor(folder=self.folder, cluster="slurm",
                                          slurm_max_num_timeout=self.shape.profile.max_requeues)
-        executor.update_parameters(**{f"slurm_{k}": v for k, v in self.shape.slurm_parameters().items()},
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()},
                                    slurm_array_parallelism=ARRAY_PARALLELISM)
         task = TrainTask(self.needs)
         if self.sweep is None:
@@ -166,9 +169,14 @@ def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_co
         job_folder = Path(folder).resolve()
     else:
         job_folder = (sweep.out_dir if sweep is not None else Path(runs[0].out_dir)) / "slurm"
+    # the folder is in the script (log paths, the srun command), and so is the job name
+    paths = [("--folder", folder)] if folder is not None else [("train.out_dir", r.out_dir) for r in runs]
+    for where, path in paths:
+        check_value(where, str(path))
     if not shape.name:  # default job name: the sweep's or the run directory's
         default = sweep.name if sweep is not None else runs[0].name
         shape = dataclasses.replace(shape, name=f"tessera-{default}")
+    check_parameters(shape.slurm_parameters())
     needs = NodeNeeds(gpus_per_node=shape.gpus_per_node, mps=shape.profile.mps, checkpoint_bytes=biggest,
                       checkpoint_every_s=shape.profile.checkpoint_every_min * 60)
     return Submission(shape=shape, runs=runs, recipes=recipes, folder=job_folder, needs=needs, sweep=sweep)

@@ -3,7 +3,9 @@
 A profile is a YAML file in ``slurm/profiles/`` (or any path). Every field below may be set there; the
 command line overrides any of them. ``resolve`` turns the merge into a ``JobShape``, refusing what cannot run
 (unknown partition, more GPUs per node than the node has, a time limit too short for the warning signal or
-shorter than the checkpoint interval) with one ``tessera: error`` line before anything is queued.
+shorter than the checkpoint interval) with one ``tessera: error`` line before anything is queued. Fields that
+reach the sbatch script (partition, account, qos, constraint, setup lines, sbatch parameters) are checked as
+slurm/script.py says when they are read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from slurm.script import SlurmConfigError, check_sbatch, check_setup_line, check_value
+
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 # Slurm checks for due signals periodically: a warning signal may come up to this much earlier than asked.
 SIGNAL_RESOLUTION_S = 60
@@ -26,11 +30,8 @@ SIGNAL_RESOLUTION_S = 60
 MIN_USEFUL_RUN_S = 60
 # A submitit job runs as `python -u -m submitit.core._submit FOLDER` under srun.
 SUBMITIT_ENTRY = "-u -m submitit.core._submit"
-
-
-class SlurmConfigError(ValueError):
-    """A profile or job setting that cannot be submitted; the message names the field, the value and the
-    fix."""
+# profile fields written into the sbatch script as they are (each checked by slurm/script.py)
+SCRIPT_FIELDS = ("partition", "account", "qos", "constraint")
 
 
 @dataclass
@@ -149,8 +150,22 @@ def with_values(profile: Profile, values: dict[str, Any], where: str) -> Profile
         if key not in known:
             raise SlurmConfigError(f"{where}: unknown field '{key}'; known fields: {', '.join(known)}.")
         if value is not None:
-            changes[key] = _check_type(f"{where}: {key}", value, hints[key])
+            changes[key] = _check_script_field(where, key, _check_type(f"{where}: {key}", value, hints[key]))
     return dataclasses.replace(profile, **changes)
+
+
+def _check_script_field(where: str, key: str, value: Any) -> Any:
+    """A field that reaches the sbatch script, checked as slurm/script.py says (returned as it is written)."""
+    if key in SCRIPT_FIELDS:
+        check_value(f"{where}: {key}", value)
+    elif key == "setup":
+        for line in value:
+            check_setup_line(f"{where}: setup line", line)
+    elif key == "sbatch":
+        return check_sbatch(f"{where}: sbatch", value)
+    elif key == "partitions" and not all(isinstance(v, str) for v in value):
+        raise SlurmConfigError(f"{where}: partitions={value!r}: expected a list of partition names.")
+    return value
 
 
 def _check_type(where: str, value: Any, tp: Any) -> Any:
@@ -227,7 +242,9 @@ def resolve(profile: Profile, *, gpus_per_node: int | None = None, tasks_per_nod
     if p.max_requeues < 0:
         raise SlurmConfigError(f"--max-requeues {p.max_requeues}: must be >= 0.")
     for line in p.setup:
-        _check_setup_line(line)
+        check_setup_line("setup line", line)
+    if name:
+        check_value("job name", name)
     return JobShape(profile=p, name=name, tasks_per_node=tasks, gpus_per_node=gpus, signal_delay_s=delay)
 
 
@@ -240,13 +257,6 @@ def _check_partition(p: Profile, live: list[str] | None) -> None:
     if live is not None and p.partition not in live:
         raise SlurmConfigError(f"--partition {p.partition}: this cluster has no such partition (sinfo lists "
                                f"{', '.join(live) or 'none'}); use one of those.")
-
-
-def _check_setup_line(line: str) -> None:
-    try:
-        shlex.split(line)
-    except ValueError as e:
-        raise SlurmConfigError(f"setup line {line!r}: not valid shell ({e}); fix the quoting.") from None
 
 
 def submitit_command(folder: Path, python: str | None = None) -> str:

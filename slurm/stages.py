@@ -32,7 +32,8 @@ from submitit.slurm.slurm import _make_sbatch_string
 from slurm import jobs
 from slurm.options import add_job_options, with_command_line
 from slurm.plan import Submission, cluster_partitions, plan_submission
-from slurm.profile import Profile, SlurmConfigError, load_profile, resolve, submitit_command, with_values
+from slurm.profile import Profile, load_profile, resolve, submitit_command, with_values
+from slurm.script import SlurmConfigError, check_parameters
 from slurm.task import RunSpec, TrainTask
 from train.config.schema import JobConfig
 from train.plan import USER_ERRORS
@@ -102,6 +103,10 @@ def plan_jobs(chain: StageChain, profile: Profile, *, cli: argparse.Namespace | 
             shape = resolve(prof, gpus_per_node=getattr(cli, "gpus_per_node", None),
                             tasks_per_node=getattr(cli, "tasks_per_node", None),
                             name=f"tessera-{chain.name}-{stage.name}", live_partitions=live_partitions)
+            chained = sorted({"dependency", *ON_INVALID_DEPENDENCY} & set(prof.sbatch))
+            if chained:
+                raise SlurmConfigError(f"sbatch {chained[0]}: the chain sets --{chained[0]} itself (each "
+                                       f"stage waits for the one before it); leave it out.")
         except SlurmConfigError as e:
             raise SlurmConfigError(f"stages {chain.path}: stage '{stage.name}': {e}") from None
         sub = plan_submission(shape, config=str(stage.config), overrides=overrides, ds_config=stage.ds_config,
@@ -142,7 +147,9 @@ def submit_jobs(chain: StageChain, stage_jobs: list[StageJob]) -> list[tuple[Sta
         sub = job.submission
         executor = submitit.AutoExecutor(folder=sub.folder, cluster="slurm",
                                          slurm_max_num_timeout=sub.shape.profile.max_requeues)
-        executor.update_parameters(**{f"slurm_{k}": v for k, v in job_parameters(job, after).items()})
+        params = job_parameters(job, after)
+        check_parameters(params)  # what submitit writes into the script, once more before it is queued
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
         submitted = executor.submit(StageTask(sub.needs, job.plan), job.run)
         record = jobs.JobRecord(job_id=str(submitted.job_id), folder=str(sub.folder), out_dir=job.run.out_dir,
                                 tasks=sub.shape.world_size, name=f"{chain.name}/{job.plan.stage.name}")

@@ -32,7 +32,8 @@ import yaml
 from slurm import jobs
 from slurm.options import add_job_options, with_command_line
 from slurm.plan import cluster_partitions, plan_submission
-from slurm.profile import SlurmConfigError, known_profiles, load_profile, resolve
+from slurm.profile import known_profiles, load_profile, resolve
+from slurm.script import SlurmConfigError, check_value
 from slurm.stages import cmd_stages
 from slurm.sweep import format_table, load_sweep, summarize
 from train.plan import USER_ERRORS
@@ -79,6 +80,8 @@ def followup_parser() -> argparse.ArgumentParser:
 def cmd_submit(argv: list[str]) -> int:
     args = submit_parser().parse_intermixed_args(argv)
     try:
+        if args.name is not None:
+            check_value("--name", args.name)
         profile = with_command_line(load_profile(args.profile), args)
         live = None if args.dry_run else cluster_partitions()
         sweep = load_sweep(args.sweep) if args.sweep else None

@@ -38,7 +38,16 @@ from train.config.fields import ConfigError
 from train.config.load import describe_fields
 from train.data import eval_batches
 from train.data.setup import batch_stream
-from train.distributed import DistEnv, device_for, init_distributed, read_env, shutdown_distributed
+from train.distributed import (
+    DistEnv,
+    LaunchEnvError,
+    RendezvousError,
+    describe_peer_loss,
+    device_for,
+    init_distributed,
+    read_env,
+    shutdown_distributed,
+)
 from train.eval.sample import generate_sample
 from train.loop.guards import TrainingDiverged
 from train.loop.metrics import MetricsLogger
@@ -51,6 +60,9 @@ from train.vocab.setup import SnapshotWriter
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
 RUN_ERRORS = (CheckpointError, TrainingDiverged, ModelConfigError, LossTermError, ConfigError)
+# What torch raises when a collective fails: torch.distributed.DistError and gloo's errors are RuntimeErrors;
+# train.distributed.describe_peer_loss tells which of them mean a lost peer rank.
+PEER_ERRORS = (RuntimeError,)
 log = logging.getLogger("tessera")
 
 
@@ -191,14 +203,18 @@ def _code_version() -> str:
 
 
 def main(argv: list[str] | None = None, *, control: RunControl | None = None) -> int:
-    """Run from ``argv``; ``control`` (train/loop/preempt.py) lets a caller in the same process stop the run."""
+    """Run from ``argv``; ``control`` (train/loop/preempt.py) lets a caller in this process stop the run."""
     args = parse_args(argv)
     if args.help_config:
         print(describe_fields())
         return 0
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = read_env(args.local_rank)
+    try:
+        env = read_env(args.local_rank)
+    except LaunchEnvError as e:  # a launcher variable that cannot be right: every process says so
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
     _setup_logging(env)
     try:
         p = plan(args)
@@ -215,6 +231,15 @@ def main(argv: list[str] | None = None, *, control: RunControl | None = None) ->
             print(f"tessera: error: {e}", file=sys.stderr)
         shutdown_distributed()
         return 1
+    except RendezvousError as e:  # ranks that never came, or a rendezvous out of reach: each rank says so
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 1
+    except PEER_ERRORS as e:  # a collective failed: a lost peer is one line on every surviving rank
+        lost = describe_peer_loss(e, env)
+        if lost is None:
+            raise
+        print(f"tessera: error: {lost}", file=sys.stderr, flush=True)
+        return 1  # no shutdown: there is no one left to leave together with
     shutdown_distributed()
     return 0
 

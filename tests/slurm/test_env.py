@@ -105,3 +105,10 @@ def test_inconsistent_variables_are_refused(slurm_task, nodes: int, tasks: int, 
     with pytest.raises(SlurmEnvError, match=fragment):
         dist_vars(slurm_task("5", nodes=nodes, tasks=tasks, nodelist=nodelist, proc=proc, local=local,
                              node=node))
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "-1", ""])
+def test_a_chosen_port_that_is_not_a_port_is_refused(slurm_task, port: str) -> None:
+    with pytest.raises(SlurmEnvError, match=rf"TESSERA_MASTER_PORT='{port}': not a TCP port; set it"):
+        dist_vars(slurm_task("99", nodes=1, tasks=1, nodelist="a", proc=0, local=0, node=0,
+                             TESSERA_MASTER_PORT=port))

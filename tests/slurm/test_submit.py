@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from slurm.plan import plan_submission
 from slurm.profile import (
@@ -134,7 +135,7 @@ BAD = [
     (["--profile", "local", "--tasks-per-node", "3"], "global_batch_size"),
     (["--profile", "local", "model.n_heads=5"], "model"),
     (["--profile", "local", "--ds_config", "zero9"], "--ds_config zero9: no such file"),
-    (["--profile", "local", "--sbatch", "exclusive"], "--sbatch exclusive: expected KEY=VALUE"),
+    (["--profile", "local", "--sbatch", "exclusive"], "--sbatch 'exclusive': expected KEY=VALUE"),
     (["--profile", "local", "research.recipe=injection", "research.options={layers: '2-7'}"],
      "research.options.layers='2-7': layer 4 does not exist; the model has 4 layers"),
     (["--profile", "local", "research.recipe=injection", "research.terms={rec: {weight: 1}}"],
@@ -152,6 +153,120 @@ def test_bad_input_is_one_line_before_anything_is_queued(tmp_path: Path, capsys:
     errors = [line for line in captured.err.splitlines() if line.startswith("tessera: error:")]
     assert len(errors) == 1 and fragment in errors[0], captured.err
     assert not captured.out and not out.exists()
+
+
+# Input that would reach the sbatch script: a newline ends a directive and what follows runs as a shell line
+# (or, as an #SBATCH line, silently replaces Tessera's own directives). Each: (arguments, fragment).
+SMUGGLED = "#SBATCH --time=525600"
+BAD_SCRIPT = [
+    (["--sbatch", f"mail-type\n{SMUGGLED}=END"],
+     "--sbatch 'mail-type\\n#SBATCH --time': not an sbatch option"),
+    (["--sbatch", f"mail-type=END\n{SMUGGLED}"],
+     "--sbatch mail-type='END\\n#SBATCH --time=525600': the value holds a newline"),
+    (["--sbatch", f"comment=x {SMUGGLED}"],
+     "--sbatch comment='x #SBATCH --time=525600': the value holds '#SBATCH'"),
+    (["--sbatch", "comment=a\\b"], "the value holds a backslash"),
+    (["--sbatch", "mail-type="], "--sbatch mail-type='': empty"),
+    (["--sbatch", "mail type=END"], "--sbatch 'mail type': not an sbatch option name"),
+    (["--sbatch", "signal=USR1@10"],
+     "--sbatch 'signal': Tessera sets --signal itself (use --signal-delay-s)"),
+    (["--sbatch=--time=525600"], "Tessera sets --time itself (use --time)"),
+    (["--name", f"run\n{SMUGGLED}"], "--name='run\\n#SBATCH --time=525600': the value holds a newline"),
+    (["--partition", f"local\n{SMUGGLED}"], "--partition='local\\n#SBATCH --time=525600': the value holds a"),
+    (["--setup", SMUGGLED], "--setup '#SBATCH --time=525600': the line holds '#SBATCH'"),
+    (["--setup", "echo a\nsleep 1"], "--setup 'echo a\\nsleep 1': the line holds a newline"),
+    (["--setup", "cat <<EOF"], "bash cannot run it as one line (warning: here-document"),
+    (["--setup", "module load cuda &&"], "bash cannot run it as one line (syntax error"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", BAD_SCRIPT, ids=[b[1][:40] for b in BAD_SCRIPT])
+def test_what_reaches_the_script_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            args: list[str], fragment: str) -> None:
+    test_bad_input_is_one_line_before_anything_is_queued(tmp_path, capsys, ["--profile", "local", *args],
+                                                         fragment)
+
+
+@pytest.mark.parametrize(
+    "field, fragment",
+    [
+        (f"partition: \"local\\n{SMUGGLED}\"", "profile mine: partition='local\\n#SBATCH"),
+        (f"account: \"a {SMUGGLED}\"", "profile mine: account='a #SBATCH --time=525600': the value holds"),
+        (f"sbatch: {{\"mail-type\\n{SMUGGLED}\": END}}", "profile mine: sbatch 'mail-type\\n#SBATCH"),
+        (f"sbatch: {{mail-type: \"END\\n{SMUGGLED}\"}}", "profile mine: sbatch mail-type='END\\n#SBATCH"),
+        ("sbatch: {exclusive: false}", "sbatch exclusive=False: not an sbatch value; leave the key out"),
+        ("sbatch: {job_name: x}", "sbatch 'job_name': Tessera sets --job-name itself (use --name)"),
+        ("sbatch: [exclusive]", "profile mine: sbatch=['exclusive']: expected dict"),
+        ("setup: [\"if true; then\"]", "profile mine: setup line 'if true; then': bash cannot run it"),
+        ("setup: [1]", "profile mine: setup line 1: a setup line must be a string"),
+    ],
+)
+def test_a_bad_profile_field_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str,
+                                         fragment: str) -> None:
+    profile = tmp_path / "mine.yaml"
+    profile.write_text((REPO / "slurm" / "profiles" / "local.yaml").read_text() + field + "\n")
+    test_bad_input_is_one_line_before_anything_is_queued(tmp_path, capsys, ["--profile", str(profile)],
+                                                         fragment)
+
+
+def test_a_run_directory_that_would_break_the_script(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = f'"{tmp_path}/run\\n{SMUGGLED}"'  # YAML: a newline in the directory's name
+    code = submit_main(["--profile", "local", "--config", str(SMOKE), "--dry-run", f"train.out_dir={out}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "# sbatch script" not in captured.out and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith(f"tessera: error: train.out_dir='{tmp_path}/run\\n#SBATCH --time=525600': "
+                                   f"the value holds a newline"), captured.err
+
+
+def test_a_valid_script_is_rendered_as_before(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole script of a valid job, as submitit rendered it before the checks existed."""
+    run = tmp_path / "run"
+    args = ["--profile", "local", "--config", str(SMOKE), "--dry-run", "--sbatch", "mail-type=END",
+            "--sbatch", "comment=a b", "--sbatch=--reservation=big", "--setup", "echo hello && echo 'a b'",
+            "--name", "myjob", f"train.out_dir={run}"]
+    assert submit_main(args) == 0, capsys.readouterr().err
+    script = capsys.readouterr().out.split("# sbatch script\n", 1)[1]
+    logs = f"{run}/slurm/%j"
+    assert script == "\n".join([
+        "#!/bin/bash", "", "# Parameters", "#SBATCH --comment='a b'", "#SBATCH --cpus-per-task=1",
+        f"#SBATCH --error={logs}_0_log.err", "#SBATCH --job-name=myjob", "#SBATCH --mail-type=END",
+        "#SBATCH --mem=8GB", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=2", "#SBATCH --open-mode=append",
+        f"#SBATCH --output={logs}_0_log.out", "#SBATCH --partition=local", "#SBATCH --reservation=big",
+        "#SBATCH --signal=USR2@180", "#SBATCH --time=30", "#SBATCH --wckey=submitit", "", "# setup",
+        "export OMP_NUM_THREADS=1", "echo hello && echo 'a b'", "", "# command",
+        "export SUBMITIT_EXECUTOR=slurm",
+        f"srun --unbuffered --output {logs}_%t_log.out --error {logs}_%t_log.err --kill-on-bad-exit=1 "
+        f"{sys.executable} -u -m submitit.core._submit {run}/slurm", "", ""])
+
+
+@pytest.mark.parametrize(
+    "slurm, fragment",
+    [
+        ({"setup": [SMUGGLED]}, "stage 'pre' slurm: setup line '#SBATCH --time=525600': the line holds"),
+        ({"sbatch": {"dependency": "afterok:1"}}, "sbatch dependency: the chain sets --dependency itself"),
+        ({"partition": f"local\n{SMUGGLED}"}, "stage 'pre' slurm: partition='local\\n#SBATCH"),
+    ],
+)
+def test_a_stage_chain_checks_what_reaches_its_scripts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       slurm: dict, fragment: str) -> None:
+    stages = tmp_path / "stages.yaml"
+    stages.write_text(yaml.safe_dump({"name": "chain", "out_dir": str(tmp_path / "runs"), "stages": [
+        {"name": "pre", "config": str(SMOKE), "slurm": slurm}]}))
+    assert submit_main(["stages", str(stages), "--profile", "local", "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "# sbatch script" not in captured.out and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("tessera: error: stages ") and fragment in captured.err, captured.err
+
+
+def test_a_smuggled_directive_from_the_real_command_line(tmp_path: Path) -> None:
+    proc = _submit(tmp_path, "--profile", "local", "--config", str(SMOKE), "--dry-run", "--sbatch",
+                   f"mail-type=END\n{SMUGGLED}", f"train.out_dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "# sbatch script" not in proc.stdout
+    assert proc.stderr.splitlines() == [
+        "tessera: error: --sbatch mail-type='END\\n#SBATCH --time=525600': the value holds a newline; an "
+        "sbatch value must be one line without it."]
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_input_from_the_command_line(tmp_path: Path) -> None:
