@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from parallel.groups import ProcessGroups
 from parallel.layers import TPContext
 from parallel.parallelize import Wrap, parallelize
 from parallel.tp import HF_LLAMA_TP_PLAN, TRANSFORMER_TP_PLAN
-from train.data.tokenizer import load_tokenizer
 from train.checkpoint.writer import CheckpointWriter
+from train.data.tokenizer import load_tokenizer
 from train.hf_setup import ADAPTER_DIR, build_hf, save_adapter
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.objectives import OBJECTIVES, ObjectiveInputs, head_meta, head_outputs
@@ -128,7 +129,7 @@ def _wrap(p: Plan, device: torch.device) -> Wrap | None:
     return wrap
 
 
-def make_objective(p: Plan, built: Built, groups: ProcessGroups, device: torch.device) -> Objective:
+def make_objective(p: Plan, built: Built, device: torch.device) -> Objective:
     """The research recipe's objective, or ``train.objective``'s from the table (after a resume has loaded the
     engine: DPO's reference may be computed from it)."""
     t = p.cfg.train
@@ -144,18 +145,20 @@ def make_objective(p: Plan, built: Built, groups: ProcessGroups, device: torch.d
 
 def _fresh_model(p: Plan, device: torch.device) -> nn.Module:
     """The policy's starting point built again: DPO's reference (dpo.reference_from: another checkpoint of the
-    same architecture, checked when planning)."""
+    same architecture, checked when planning). Built with the random state forked, so the run's own random
+    streams (restored by a resume) go on as if it had not been built."""
     source = p.cfg.dpo.reference_from
-    if p.hf is not None:
-        plan = dataclasses.replace(p.hf, lora_targets=[], path=Path(source) if source else p.hf.path)
-        return build_hf(plan, p.cfg, p.ds_config, device)[0]
-    model = _native_model(p, device)[0]  # DPO runs at tp = pp = 1: nothing to split
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if p.hf is not None:
+            plan = dataclasses.replace(p.hf, lora_targets=[], path=Path(source) if source else p.hf.path)
+            return build_hf(plan, p.cfg, p.ds_config, device)[0]
+        model = _native_model(p, device)[0]  # DPO runs at tp = pp = 1: nothing to split
     if source:
         model.load_state_dict(load_hf_pretrained(source, max_seq_len=model.args.max_seq_len)[1])
     return model
 
 
-def run_meta(p: Plan, built: Built, code_version: str) -> dict[str, Any]:
+def run_meta(p: Plan, built: Built) -> dict[str, Any]:
     """What every checkpoint of the run records about it (tessera.json)."""
     cfg = p.cfg
     return {
@@ -168,7 +171,7 @@ def run_meta(p: Plan, built: Built, code_version: str) -> dict[str, Any]:
         "tokenizer": p.bundle.tokenizer_id,
         "tokenizer_dir": str(p.bundle.tokenizer_dir),
         "prepared_dir": str(p.bundle.prepared_dir),
-        "code_version": code_version,
+        "code_version": _code_version(),
     }
 
 
@@ -201,3 +204,13 @@ def checkpoint_writer(p: Plan, built: Built) -> CheckpointWriter:
     return CheckpointWriter(Path(p.cfg.train.out_dir), rank=p.env.rank, keep_last=p.cfg.train.keep_last,
                             estimate_bytes=checkpoint_bytes(p.model_args, p.hf), extra=extra,
                             tp_ctx=built.tp_ctx)
+
+
+def _code_version() -> str:
+    """The git commit of the code that trains (``unknown`` outside a git checkout)."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=False).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

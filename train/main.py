@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import time
 import warnings
 from typing import Any
@@ -105,9 +104,9 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     built = build(p, groups, device)
     engine = built.engine
 
-    state = TrainState(meta=run_meta(p, built, _code_version()))
+    state = TrainState(meta=run_meta(p, built))
     if p.resume_from is not None:
-        saved = load_checkpoint(engine, p.resume_from, rank=env.rank)
+        saved = load_checkpoint(engine, p.resume_from, rank=env.rank, tp_ctx=built.tp_ctx)
         state.step, state.consumed_samples = int(saved["step"]), int(saved["consumed_samples"])
         state.val_ema, state.best_val_ema = saved.get("val_ema"), saved.get("best_val_ema")
         state.meta["run_id"] = saved.get("run_id", state.meta["run_id"])
@@ -134,7 +133,7 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
         info, tokenizer = built.model.extension
         after_step = SnapshotWriter(built.model.model, info, tokenizer, out_dir,
                                     interval=cfg.vocab.snapshot_interval, last_step=t.steps, rank=env.rank)
-    objective = built.objective = make_objective(p, built, groups, device)
+    objective = built.objective = make_objective(p, built, device)
 
     start = time.perf_counter()
     result = train(cfg, engine, state, batches=batches, val_batches=val_batches,
@@ -191,15 +190,6 @@ def _report(out_dir: Path, summary: dict[str, Any], result: dict[str, Any], samp
         print("\nvalidation " + " | ".join(f"{k.removeprefix('val_')} {v:.4f}" for k, v in result.items()))
     if sample is not None:
         print(f"--- sample ---\n{sample}\n--------------")
-
-
-def _code_version() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5, check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None, *, control: RunControl | None = None) -> int:
