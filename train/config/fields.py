@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Sequence
 from dataclasses import field
 from typing import Any
@@ -36,3 +37,23 @@ def _choice(where: str, value: Any, choices: Sequence[Any]) -> Any:
     listed = [repr(c) for c in choices]
     allowed = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} or {listed[-1]}"
     raise ConfigError(f"{where}={value!r}: use {allowed}.{hint}")
+
+
+def as_number(where: str, value: Any) -> float:
+    """``value`` as a finite float (YAML reads 1e-3, without a dot, as a string), or a ConfigError naming
+    ``where``: not a number, or NaN / infinite (YAML's ``.nan``, ``.inf``)."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}.")
+    try:
+        number = float(number)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}={value!r}: not a finite number; give a number such as 3e-4.")
+    return number

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 
 from model import ModelArgs
 from train.config.checks import validate
-from train.config.fields import ConfigError, _choice
+from train.config.fields import ConfigError, _choice, as_number
 from train.config.finetune import DPOSection, HFSection, LoraSection, VocabSection
 from train.config.research import ResearchSection
 from train.config.schema import (
@@ -75,31 +74,12 @@ def _coerce(where: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}.")
         return value
     if tp is float:
-        number = value
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}.")
-        return finite(where, number)
+        return as_number(where, value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}.")
         return str(value)
     raise TypeError(f"unsupported annotation {tp!r} at {where}")
-
-
-def finite(where: str, value: int | float) -> float:
-    """``value`` as a float, or a ConfigError when it is NaN or infinite (YAML's ``.nan``, ``.inf``)."""
-    try:
-        number = float(value)
-    except OverflowError:  # an integer too large for a float
-        number = math.inf
-    if not math.isfinite(number):
-        raise ConfigError(f"{where}={value!r}: not a finite number; give a number such as 3e-4.")
-    return number
 
 
 def _section_from_dict(name: str, cls: type, raw: Any) -> Any:

@@ -8,11 +8,10 @@ training starts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from train.config.fields import ConfigError, _choice, _f
+from train.config.fields import ConfigError, _choice, _f, as_number
 
 Schedule = Literal["constant", "linear", "cosine", "warmup"]  # how a loss term's weight moves over the steps
 SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
@@ -63,7 +62,7 @@ class ResearchSection:
             _choice(f"research.terms.{name}.schedule", spec.get("schedule", "constant"), SCHEDULES)
             for key in ("weight", "initial"):
                 if key in spec:
-                    spec[key] = _number(f"research.terms.{name}.{key}", spec[key])
+                    spec[key] = as_number(f"research.terms.{name}.{key}", spec[key])
             for key in ("start", "end"):
                 value = spec.get(key, 0)
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -79,20 +78,7 @@ class ResearchSection:
             for key in ("lr", "weight_decay"):
                 if g.get(key) is None:
                     continue
-                value = _number(f"research.groups[{i}].{key}", g[key])
+                value = as_number(f"research.groups[{i}].{key}", g[key])
                 if value < 0 or (key == "lr" and value == 0):
                     raise ConfigError(f"research.groups[{i}].{key}={g[key]!r}: must be "
                                       f"{'> 0' if key == 'lr' else '>= 0'}.")
-
-
-def _number(where: str, value: Any) -> float:
-    """A finite number (YAML's 1e-3, read as a string, too), or a ConfigError naming ``where``."""
-    number = value
-    if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-        try:
-            number = float(value)
-        except ValueError:
-            pass
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
-        raise ConfigError(f"{where}={value!r}: give a finite number.")
-    return float(number)
