@@ -36,6 +36,7 @@ from parallel.tp import HF_TP_MODEL_TYPES
 from train.config.fields import ConfigError
 from train.config.finetune import parse_layers
 from train.config.schema import JobConfig
+from train.objectives import OBJECTIVES
 from train.vocab.setup import VocabPlan, apply_vocab
 
 ADAPTER_DIR = "adapter"
@@ -82,7 +83,7 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
     """Check the HF model of ``cfg.hf.path`` against the recipe; raise ConfigError / ModelConfigError."""
     h, lo = cfg.hf, cfg.lora
     path = Path(str(h.path))
-    config = causal_lm_config(path, seq2seq=cfg.train.objective == "seq2seq")
+    config = causal_lm_config(path, seq2seq=OBJECTIVES[cfg.train.objective].encoder_decoder)
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     engine_dtype = _ds_dtype(ds_config)
     dtype = engine_dtype if h.dtype == "auto" else DTYPES[h.dtype]
@@ -104,7 +105,7 @@ def plan_hf(cfg: JobConfig, ds_config: dict[str, Any], dims: ParallelDims, token
                               "(its storage follows hf.quant_storage) or ZeRO 0-2.")
         quant = quantization_config(h.quantization, compute_dtype=compute, quant_type=h.quant_type,
                                     double_quant=h.double_quant, quant_storage=storage,
-                                    skip_modules=["score"] if cfg.train.objective in ("reward", "classify") else None)
+                                    skip_modules=["score"] if OBJECTIVES[cfg.train.objective].sequence_head else None)
     rows = int(getattr(config, "vocab_size", 0) or 0)
     if vocab is not None and stage == 3:
         raise ConfigError("vocab.lexicon under ZeRO-3: resizing needs the whole embedding on each rank; use ZeRO "
@@ -182,7 +183,7 @@ def build_hf(p: HFPlan, cfg: JobConfig, ds_config: dict[str, Any], device: torch
         hf.requires_grad_(True)
     if p.head_labels is not None:
         model: Any = SequenceScorer.hf(hf)
-    elif cfg.train.objective == "seq2seq":
+    elif OBJECTIVES[cfg.train.objective].encoder_decoder:
         model = Seq2SeqLM(hf)
     else:
         model = CausalLM(hf)

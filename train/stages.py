@@ -54,6 +54,7 @@ from train.config.load import load_config
 from train.config.schema import JobConfig
 from train.export.hf import ExportError, export_hf
 from train.hf_setup import plan_hf
+from train.objectives import OBJECTIVES
 
 CHAIN_KEYS = ("name", "out_dir", "overrides", "stages")  # the top level of a stages file
 STAGE_KEYS = ("name", "config", "overrides", "from", "start_key", "checkpoint", "ds_config", "nproc", "slurm")
@@ -321,7 +322,7 @@ def plan_stages(chain: StageChain, check: StageCheck | None = None) -> tuple[lis
                 overrides.append(f"train.out_dir={run_dir}")
                 cfg = load_config(stage.config, overrides)
                 if cfg.hf.path is not None:
-                    causal_lm_config(cfg.hf.path, seq2seq=cfg.train.objective == "seq2seq")
+                    causal_lm_config(cfg.hf.path, seq2seq=OBJECTIVES[cfg.train.objective].encoder_decoder)
                 placeholders[stage.name] = Path(tmp) / f"{index:03d}-{stage.name}" / EXPORT_DIR
                 _write_placeholder(cfg, placeholders[stage.name])
                 swaps[str(placeholders[stage.name])] = str(export_dir)
