@@ -103,3 +103,17 @@ def tiny_bases(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_model(root, "llama", 300)
     write_model(root, "qwen2", 360)
     return root
+
+
+@pytest.fixture
+def fake_world():
+    """A fake process group of the requested size and rank; torn down after the test."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    def start(world_size: int, rank: int) -> None:
+        dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+
+    yield start
+    if dist.is_initialized():
+        dist.destroy_process_group()

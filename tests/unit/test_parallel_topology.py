@@ -17,19 +17,6 @@ from parallel.tp import TRANSFORMER_TP_PLAN, TPPlanError, apply_tp, match_plan
 SHAPES = [(8, 2, 1), (8, 8, 1), (16, 4, 2), (64, 8, 4), (1024, 8, 8), (1024, 4, 1), (96, 2, 3)]
 
 
-@pytest.fixture
-def fake_world():
-    """A fake process group of the requested size and rank; torn down after the test."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    def start(world_size: int, rank: int) -> None:
-        dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
-
-    yield start
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize(("world", "tp", "pp"), SHAPES)
 def test_groups_tile_the_world_in_megatron_order(world: int, tp: int, pp: int) -> None:
     dims = ParallelDims(world, tp=tp, pp=pp)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -45,19 +44,6 @@ def _batch(args: ModelArgs) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.randint(0, args.vocab_size, (2, 16), generator=g)
     y[0, :4] = -100
     return x, y
-
-
-@pytest.fixture
-def fake_world():
-    """A fake process group of the requested size and rank; torn down after the test."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    def start(world_size: int, rank: int) -> None:
-        dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
-
-    yield start
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def test_steps_run_in_order_and_are_logged(caplog: pytest.LogCaptureFixture) -> None:

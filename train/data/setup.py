@@ -145,11 +145,7 @@ def _setup_stream(d: DataSection) -> DataBundle:
     sources = tuple(StreamSource(str(e["path"]), float(e["weight"])) for e in d.blend)
     for source in sources:
         source_files(source.path)
-    separator = eos_token(tok_dir)
-    sep_id = load_raw_tokenizer(tok_dir).token_to_id(separator) if separator is not None else None
-    if sep_id is None:
-        raise DataError(f"data.tokenizer={tok_dir} names no eos_token that is one of its tokens; add one to "
-                        "tokenizer_config.json")
+    sep_id = _separator_id(tok_dir, "")
     return DataBundle(tokenizer_dir=tok_dir, tokenizer_id=tok_id, prepared_dir=None, data=None,
                       vocab_size=tok_id["vocab_size"], separator_id=sep_id,
                       weights=tuple(s.weight for s in sources), sources=sources)
@@ -163,11 +159,7 @@ def _setup_supervised(d: DataSection) -> DataBundle:
     assert d.tokenizer is not None  # validate() requires it (or takes hf.path's) for corpus='sft'
     tok_dir = Path(d.tokenizer)
     tok_id = tokenizer_identity(tok_dir)
-    separator = eos_token(tok_dir)
-    sep_id = load_raw_tokenizer(tok_dir).token_to_id(separator) if separator is not None else None
-    if sep_id is None:
-        raise DataError(f"data.tokenizer={tok_dir} names no eos_token that is one of its tokens; add one to "
-                        "tokenizer_config.json (examples end with it)")
+    sep_id = _separator_id(tok_dir, " (examples end with it)")
     return DataBundle(tokenizer_dir=tok_dir, tokenizer_id=tok_id, prepared_dir=None, data=None,
                       vocab_size=tok_id["vocab_size"], separator_id=sep_id)
 
@@ -313,3 +305,13 @@ def _stream_batches(d: DataSection, t: TrainSection, train: StreamStart, *, dp_r
                              doc_mask=d.doc_mask, start=train.known[base], known=train.known)
 
     return batches
+
+
+def _separator_id(tok_dir: Path, why: str) -> int:
+    """The id of the tokenizer's eos token, which separates documents (and ends examples)."""
+    separator = eos_token(tok_dir)
+    sep_id = load_raw_tokenizer(tok_dir).token_to_id(separator) if separator is not None else None
+    if sep_id is None:
+        raise DataError(f"data.tokenizer={tok_dir} names no eos_token that is one of its tokens; add one to "
+                        f"tokenizer_config.json{why}")
+    return sep_id
