@@ -1,10 +1,12 @@
 """Plot training runs: loss (train and val), learning rate and tokens/s against step, one line per run.
 
 Examples:
-    python tools/plot_metrics.py runs/tiny --out tiny.png
+    python tools/plot_metrics.py runs/tiny                    # writes runs/tiny/metrics.png
     python tools/plot_metrics.py runs/a/metrics.jsonl runs/b --out compare.png --title "a vs b"
 
-Each input is a run directory holding `metrics.jsonl` or the file itself. Train rows carry
+Each input is a run directory holding `metrics.jsonl` or the file itself. Without `--out` the figure goes
+into the run directory: `metrics.png` for one run, `metrics-compare.png` in the first run's directory for
+several. Train rows carry
 "step", "loss", "lr", "tokens_per_s" (and more); eval rows carry "step", "val_loss", "val_ppl".
 A run is labelled by its directory name. A cut-off last line (a run still writing) is ignored.
 """
@@ -19,8 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools import ToolParser, report_error
+
 METRICS_FILE = "metrics.jsonl"
 """File name of a run's metrics inside its run directory."""
+PLOT_FILE = "metrics.png"
+"""Default figure of one run, written into its run directory."""
+COMPARE_FILE = "metrics-compare.png"
+"""Default figure of several runs, written into the first run's directory."""
 _PANELS = (("loss", "loss"), ("lr", "learning rate"), ("tokens_per_s", "tokens / s"))
 
 
@@ -79,8 +87,17 @@ def _labels(paths: Sequence[Path]) -> list[str]:
     return [str(p.parent) if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
-def plot_metrics(runs: Sequence[Path | str], out: Path | str, *, title: str | None = None) -> Path:
-    """Draw loss (train solid, val dashed with dots), lr and tokens/s vs step for `runs` into PNG `out`."""
+def default_out(runs: Sequence[Path | str]) -> Path:
+    """Where the figure goes without `--out`: into the (first) run's directory."""
+    if not runs:
+        raise MetricsError("runs=[]: pass at least one run dir or metrics.jsonl")
+    run_dir = metrics_path(Path(runs[0])).parent
+    return run_dir / (PLOT_FILE if len(runs) == 1 else COMPARE_FILE)
+
+
+def plot_metrics(runs: Sequence[Path | str], out: Path | str | None = None, *, title: str | None = None) -> Path:
+    """Draw loss (train solid, val dashed with dots), lr and tokens/s vs step for `runs` into PNG `out`
+    (default: `default_out(runs)`, in the run directory)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,7 +126,7 @@ def plot_metrics(runs: Sequence[Path | str], out: Path | str, *, title: str | No
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title)
-    out_path = Path(out)
+    out_path = default_out(runs) if out is None else Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, format="png", dpi=110)
     return out_path
@@ -117,18 +134,18 @@ def plot_metrics(runs: Sequence[Path | str], out: Path | str, *, title: str | No
 
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ToolParser(prog="tools/plot_metrics.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or metrics.jsonl files")
-    parser.add_argument("--out", type=Path, default=Path("metrics.png"), help="output PNG path")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output PNG path (default: RUN_DIR/{PLOT_FILE}; several runs: the first one's "
+                        f"RUN_DIR/{COMPARE_FILE})")
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
     try:
         print(plot_metrics(args.runs, args.out, title=args.title))
     except MetricsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return report_error(err)
     return 0
 
 

@@ -5,14 +5,19 @@ Examples:
     python tools/prepare_data.py --shakespeare data_cache --vocab-size 4096
     # your own files with an existing tokenizer directory, 8 tokenizing processes
     python tools/prepare_data.py docs/*.jsonl more.parquet --tokenizer tok/ --out data/mine --workers 8
-    # a local HF dataset directory read as a stream
+    # a directory tree of text files (.txt, .md, .rst), the tokenizer trained on it first
+    python tools/train_tokenizer.py my_texts/ --vocab-size 4096 --out tok/
+    python tools/prepare_data.py my_texts/ --tokenizer tok/ --out data/mine
+    # a local HF dataset directory (save_to_disk) read as a stream
     python tools/prepare_data.py hf_dataset_dir/ --streaming --tokenizer tok/ --out data/hf
 
-A text file is one document; .jsonl / .parquet / HF dataset dirs give one document per row
-(`--text-field`). Each document is followed by the eos token. Documents go to val by a seeded
+Inputs are files, directories (walked recursively; other file types and empty files are skipped with a
+count) and globs. A text file is one document; .jsonl / .parquet / saved HF dataset dirs give one document
+per row (`--text-field`). Each document is followed by the eos token. Documents go to val by a seeded
 draw of `--val-fraction` of them. Work happens in `.OUT.partial/` beside the output: run the same
 command again after an interruption and the finished shards are kept. The output directory appears
-only when complete, and an existing one is replaced only with `--overwrite`.
+only when complete, and an existing one is replaced only with `--overwrite`. Bad input is one
+`tessera: error: ...` line with exit code 2.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tools import ToolParser, report_error
 from tools.corpus_args import add_corpus_arguments, corpus_inputs
 from train.data.corpus import DataError
 from train.data.prepare import SHARD_CHARS, prepare, prepare_shakespeare
@@ -32,8 +38,8 @@ from train.data.shards import HEADER_FILE
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of this tool."""
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = ToolParser(
+        prog=f"tools/{Path(__file__).name}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_corpus_arguments(
         parser,
@@ -86,6 +92,8 @@ def run(args: argparse.Namespace) -> str:
         return f"tokenizer {tok_dir}\ndata {_summary(data_dir, header)}"
     if args.out is None:
         raise DataError("--out is missing: pass the output directory")
+    if args.out.exists() and not args.overwrite:
+        raise DataError(f"out_dir={args.out} already exists; choose another --out or pass --overwrite")
     inputs = corpus_inputs(args)
     header = prepare(
         inputs,
@@ -112,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(run(args))
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return report_error(err)
     return 0
 
 

@@ -73,7 +73,7 @@ def test_cli_prints_one_line_and_exits_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tessera: error:")]
     assert len(errors) == 1 and "Unknown config key 'train.lrr'" in errors[0]
-    assert "Did you mean 'lr'" in errors[0]
+    assert "Did you mean 'train.lr'" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
 
@@ -91,7 +91,7 @@ def test_valid_plan_prepares_data_once(clean_env: pytest.MonkeyPatch, corpus: di
     [
         (["model.n_heads=3"], ConfigError, "n_heads"),
         (["data.seq_len=4096"], ConfigError, "data.seq_len=4096 is longer than the model allows"),
-        (["data.files=[/nonexistent/corpus.txt]"], ConfigError, "/nonexistent/corpus.txt not found"),
+        (["data.files=[/nonexistent/corpus.txt]"], DataError, "data.files: /nonexistent/corpus.txt: does not exist"),
         (["model.vocab_size=100"], ConfigError, "model.vocab_size=100 is smaller than the tokenizer's 512"),
         (["data.seq_len=256", "train.micro_batch_size=64", "train.global_batch_size=64"], ConfigError,
          "fewer than train.micro_batch_size=64 x 1 data-parallel ranks needed to evaluate"),

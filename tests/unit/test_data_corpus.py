@@ -45,25 +45,27 @@ def test_jsonl_parquet_and_dataset_dirs_give_one_document_per_row(tmp_path: Path
     assert docs == ["j1", "j2", "p1", "p2", "d1", "d2"]
 
 
-def test_a_plain_data_dir_goes_through_load_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # keep ~/.cache clean
+def test_a_plain_data_dir_is_read_file_by_file(tmp_path: Path) -> None:
     (tmp_path / "shards").mkdir()
-    _write_jsonl(tmp_path / "shards" / "part0.jsonl", [{"text": "s1"}, {"text": "s2"}])
     _write_jsonl(tmp_path / "shards" / "part1.jsonl", [{"text": "s3"}])
-    assert sorted(iter_documents([tmp_path / "shards"])) == ["s1", "s2", "s3"]
+    _write_jsonl(tmp_path / "shards" / "part0.jsonl", [{"text": "s1"}, {"text": "s2"}])
+    (tmp_path / "shards" / "notes.txt").write_text("a note", encoding="utf-8")
+    assert list(iter_documents([tmp_path / "shards"])) == ["a note", "s1", "s2", "s3"]
 
 
-def test_missing_and_empty_inputs_are_reported_together(tmp_path: Path) -> None:
+def test_missing_inputs_are_reported_together_and_empty_ones_skipped(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").touch()
     (tmp_path / "emptydir").mkdir()
+    (tmp_path / "a.txt").write_text("text", encoding="utf-8")
     with pytest.raises(DataError) as err:
-        list(iter_documents([tmp_path / "nope.txt", tmp_path / "empty.txt", tmp_path / "emptydir"]))
+        list(iter_documents([tmp_path / "nope.txt", tmp_path / "empty.txt", tmp_path / "gone" / "*.txt"]))
     message = str(err.value)
     assert "nope.txt: does not exist" in message
-    assert "empty.txt: is empty" in message
-    assert "emptydir: is an empty directory" in message
+    assert "*.txt: the glob matches nothing" in message
+    assert "empty.txt" not in message
+    assert list(iter_documents([tmp_path / "empty.txt", tmp_path / "emptydir", tmp_path / "a.txt"])) == ["text"]
+    with pytest.raises(DataError, match=r"leave no file to read \(skipped 1 empty file\)"):
+        list(iter_documents([tmp_path / "empty.txt", tmp_path / "emptydir"]))
     with pytest.raises(DataError, match="no input given"):
         list(iter_documents([]))
 

@@ -214,10 +214,10 @@ def test_existing_output_is_kept_unless_overwrite(tok_dir: Path, tmp_path: Path)
 
 def test_missing_or_empty_corpus_is_one_clear_error(tok_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "empty.txt").touch()
-    with pytest.raises(
-        DataError, match=r"(?s)unusable inputs:.*missing\.txt: does not exist.*empty\.txt: is empty"
-    ):
+    with pytest.raises(DataError, match=r"missing\.txt: does not exist; fix the paths or drop them"):
         prepare([tmp_path / "missing.txt", tmp_path / "empty.txt"], tok_dir, tmp_path / "out")
+    with pytest.raises(DataError, match=r"empty\.txt'\] leave no file to read \(skipped 1 empty file\)"):
+        prepare([tmp_path / "empty.txt"], tok_dir, tmp_path / "out")
     (tmp_path / "blank.txt").write_text("\n   \n")
     with pytest.raises(DataError, match="hold no non-blank document"):
         prepare([tmp_path / "blank.txt"], tok_dir, tmp_path / "out")

@@ -53,16 +53,16 @@ def test_train_tokenizer_then_prepare_data(tmp_path: Path) -> None:
     assert data.header["splits"]["val"]["n_docs"] == 2
 
     again = _run("prepare_data.py", *args)  # refuses to overwrite, cleanly
-    assert again.returncode == 1
-    assert again.stderr.startswith("error: out_dir=") and "Traceback" not in again.stderr
+    assert again.returncode == 2
+    assert again.stderr.startswith("tessera: error: out_dir=") and "Traceback" not in again.stderr
 
 
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
     proc = _run("train_tokenizer.py", tmp_path / "missing.txt", "--vocab-size", 300, "--out", tmp_path / "t")
     assert (
-        proc.returncode == 1
+        proc.returncode == 2
         and "missing.txt: does not exist" in proc.stderr
         and "Traceback" not in proc.stderr
     )
     proc = _run("prepare_data.py", tmp_path / "x.txt", "--out", tmp_path / "d")
-    assert proc.returncode == 1 and "--tokenizer is missing" in proc.stderr
+    assert proc.returncode == 2 and "--tokenizer is missing" in proc.stderr

@@ -81,3 +81,13 @@ def test_unusable_metrics_are_reported(tmp_path: Path) -> None:
     with pytest.raises(MetricsError, match="no train .* or eval .* rows"):
         read_metrics(tmp_path / "bad")
     assert not (tmp_path / "o.png").exists()
+
+
+def test_the_figure_goes_into_the_run_directory_by_default(tmp_path: Path) -> None:
+    a = _write_run(tmp_path / "runs" / "a", 1.0)
+    b = _write_run(tmp_path / "runs" / "b", 1.2)
+    assert plot_metrics([a]) == a / "metrics.png"
+    assert plot_metrics([a / "metrics.jsonl", b], title="a vs b") == a / "metrics-compare.png"
+    _assert_png(a / "metrics.png")
+    _assert_png(a / "metrics-compare.png")
+    assert not (b / "metrics.png").exists()

