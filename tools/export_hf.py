@@ -12,8 +12,9 @@ as that model's own architecture; with LoRA, as the adapter in PEFT format (--me
 The output path is printed on success.
 The checkpoint is verified first (each file's size and sha256 against those recorded at save; for a run dir
 a damaged newer checkpoint is skipped with a warning naming the file) and its files are read weights-only.
-A checkpoint that cannot be exported (damaged, holding objects a weights-only load refuses, ...) is reported
-in one line, with exit code 2.
+A checkpoint that cannot be exported (damaged, holding objects a weights-only load refuses, weights the
+safetensors format refuses, ...) is reported in one line `tessera: error: ...`, with exit code 2; a failure
+to read or write files (a missing permission, a full disk) in the same one line, with exit code 1.
 """
 
 from __future__ import annotations
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=DTYPES[args.dtype],
                         overwrite=args.overwrite, tokenizer_dir=args.tokenizer, merge=args.merge)
     except (ExportError, CheckpointError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"tessera: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system refused (permissions, a full disk): not the checkpoint's fault
+        print(f"tessera: error: {PROG}: {err}", file=sys.stderr)
+        return 1
     print(out)
     return 0
 

@@ -244,7 +244,7 @@ def test_export_refuses_a_changed_tokenizer(tmp_path: Path, tokenizer_dir: Path,
     (tag_dir / "tessera.json").write_text(json.dumps(meta))
     assert export_cli.main([str(tag_dir), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("export_hf: error: ") and "differs from the tokenizer the run trained with" in err
+    assert err.startswith("tessera: error: ") and "differs from the tokenizer the run trained with" in err
     assert err.count("\n") == 1 and not (tmp_path / "hf").exists()
 
 

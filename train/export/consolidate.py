@@ -150,7 +150,8 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
             for f in tag.glob(f"*mp_rank_{r:02d}*"):
                 (view / f.name.replace(f"mp_rank_{r:02d}", "mp_rank_00")).symlink_to(f.resolve())
             shards.append(_consolidate_one(view))
-    state = merge_tp_shards(shards, layout)
+    # the merged vocabulary is a slice of the padded concatenation: each tensor gets its own storage
+    state = {name: _own_storage(tensor) for name, tensor in merge_tp_shards(shards, layout).items()}
     if tied is not None and tied[0] in state:
         state[tied[1]] = state[tied[0]]
     return state
@@ -206,7 +207,9 @@ def _consolidate_one(tag: Path) -> dict[str, torch.Tensor]:
 
 
 def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor`, copied when it is a view into a larger buffer (ZeRO 1/2 flat groups), so it saves alone."""
-    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+    """`tensor`, copied when it is not a contiguous tensor filling its whole storage (a view into ZeRO 1/2 flat
+    groups, or the vocabulary rows cut from a padded tensor-parallel merge), so safetensors saves it alone."""
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    if whole and tensor.is_contiguous() and tensor.storage_offset() == 0:
         return tensor
-    return tensor.clone()
+    return tensor.contiguous().clone()

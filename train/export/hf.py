@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from model import ModelArgs, ModelConfigError
 from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
@@ -184,6 +185,8 @@ def export_hf(
                     shutil.copy2(tok_dir / name, tmp / name)
     except DataError as err:  # out_dir appeared while exporting
         raise ExportError(str(err)) from err
+    except (RuntimeError, SafetensorError) as err:  # e.g. safetensors refusing a tensor
+        raise ExportError(f"{out}: not written: {_first_line(err)}") from err
     log.info("exported %s (step %s) to %s", tag_dir, meta.get("step"), out)
     return out
 
@@ -239,8 +242,15 @@ def _export_hf_model(tag_dir: Path, meta: dict[str, Any], out: Path, *, dtype: t
                 AutoTokenizer.from_pretrained(str(tok_src)).save_pretrained(str(tmp))
     except DataError as err:
         raise ExportError(str(err)) from err
+    except (RuntimeError, SafetensorError) as err:  # e.g. safetensors refusing a tensor
+        raise ExportError(f"{out}: not written: {_first_line(err)}") from err
     log.info("exported %s (step %s) to %s", tag_dir, meta.get("step"), out)
     return out
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (a library's multi-line message kept to one line)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _load_trained(model: torch.nn.Module, state: dict[str, torch.Tensor], tag_dir: Path, base: Path, *,
