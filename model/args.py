@@ -6,17 +6,30 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Literal
 
 
 class ModelConfigError(ValueError):
     """An invalid model configuration; the message names the field, its value and the fix."""
 
 
+RopeType = Literal["default", "linear", "llama3"]
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+"""RoPE frequency schemes the model computes (transformers' `rope_type` names)."""
+
+
+class _DerivedHeadDim(int):
+    """A head width derived from dim / n_heads, not set by the user: `dataclasses.replace` passes it back to
+    `__init__`, which then derives it again from the new dim and n_heads instead of keeping a stale width."""
+
+
 @dataclass
 class ModelArgs:
     """Shape and initialisation of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, optional sinks).
 
-    With `attn_bias` it is also the Qwen2 architecture (q/k/v biases).
+    The optional fields (all off by default) make it Llama 3.x (`rope_type='llama3'`, `attn_bias` with
+    `o_bias`), Mistral (`sliding_window`), Qwen2 (`attn_bias`, `sliding_window` on `sliding_layers`) and Qwen3
+    (`qk_norm`, an explicit `head_dim`).
     """
 
     dim: int = field(default=4096, metadata={"help": "model (residual stream) width"})
@@ -47,11 +60,51 @@ class ModelArgs:
         default=0.0, metadata={"help": "dropout on attention probabilities and on each residual branch"}
     )
     init_std: float = field(default=0.02, metadata={"help": "std of the normal init of weight matrices"})
+    head_dim: int | None = field(
+        default=None, metadata={"help": "width of one attention head; None means dim / n_heads (Qwen3 sets it)"}
+    )
+    o_bias: bool = field(
+        default=False, metadata={"help": "bias on o_proj too (Llama attention_bias=true: set with attn_bias)"}
+    )
+    qk_norm: bool = field(
+        default=False, metadata={"help": "RMSNorm over head_dim on each query and key head before RoPE (Qwen3)"}
+    )
+    sliding_window: int | None = field(
+        default=None, metadata={"help": "attention window in tokens (query i sees keys i-W+1..i); None: full"}
+    )
+    sliding_layers: list[int] | None = field(
+        default=None, metadata={"help": "layers that use sliding_window; None: every layer (Mistral)"}
+    )
+    rope_type: RopeType = field(
+        default="default", metadata={"help": "RoPE frequencies: 'default', 'linear' or 'llama3' (Llama 3.1+)"}
+    )
+    rope_factor: float = field(
+        default=1.0, metadata={"help": "rope_type 'linear' / 'llama3': context extension factor"}
+    )
+    rope_low_freq_factor: float = field(default=1.0, metadata={"help": "rope_type 'llama3': low_freq_factor"})
+    rope_high_freq_factor: float = field(default=4.0, metadata={"help": "rope_type 'llama3': high_freq_factor"})
+    rope_original_max_seq_len: int = field(
+        default=8192, metadata={"help": "rope_type 'llama3': original_max_position_embeddings of pretraining"}
+    )
+
+    def __post_init__(self) -> None:
+        ints = (self.dim, self.n_heads)
+        if self.head_dim is None or isinstance(self.head_dim, _DerivedHeadDim):
+            valid = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints)
+            self.head_dim = _DerivedHeadDim(self.dim // self.n_heads) if valid else None
 
     @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.dim // self.n_heads
+    def head_dim_is_derived(self) -> bool:
+        """Whether head_dim comes from dim / n_heads (rather than being set)."""
+        return self.head_dim is None or isinstance(self.head_dim, _DerivedHeadDim)
+
+    def layer_window(self, layer_id: int) -> int | None:
+        """The attention window of layer `layer_id` (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers is not None and layer_id not in self.sliding_layers:
+            return None
+        return self.sliding_window
 
     @property
     def kv_heads(self) -> int:
@@ -80,20 +133,27 @@ class ModelArgs:
             positive_ints["n_kv_heads"] = self.n_kv_heads
         if self.ffn_hidden_dim is not None:
             positive_ints["ffn_hidden_dim"] = self.ffn_hidden_dim
+        for name in ("head_dim", "sliding_window"):
+            if getattr(self, name) is not None:
+                positive_ints[name] = getattr(self, name)
+        positive_ints["rope_original_max_seq_len"] = self.rope_original_max_seq_len
         for name, value in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to a positive integer")
         for name, value in {"tie_embeddings": self.tie_embeddings, "attn_sinks": self.attn_sinks,
-                            "attn_bias": self.attn_bias}.items():
+                            "attn_bias": self.attn_bias, "o_bias": self.o_bias, "qk_norm": self.qk_norm}.items():
             if not isinstance(value, bool):
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to true or false")
         for name, value in {"norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                            "init_std": self.init_std}.items():
-            if not value > 0:
+                            "init_std": self.init_std, "rope_factor": self.rope_factor,
+                            "rope_low_freq_factor": self.rope_low_freq_factor,
+                            "rope_high_freq_factor": self.rope_high_freq_factor}.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to a positive number")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"ModelArgs.dropout={self.dropout!r} is invalid: use a value in [0, 1)")
-        if self.dim % self.n_heads:
+        self._validate_families()
+        if self.head_dim_is_derived and self.dim % self.n_heads:
             raise ModelConfigError(
                 f"ModelArgs.dim={self.dim} is not divisible by n_heads={self.n_heads}: "
                 f"choose dim as a multiple of n_heads"
@@ -103,12 +163,37 @@ class ModelArgs:
                 f"ModelArgs.n_kv_heads={self.kv_heads} does not divide n_heads={self.n_heads}: "
                 f"choose n_kv_heads among the divisors of n_heads"
             )
-        if self.head_dim % 2:
+        if self.head_dim % 2:  # type: ignore[operator]
+            if not self.head_dim_is_derived:
+                raise ModelConfigError(f"ModelArgs.head_dim={self.head_dim} is odd, which RoPE cannot rotate: "
+                                       f"set an even head_dim")
             raise ModelConfigError(
                 f"ModelArgs.dim={self.dim} gives an odd head_dim={self.head_dim} (dim / n_heads), "
                 f"which RoPE cannot rotate: make dim / n_heads even"
             )
         return self
+
+    def _validate_families(self) -> None:
+        """The fields of the Llama 3 / Mistral / Qwen families: RoPE scheme, window layers, o_proj bias."""
+        if self.rope_type not in ROPE_TYPES:
+            raise ModelConfigError(f"ModelArgs.rope_type={self.rope_type!r} is not supported: use one of "
+                                   f"{', '.join(ROPE_TYPES)}")
+        if self.rope_type == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ModelConfigError(
+                f"ModelArgs.rope_high_freq_factor={self.rope_high_freq_factor} must exceed rope_low_freq_factor="
+                f"{self.rope_low_freq_factor} for rope_type='llama3': set it larger (Llama 3.1 uses 4.0 and 1.0)")
+        if self.sliding_layers is not None:
+            if not isinstance(self.sliding_layers, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.n_layers
+                    for i in self.sliding_layers):
+                raise ModelConfigError(f"ModelArgs.sliding_layers={self.sliding_layers!r} is invalid: use a list of "
+                                       f"layer indices in [0, {self.n_layers})")
+            if self.sliding_window is None:
+                raise ModelConfigError(f"ModelArgs.sliding_layers={self.sliding_layers!r} needs sliding_window: "
+                                       f"set sliding_window (tokens) or drop sliding_layers")
+        if self.o_bias and not self.attn_bias:
+            raise ModelConfigError("ModelArgs.o_bias=True needs attn_bias=True (Llama's attention_bias biases "
+                                   "q/k/v and o_proj together): set attn_bias=true too")
 
     def num_params(self, *, include_embeddings: bool = True) -> int:
         """Exact parameter count of `Transformer(self)` (a tied head counted once).
@@ -118,9 +203,9 @@ class ModelArgs:
         q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         attention = self.dim * q_width + 2 * self.dim * kv_width + q_width * self.dim
         sinks = self.n_heads if self.attn_sinks else 0
-        biases = q_width + 2 * kv_width if self.attn_bias else 0
+        biases = (q_width + 2 * kv_width if self.attn_bias else 0) + (self.dim if self.o_bias else 0)
         mlp = 3 * self.dim * self.ffn_dim
-        norms = 2 * self.dim
+        norms = 2 * self.dim + (2 * self.head_dim if self.qk_norm else 0)  # type: ignore[operator]
         body = self.n_layers * (attention + sinks + biases + mlp + norms) + self.dim  # + final norm
         if not include_embeddings:
             return body
@@ -149,6 +234,10 @@ class ModelArgs:
 
 
 _LLAMA3_COMMON = {"vocab_size": 128256, "rope_theta": 500000.0, "max_seq_len": 8192, "norm_eps": 1e-5}
+# Llama 3.1 / 3.2 long-context RoPE (rope_scaling of their config.json); factor 8 for 3.1, 32 for 3.2.
+_LLAMA31_ROPE = {"rope_type": "llama3", "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0,
+                 "rope_original_max_seq_len": 8192}
+_QWEN_COMMON = {"rope_theta": 1000000.0, "norm_eps": 1e-6, "max_seq_len": 32768}
 
 PRESETS: Mapping[str, ModelArgs] = MappingProxyType(
     {
@@ -162,7 +251,7 @@ PRESETS: Mapping[str, ModelArgs] = MappingProxyType(
         "small-125m": ModelArgs(
             dim=768, n_layers=12, n_heads=12, vocab_size=50304, max_seq_len=1024, tie_embeddings=True
         ),
-        # Llama-3.2-1B shapes (its long-context RoPE scaling is not modelled).
+        # Llama-3.2-1B shapes without its long-context RoPE scaling (see llama3.2-1b for the real model).
         "llama3-1b": ModelArgs(
             dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, tie_embeddings=True,
             **_LLAMA3_COMMON,
@@ -172,6 +261,51 @@ PRESETS: Mapping[str, ModelArgs] = MappingProxyType(
         ),
         "llama3-70b": ModelArgs(
             dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_hidden_dim=28672, **_LLAMA3_COMMON
+        ),
+        # The published models' shapes (config.json of each); max_seq_len is a training length, raise it (up to
+        # max_position_embeddings) for longer context. Weights come from the user's disk (model.init_from).
+        "llama3.2-1b": ModelArgs(
+            dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden_dim=8192, tie_embeddings=True,
+            rope_factor=32.0, **_LLAMA31_ROPE, **_LLAMA3_COMMON,
+        ),
+        "llama3.2-3b": ModelArgs(
+            dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_hidden_dim=8192, tie_embeddings=True,
+            rope_factor=32.0, **_LLAMA31_ROPE, **_LLAMA3_COMMON,
+        ),
+        "llama3.1-8b": ModelArgs(
+            dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, rope_factor=8.0,
+            **_LLAMA31_ROPE, **_LLAMA3_COMMON,
+        ),
+        # Qwen2.5 base models (q/k/v biases; their sliding window is off: use_sliding_window=false).
+        "qwen2.5-0.5b": ModelArgs(
+            dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_hidden_dim=4864, vocab_size=151936,
+            tie_embeddings=True, attn_bias=True, **_QWEN_COMMON,
+        ),
+        "qwen2.5-1.5b": ModelArgs(
+            dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, ffn_hidden_dim=8960, vocab_size=151936,
+            tie_embeddings=True, attn_bias=True, **_QWEN_COMMON,
+        ),
+        "qwen2.5-7b": ModelArgs(
+            dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_hidden_dim=18944, vocab_size=152064,
+            attn_bias=True, **_QWEN_COMMON,
+        ),
+        # Qwen3 (head_dim 128 whatever the width, q/k RMSNorm, no biases).
+        "qwen3-0.6b": ModelArgs(
+            dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, ffn_hidden_dim=3072,
+            vocab_size=151936, tie_embeddings=True, qk_norm=True, **_QWEN_COMMON,
+        ),
+        "qwen3-1.7b": ModelArgs(
+            dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, head_dim=128, ffn_hidden_dim=6144,
+            vocab_size=151936, tie_embeddings=True, qk_norm=True, **_QWEN_COMMON,
+        ),
+        "qwen3-8b": ModelArgs(
+            dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_hidden_dim=12288,
+            vocab_size=151936, qk_norm=True, **_QWEN_COMMON,
+        ),
+        # Mistral-7B-v0.1: a 4096-token sliding window on every layer.
+        "mistral-7b": ModelArgs(
+            dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, vocab_size=32000,
+            rope_theta=10000.0, norm_eps=1e-5, max_seq_len=8192, sliding_window=4096,
         ),
     }
 )

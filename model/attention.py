@@ -17,7 +17,9 @@ causal mask on SDPA / eager, flash-attn's variable-length kernel on CUDA (``flas
 ``flash_attn3_varlen``). `describe_attention` names the backend a device and dtype will get (logged once at
 start-up by `parallel.parallelize.parallelize`); each backend is also logged once, the first time it runs. Grouped-query attention (fewer key/value heads
 than query heads) is handled here. With a KV cache the T queries are the *last* T of the S keys, so
-the causal mask is aligned bottom-right: query i sees keys 0..S-T+i.
+the causal mask is aligned bottom-right: query i sees keys 0..S-T+i. With ``window`` W (sliding-window attention,
+Mistral / Qwen2) it sees only the last W of those, keys S-T+i-W+1..S-T+i: an explicit mask on SDPA and the sinks
+softmax, flash-attn's ``window_size=(W - 1, 0)`` on CUDA; a window of at least S keys binds nothing and is dropped.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def _use_fa3(q: torch.Tensor, sinks: torch.Tensor | None, dropout_p: float) -> b
 
 
 def describe_attention(device: torch.device, dtype: torch.dtype, *, sinks: bool = False, dropout: float = 0.0,
-                       doc_mask: bool = False) -> str:
-    """The backend `attention` uses for tensors of ``dtype`` on ``device`` (what start-up logs)."""
+                       doc_mask: bool = False, window: bool = False) -> str:
+    """The backend `attention` uses for tensors of ``dtype`` on ``device`` (what start-up logs); ``window``:
+    some layers use a sliding window (SDPA then gets an explicit mask, flash-attn its ``window_size``)."""
     half_cuda = device.type == "cuda" and dtype in _FLASH_DTYPES and not sinks
     suffix = "_varlen" if doc_mask else ""
     if half_cuda and _FLASH_ATTN3_FUNC is not None and dropout == 0.0 and _is_hopper(device.index or 0):
@@ -91,8 +94,8 @@ def describe_attention(device: torch.device, dtype: torch.dtype, *, sinks: bool 
     if half_cuda and _FLASH_ATTN_FUNC is not None:
         return "flash_attn" + suffix
     if sinks:
-        return "eager_sinks"
-    return "sdpa"
+        return "eager_sinks" + ("_window" if window else "")
+    return "sdpa_window_mask" if window else "sdpa"
 
 
 @functools.cache
@@ -107,9 +110,11 @@ def _log_backend(backend: str) -> None:
         _log_first_use(backend)
 
 
-def _causal_mask(t: int, s: int, device: torch.device) -> torch.Tensor:
-    """Bottom-right aligned causal mask (T, S): True where query i may see key j, i.e. j <= S - T + i."""
-    return torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+def _causal_mask(t: int, s: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Bottom-right aligned causal mask (T, S): True where query i may see key j, i.e. j <= S - T + i, and with
+    a sliding ``window`` W also j > S - T + i - W."""
+    mask = torch.ones(t, s, dtype=torch.bool, device=device).tril(diagonal=s - t)
+    return mask if window is None else mask.triu(diagonal=s - t - window + 1)
 
 
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -127,13 +132,15 @@ def attention(
     dropout_p: float = 0.0,
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with GQA, bottom-right causal masking and optional sinks.
 
     q: (B, T, Hq, D); k, v: (B, S, Hkv, D) with Hq a multiple of Hkv and T <= S;
     sinks: (Hq,) sink logits or None; dropout_p: dropout on the attention probabilities
     (pass 0.0 in eval); scale: defaults to 1/sqrt(D); doc_ids: (B, T) document number of each token
-    (no KV cache: T == S), attention stays inside a document. Returns (B, T, Hq, D).
+    (no KV cache: T == S), attention stays inside a document; window: sliding-window length W (causal only:
+    each query sees its own key and the W - 1 before it) or None. Returns (B, T, Hq, D).
     """
     _, T, Hq, D = q.shape  # (B, T, Hq, D)
     S, Hkv = k.shape[1], k.shape[2]
@@ -144,25 +151,35 @@ def attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if doc_ids is not None and T != S:
         raise ValueError(f"doc_ids needs as many queries as keys (got {T} and {S}): no KV cache with doc masking")
+    if window is not None and (not causal or window >= S):
+        if not causal:
+            raise ValueError(f"a sliding window ({window}) needs causal attention")
+        window = None  # every query already sees at most S <= window keys
+    flash_window = (-1, -1) if window is None else (window - 1, 0)  # flash-attn: keys left / right of the query
 
     if _use_fa3(q, sinks, dropout_p):
         if doc_ids is not None:
             _log_backend("flash_attn3_varlen")
-            return _flash_varlen(q, k, v, doc_ids, causal=causal, dropout_p=0.0, scale=scale, fa3=True)
+            return _flash_varlen(q, k, v, doc_ids, causal=causal, dropout_p=0.0, scale=scale, fa3=True,
+                                 window=flash_window)
         _log_backend("flash_attn3")
-        out = _FLASH_ATTN3_FUNC(q, k, v, softmax_scale=scale, causal=causal)  # type: ignore[misc]
+        out = _FLASH_ATTN3_FUNC(q, k, v, softmax_scale=scale, causal=causal,  # type: ignore[misc]
+                                window_size=flash_window)
         return out[0] if isinstance(out, tuple) else out  # older FA3 builds also return the log-sum-exp
     if _FLASH_ATTN_FUNC is not None and sinks is None and q.is_cuda and q.dtype in _FLASH_DTYPES:
         if doc_ids is not None and _FLASH_ATTN_VARLEN_FUNC is not None:
             _log_backend("flash_attn_varlen")
-            return _flash_varlen(q, k, v, doc_ids, causal=causal, dropout_p=dropout_p, scale=scale)
+            return _flash_varlen(q, k, v, doc_ids, causal=causal, dropout_p=dropout_p, scale=scale,
+                                 window=flash_window)
         if doc_ids is not None:
             raise RuntimeError("flash_attn without flash_attn_varlen_func cannot mask documents; update flash-attn")
         _log_backend("flash_attn")
-        return _FLASH_ATTN_FUNC(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal)
+        return _FLASH_ATTN_FUNC(q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal,
+                                window_size=flash_window)
 
     q = q.transpose(1, 2)  # (B, Hq, T, D)
-    mask = _causal_mask(T, S, q.device) if causal and T != S else None  # (T, S) or None
+    # (T, S) or None: SDPA's own is_causal covers the square causal case without a window
+    mask = _causal_mask(T, S, q.device, window) if causal and (T != S or window is not None) else None
     if _SDPA_GQA and sinks is None and mask is None and doc_ids is None and Hq != Hkv:
         # SDPA shares each key/value head between its query heads itself: no repeated copies of k and v
         _log_backend("sdpa")
@@ -174,7 +191,7 @@ def attention(
     if doc_ids is not None:
         mask = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, S): same document
         if causal:
-            mask = mask & _causal_mask(T, S, q.device)
+            mask = mask & _causal_mask(T, S, q.device, window)
 
     if sinks is None:
         _log_backend("sdpa")
@@ -184,7 +201,7 @@ def attention(
     else:
         _log_backend("eager_sinks")
         out = _attention_with_sinks(q, k, v, sinks, causal=causal, dropout_p=dropout_p, scale=scale,
-                                    mask=mask if doc_ids is not None else None)
+                                    mask=mask if doc_ids is not None or window is not None else None)
     return out.transpose(1, 2)  # (B, T, Hq, D)
 
 
@@ -242,16 +259,19 @@ def _flash_varlen(
     dropout_p: float,
     scale: float,
     fa3: bool = False,
+    window: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """flash-attn over each document separately: q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq, D)."""
+    """flash-attn over each document separately: q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq, D);
+    window: flash-attn's window_size, (-1, -1) for none."""
     B, T, Hq, D = q.shape
     cu_seqlens, max_len = varlen_segments(doc_ids)
     packed = (q.reshape(B * T, Hq, D), k.reshape(B * T, k.shape[2], D), v.reshape(B * T, v.shape[2], D),
               cu_seqlens, cu_seqlens, max_len, max_len)
     if fa3:  # FlashAttention-3 has no dropout argument
-        out = _FLASH_ATTN3_VARLEN_FUNC(*packed, softmax_scale=scale, causal=causal)  # type: ignore[misc]
+        out = _FLASH_ATTN3_VARLEN_FUNC(*packed, softmax_scale=scale, causal=causal,  # type: ignore[misc]
+                                       window_size=window)
         out = out[0] if isinstance(out, tuple) else out
     else:
         out = _FLASH_ATTN_VARLEN_FUNC(*packed, dropout_p=dropout_p, softmax_scale=scale,  # type: ignore[misc]
-                                      causal=causal)  # (B*T, Hq, D)
+                                      causal=causal, window_size=window)  # (B*T, Hq, D)
     return out.view(B, T, Hq, D)

@@ -1,9 +1,12 @@
-"""Conversion between Tessera `Transformer` and Hugging Face Llama / Mistral / Qwen2 (weights and configs).
+"""Conversion between Tessera `Transformer` and Hugging Face Llama / Mistral / Qwen2 / Qwen3 (weights and configs).
 
 Parameter names already match HF Llama apart from the `model.` prefix that HF puts in front of
 everything but `lm_head`, and RoPE uses the same rotate-half layout, so weights move without
-permutation. Mistral is Llama plus a sliding attention window (accepted when it never binds), and
-Qwen2 is Llama plus q/k/v biases (`ModelArgs.attn_bias`).
+permutation. Llama 3.1+ is Llama with `rope_type='llama3'` (and `attention_bias` is `attn_bias` + `o_bias`),
+Mistral is Llama plus a sliding attention window on every layer, Qwen2 is Llama plus q/k/v biases
+(`ModelArgs.attn_bias`) and sliding windows on the layers its `layer_types` mark, Qwen3 is Qwen2 without the
+biases but with q/k RMSNorm (`qk_norm`) and an explicit `head_dim`. `hf_support` says, for a config, whether
+the native model can take it and which field stops it.
 
 Import for continued pretraining goes through one function::
 
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 _HF_PREFIX = "model."
 _HEAD_KEY = "lm_head.weight"
 _EMBED_KEY = "embed_tokens.weight"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 """HF `model_type`s whose checkpoints `load_hf_pretrained` imports."""
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -62,13 +65,19 @@ def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torc
 
 
 def _hf_config_fields(args: ModelArgs) -> dict[str, Any]:
-    """The config fields Llama, Mistral and Qwen2 share, for the network `Transformer(args)`."""
+    """The config fields Llama, Mistral, Qwen2 and Qwen3 share, for the network `Transformer(args)`."""
     args.validate()
     if args.attn_sinks:
         raise ModelConfigError(
             "ModelArgs.attn_sinks=True has no Llama/Qwen2 equivalent in transformers: "
             "export a model built with attn_sinks=False"
         )
+    rope: dict[str, Any] = {"rope_type": args.rope_type, "rope_theta": args.rope_theta}
+    if args.rope_type in ("linear", "llama3"):
+        rope["factor"] = args.rope_factor
+    if args.rope_type == "llama3":
+        rope.update(low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
+                    original_max_position_embeddings=args.rope_original_max_seq_len)
     return {
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
@@ -76,11 +85,12 @@ def _hf_config_fields(args: ModelArgs) -> dict[str, Any]:
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.kv_heads,
+        "head_dim": int(args.head_dim),  # type: ignore[arg-type]
         "hidden_act": "silu",
         "max_position_embeddings": args.max_seq_len,
         "initializer_range": args.init_std,
         "rms_norm_eps": args.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_parameters": rope,
         "tie_word_embeddings": args.tie_embeddings,
         "attention_dropout": args.dropout,
         "bos_token_id": None,
@@ -93,84 +103,136 @@ def to_hf_llama_config(args: ModelArgs) -> LlamaConfig:
     """A `transformers.LlamaConfig` describing the same network as `Transformer(args)`.
 
     Token ids (bos/eos/pad) are left unset: they belong to the tokenizer, set them on the result.
-    HF Llama has no residual dropout; `dropout` maps to its attention dropout. Llama's
-    `attention_bias` would also bias o_proj, so `attn_bias=True` is refused here (see `to_hf_config`).
+    HF Llama has no residual dropout; `dropout` maps to its attention dropout. Llama's `attention_bias`
+    biases q/k/v and o_proj together, so `attn_bias` alone (Qwen2) is refused here (see `to_hf_config`),
+    and so are q/k norms and sliding windows, which Llama lacks.
     """
     from transformers import LlamaConfig
 
     fields = _hf_config_fields(args)
-    if args.attn_bias:
+    if args.attn_bias != args.o_bias:
         raise ModelConfigError(
-            "ModelArgs.attn_bias=True has no LlamaConfig equivalent (Llama's attention_bias also biases "
-            "o_proj): use to_hf_config, which describes it as Qwen2"
+            f"ModelArgs.attn_bias={args.attn_bias} with o_bias={args.o_bias} has no LlamaConfig equivalent (Llama's "
+            f"attention_bias biases q/k/v and o_proj together): use to_hf_config, which describes it as Qwen2"
         )
-    return LlamaConfig(**fields, head_dim=args.head_dim, attention_bias=False, mlp_bias=False)
+    for name in ("qk_norm", "sliding_window"):
+        if getattr(args, name):
+            raise ModelConfigError(f"ModelArgs.{name}={getattr(args, name)!r} has no LlamaConfig equivalent: use "
+                                   f"to_hf_config (Qwen3 / Mistral / Qwen2)")
+    return LlamaConfig(**fields, attention_bias=args.attn_bias, mlp_bias=False)
+
+
+def hf_model_type(args: ModelArgs) -> str:
+    """The transformers family that describes `Transformer(args)` exactly: qwen3 (q/k norms), qwen2 (q/k/v biases
+    without o_proj's), mistral (a window on every layer), llama; a model none of them describes is refused
+    naming the field."""
+    _hf_config_fields(args)  # validates, refuses sinks
+    windowed_some = args.sliding_window is not None and args.sliding_layers is not None
+    if args.qk_norm:
+        if args.attn_bias != args.o_bias:
+            raise ModelConfigError(f"ModelArgs.qk_norm=True with attn_bias={args.attn_bias}, o_bias={args.o_bias} "
+                                   f"has no transformers family (Qwen3's attention_bias biases q/k/v and o_proj "
+                                   f"together): set o_bias equal to attn_bias")
+        return "qwen3"
+    if args.attn_bias and not args.o_bias:
+        return "qwen2"
+    if args.sliding_window is not None:
+        if args.attn_bias or windowed_some:
+            what = "o_bias=True" if args.attn_bias else f"sliding_layers={args.sliding_layers}"
+            raise ModelConfigError(f"ModelArgs.{what} with sliding_window={args.sliding_window} has no transformers "
+                                   f"family (Mistral windows every layer without biases, Qwen2 has q/k/v biases "
+                                   f"only): drop {what.split('=')[0]} or the window")
+        return "mistral"
+    return "llama"
+
+
+def _layer_types(args: ModelArgs) -> list[str]:
+    return ["sliding_attention" if args.layer_window(i) is not None else "full_attention"
+            for i in range(args.n_layers)]
 
 
 def to_hf_config(args: ModelArgs) -> PretrainedConfig:
-    """The HF config of `Transformer(args)`: `LlamaConfig`, or `Qwen2Config` when `attn_bias` (q/k/v biases).
+    """The HF config of `Transformer(args)`, of the family `hf_model_type` names (Llama, Mistral, Qwen2, Qwen3).
 
-    Token ids are left unset, as in `to_hf_llama_config`.
+    Token ids are left unset, as in `to_hf_llama_config`. `AutoModelForCausalLM.from_config` builds the same
+    network with no custom code.
     """
-    if not args.attn_bias:
+    family = hf_model_type(args)
+    fields = _hf_config_fields(args)
+    if family == "llama":
         return to_hf_llama_config(args)
-    from transformers import Qwen2Config
+    if family == "mistral":
+        from transformers import MistralConfig
 
-    return Qwen2Config(**_hf_config_fields(args), use_sliding_window=False)
+        return MistralConfig(**fields, sliding_window=args.sliding_window)
+    window = {"use_sliding_window": args.sliding_window is not None, "sliding_window": args.sliding_window,
+              "max_window_layers": args.n_layers, "layer_types": _layer_types(args)}
+    if family == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**fields, **window)
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**fields, **window, attention_bias=args.attn_bias)
 
 
-def _rope_theta(config: Any) -> float:
-    """RoPE base of an HF config (transformers 5 `rope_parameters`, or the older `rope_theta`)."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+def _rope_fields(config: Any) -> dict[str, Any]:
+    """ModelArgs' RoPE fields of an HF config (transformers 5 `rope_parameters`, or the older `rope_scaling` +
+    `rope_theta`); a scheme the native model lacks is refused naming the field."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
+    if rope_type not in ("default", "linear", "llama3"):
         raise ModelConfigError(
-            f"HF config rope type {rope_type!r} is not supported (only plain RoPE): "
-            f"use a model without RoPE scaling, or load it with transformers directly"
+            f"HF config rope_parameters.rope_type={rope_type!r} is not supported by the native model (it computes "
+            f"default, linear and llama3 RoPE): load it with hf.path (transformers) instead"
         )
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise ModelConfigError(f"HF config partial_rotary_factor={partial} is not supported (the native model "
+                               f"rotates whole heads): load it with hf.path instead")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise ModelConfigError("HF config has no rope_theta: set config.rope_theta (10000.0 for Llama 2)")
-    return float(theta)
+    out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
+    if rope_type != "default":
+        out["rope_factor"] = float(rope["factor"])
+    if rope_type == "llama3":
+        out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
+                   rope_high_freq_factor=float(rope["high_freq_factor"]),
+                   rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
+    return out
 
 
-def _attn_bias(config: Any, model_type: str) -> bool:
-    """Whether q/k/v carry biases: always for Qwen2, never for Mistral; Llama's attention_bias is refused."""
-    if model_type == "qwen2":
-        return True
-    if getattr(config, "attention_bias", False):
-        raise ModelConfigError(
-            f"HF {model_type} config attention_bias=True is not supported: it biases o_proj too, which "
-            f"Tessera's attention lacks (only q/k/v biases, as in Qwen2)"
-        )
-    return False
-
-
-def _check_sliding_window(config: Any, model_type: str, max_seq_len: int) -> None:
-    """Refuse a sliding attention window that would cut a sequence of `max_seq_len` tokens.
-
-    HF lets query i see keys j with i - window < j <= i, so a window >= max_seq_len never binds.
-    Mistral applies `sliding_window` to every layer; Qwen2 only to layers marked "sliding_attention".
-    """
+def _attention_fields(config: Any, model_type: str) -> dict[str, Any]:
+    """Biases, q/k norms and the sliding window of an HF attention: Qwen2 always biases q/k/v (never o_proj);
+    Llama and Qwen3's attention_bias biases all four; Qwen3 normalises q and k per head."""
+    bias = model_type == "qwen2" or bool(getattr(config, "attention_bias", False))
+    out: dict[str, Any] = {"attn_bias": bias, "o_bias": bias and model_type != "qwen2",
+                           "qk_norm": model_type == "qwen3"}
     window = getattr(config, "sliding_window", None)
-    if window is None:
-        return
-    if model_type == "qwen2" and "sliding_attention" not in (getattr(config, "layer_types", None) or []):
-        return
-    if window < max_seq_len:
-        raise ModelConfigError(
-            f"HF {model_type} config sliding_window={window} is shorter than max_seq_len={max_seq_len} and "
-            f"Tessera has no sliding-window attention: train on sequences of at most {window} tokens "
-            f"(pass max_seq_len={window})"
-        )
+    if model_type == "mistral":
+        out["sliding_window"] = window
+        return out
+    if model_type == "llama":
+        return out
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ModelConfigError(f"HF config layer_types has {unknown[0]!r}: the native model has full_attention "
+                               f"and sliding_attention layers only; load it with hf.path instead")
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    if sliding and window is not None:
+        out["sliding_window"] = window
+        out["sliding_layers"] = None if len(sliding) == config.num_hidden_layers else sliding
+    return out
 
 
 def args_from_hf_config(config: Any, *, max_seq_len: int | None = None) -> ModelArgs:
-    """ModelArgs for an HF Llama, Mistral or Qwen2 config (or any config with Llama's fields).
+    """ModelArgs for an HF Llama, Mistral, Qwen2 or Qwen3 config (or any config with Llama's fields).
 
-    max_seq_len: the longest sequence Tessera will see; defaults to `max_position_embeddings`.
-    A smaller value keeps the RoPE tables small and lets a Mistral sliding window that is at least
-    this long be accepted. A config without `model_type` is read as Llama.
+    max_seq_len: the longest sequence Tessera will see; defaults to `max_position_embeddings` (a smaller value
+    keeps the RoPE tables small). A config without `model_type` is read as Llama. Anything the native model
+    cannot compute is a ModelConfigError naming the field.
     """
     model_type = getattr(config, "model_type", None) or "llama"
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -184,29 +246,37 @@ def args_from_hf_config(config: Any, *, max_seq_len: int | None = None) -> Model
             raise ModelConfigError(
                 f"HF config {name}={value!r} is not supported: Tessera models use {name}={expected!r}"
             )
+    heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None)
-    if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
-        raise ModelConfigError(
-            f"HF config head_dim={head_dim} differs from hidden_size / num_attention_heads "
-            f"({config.hidden_size} / {config.num_attention_heads}): Tessera derives head_dim from dim"
-        )
+    derived = head_dim is None or (head_dim * heads == config.hidden_size)
     seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
-    _check_sliding_window(config, model_type, seq_len)
     return ModelArgs(
         dim=config.hidden_size,
         n_layers=config.num_hidden_layers,
-        n_heads=config.num_attention_heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        n_heads=heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=None if derived else int(head_dim),
         vocab_size=config.vocab_size,
         ffn_hidden_dim=config.intermediate_size,
         norm_eps=config.rms_norm_eps,
-        rope_theta=_rope_theta(config),
         max_seq_len=seq_len,
         tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        attn_bias=_attn_bias(config, model_type),
         dropout=float(getattr(config, "attention_dropout", 0.0)),
         init_std=getattr(config, "initializer_range", 0.02),
+        **_rope_fields(config),
+        **_attention_fields(config, model_type),
     ).validate()
+
+
+def hf_support(path: str | Path) -> tuple[ModelArgs | None, str]:
+    """Whether the native model can take the local HF dir `path`: (its ModelArgs, "") or (None, the one line
+    naming the field that stops it)."""
+    try:
+        args = args_from_hf_config(load_hf_config(path))
+        weight_files(path)
+    except ModelConfigError as e:
+        return None, str(e)
+    return args, ""
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -315,7 +385,7 @@ def weight_files(path: str | Path) -> list[Path]:
 def load_hf_pretrained(
     path: str | Path, *, max_seq_len: int | None = None, dtype: torch.dtype | None = torch.float32
 ) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """Read a local HF Llama / Mistral / Qwen2 dir (config.json + safetensors, single or index-sharded).
+    """Read a local HF Llama / Mistral / Qwen2 / Qwen3 dir (config.json + safetensors, single or index-sharded).
 
     Returns (args, state_dict): `Transformer(args).load_state_dict(state_dict)` then holds the HF
     model's weights (strict; with tied embeddings `lm_head.weight` is the embedding tensor itself).

@@ -1,5 +1,9 @@
 """A Llama-style decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional sinks.
 
+The optional pieces of today's families are fields of `ModelArgs`: scaled RoPE (Llama 3.1+), an explicit head
+width and q/k RMSNorm (Qwen3), q/k/v and o_proj biases (Qwen2, Llama attention_bias), sliding-window layers
+(Mistral, Qwen2/Qwen3 layer types).
+
 Parameter names are those of Hugging Face `LlamaForCausalLM` without the `model.` prefix
 (`embed_tokens`, `layers.N.self_attn.q_proj`, ..., `norm`, `lm_head`), so state dicts map one to one
 (see `model/hf.py`). Layers live in one flat `nn.ModuleList`, so a pipeline stage can keep any slice of
@@ -27,7 +31,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.attention import attention
 from model.cache import KVCache
-from model.ops import apply_rope, precompute_rope, rms_norm, swiglu
+from model.ops import apply_rope, precompute_rope, rms_norm, rope_inv_freq, swiglu
 
 
 class RMSNorm(nn.Module):
@@ -46,18 +50,32 @@ class RMSNorm(nn.Module):
         return self.norm_fn(x, self.weight, self.eps)
 
 
+def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos/sin tables (max_seq_len, head_dim) of `args`' RoPE, scaled as its `rope_type` says."""
+    head_dim = int(args.head_dim)  # type: ignore[arg-type]
+    inv_freq = rope_inv_freq(head_dim, args.rope_theta, rope_type=args.rope_type, factor=args.rope_factor,
+                             low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
+                             original_max_seq_len=args.rope_original_max_seq_len, device=device)
+    return precompute_rope(head_dim, args.max_seq_len, args.rope_theta, device=device, inv_freq=inv_freq)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with RoPE, GQA, optional q/k/v biases and an optional sink logit per head."""
+    """Multi-head self-attention with RoPE, GQA, optional q/k/v (and o_proj) biases, optional q/k RMSNorm per
+    head, an optional sliding window and an optional sink logit per head."""
 
     def __init__(self, args: ModelArgs, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id  # index of this layer's slot in a KVCache
-        self.head_dim = args.head_dim
+        self.head_dim = head_dim = int(args.head_dim)  # type: ignore[arg-type]
         self.dropout = args.dropout
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.attn_bias)
-        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.attn_bias)
-        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.head_dim, bias=args.attn_bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.window = args.layer_window(layer_id)  # sliding-window length of this layer, None: full attention
+        self.q_proj = nn.Linear(args.dim, args.n_heads * head_dim, bias=args.attn_bias)
+        self.k_proj = nn.Linear(args.dim, args.kv_heads * head_dim, bias=args.attn_bias)
+        self.v_proj = nn.Linear(args.dim, args.kv_heads * head_dim, bias=args.attn_bias)
+        self.o_proj = nn.Linear(args.n_heads * head_dim, args.dim, bias=args.o_bias)
+        # Qwen3: RMSNorm over each head's width, shared by all heads (so tensor parallelism keeps it whole)
+        self.q_norm = RMSNorm(head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(head_dim, args.norm_eps) if args.qk_norm else None
         self.sinks = nn.Parameter(torch.zeros(args.n_heads)) if args.attn_sinks else None
         # Context for drawing attention dropout; tensor parallelism gives each rank its own stream here.
         self.dropout_rng: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
@@ -69,6 +87,11 @@ class Attention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
         nn.init.normal_(self.o_proj.weight, mean=0.0, std=out_std)
+        if self.o_proj.bias is not None:
+            nn.init.zeros_(self.o_proj.bias)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.init_weights()
         if self.sinks is not None:
             nn.init.zeros_(self.sinks)
 
@@ -88,13 +111,15 @@ class Attention(nn.Module):
         q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over D, per head
         q, k = self.rope_fn(q, k, rope_cos, rope_sin, position_ids)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # (B, S, Hkv, D): cached positions + these T
         dropout_p = self.dropout if self.training else 0.0
         with self.dropout_rng() if dropout_p > 0 else contextlib.nullcontext():
             out = attention(q, k, v, causal=True, sinks=self.sinks, dropout_p=dropout_p,
-                            doc_ids=doc_ids)  # (B, T, Hq, D)
+                            doc_ids=doc_ids, window=self.window)  # (B, T, Hq, D)
         return self.o_proj(out.reshape(B, T, -1))  # (B, T, dim)
 
 
@@ -160,7 +185,7 @@ class Transformer(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
         self.lm_head: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
         # RoPE tables are derived, not learned: non-persistent, recomputed by init_weights.
-        rope_cos, rope_sin = precompute_rope(args.head_dim, args.max_seq_len, args.rope_theta)
+        rope_cos, rope_sin = rope_tables(args)
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)  # (max_seq_len, head_dim)
         self.init_weights()
@@ -191,9 +216,7 @@ class Transformer(nn.Module):
             self.norm.init_weights()
         if self.lm_head is not None and not self.args.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=std)
-        self.rope_cos, self.rope_sin = precompute_rope(
-            self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, device=self.rope_cos.device
-        )
+        self.rope_cos, self.rope_sin = rope_tables(self.args, device=self.rope_cos.device)
 
     def forward(
         self,

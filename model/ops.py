@@ -7,6 +7,8 @@ first and second halves of a head form the rotated pairs), so HF Llama weights l
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,22 +28,60 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rope_inv_freq(
+    head_dim: int,
+    theta: float,
+    *,
+    rope_type: str = "default",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_seq_len: int = 8192,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) of RoPE, float32, as transformers computes them per `rope_type`.
+
+    'default': theta^(-2i/D). 'linear': divided by `factor` (positions stretched). 'llama3' (Llama 3.1+):
+    wavelengths longer than original_max_seq_len / low_freq_factor are divided by `factor`, those shorter
+    than original_max_seq_len / high_freq_factor kept, and the band between interpolated smoothly.
+    """
+    if head_dim % 2:
+        raise ValueError(f"head_dim={head_dim} must be even for RoPE: make dim / n_heads even")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta ** exponents)  # (D/2,)
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type != "llama3":
+        raise ValueError(f"rope_type={rope_type!r} is not supported: use default, linear or llama3")
+    low_freq_wavelen = original_max_seq_len / low_freq_factor
+    high_freq_wavelen = original_max_seq_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_seq_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 def precompute_rope(
     head_dim: int,
     max_seq_len: int,
     theta: float,
     *,
     device: torch.device | str | None = None,
+    inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cos/sin tables of RoPE for positions 0..max_seq_len-1, in float32.
 
+    inv_freq: (head_dim / 2,) frequencies from `rope_inv_freq` (a scaled RoPE); None: the plain ones of theta.
     Returns cos, sin: (max_seq_len, head_dim), each frequency repeated over both halves.
     """
-    if head_dim % 2:
-        raise ValueError(f"head_dim={head_dim} must be even for RoPE: make dim / n_heads even")
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta, device=device)
     positions = torch.arange(max_seq_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(positions, inv_freq)  # (T, D/2)
+    freqs = torch.outer(positions, inv_freq.to(device=device, dtype=torch.float32))  # (T, D/2)
     angles = torch.cat((freqs, freqs), dim=-1)  # (T, D)
     return angles.cos(), angles.sin()
 

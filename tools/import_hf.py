@@ -1,16 +1,19 @@
-"""Check that a local Hugging Face Llama / Mistral / Qwen2 model imports into Tessera; show what it becomes.
+"""Check that a local Hugging Face Llama / Mistral / Qwen2 / Qwen3 model imports into Tessera; show what it becomes.
 
 Examples:
     python tools/import_hf.py path/to/Qwen2.5-0.5B
     python tools/import_hf.py path/to/Mistral-7B --max-seq-len 4096 --check-logits
+    python tools/import_hf.py --check path/to/Llama-3.2-1B     # one line: can the native model take it?
 
 HF_DIR is a directory written by `save_pretrained` (config.json plus model.safetensors or an index and
 its shards); nothing is fetched from the hub. The weights are read exactly as training would read them
 (`model.hf.load_hf_pretrained`), and the resulting ModelArgs and parameter count are printed as JSON.
 With --check-logits the model is also built twice, by transformers and by Tessera, and the largest
 difference of their logits on a random batch is reported (exit code 1 above --tolerance).
-A model Tessera cannot represent (RoPE scaling, a binding sliding window, o_proj or MLP biases, ...)
-is reported in one line, with exit code 2.
+A model Tessera cannot represent (yarn / dynamic RoPE, MLP biases, other layer types, ...) is reported in
+one line naming the field, with exit code 2. --check reads only config.json and the weight file names and
+prints one line: ``native: yes (<model_type>: <what the model uses>)`` with exit code 0, or
+``native: no: <the field that stops it>`` with exit code 1.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import torch
 
 from model import ModelArgs, ModelConfigError, Transformer
-from model.hf import load_hf_config, load_hf_pretrained, weight_files
+from model.hf import hf_support, load_hf_config, load_hf_pretrained, weight_files
 
 PROG = "import_hf"
 
@@ -40,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest training sequence (default: the config's max_position_embeddings)")
     parser.add_argument("--check-logits", action="store_true",
                         help="compare transformers' and Tessera's fp32 logits on a random batch")
+    parser.add_argument("--check", action="store_true",
+                        help="only say whether the native model can take HF_DIR, and which field stops it")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted logit difference for --check-logits (default: %(default)s)")
     return parser
@@ -75,9 +80,32 @@ def summary(hf_dir: Path, args: ModelArgs, state: dict[str, torch.Tensor]) -> di
     }
 
 
+def features(args: ModelArgs) -> str:
+    """The optional architecture pieces `args` uses, in words (``plain`` when none)."""
+    parts = [f"rope {args.rope_type} x{args.rope_factor:g}" if args.rope_type != "default" else "",
+             f"head_dim {args.head_dim}" if not args.head_dim_is_derived else "",
+             "q/k norm" if args.qk_norm else "", "q/k/v+o biases" if args.o_bias else
+             ("q/k/v biases" if args.attn_bias else ""),
+             f"window {args.sliding_window}" + (f" on layers {args.sliding_layers}" if args.sliding_layers else "")
+             if args.sliding_window else "", "tied" if args.tie_embeddings else ""]
+    return ", ".join(p for p in parts if p) or "plain"
+
+
+def check(hf_dir: Path) -> int:
+    """The --check line: whether the native path takes `hf_dir`; exit code 0 (yes) or 1 (no)."""
+    args, why = hf_support(hf_dir)
+    if args is None:
+        print(f"native: no: {why}")
+        return 1
+    print(f"native: yes ({load_hf_config(hf_dir).model_type}: {features(args)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the tool; returns the process exit code."""
     opts = build_parser().parse_args(argv)
+    if opts.check:
+        return check(opts.hf_dir)
     try:
         args, state = load_hf_pretrained(opts.hf_dir, max_seq_len=opts.max_seq_len, dtype=None)
         report = summary(opts.hf_dir, args, state)

@@ -5,7 +5,8 @@
     export_hf("runs/smoke", "runs/smoke/hf", dtype=torch.bfloat16)
 
 The output directory holds `model.safetensors` (or shards plus `model.safetensors.index.json`),
-`config.json` (a `LlamaConfig`, or a `Qwen2Config` for a model with q/k/v biases) with the tokenizer's
+`config.json` (the `LlamaConfig`, `MistralConfig`, `Qwen2Config` or `Qwen3Config` that describes the network,
+`model.hf.hf_model_type`) with the tokenizer's
 bos/eos/pad ids, `generation_config.json` and the tokenizer files the run trained with. It is written
 into a temporary directory beside the target and renamed into place, so a failed export leaves nothing.
 
@@ -162,7 +163,7 @@ def export_hf(
     for name, value in token_ids.items():
         setattr(config, name, value)
     config.dtype = dtype
-    family = "Qwen2" if args.attn_bias else "Llama"
+    family = type(config).__name__.removesuffix("Config")  # Llama, Mistral, Qwen2 or Qwen3 (model.hf.hf_model_type)
     config.architectures = [f"{family}ForCausalLM"]
     weights = hf_weights(state, args, dtype)
     if score is not None:  # a standard *ForSequenceClassification: decoder weights plus `score`
