@@ -62,11 +62,11 @@ class PerfOptions(Protocol):
     """What parallelize reads of the recipe's ``perf:`` section (`train.config.schema.PerfSection`)."""
 
     @property
-    def fused_rms_norm(self) -> bool: ...
+    def fused_rms_norm(self) -> bool | None: ...  # None: fused where it can run, quietly
     @property
-    def fused_swiglu(self) -> bool: ...
+    def fused_swiglu(self) -> bool | None: ...  # None: fused where it can run, quietly
     @property
-    def fused_rope(self) -> bool: ...
+    def fused_rope(self) -> bool | None: ...  # None: fused where it can run, quietly
     @property
     def fused_linear_cross_entropy(self) -> bool: ...
     @property
@@ -178,7 +178,8 @@ def _perf(model: nn.Module, perf: PerfOptions, tp_ctx: TPContext, device: torch.
 
     args = getattr(model, "args", None)
     attention = {"sinks": bool(getattr(args, "attn_sinks", False)),
-                 "dropout": float(getattr(args, "dropout", 0.0)), "doc_mask": doc_mask}
+                 "dropout": float(getattr(args, "dropout", 0.0)), "doc_mask": doc_mask,
+                 "window": getattr(args, "sliding_window", None) is not None}
     choice = resolve_kernels(device, rms_norm=perf.fused_rms_norm, swiglu=perf.fused_swiglu,
                              rope=perf.fused_rope, linear_cross_entropy=perf.fused_linear_cross_entropy,
                              dtype=dtype, attention=attention)

@@ -9,8 +9,9 @@ A run applies it through `parallel.parallelize.parallelize`, which also chooses 
 
 A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_proj``) to a style:
 
-- ``column``: `nn.Linear` split by output features (q/k/v, gate/up: heads and hidden units per rank);
-- ``row``: `nn.Linear` split by input features, outputs summed (o_proj, down_proj);
+- ``column``: `nn.Linear` split by output features (q/k/v, gate/up: heads and hidden units per rank), a bias
+  split with its columns;
+- ``row``: `nn.Linear` split by input features, outputs summed (o_proj, down_proj), a bias added once after;
 - ``vocab``: `nn.Embedding` split by token rows; ``vocab_head``: the output head split by token rows, the
   logits stay split (see `parallel.loss`); the vocabulary is padded to a multiple of tp;
 - ``region``: a module whose input enters the TP region once (one all-gather / all-reduce for all the
@@ -18,6 +19,8 @@ A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_pro
 - ``heads``: an attention module: a ``region`` whose per-head parameters (sinks) are sliced and whose
   attention dropout draws per-rank masks;
 - ``norm``: an RMSNorm whose weight gradient is summed over the group under sequence parallelism;
+- ``head_norm``: an RMSNorm over head_dim shared by all heads (Qwen3's q/k norms): it stays whole and local
+  to each rank's heads, its weight gradient is summed over the group;
 - ``dropout``: residual dropout that draws per-rank masks under sequence parallelism.
 
 Every `nn.Linear` and `nn.Embedding` of the model must be matched, or `apply_tp` refuses the model
@@ -42,6 +45,7 @@ from parallel.comm import _gather, scatter_seq
 from parallel.dims import ParallelDims, padded_vocab_size
 from parallel.layers import (
     ColumnParallelLinear,
+    HeadSharedRMSNorm,
     RowParallelLinear,
     SequenceParallelRMSNorm,
     TPContext,
@@ -59,6 +63,8 @@ TRANSFORMER_TP_PLAN: Mapping[str, str] = {
     "layers.*.self_attn.k_proj": "column",
     "layers.*.self_attn.v_proj": "column",
     "layers.*.self_attn.o_proj": "row",
+    "layers.*.self_attn.q_norm": "head_norm",
+    "layers.*.self_attn.k_norm": "head_norm",
     "layers.*.mlp": "region",
     "layers.*.mlp.gate_proj": "column",
     "layers.*.mlp.up_proj": "column",
@@ -73,13 +79,13 @@ TRANSFORMER_TP_PLAN: Mapping[str, str] = {
 
 HF_LLAMA_TP_PLAN: Mapping[str, str] = {
     **{f"model.{pattern}": style for pattern, style in TRANSFORMER_TP_PLAN.items()
-       if pattern != "lm_head" and style not in ("norm", "dropout")},
+       if pattern != "lm_head" and style not in ("norm", "dropout", "head_norm")},
     "lm_head": "vocab_head",
 }
 """The same split for HF Llama / Mistral / Qwen2 causal LMs (`model.` in front; no sequence parallelism)."""
 HF_TP_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
-STYLES = ("column", "row", "vocab", "vocab_head", "region", "heads", "norm", "dropout")
+STYLES = ("column", "row", "vocab", "vocab_head", "region", "heads", "norm", "head_norm", "dropout")
 
 
 class TPPlanError(ValueError):
@@ -171,6 +177,8 @@ def shard_model(model: nn.Module, ctx: TPContext, plan: Mapping[str, str] = TRAN
             _shard_heads(module, ctx, name)
         elif style == "norm":
             _set_submodule(model, name, SequenceParallelRMSNorm(module, ctx))
+        elif style == "head_norm":
+            _set_submodule(model, name, HeadSharedRMSNorm(module, ctx))
         elif style == "dropout":
             _set_submodule(model, name, TPDropout(module.p, ctx))
     if tied:
