@@ -21,10 +21,13 @@ PROFILE_OPTIONS = {"nodes": "nodes", "partition": "partition", "account": "accou
                    "checkpoint_every_min": "checkpoint_every_min", "max_requeues": "max_requeues"}
 
 
-def add_job_options(p: argparse.ArgumentParser) -> None:
-    """``--profile`` and the options that override the profile's fields."""
+def add_job_options(p: argparse.ArgumentParser, *, profile_required: bool = True) -> None:
+    """``--profile`` and the options that override the profile's fields (``profile_required=False``: the
+    caller chooses a profile when it is left out)."""
     g = p.add_argument_group("job shape (a profile; the options below override its fields)")
-    g.add_argument("--profile", required=True, help=f"a name in {PROFILE_DIR} or a YAML path")
+    g.add_argument("--profile", required=profile_required,
+                   help=f"a name in {PROFILE_DIR} or a YAML path"
+                   + ("" if profile_required else " (default: local when the local cluster is up)"))
     g.add_argument("--nodes", type=int)
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
     g.add_argument("--tasks-per-node", type=int, help="CPU tasks per node (jobs without GPUs)")

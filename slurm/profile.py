@@ -11,7 +11,10 @@ slurm/script.py says when they are read.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
+import shutil
+import subprocess
 import sys
 import types
 import typing
@@ -30,6 +33,9 @@ SIGNAL_RESOLUTION_S = 60
 MIN_USEFUL_RUN_S = 60
 # A submitit job runs as `python -u -m submitit.core._submit FOLDER` under srun.
 SUBMITIT_ENTRY = "-u -m submitit.core._submit"
+# The first line of the slurm.conf slurm/local_cluster.sh writes, and the partition it declares.
+LOCAL_CLUSTER_MARK = "# Written by Tessera's slurm/local_cluster.sh"
+LOCAL_PARTITION = "local"
 # profile fields written into the sbatch script as they are (each checked by slurm/script.py)
 SCRIPT_FIELDS = ("partition", "account", "qos", "constraint")
 
@@ -121,7 +127,44 @@ def _mem_string(gb: float) -> str:
 
 
 def known_profiles(directory: Path = PROFILE_DIR) -> list[str]:
+    """The profile names in ``directory`` (its YAML files), sorted."""
     return sorted(p.stem for p in directory.glob("*.yaml"))
+
+
+def local_cluster_up(*, conf: Path | None = None, timeout_s: float = 5.0) -> bool:
+    """Whether the cluster of ``slurm/local_cluster.sh`` is up on this machine: the SLURM configuration in use
+    (``$SLURM_CONF`` or /etc/slurm/slurm.conf) is the one that script writes, and ``sinfo`` reports its
+    partition ``local`` up. Costs one file read and, only then, one sinfo call of at most ``timeout_s``."""
+    path = conf or Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf"))
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = f.readline()
+    except OSError:
+        return False
+    if not first.startswith(LOCAL_CLUSTER_MARK) or shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-p", LOCAL_PARTITION, "-o", "%a"], capture_output=True, text=True,
+                             timeout=timeout_s, check=False, env={**os.environ, "SLURM_CONF": str(path)})
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.split()[:1] == ["up"]
+
+
+def choose_profile(name: str | None, directory: Path = PROFILE_DIR) -> tuple[str, str]:
+    """The profile to submit with and why: ``name`` when given, else ``local`` when this machine's local
+    cluster is up; else a SlurmConfigError listing the profiles and how to pick one."""
+    if name is not None:
+        return name, "--profile"
+    if local_cluster_up():
+        return LOCAL_PARTITION, "the local cluster (slurm/local_cluster.sh) is up"
+    listing = "\n".join(f"  {n:12s} {load_profile(n, directory).description}" for n in known_profiles(directory))
+    raise SlurmConfigError(
+        "no --profile given and no local cluster is up on this machine (slurm/local_cluster.sh status); "
+        f"pick a profile with --profile NAME (a name below, or the path of a profile YAML file):\n{listing}\n"
+        "e.g. python slurm/submit.py --profile h100x8 --nodes 2 --config RECIPE.yaml, or start the local "
+        "cluster: sudo slurm/local_cluster.sh start"
+    )
 
 
 def load_profile(name_or_path: str, directory: Path = PROFILE_DIR) -> Profile:

@@ -35,6 +35,7 @@ from slurm.plan import Submission, cluster_partitions, plan_submission
 from slurm.profile import Profile, load_profile, resolve, submitit_command, with_values
 from slurm.script import SlurmConfigError, check_parameters
 from slurm.task import RunSpec, TrainTask
+from train.cli_errors import ToolParser, report_error
 from train.config.schema import JobConfig
 from train.plan import USER_ERRORS
 from train.stages import (
@@ -183,7 +184,7 @@ def _print_dry_run(stage_jobs: list[StageJob]) -> None:
 
 
 def stages_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slurm/submit.py stages",
+    p = ToolParser(prog="slurm/submit.py stages",
                                 description="Submit a chain of stages: one job per stage, each after the "
                                             "previous one.")
     p.add_argument("stages", help="the stages file (train/stages.py)")
@@ -206,8 +207,7 @@ def cmd_stages(argv: list[str]) -> int:
             return 0
         queued = submit_jobs(chain, stage_jobs)
     except (StagesError, SlurmConfigError, *USER_ERRORS) as e:
-        print(f"tessera: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     for job in stage_jobs:
         if job.plan.status == "done":
             print(f"stage {job.plan.stage.name}: finished, not queued")

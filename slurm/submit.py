@@ -1,21 +1,34 @@
 """Submit Tessera training to SLURM through submitit, and follow it up.
 
-    python slurm/submit.py --profile NAME [--nodes N] [--gpus-per-node G] [--time MIN] ... \\
-        --config RECIPE.yaml [--ds_config NAME|PATH] [--resume auto] [--sweep GRID.yaml] [--dry-run] \\
+    python slurm/submit.py [--profile NAME] [--nodes N] [--gpus-per-node G] [--time MIN] ... \\
+        [--config RECIPE.yaml] [--ds_config NAME|PATH] [--resume auto] [--sweep GRID.yaml] [--dry-run] \\
         [--wait SECONDS] [section.key=value ...]
-    python slurm/submit.py status JOB|RUN_DIR       state, exit code, restarts, last step, log path
-    python slurm/submit.py cancel JOB|RUN_DIR
-    python slurm/submit.py tail JOB|RUN_DIR [--task N] [--lines N]
-    python slurm/submit.py summary SWEEP_DIR        a sweep's results, best validation loss first
-    python slurm/submit.py profiles                 the profiles in slurm/profiles/
-    python slurm/submit.py stages STAGES.yaml --profile NAME [--dry-run] [--wait SECONDS] [...]
-                                                    a chain of stages: one job per stage, each after the
-                                                    previous (slurm/stages.py)
+
+Bare, `python slurm/submit.py` submits the default recipe (train/configs/shakespeare.yaml, as
+`train/main.py` runs it) with the profile `local` when the local cluster (slurm/local_cluster.sh) is up
+on this machine; elsewhere it lists the profiles and asks for one (exit code 2).
+
+Commands after a submission (JOB is the id printed at submission, e.g. 12 or 12_3 in a sweep, or the run
+directory):
+
+    python slurm/submit.py status 12                   state, exit code, restarts, last step, log path
+    python slurm/submit.py tail 12 --task 1            the end of task 1's log
+    python slurm/submit.py cancel runs/smoke           scancel the job of a run directory
+    python slurm/submit.py summary runs/sweeps/lr      a sweep's results, best validation loss first
+    python slurm/submit.py profiles                    the profiles in slurm/profiles/
+    python slurm/submit.py stages train/configs/stages_cpu.yaml --profile local [--dry-run] [--wait SECONDS]
+                                                       a chain of stages: one job per stage, each after the
+                                                       previous (slurm/stages.py)
+
+Examples of submissions:
+
+    python slurm/submit.py --profile local --config train/configs/smoke.yaml --wait 600
+    python slurm/submit.py --profile h100x8 --nodes 4 --config my_recipe.yaml train.out_dir=/shared/runs/big
+    python slurm/submit.py --profile local --config train/configs/smoke.yaml --dry-run
 
 Every setting is checked before anything is queued; a problem is one line ``tessera: error: ...`` and exit
 code 2. ``--dry-run`` prints the resolved job, the resolved recipe and the sbatch script, and queues nothing.
 """
-
 from __future__ import annotations
 
 import sys
@@ -32,21 +45,22 @@ import yaml
 from slurm import jobs
 from slurm.options import add_job_options, with_command_line
 from slurm.plan import cluster_partitions, plan_submission
-from slurm.profile import known_profiles, load_profile, resolve
+from slurm.profile import choose_profile, known_profiles, load_profile, resolve
 from slurm.script import SlurmConfigError, check_value
 from slurm.stages import cmd_stages
 from slurm.sweep import format_table, load_sweep, summarize
+from train.cli_errors import ToolParser, report_error
 from train.plan import USER_ERRORS
 
 COMMANDS = ("status", "cancel", "tail", "summary", "profiles")
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "train" / "configs" / "shakespeare.yaml"
+"""The recipe of a bare submission: train/main.py's default."""
 
 
 def submit_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slurm/submit.py", description="Submit Tessera training to SLURM "
-                                f"(follow-ups: {', '.join(COMMANDS)}; see `slurm/submit.py status -h`; "
-                                f"a chain of stages: `slurm/submit.py stages -h`).")
-    add_job_options(p)
-    p.add_argument("--config", required=True, help="training recipe (YAML)")
+    p = ToolParser(prog="slurm/submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_options(p, profile_required=False)
+    p.add_argument("--config", default=str(DEFAULT_RECIPE), help="training recipe (YAML; default: %(default)s)")
     p.add_argument("--ds_config", default=None, help="DeepSpeed config (default: the profile's)")
     p.add_argument("--resume", default="never",
                    help="as train/main.py: never (default), auto, or a checkpoint")
@@ -62,7 +76,7 @@ def submit_parser() -> argparse.ArgumentParser:
 
 
 def followup_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slurm/submit.py", description="Follow up Tessera SLURM jobs.")
+    p = ToolParser(prog="slurm/submit.py", description="Follow up Tessera SLURM jobs.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, what in (("status", "state, exit code, restarts and progress"), ("cancel", "scancel the job"),
                        ("tail", "the end of a task's log")):
@@ -82,7 +96,10 @@ def cmd_submit(argv: list[str]) -> int:
     try:
         if args.name is not None:
             check_value("--name", args.name)
-        profile = with_command_line(load_profile(args.profile), args)
+        name, why = choose_profile(args.profile)
+        if args.profile is None:
+            print(f"profile {name}: {why}", file=sys.stderr)
+        profile = with_command_line(load_profile(name), args)
         live = None if args.dry_run else cluster_partitions()
         sweep = load_sweep(args.sweep) if args.sweep else None
         shape = resolve(profile, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -94,8 +111,7 @@ def cmd_submit(argv: list[str]) -> int:
             return 0
         records = sub.submit()
     except (SlurmConfigError, *USER_ERRORS) as e:
-        print(f"tessera: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     for r in records:
         print(f"submitted {r.job_id}: {r.name} -> {r.out_dir}")
     print(f"logs: {sub.folder}/<job>_<task>_log.{{out,err}}; follow with: python slurm/submit.py "
@@ -153,8 +169,7 @@ def cmd_followup(argv: list[str]) -> int:
             print(f"{record.job_id}  {record.name}  {shown}  {jobs.progress(record.out_dir)}")
             print(f"  run: {record.out_dir}\n  logs: {record.folder}")
     except (jobs.JobLookupError, SlurmConfigError, RuntimeError) as e:
-        print(f"tessera: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     return 0
 
 

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from model import ModelConfigError, Transformer, get_preset
-from tools import bench_data
+from tools import ToolParser, bench_data, report_error
 from tools.bench_step import bench_train_step
 from tools.bench_tp import bench_tp_comm
 from train.checkpoint.resume import load_checkpoint
@@ -69,7 +69,7 @@ def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[
     init_distributed(env)
     args = dataclasses.replace(get_preset(preset), **overrides).validate()
     if out.exists():
-        raise SystemExit(f"error: --out {out} exists; give a new directory (it is deleted afterwards)")
+        raise SystemExit(report_error(f"--out {out} exists; give a new directory (it is deleted afterwards)"))
     engine = _engine(args, 1e-4, with_state=True)
     writer = CheckpointWriter(out, rank=0, keep_last=0, estimate_bytes=args.num_params() * 16)
     start = time.perf_counter()
@@ -98,15 +98,15 @@ def _train_step(ns: argparse.Namespace) -> dict[str, Any]:
         overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in ns.set)}
         args = dataclasses.replace(get_preset(ns.preset), **overrides).validate()
     except (ModelConfigError, TypeError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(report_error(e)) from None
     if ns.seq > args.max_seq_len:
-        raise SystemExit(f"error: --seq {ns.seq} exceeds the model's max_seq_len={args.max_seq_len}")
+        raise SystemExit(report_error(f"--seq {ns.seq} exceeds the model's max_seq_len={args.max_seq_len}"))
     return bench_train_step(args, batch=ns.batch, seq=ns.seq, steps=ns.steps, warmup=ns.warmup,
                             compare=ns.compare, ds_name=ns.ds_config, perf=ns.perf, peak_tflops=ns.peak_tflops)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="tools/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
     ck = sub.add_parser("checkpoint", help="save/load time and throughput of a full training state")
     ck.add_argument("--preset", default="llama3-1b", help="model preset (model/args.py)")

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from tools import report_error
 from train.data import prepare, train_bpe_tokenizer
 from train.data.blend import BlendDataset
 from train.data.dataset import BlockDataset
@@ -32,7 +33,7 @@ from train.data.shards import FORMAT_NAME, FORMAT_VERSION, HEADER_FILE, Prepared
 
 def _check_out(out: Path) -> None:
     if out.exists():
-        raise SystemExit(f"error: --out {out} exists; give a new directory (it is deleted afterwards)")
+        raise SystemExit(report_error(f"--out {out} exists; give a new directory (it is deleted afterwards)"))
     out.mkdir(parents=True)
 
 

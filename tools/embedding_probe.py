@@ -15,7 +15,7 @@ an untied head; isotropy = the mean cosine between distinct rows of a seeded sam
 rows, 1 for identical ones, about 0 for random high-dimensional ones); the nearest neighbours by cosine
 of chosen tokens; the loss curve of a metrics file (train "loss" and eval "val_loss" rows by "step");
 and the perplexity of a held-out text file split into blocks of --seq-len tokens. --json OUT writes it
-all as JSON. Bad input is one line, `error: ...`, exit code 2.
+all as JSON. Bad input is one line, `tessera: error: ...`, exit code 2.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from model.hf_causal import load_causal_lm, quantization_config
+from tools import ToolParser, report_error
 from tools.plot_metrics import MetricsError, read_metrics
 from train.data.corpus import DataError
 from train.data.dataset import BlockDataset
@@ -239,7 +240,7 @@ def format_report(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of this tool."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ToolParser(prog="tools/embedding_probe.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="local HF model directory (the base when --snapshot is given)")
     parser.add_argument("--snapshot", type=Path, help="embedding snapshot directory to extend the base with")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: MODEL_DIR)")
@@ -289,8 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         with _quiet_transformers():
             result = probe(args)
     except (DataError, MetricsError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     print(format_report(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,7 @@ if __package__ in (None, ""):
 from model import ModelArgs, ModelConfigError, get_preset
 from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.perf import AC_MODES
+from tools import ToolParser, report_error
 
 GB = 1e9
 DEVICES = {"h100": 80, "4090": 24, "3060": 12}  # GB of device memory
@@ -254,7 +255,7 @@ def _fmt(x: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ToolParser(prog="tools/estimate_memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="llama3-1b", help="model preset (model/args.py)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT", help="ModelArgs overrides, e.g. n_layers=8")
     p.add_argument("--gpus", type=int, default=1, help="devices in the job (world size)")
@@ -318,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {key:<12}{_fmt(est[key])}")
             result.update(layout=dataclasses.asdict(lay), estimate=est)
     except EstimateError as e:
-        print(f"estimate_memory: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     if ns.json:
         ns.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

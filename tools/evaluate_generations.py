@@ -14,7 +14,7 @@ e.g. a reward run's export, sharing the policy's tokenizer) and its highest-scor
 Writes OUT/metrics.json (best_of_n, first, oracle: percentages per metric; verifier_score_mean; settings) and
 OUT/predictions.jsonl (per prompt: id, prompt, references, every answer with its score and metrics, the chosen
 index); OUT defaults to POLICY/eval. Prints the metrics as JSON. Bad input is one line,
-`evaluate_generations: error: ...`, exit code 2, before any model is loaded.
+`tessera: error: ...`, exit code 2, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from model.args import ModelConfigError
+from tools import ToolParser, report_error
 from train.data.corpus import DataError
 from train.eval.rerank import RerankError, Settings, run
 
@@ -32,7 +33,7 @@ PROG = "evaluate_generations"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = ToolParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="HF causal-LM directory (config, weights, tokenizer)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, answer | answers}")
@@ -50,8 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
+    return report_error(" ".join(message.split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ import shlex
 import subprocess
 import time
 
+from tools import ToolParser, report_error
 from train.distributed import free_port
 from train.stages import StagePlan, StagesError, export_stage, load_stages, plan_stages
 
@@ -32,7 +33,7 @@ MAIN = Path(__file__).resolve().parents[1] / "train" / "main.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
+    p = ToolParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stages", type=Path, metavar="STAGES.yaml", help="the stages file (train/stages.py)")
     p.add_argument("--dry-run", action="store_true", help="check every stage and print the plan; run nothing")
@@ -63,21 +64,17 @@ def run_stage(plan: StagePlan, position: str) -> int:
         began = time.monotonic()
         code = subprocess.run(stage_command(plan), check=False).returncode  # its output goes straight through
         if code != 0:
-            print(f"{PROG}: error: stage '{name}' failed with exit code {code} (its output is above; run "
-                  f"{plan.run_dir}); later stages did not run. Run the same command again to continue from "
-                  f"this stage.", file=sys.stderr, flush=True)
-            return code if code > 0 else 1
+            return report_error(f"stage '{name}' failed with exit code {code} (its output is above; run "
+                                f"{plan.run_dir}); later stages did not run. Run the same command again to "
+                                f"continue from this stage.", code=code if code > 0 else 1)
         if not (plan.run_dir / "summary.json").is_file():
-            print(f"{PROG}: error: stage '{name}' ended without {plan.run_dir / 'summary.json'} (it stopped "
-                  f"before its last step); run the same command again to continue it.", file=sys.stderr,
-                  flush=True)
-            return 1
+            return report_error(f"stage '{name}' ended without {plan.run_dir / 'summary.json'} (it stopped "
+                                f"before its last step); run the same command again to continue it.", code=1)
         _say(f"stage '{name}' trained in {time.monotonic() - began:.0f} s")
     try:
         out = export_stage(plan)
     except StagesError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
-        return 1
+        return report_error(e, code=1)
     _say(f"stage '{name}': {plan.stage.checkpoint} checkpoint exported to {out}")
     return 0
 
@@ -100,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"first.")
             plans = [p for p in plans if p.stage.name == stage.name]
     except StagesError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     total = len(chain.stages)
     for plan in plans:
         position = f"{chain.stages.index(plan.stage) + 1}/{total}"

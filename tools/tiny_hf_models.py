@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tools import ToolParser
 from train.data.tokenizer import train_bpe_tokenizer
 from train.research.qa_data import synthetic_qa
 
@@ -47,7 +48,7 @@ def write_model(out: Path, family: str, vocab_size: int, *, seed: int = 0) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tiny_hf_models", description=__doc__,
+    parser = ToolParser(prog="tools/tiny_hf_models.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("models/tiny"), help="parent directory (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)

@@ -106,7 +106,7 @@ def test_a_failing_stage_stops_the_chain_and_a_rerun_continues_there(chain: dict
     assert f"weights loaded from {runs / 'pretrain' / 'export'}" in proc.stderr
     assert (runs / "cpt" / "export" / "model.safetensors").is_file()
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"run_stages: error: stage 'broken' failed with exit code 2 (its output is above; run "
+        f"tessera: error: stage 'broken' failed with exit code 2 (its output is above; run "
         f"{runs / 'broken'}); later stages did not run. Run the same command again to continue from this "
         f"stage.")
     assert not (runs / "after").exists()

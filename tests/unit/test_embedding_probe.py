@@ -165,7 +165,7 @@ def test_cli_bad_input_is_one_line(
     argv = [a.format(tmp=tmp_path, base=extended[0]) for a in args]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("tessera: error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow

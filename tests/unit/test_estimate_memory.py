@@ -127,7 +127,7 @@ def test_live_bytes_counts_views_once_and_frees() -> None:
 def test_bad_input_is_one_line(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("estimate_memory: error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("tessera: error: ") and message in err and err.count("\n") == 1
 
 
 def test_suggestions_fit_the_device(capsys: pytest.CaptureFixture) -> None:

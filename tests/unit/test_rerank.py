@@ -176,7 +176,7 @@ def test_cli_error_is_one_line_exit_2() -> None:
                            "--data", "missing.jsonl", "--n", "3"], check=False, capture_output=True, text=True,
                           timeout=120, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert proc.stderr.startswith("evaluate_generations: error: n=3 samples per prompt need a verifier")
+    assert proc.stderr.startswith("tessera: error: n=3 samples per prompt need a verifier")
 
 
 @pytest.mark.slow
