@@ -7,8 +7,12 @@ as `train/main.py` builds it (the recipe's DeepSpeed config resolution, `paralle
 options, which also chooses the loss, torch AdamW, gradient clipping 1.0): a batch from the stream, forward +
 loss, `engine.backward`, `engine.step`, the loss read back and averaged over ranks. **hf** is
 `transformers.LlamaForCausalLM` of the same shape and weights (`model.hf.to_hf_llama_config`, SDPA attention)
-with `labels`, torch AdamW and `clip_grad_norm_`. **bare** is Tessera's `Transformer` in a hand-written loop
-(logits, `F.cross_entropy`, backward, `clip_grad_norm_`, AdamW, `zero_grad`). All see the same batches, in the
+with `labels`, torch AdamW and `clip_grad_norm_`; with ``--perf compile=true`` also **hf_compiled**, each of
+its decoder layers `torch.compile`d as Tessera's blocks are, so a compiled Tessera is compared with both
+(HF never checkpoints activations here). **bare** is Tessera's `Transformer` in a hand-written loop (logits,
+`F.cross_entropy`, backward, `clip_grad_norm_`, AdamW, `zero_grad`), with the perf section's activation
+checkpointing and compile applied as Tessera applies them (its fused kernels are not), so the overhead over
+it is the loop's own. All see the same batches, in the
 same process; variants take turns step by step, so a machine whose speed drifts (shared, throttled) affects
 each alike.
 
@@ -40,8 +44,11 @@ from model.model import build_model
 from parallel.dims import ParallelDims
 from parallel.groups import build_process_groups
 from parallel.parallelize import parallelize
+from parallel.perf import apply_activation_checkpointing, apply_compile
+from tools import report_error
 from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.load import load_config
+from train.config.schema import PerfSection
 from train.distributed import device_for, init_distributed, read_env
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.loop.trainer import Trainer, TrainState
@@ -60,7 +67,7 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[flo
         for key, peak in GPU_PEAKS.items():
             if key in name:
                 return peak, f"{name}: dense bf16 tensor-core peak"
-        raise SystemExit(f"error: no peak FLOP/s known for {name!r}: pass --peak-tflops")
+        raise SystemExit(report_error(f"no peak FLOP/s known for {name!r}: pass --peak-tflops"))
     flags, mhz = "", 0.0
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -128,12 +135,16 @@ def _batches(pool: torch.Tensor, clock: _Clock) -> Iterator[tuple[torch.Tensor, 
         yield x, y
 
 
-def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: torch.device, ds_name: str,
-             perf: list[str], state: dict[str, torch.Tensor]) -> Callable[[], dict[str, float]]:
+def build_trainer(args: ModelArgs, batch: int, seq: int, stream: Iterator[Any], device: torch.device,
+                  ds_name: str, perf: list[str], state: dict[str, torch.Tensor], *, grad_accum: int = 1,
+                  wrap: Callable[[Any], Any] = lambda engine: engine) -> Trainer:
+    """A ``Trainer`` over a DeepSpeed engine built as ``train/main.py`` builds it (``wrap`` wraps the engine the
+    trainer sees), with ``batch`` sequences per micro-batch and ``grad_accum`` micro-batches per step."""
     import deepspeed
 
-    overrides = [f"data.seq_len={seq}", f"train.micro_batch_size={batch}", f"train.global_batch_size={batch}",
-                 "train.warmup_steps=0", "train.steps=1000000", *(f"perf.{p}" for p in perf)]
+    overrides = [f"data.seq_len={seq}", f"train.micro_batch_size={batch}",
+                 f"train.global_batch_size={batch * grad_accum}", "train.warmup_steps=0", "train.steps=1000000",
+                 *(f"perf.{p}" for p in perf)]
     cfg = load_config(None, overrides)
     bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=1, bf16_supported=bf16_ok)
@@ -146,12 +157,16 @@ def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                       model_parameters=None if optimizer else param_groups(model, 0.1),
                                       lr_scheduler=lambda opt: build_scheduler(opt, cfg.train))
-    clock = _Clock(device)
-    stream = _batches(pool, clock)
-    trainer = Trainer(cfg, _TimedEngine(engine, clock), TrainState(), batches=lambda consumed: stream,
-                      val_batches=lambda: iter(()), grad_accum=1, logger=None, device=device, checkpoints=None,
-                      loss_fn=loss_fn)
     engine.train()
+    return Trainer(cfg, wrap(engine), TrainState(), batches=lambda consumed: stream, val_batches=lambda: iter(()),
+                   grad_accum=grad_accum, logger=None, device=device, checkpoints=None, loss_fn=loss_fn)
+
+
+def _tessera(args: ModelArgs, batch: int, seq: int, pool: torch.Tensor, device: torch.device, ds_name: str,
+             perf: list[str], state: dict[str, torch.Tensor]) -> Callable[[], dict[str, float]]:
+    clock = _Clock(device)
+    trainer = build_trainer(args, batch, seq, _batches(pool, clock), device, ds_name, perf, state,
+                            wrap=lambda engine: _TimedEngine(engine, clock))
 
     def step() -> dict[str, float]:
         clock.mark("start")
@@ -192,11 +207,15 @@ def _plain_loop(model: torch.nn.Module, loss_of: Callable[[torch.Tensor, torch.T
 
 
 def _bare(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict[str, torch.Tensor],
-          dtype: torch.dtype) -> Callable[[], dict[str, float]]:
+          dtype: torch.dtype, perf: PerfSection) -> Callable[[], dict[str, float]]:
     with torch.device(device):
         model = Transformer(args)
     model.load_state_dict(state)
     model.to(dtype)
+    # like for like: the blocks checkpointed and compiled as Tessera's perf section does it (no fused kernels)
+    apply_activation_checkpointing(model, perf.activation_checkpointing, every=perf.ac_every)
+    if perf.compile:
+        apply_compile(model)
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
@@ -205,7 +224,7 @@ def _bare(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict
 
 
 def _hf(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict[str, torch.Tensor],
-        dtype: torch.dtype) -> Callable[[], dict[str, float]]:
+        dtype: torch.dtype, compiled: bool) -> Callable[[], dict[str, float]]:
     from transformers import LlamaForCausalLM
 
     config = to_hf_llama_config(args)
@@ -214,6 +233,9 @@ def _hf(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict[s
         model = LlamaForCausalLM(config)
     model.load_state_dict(to_hf_state_dict(state))
     model.to(dtype)
+    if compiled:  # each decoder layer, as Tessera's perf.compile does with its blocks
+        for layer in model.model.layers:
+            layer.compile()
 
     def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=x).logits  # the same loss as the others (HF's own would shift the labels)
@@ -251,10 +273,13 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
     runners: dict[str, Callable[[], dict[str, float]]] = {
         "tessera": _tessera(args, batch, seq, pool, device, ds_name, perf, state)}
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if "hf" in compare:
-        runners["hf"] = _hf(args, pool, device, state, dtype)
+    perf_cfg = load_config(None, [f"perf.{p}" for p in perf]).perf
+    if "hf" in compare:  # eager, and with perf.compile also compiled: Tessera compiled against both
+        runners["hf"] = _hf(args, pool, device, state, dtype, compiled=False)
+        if perf_cfg.compile:
+            runners["hf_compiled"] = _hf(args, pool, device, state, dtype, compiled=True)
     if "bare" in compare:
-        runners["bare"] = _bare(args, pool, device, state, dtype)
+        runners["bare"] = _bare(args, pool, device, state, dtype, perf_cfg)
     first_losses = {name: run()["loss"] for name, run in runners.items()}  # same weights, same first batch
     for run in runners.values():
         for _ in range(warmup - 1):
@@ -283,8 +308,9 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
     # from medians, and from the fastest steps (on a shared machine other work only ever adds time)
     for stat in ("median", "min"):
         base = results["tessera"][f"step_s_{stat}"]
-        if "hf" in results:
-            out[f"tessera_speed_over_hf_{stat}"] = round(results["hf"][f"step_s_{stat}"] / base, 4)
+        for hf in ("hf", "hf_compiled"):
+            if hf in results:
+                out[f"tessera_speed_over_{hf}_{stat}"] = round(results[hf][f"step_s_{stat}"] / base, 4)
         if "bare" in results:
             out[f"tessera_overhead_over_bare_{stat}"] = round(base / results["bare"][f"step_s_{stat}"] - 1, 4)
     return out

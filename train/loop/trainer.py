@@ -46,10 +46,22 @@ class TrainState:
                 "best_val_ema": self.best_val_ema}
 
 
-def _mean_over_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def _accumulate(totals: dict[str, torch.Tensor], name: str, value: Any, device: torch.device) -> None:
+    """Add a micro-batch's scalar (a tensor, or a number) to a float64 running sum on the device, no host read."""
+    v = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    v = v.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+    totals[name] = v if name not in totals else totals[name] + v
+
+
+def _read_step_means(sums: dict[str, torch.Tensor], n: int, device: torch.device) -> dict[str, float]:
+    """Means over micro-batches and ranks of the step's sums: one all-reduce and one host read per step.
+
+    float64 throughout, in the order the values arrived, so the figures equal the host-side arithmetic of
+    reading each micro-batch's value and summing it in Python (the golden curves pin that)."""
+    names = sorted(sums)
+    t = torch.stack([sums[k] for k in names]).to(device) / n
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return dict(zip(names, (t / dist.get_world_size()).tolist(), strict=True))
 
 
 def _engine_skips_grad_norm(engine: Any) -> bool:
@@ -65,25 +77,17 @@ def _grad_norm(module: torch.nn.Module, tp_ctx: TPContext | None = None) -> floa
     ones: the split ones are summed over the group, the replicated ones counted once (from TP rank 0).
     """
     split = tp_ctx is not None and tp_ctx.size > 1
-    squares = torch.zeros((), dtype=torch.float64)
+    squares = torch.zeros((), dtype=torch.float64, device=next(module.parameters()).device)
     for p in module.parameters():
         if p.grad is None or (split and tp_ctx.rank != 0 and not getattr(p, "tensor_model_parallel", False)):
             continue
-        squares += torch.linalg.vector_norm(p.grad.double()).cpu() ** 2
+        squares += torch.linalg.vector_norm(p.grad.double()).to(squares.device) ** 2  # stays on the device
     if split:
-        squares = squares.to(next(module.parameters()).device)
         dist.all_reduce(squares, group=tp_ctx.group)
-    return squares.sqrt().item()
+    return squares.sqrt().item()  # the one host read
 
 
-def _mean_terms(terms: dict[str, float], n: int, device: torch.device) -> dict[str, float]:
-    """Per-step means of the logged loss terms over micro-batches and ranks (the same keys on every rank)."""
-    if not terms:
-        return {}
-    names = sorted(terms)
-    t = torch.tensor([terms[k] / n for k in names], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(names, (t / dist.get_world_size()).tolist(), strict=True))
+_LOSS = "loss"  # the key of the loss among the step's device-side sums (terms are "term:<name>")
 
 
 class Trainer:
@@ -185,18 +189,21 @@ class Trainer:
         return True
 
     def _step(self, *, want_grad_norm: bool) -> tuple[float, float | None]:
-        """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over ranks."""
-        loss_sum, grad_norm = 0.0, None
+        """One optimizer step over ``grad_accum`` micro-batches; the loss averaged over ranks.
+
+        Nothing inside the accumulation waits for the device: the loss and the objective's terms are summed
+        on the device, and read back once, after the engine's step, with one all-reduce for all of them."""
+        grad_norm = None
         if self.pipeline:  # the engine pulls grad_accum micro-batches, runs the schedule and steps
             return float(self.engine.train_batch(data_iter=self.stream)), None
         batch_no = self.state.consumed_samples // self.t.global_batch_size + 1  # 1-based, across rollbacks
         step = self.state.step + 1
         self.objective.begin_step(step)
-        terms: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for micro in range(self.grad_accum):
             loss, parts = self.objective.loss(self.engine, next(self.stream), self.device)
             for name, value in parts.items():
-                terms[name] = terms.get(name, 0.0) + float(value)
+                _accumulate(sums, f"term:{name}", value, self.device)
             loss = _injected_fault(loss, batch_no)
             self.engine.backward(loss)
             if micro == self.grad_accum - 1:
@@ -204,10 +211,11 @@ class Trainer:
                     grad_norm = _grad_norm(self.engine.module, self.tp_ctx)
                 self.objective.before_update(self.engine, step)
             self.engine.step()  # DeepSpeed applies the update (with clipping) on the accumulation boundary
-            loss_sum += loss.item()
-        self.terms = _mean_terms(terms, self.grad_accum, self.device)
+            _accumulate(sums, _LOSS, loss, self.device)
+        means = _read_step_means(sums, self.grad_accum, self.device)
+        self.terms = {k.removeprefix("term:"): v for k, v in means.items() if k != _LOSS}
         self.objective.end_step(self.engine, step, self.terms)
-        return _mean_over_ranks(loss_sum / self.grad_accum, self.device), grad_norm
+        return means[_LOSS], grad_norm
 
     def _bad_step(self, loss_avg: float) -> None:
         """The optimizer skipped this step on every rank (non-finite loss or gradients)."""
