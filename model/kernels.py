@@ -10,8 +10,8 @@ Four ops have a fused version from liger-kernel (Triton, CUDA only) and a refere
 | head + cross-entropy | `linear_cross_entropy` (full logits) | `liger_linear_cross_entropy` (chunked: the (B, T, V) logits never exist) |
 
 liger-kernel imports on a CPU-only machine, but its kernels fail on CPU tensors, so a fused op is chosen
-only when the run's device is CUDA and liger-kernel is installed; otherwise the reference is used and the
-fallback is logged. `resolve_kernels` makes that choice once and logs one line; `parallel.perf.apply_kernels`
+only when the run's device is CUDA and liger-kernel is installed; otherwise the reference is used, quietly
+unless the recipe asked for the fused op (a switch set to true), when the fallback is logged. `resolve_kernels` makes that choice once and logs one line; `parallel.perf.apply_kernels`
 puts the chosen functions into the model's modules (`norm_fn`, `act_fn`, `rope_fn`, and the head).
 """
 
@@ -146,30 +146,34 @@ class KernelChoice:
 def resolve_kernels(
     device: torch.device,
     *,
-    rms_norm: bool = True,
-    swiglu: bool = True,
-    rope: bool = True,
+    rms_norm: bool | None = None,
+    swiglu: bool | None = None,
+    rope: bool | None = None,
     linear_cross_entropy: bool = False,
     dtype: torch.dtype = torch.float32,
     attention: dict[str, object] | None = None,
 ) -> KernelChoice:
-    """Choose each op for ``device`` from the switches (True: fused where it can run); log the choice once.
+    """Choose each op for ``device`` from the switches; log the choice once.
 
-    A switch that asks for a fused op where it cannot run (no CUDA, or liger-kernel not installed) falls back
-    to the reference, and says so in the log. ``attention``: keyword arguments of `describe_attention`.
+    None (the default): the fused op where it can run (CUDA with liger-kernel installed), else the reference,
+    quietly (a debug line). True: the fused op was asked for; where it cannot run, the reference runs and the
+    log says why. False: the reference. ``attention``: keyword arguments of `describe_attention`.
     """
     fused_ok = device.type == "cuda" and liger_installed()
     why = None if fused_ok else ("liger-kernel needs a CUDA device" if device.type != "cuda"
                                  else "liger-kernel is not installed (pip install liger-kernel)")
     wanted = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "linear_cross_entropy": linear_cross_entropy}
-    chosen = {op: (LIGER if on and fused_ok else REFERENCE) for op, on in wanted.items()}
-    fallbacks = [op for op, on in wanted.items() if on and not fused_ok]
+    chosen = {op: (LIGER if on is not False and fused_ok else REFERENCE) for op, on in wanted.items()}
+    asked = [op for op, on in wanted.items() if on is True and not fused_ok]
+    defaulted = [op for op, on in wanted.items() if on is None and not fused_ok]
     choice = KernelChoice(
         rms_norm=chosen["rms_norm"], swiglu=chosen["swiglu"], rope=chosen["rope"],
         linear_cross_entropy=chosen["linear_cross_entropy"] if linear_cross_entropy else None,
         attention=describe_attention(device, dtype, **(attention or {})),
     )
     logger.info("kernels: %s", choice.describe())
-    if fallbacks:
-        logger.info("fused %s requested but %s: using the pure-torch reference", ", ".join(fallbacks), why)
+    if asked:
+        logger.info("fused %s requested but %s: using the pure-torch reference", ", ".join(asked), why)
+    if defaulted:
+        logger.debug("fused %s where available: %s, so the pure-torch reference", ", ".join(defaulted), why)
     return choice

@@ -28,6 +28,7 @@ did not say they are leaving; when the store itself is gone, the rank that hoste
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import re
 import socket
@@ -292,6 +293,7 @@ def _await_ranks(store: torch.distributed.Store, prefix: str, world: int, timeou
 def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
     """Meet the other ranks (within the rendezvous timeout), then start the default process group (nccl on
     GPU, gloo on CPU; collectives time out after ``timeout_s``) and hand it to DeepSpeed."""
+    use_extensions_dir()
     import deepspeed
     import torch.distributed as dist
 
@@ -309,8 +311,42 @@ def init_distributed(env: DistEnv, timeout_s: int = 1800) -> None:
                             timeout=datetime.timedelta(seconds=timeout_s), **extra)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+    if not cuda:
+        if env.world_size > 1:
+            dist.barrier()  # every rank has mapped every other rank's buffer: the names can go
+        unlink_shm_buffer(env.rank)
     if env.world_size > 1:
         Heartbeat(env.rank, env.world_size).start()
+
+
+def use_extensions_dir() -> str:
+    """The directory torch builds DeepSpeed's ops in (``TORCH_EXTENSIONS_DIR``; on CPU the shm_comm op, compiled
+    at an environment's first start). torch's default is keyed by Python and CUDA only, so environments with
+    another torch or DeepSpeed overwrite each other's build and each compiles again; unless the user set it,
+    each Python / torch / DeepSpeed combination gets its own subdirectory and compiles once."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        from torch.utils.cpp_extension import get_default_build_root
+
+        name = (f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-"
+                f"deepspeed{importlib.metadata.version('deepspeed')}")
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(get_default_build_root(), "tessera", name)
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def shm_buffer_path(rank: int) -> str:
+    """The shared memory (~67 MB) DeepSpeed's shm_comm op creates for ``rank`` when all ranks share a node
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp``: ``deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_shm_buffer(rank: int) -> None:
+    """Unlink this rank's shm_comm buffer once every rank has opened it (after a barrier): DeepSpeed never does,
+    so each multi-rank CPU run would leave its buffers in RAM-backed /dev/shm. The mappings stay valid."""
+    try:
+        os.unlink(shm_buffer_path(rank))
+    except FileNotFoundError:  # not a single-node CPU world: DeepSpeed made none
+        pass
 
 
 def shutdown_distributed() -> None:

@@ -65,18 +65,22 @@ class Plan:
 def _resume_target(cfg: JobConfig, resume: str, *, checksums: bool = False,
                    quiet: bool = False) -> Path | None:
     """The checkpoint to resume from: for 'auto' the newest that verifies (train/checkpoint/verify.py; each
-    one skipped is a warning naming its damaged file), a named one only if it verifies, None for a fresh run.
-    ``train.out_dir`` below a regular file is one line here, before anything is written."""
+    one skipped is a warning naming its damaged file), for 'latest' the same but an error when there is none, a
+    named one only if it exists and verifies, None for a fresh run. ``train.out_dir`` below a regular file is one
+    line here, before anything is written."""
     out_dir = Path(cfg.train.out_dir)
     check_out_dir(out_dir)
     warn = (lambda msg: None) if quiet else log.warning
     info = (lambda msg: None) if quiet else log.info
-    if resume == "auto":
+    if resume in ("auto", "latest"):
         found = newest_verified(out_dir, checksums=checksums, warn=warn, info=info)
         if found is None and complete_checkpoints(out_dir):
-            raise CheckpointError(f"--resume auto: no checkpoint in {checkpoint_root(out_dir)} verifies (see "
+            raise CheckpointError(f"--resume {resume}: no checkpoint in {checkpoint_root(out_dir)} verifies (see "
                                   f"the warnings above); restore one, or start a new run in another "
                                   f"train.out_dir.")
+        if found is None and resume == "latest":
+            raise CheckpointError(f"--resume latest: train.out_dir={out_dir} holds no complete checkpoint; "
+                                  f"check train.out_dir, or pass --resume auto to start fresh when there is none.")
         return found
     if resume == "never":
         used = checkpoint_root(out_dir).exists() or (out_dir / "metrics.jsonl").exists()
@@ -87,8 +91,16 @@ def _resume_target(cfg: JobConfig, resume: str, *, checksums: bool = False,
             )
         return None
     tag_dir = Path(resume)
+    if not tag_dir.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint directory; give auto, latest, never or an "
+                              f"existing checkpoint directory (e.g. {checkpoint_root(out_dir) / 'step_00000200'}).")
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"--resume {resume}: a file, not a checkpoint directory; give a step_* directory "
+                              f"of checkpoints/ (or auto / latest).")
     if not (tag_dir / "tessera.json").is_file():
-        raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it).")
+        inside = complete_checkpoints(tag_dir.parent if tag_dir.name == "checkpoints" else tag_dir)
+        hint = f" (the newest complete one in it is {inside[-1]})" if inside else ""
+        raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it){hint}.")
     try:
         return verified(tag_dir, checksums=checksums, info=info)
     except BadCheckpoint as err:
@@ -96,8 +108,9 @@ def _resume_target(cfg: JobConfig, resume: str, *, checksums: bool = False,
                               f"the newest one that verifies).") from None
 
 
-def plan(args: argparse.Namespace) -> Plan:
-    cfg = load_config(args.config, args.overrides)
+def plan(args: argparse.Namespace, cfg: JobConfig | None = None) -> Plan:
+    """The run of ``args`` (its recipe: ``cfg`` when the caller loaded it already), checked end to end."""
+    cfg = cfg if cfg is not None else load_config(args.config, args.overrides)
     spec = OBJECTIVES[cfg.train.objective]
     env = read_env(args.local_rank)
     dims = ParallelDims(env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)

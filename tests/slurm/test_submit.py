@@ -131,7 +131,7 @@ BAD = [
     (["--profile", "h100x8", "--time", "45", *BATCH],
      "--time 45: shorter than the checkpoint interval (--checkpoint-every-min 60)"),
     (["--profile", "local", "--time", "2"], "--time 2: the warning signal comes 30 s before the limit"),
-    (["--profile", "local", "train.lrr=1e-3"], "Unknown config key 'train.lrr'. Did you mean 'lr'?"),
+    (["--profile", "local", "train.lrr=1e-3"], "Unknown config key 'train.lrr'. Did you mean 'train.lr'?"),
     (["--profile", "local", "--tasks-per-node", "3"], "global_batch_size"),
     (["--profile", "local", "model.n_heads=5"], "model"),
     (["--profile", "local", "--ds_config", "zero9"], "--ds_config zero9: no such file"),

@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import REPO, SMOKE, child_env, python_main
 from train.config.fields import ConfigError
 from train.data import DataError, prepare, train_bpe_tokenizer
-from train.main import USER_ERRORS, parse_args, plan
+from train.main import parse_args
+from train.plan import USER_ERRORS, plan
 
 TEXT = "\n".join(f"Line {i}: to be or not to be, that is the question number {i}." for i in range(400))
 

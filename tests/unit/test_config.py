@@ -54,9 +54,9 @@ def test_command_line_overrides_go_before_and_after_the_flags() -> None:
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("train.lrr=1e-3", "Did you mean 'lr'"),
+        ("train.lrr=1e-3", "Did you mean 'train.lr'"),
         ("trian.lr=1e-3", "Did you mean 'train'"),
-        ("model.n_layer=2", "Did you mean 'n_layers'"),
+        ("model.n_layer=2", "Did you mean 'model.n_layers'"),
         ("train.steps=ten", "train.steps: expected an integer"),
         ("train.lr=fast", "train.lr: expected a number"),
         ("log.progress=maybe", "log.progress: expected true or false"),

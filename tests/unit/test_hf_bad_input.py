@@ -13,7 +13,8 @@ from tests.conftest import SMOKE
 from tests.hf_models import make_hf_model, make_tokenizer, write_sft
 from train.config.fields import ConfigError
 from train.config.load import load_config
-from train.main import USER_ERRORS, parse_args, plan
+from train.main import parse_args
+from train.plan import USER_ERRORS, plan
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ def test_bad_stages_files_are_one_error(tmp_path: Path, stages: list[dict], top:
 
 @pytest.mark.parametrize("stage, message", [
     (_stage("b", "train.lrr=1e-3"),
-     r"stage 'b' \(.*smoke.yaml\): Unknown config key 'train.lrr'. Did you mean 'lr'"),
+     r"stage 'b' \(.*smoke.yaml\): Unknown config key 'train.lrr'. Did you mean 'train.lr'"),
     (_stage("b", "train.global_batch_size=7", nproc=2), r"stage 'b' .*global_batch_size"),
     (_stage("b", "model.attn_sinks=true", **{"from": "none"}),
      r"stage 'b' .*cannot be exported as a Hugging Face model.*attn_sinks"),

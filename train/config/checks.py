@@ -3,15 +3,25 @@
 ``validate`` is the one place a loaded recipe is checked: an hf.path model lends its tokenizer, every section
 checks its own fields (its ``validate``), then the combinations below are checked. What needs a device, files
 or a process group is checked later (``check_batch_geometry``, the run plan).
+
+Values Tessera derives where the user left them open: a recipe is written for one machine, and must also run on
+another number of ranks or for a few steps. A value set at a lower level (``Origin``: the schema's default < the
+recipe file < an override) than the one it contradicts is adapted, and the log says so once
+(``adapt_warmup``, ``derive_micro_batch``); when the user set both sides at the same level the contradiction is
+theirs, one ConfigError naming the keys and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from model import ModelArgs
 from train.config.fields import ConfigError
 from train.config.schema import JobConfig, PerfSection, TrainSection
+from train.export.native import start_tokenizer
+
+log = logging.getLogger("tessera")
 
 # The corpora each objective trains on.
 OBJECTIVE_CORPORA = {
@@ -27,6 +37,8 @@ def validate(cfg: JobConfig) -> None:
     """Every check that needs no device, files or process group; the rest are in ``check_batch_geometry``."""
     if cfg.hf.path is not None and cfg.data.tokenizer is None:
         cfg.data.tokenizer = cfg.hf.path  # an HF model's own tokenizer, unless another one is named
+    if cfg.model.init_from is not None and cfg.hf.path is None and cfg.data.tokenizer is None:
+        cfg.data.tokenizer = start_tokenizer(cfg.model.init_from)  # a Tessera run's own (None for an HF dir)
     for section in dataclasses.fields(cfg):
         getattr(cfg, section.name).validate()
     _check_hf(cfg)
@@ -54,6 +66,72 @@ def check_batch_geometry(t: TrainSection, dp_size: int) -> int:
             f"data-parallel size={dp_size}: choose a global batch that is a multiple of {mb * dp_size}."
         )
     return gb // (mb * dp_size)
+
+
+# A warm-up scaled down for a short run lasts this share of it (the schema's own ratio: 100 of 1000 steps).
+WARMUP_SHARE = 0.1
+
+
+def adapt_warmup(cfg: JobConfig) -> None:
+    """``train.warmup_steps`` longer than ``train.steps``: when the warm-up was set at a lower level than the
+    steps (e.g. the recipe's warm-up and ``train.steps=20`` on the command line), scale it down to a tenth of the
+    run, logged. Otherwise it is left for ``TrainSection.validate`` to refuse."""
+    t, origin = cfg.train, cfg.origin
+    if not 0 < t.steps < t.warmup_steps:
+        return
+    if origin.level("train.warmup_steps") >= origin.level("train.steps"):
+        return  # the user's own contradiction: TrainSection.validate names both keys
+    scaled = max(1, int(t.steps * WARMUP_SHARE))
+    log.info("train.warmup_steps: %d (%s's %d is longer than train.steps=%d; set train.warmup_steps to choose)",
+             scaled, origin.source("train.warmup_steps"), t.warmup_steps, t.steps)
+    t.warmup_steps = scaled
+
+
+def derive_micro_batch(cfg: JobConfig, dp_size: int) -> int:
+    """The gradient-accumulation steps of ``train.global_batch_size`` on ``dp_size`` data-parallel ranks.
+
+    A micro-batch that does not divide the global batch per rank is replaced by the largest one below it that
+    does (logged), unless the user gave it on the command line: then the contradiction is one ConfigError. The
+    global batch is never changed (it is an optimisation hyper-parameter, not a layout detail)."""
+    t, origin = cfg.train, cfg.origin
+    gb, mb = t.global_batch_size, t.micro_batch_size
+    if gb % (mb * dp_size) == 0:
+        return gb // (mb * dp_size)
+    if gb % dp_size:
+        raise ConfigError(
+            f"train.global_batch_size={gb} cannot be split over {dp_size} data-parallel ranks: set "
+            f"train.global_batch_size to a multiple of {dp_size}, or launch a number of ranks that divides it."
+        )
+    per_rank = gb // dp_size
+    if origin.level("train.micro_batch_size") == 2:  # the user's own choice, on the command line
+        raise ConfigError(
+            f"train.global_batch_size={gb} does not factor into train.micro_batch_size={mb} x accumulation x "
+            f"data-parallel size={dp_size}: drop the train.micro_batch_size override (Tessera then takes the "
+            f"largest micro-batch that fits) or set it to a divisor of {per_rank}, or set train.global_batch_size "
+            f"to a multiple of {mb * dp_size}."
+        )
+    micro = max(m for m in range(1, min(mb, per_rank) + 1) if per_rank % m == 0)
+    log.info("train.micro_batch_size: %d (%s's %d does not divide train.global_batch_size=%d over %d data-parallel "
+             "ranks), gradient accumulation %d", micro, origin.source("train.micro_batch_size"), mb, gb, dp_size,
+             per_rank // micro)
+    t.micro_batch_size = micro
+    _keep_eval_samples(cfg, mb, micro)
+    return per_rank // micro
+
+
+def _keep_eval_samples(cfg: JobConfig, was: int, micro: int) -> None:
+    """An evaluation reads ``train.eval_batches`` micro-batches: with a smaller micro-batch it reads more of them,
+    so that it sees the samples it would have seen with the micro-batch of the recipe (logged)."""
+    t = cfg.train
+    samples = t.eval_batches * was
+    if samples % micro:
+        log.warning("train.eval_batches=%d of %d sequences (%d validation samples) cannot be kept with micro-batches "
+                    "of %d: set train.micro_batch_size to a divisor of %d to compare evaluations across layouts",
+                    t.eval_batches, was, samples, micro, samples)
+        return
+    log.info("train.eval_batches: %d of %d sequences (the same %d validation samples)", samples // micro, micro,
+             samples)
+    t.eval_batches = samples // micro
 
 
 def _check_perf(cfg: JobConfig, args: ModelArgs | None) -> None:

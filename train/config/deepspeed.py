@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from train.config.checks import check_batch_geometry
+from train.config.checks import derive_micro_batch
 from train.config.ds_schema import check_ds_keys, check_ds_values
 from train.config.fields import ConfigError
 from train.config.schema import JobConfig
@@ -77,10 +77,11 @@ def _fill(ds: dict[str, Any], key: str, want: Any, recipe_key: str, where: str =
 def resolve_ds_config(
     ds: dict[str, Any], cfg: JobConfig, *, dp_size: int, bf16_supported: bool
 ) -> dict[str, Any]:
-    """A copy of ``ds`` with every "auto" filled in and every explicit value checked against the recipe."""
+    """A copy of ``ds`` with every "auto" filled in and every explicit value checked against the recipe; the
+    recipe's micro-batch is fitted to ``dp_size`` first where the user did not give it (``derive_micro_batch``)."""
     ds = copy.deepcopy(ds)
     t = cfg.train
-    accum = check_batch_geometry(t, dp_size)
+    accum = derive_micro_batch(cfg, dp_size)  # may lower a micro-batch the user did not give (logged)
     _fill(ds, "train_batch_size", t.global_batch_size, "train.global_batch_size")
     _fill(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
     _fill(ds, "gradient_accumulation_steps", accum, "train.global_batch_size / (micro_batch_size x dp)")

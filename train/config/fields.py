@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -57,3 +57,21 @@ def as_number(where: str, value: Any) -> float:
     if not math.isfinite(number):
         raise ConfigError(f"{where}={value!r}: not a finite number; give a number such as 3e-4.")
     return number
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a recipe's values came from. A key the recipe file does not write and no override names holds the
+    schema's default. Values Tessera derives (train/config/checks.py) adapt only a key set at a lower level than
+    the one it contradicts; a contradiction between keys of the same level is the user's, and an error."""
+
+    recipe: frozenset[str] = frozenset()  # "section.key" written in the --config file
+    overrides: frozenset[str] = frozenset()  # "section.key" given on the command line as section.key=value
+
+    def level(self, key: str) -> int:
+        """0: the schema's default, 1: the recipe file, 2: an override."""
+        return 2 if key in self.overrides else 1 if key in self.recipe else 0
+
+    def source(self, key: str) -> str:
+        """How a message names where ``key``'s value came from."""
+        return ("the schema's default", "the recipe", "an override")[self.level(key)]

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from model import ModelArgs
-from train.config.checks import validate
-from train.config.fields import ConfigError, _choice, as_number
+from train.config.checks import adapt_warmup, validate
+from train.config.fields import ConfigError, Origin, _choice, as_number
 from train.config.finetune import DPOSection, HFSection, LoraSection, VocabSection
 from train.config.research import ResearchSection
 from train.config.schema import (
@@ -33,9 +33,13 @@ from train.config.schema import (
 )
 
 
-def _suggest(key: Any, choices: list[str]) -> str:
+def _suggest(key: Any, choices: list[str], section: str = "") -> str:
+    """The closest known key, or the list of them, each written in full (``train.lr``, not ``lr``)."""
+    full = [f"{section}.{c}" if section else c for c in choices]
     close = difflib.get_close_matches(str(key), choices, n=1, cutoff=0.5)
-    return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(choices))}."
+    if close:
+        return f" Did you mean '{full[choices.index(close[0])]}'?"
+    return f" Known {'keys' if section else 'sections'}: {', '.join(sorted(full))}."
 
 
 def _coerce(where: str, value: Any, tp: Any) -> Any:
@@ -92,7 +96,7 @@ def _section_from_dict(name: str, cls: type, raw: Any) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in names:
-            raise ConfigError(f"Unknown config key '{name}.{key}'.{_suggest(key, names)}")
+            raise ConfigError(f"Unknown config key '{name}.{key}'.{_suggest(key, names, name)}")
         kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
     return cls(**kwargs)
 
@@ -111,7 +115,7 @@ def _model_section(raw: Any) -> ModelSection:
     for key, value in raw.items():
         if key not in arg_fields:
             known = ["preset", "init_from", *arg_fields]
-            raise ConfigError(f"Unknown config key 'model.{key}'.{_suggest(key, known)}")
+            raise ConfigError(f"Unknown config key 'model.{key}'.{_suggest(key, known, 'model')}")
         overrides[key] = _coerce(f"model.{key}", value, hints[key])
     return ModelSection(preset=str(preset), init_from=init_from, overrides=overrides)
 
@@ -131,8 +135,9 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def config_from_dict(raw: dict[str, Any]) -> JobConfig:
-    """Build and validate a JobConfig from a nested dict (the parsed YAML with overrides applied)."""
+def config_from_dict(raw: dict[str, Any], origin: Origin | None = None) -> JobConfig:
+    """Build and validate a JobConfig from a nested dict (the parsed YAML with overrides applied). ``origin``:
+    which keys the recipe file and the overrides set (None: every key of ``raw`` counts as the recipe's)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"A recipe must be a mapping of sections, got {type(raw).__name__}.")
     known = ["model", *_SECTIONS]
@@ -143,8 +148,16 @@ def config_from_dict(raw: dict[str, Any]) -> JobConfig:
         model=_model_section(raw.get("model")),
         **{k: _section_from_dict(k, cls, raw.get(k)) for k, cls in _SECTIONS.items()},
     )
+    cfg.origin = origin if origin is not None else Origin(recipe=_keys(raw))
+    adapt_warmup(cfg)
     validate(cfg)
     return cfg
+
+
+def _keys(raw: dict[str, Any]) -> frozenset[str]:
+    """The ``section.key`` names a nested recipe dict sets."""
+    return frozenset(f"{section}.{key}" for section, keys in raw.items() if isinstance(keys, dict)
+                     for key in keys)
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -197,9 +210,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: holds a YAML {type(raw).__name__}, not a recipe; a recipe "
                               f"is a mapping of sections (model:, data:, train:, ...), see train/configs/.")
+    recipe = _keys(raw)
     for o in overrides:
         apply_override(raw, o)
-    return config_from_dict(raw)
+    named = frozenset(o.split("=", 1)[0].strip() for o in overrides)
+    return config_from_dict(raw, Origin(recipe=recipe, overrides=named))
 
 
 def describe_type(tp: Any) -> str:
@@ -216,20 +231,38 @@ def describe_type(tp: Any) -> str:
     return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def describe_fields() -> str:
-    """Every recipe key with its type (a choice field: its choices), default and help line, for
-    ``main.py --help-config``."""
+def describe_fields(cfg: JobConfig | None = None) -> str:
+    """Every recipe key with its type (a choice field: its choices), the value ``cfg`` gives it (where that is
+    not the schema's default, the default follows in brackets) and its help line, for ``main.py
+    --help-config``. Without ``cfg``: the schema's defaults."""
+    cfg = cfg if cfg is not None else JobConfig()
+
+    def line(name: str, tp: Any, value: Any, default: Any, help_text: str) -> str:
+        shown = f"{value!r}" if value == default else f"{value!r}  (default {default!r})"
+        return f"  {name}: {describe_type(tp)} = {shown}  # {help_text}"
+
     lines = ["model:"]
     hints = typing.get_type_hints(ModelSection)
     for f in dataclasses.fields(ModelSection)[:2]:
-        lines.append(f"  {f.name}: {describe_type(hints[f.name])} = {f.default!r}  # {f.metadata['help']}")
+        lines.append(line(f.name, hints[f.name], getattr(cfg.model, f.name), f.default, f.metadata["help"]))
     hints = typing.get_type_hints(ModelArgs)
-    lines += [f"  {f.name}: {describe_type(hints[f.name])}  # {f.metadata['help']}"
-              for f in dataclasses.fields(ModelArgs)]
+    try:
+        args = cfg.model_args() if cfg.hf.path is None else None
+    except ConfigError:  # e.g. model.init_from names no readable HF model: list the keys without values
+        args = None
+    for f in dataclasses.fields(ModelArgs):
+        if args is None:
+            lines.append(f"  {f.name}: {describe_type(hints[f.name])}  # {f.metadata['help']}")
+        else:
+            shown = f"{getattr(args, f.name)!r}  ({'overridden' if f.name in cfg.model.overrides else 'the preset'})"
+            if f.name == "vocab_size" and "vocab_size" not in cfg.model.overrides and cfg.model.init_from is None:
+                shown = f"the tokenizer's  (not the preset's {args.vocab_size})"
+            lines.append(f"  {f.name}: {describe_type(hints[f.name])} = {shown}  # {f.metadata['help']}")
     for section, cls in _SECTIONS.items():
         lines.append(f"{section}:")
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name}: {describe_type(hints[f.name])} = {default!r}  # {f.metadata['help']}")
+            lines.append(line(f.name, hints[f.name], getattr(getattr(cfg, section), f.name), default,
+                              f.metadata["help"]))
     return "\n".join(lines)

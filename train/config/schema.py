@@ -22,7 +22,7 @@ from model import ModelArgs, ModelConfigError, get_preset
 from model.hf import args_from_hf_config, load_hf_config
 from parallel.perf import ACMode
 from parallel.pipeline import PartitionMethod
-from train.config.fields import ConfigError, _f, _positive
+from train.config.fields import ConfigError, Origin, _f, _positive
 from train.config.finetune import (
     DPOSection,
     HFSection,
@@ -211,7 +211,9 @@ class TrainSection:
             raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}: the cosine decays "
                               f"from lr to min_lr.")
         if self.warmup_steps > self.steps:
-            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}.")
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}: lower "
+                              f"train.warmup_steps or raise train.steps (a warm-up you did not set is scaled down "
+                              f"to a short run by itself).")
 
 
 @dataclass
@@ -298,11 +300,12 @@ class SampleSection:
 
 @dataclass
 class PerfSection:
-    fused_rms_norm: bool = _f(True, "RMSNorm as a liger-kernel kernel on CUDA (elsewhere the reference, "
-                                    "logged).")
-    fused_swiglu: bool = _f(True, "SwiGLU as a liger-kernel kernel on CUDA (elsewhere the reference, "
-                                  "logged).")
-    fused_rope: bool = _f(True, "RoPE as a liger-kernel kernel on CUDA (elsewhere the reference, logged).")
+    fused_rms_norm: bool | None = _f(None, "RMSNorm as a liger-kernel kernel: None where it can run (CUDA), "
+                                           "true asks for it (a fallback is logged), false: the reference.")
+    fused_swiglu: bool | None = _f(None, "SwiGLU as a liger-kernel kernel: None where it can run (CUDA), true "
+                                         "asks for it (a fallback is logged), false: the reference.")
+    fused_rope: bool | None = _f(None, "RoPE as a liger-kernel kernel: None where it can run (CUDA), true asks "
+                                       "for it (a fallback is logged), false: the reference.")
     fused_linear_cross_entropy: bool = _f(
         False, "Head + cross-entropy in chunks, never the full logits (liger on CUDA; tp = pp = 1 only).")
     activation_checkpointing: ACMode = _f("none", "Recompute in backward: 'none', 'full' (blocks) or "
@@ -329,6 +332,10 @@ class JobConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
     perf: PerfSection = field(default_factory=PerfSection)
     research: ResearchSection = field(default_factory=ResearchSection)
+
+    def __post_init__(self) -> None:
+        # Which keys the recipe file and the overrides set (train/config/load.py); not a section, never saved.
+        self.origin = Origin()
 
     def model_args(self, vocab_size: int | None = None) -> ModelArgs:
         """The preset (or the HF model of ``init_from``) with this recipe's overrides, validated.
