@@ -32,6 +32,7 @@ from pathlib import Path, PurePath
 
 import pytest
 
+from slurm.profile import local_cluster_up
 from tests.conftest import REPO, child_env, free_port
 
 README = REPO / "README.md"
@@ -48,6 +49,7 @@ SKIP_REASONS = {
     "cluster": "starts / stops the local SLURM cluster's daemons as root (tests/slurm/test_cluster.py does)",
     "gpu": "needs a GPU (CUDA-only kernels, a GPU DeepSpeed config or GPU launcher)",
     "job": "follows up a job on a real SLURM cluster (none here)",
+    "no_cluster": "chooses its profile from the local SLURM cluster, which is not up here",
     "ranks": f"starts more than {MAX_RANKS} processes: beyond this machine (tests/parity covers the layouts)",
     "user_file": "names a user's own model or file that the README does not create",
 }
@@ -154,7 +156,10 @@ def classify(cmd: Command) -> str:
             _value(argv, "--device") == "cuda":
         return "gpu"
     if argv[:2] == ["python", "slurm/submit.py"]:
-        return "job" if len(argv) > 2 and argv[2] in ("status", "tail", "cancel") else "submit"
+        if len(argv) > 2 and argv[2] in ("status", "tail", "cancel"):
+            return "job"
+        followup = len(argv) > 2 and argv[2] in ("summary", "profiles")
+        return "submit" if followup or "--profile" in argv or local_cluster_up() else "no_cluster"
     if _ranks(argv) > MAX_RANKS:
         return "ranks"
     if "train/main.py" in argv:
