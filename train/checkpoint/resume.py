@@ -8,6 +8,8 @@ loads then run inside ``safe_load.weights_only_loads``, so a file changed in bet
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,9 @@ from train.checkpoint.resize import load_universal, resized_source
 from train.checkpoint.safe_load import UnreadableFile, load, probe, weights_only_loads
 from train.checkpoint.verify import damage_report, load_meta
 from train.checkpoint.writer import CheckpointError, has_frozen, set_rng_state
+from train.loop.optim import LRSchedule, scheduler_schedule, set_schedule
+
+log = logging.getLogger("tessera")
 
 
 def _is_rng(path: Path) -> bool:
@@ -62,6 +67,10 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext 
     universal = resized_source(engine, tag_dir, meta, rank=rank)
     if universal is not None:
         preflight(tag_dir, rank=rank, world_size=world_size, root=universal)
+    planned = scheduler_schedule(engine.lr_scheduler)  # this run's schedule, before the checkpoint's replaces it
+    if planned is not None:  # a copy: loading updates the scheduler's object; an older checkpoint leaves steps 0
+        planned = replace(planned)
+        set_schedule(engine.lr_scheduler, replace(planned, steps=0))
     with weights_only_loads():
         if universal is None:
             path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
@@ -70,7 +79,26 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext 
             path = load_universal(engine, universal)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
+    if planned is not None:
+        _resume_schedule(engine.lr_scheduler, planned, meta, rank=rank)
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
     if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
         set_rng_state(load(rng_file, rng=True), tp_ctx)
     return meta
+
+
+def _resume_schedule(scheduler: Any, planned: LRSchedule, meta: dict[str, Any], *, rank: int) -> None:
+    """Follow ``planned.resumed(...)`` from the restored step on, starting with that step's own rate (the loaded
+    optimizer holds the rate its checkpoint saved, which the first resumed step would otherwise use)."""
+    saved = scheduler_schedule(scheduler)  # the scheduler's own object: copied, set_schedule changes it
+    saved = replace(saved) if saved is not None else None
+    if saved is None or saved.steps == 0:  # an older checkpoint: its schedule from its recorded settings
+        t = meta.get("config", {}).get("train", {})
+        saved = replace(planned, **{k: t[k] for k in ("lr", "min_lr", "warmup_steps", "steps") if k in t},
+                        restart_step=0, restart_lr=0.0)
+    step = scheduler.last_epoch
+    schedule = planned.resumed(saved, step)
+    set_schedule(scheduler, schedule)
+    if schedule != replace(saved, on_resume=schedule.on_resume) and rank == 0:
+        log.info("learning-rate schedule changed at step %d (train.resume_schedule=%s): %s", step,
+                 planned.on_resume, schedule.describe())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -32,11 +33,76 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def lr_at(step: int, t: TrainSection) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then cosine down to min_lr."""
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    decay_steps = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / decay_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+    return LRSchedule.from_config(t).rate(step)
+
+
+@dataclass
+class LRSchedule:
+    """The learning rate of every optimizer step (0-based): a linear warm-up to ``lr``, then a cosine down to
+    ``min_lr`` at ``steps``; a run resumed with ``train.resume_schedule='extend'`` and other settings starts a
+    new cosine segment at ``restart_step``, from the rate ``restart_lr`` reached there, down to ``min_lr`` at
+    ``steps``.
+
+    As the multiplier of DeepSpeed's LambdaLR (``__call__``), its fields are saved with the scheduler's state in
+    every checkpoint, so a resumed run knows the schedule its checkpoint followed (``resumed``).
+    """
+
+    lr: float  # peak rate after the warm-up
+    min_lr: float  # rate at the end of the decay
+    warmup_steps: int  # steps of the linear warm-up
+    steps: int  # the step the decay ends at (train.steps)
+    restart_step: int = 0  # a resumed run's new decay segment begins at this step (0: none)
+    restart_lr: float = 0.0  # the rate the segment begins from (the rate reached at restart_step)
+    on_resume: str = "extend"  # train.resume_schedule: what a resumed run with other settings does
+
+    @classmethod
+    def from_config(cls, t: TrainSection) -> LRSchedule:
+        """The schedule of a run planned from step 0 with the train section ``t``."""
+        return cls(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, steps=t.steps,
+                   on_resume=t.resume_schedule)
+
+    def _settings(self) -> tuple[float, float, int, int]:
+        return self.lr, self.min_lr, self.warmup_steps, self.steps
+
+    def rate(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based)."""
+        if self.restart_step and step >= self.restart_step:
+            progress = min(1.0, (step - self.restart_step) / max(1, self.steps - self.restart_step))
+            return self.min_lr + 0.5 * (self.restart_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def __call__(self, step: int) -> float:
+        """LambdaLR's multiplier of a parameter group's own base rate."""
+        return self.rate(step) / self.lr
+
+    def resumed(self, saved: LRSchedule, step: int) -> LRSchedule:
+        """The schedule of this run (planned from its settings) resumed at ``step`` (the optimizer steps taken)
+        from a checkpoint that followed ``saved``.
+
+        Same settings: ``saved`` itself (with any segment it began), so the run continues exactly. Otherwise,
+        ``on_resume='recompute'``: this run's own schedule from step 0; ``'extend'``: the warm-up goes on with
+        this run's settings while ``step`` is inside it, else a new cosine segment from ``saved.rate(step)`` (the
+        rate reached) down to ``min_lr`` at ``steps``. Steps before ``step`` are never run again.
+        """
+        if saved._settings() == self._settings():
+            return replace(saved, on_resume=self.on_resume)
+        planned = replace(self, restart_step=0, restart_lr=0.0)
+        if self.on_resume == "recompute" or step < self.warmup_steps:
+            return planned
+        return replace(planned, restart_step=step, restart_lr=saved.rate(step))
+
+    def describe(self) -> str:
+        """One line for the log: the warm-up and the decay, with a resumed segment when there is one."""
+        text = (f"warm-up {self.warmup_steps} steps to {self.lr:g}, cosine to {self.min_lr:g} at step "
+                f"{self.steps}")
+        if self.restart_step:
+            text += (f", from step {self.restart_step} a new cosine from {self.restart_lr:.6g} to "
+                     f"{self.min_lr:g} at step {self.steps}")
+        return text
 
 
 class SkipNonFiniteAdamW(torch.optim.AdamW):
@@ -78,5 +144,24 @@ def build_optimizer(model: nn.Module, t: TrainSection, ds_config: dict[str, Any]
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainSection) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR over ``lr_at``; DeepSpeed steps it once per optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, t) / t.lr)
+    """A LambdaLR over the run's `LRSchedule` (one object for every group); DeepSpeed steps it once per
+    optimizer step and saves the schedule's fields with the scheduler's state."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule.from_config(t))
+
+
+def scheduler_schedule(scheduler: Any) -> LRSchedule | None:
+    """The `LRSchedule` a scheduler built by `build_scheduler` follows (None for any other scheduler)."""
+    fns = getattr(scheduler, "lr_lambdas", None) or [None]
+    return fns[0] if isinstance(fns[0], LRSchedule) else None
+
+
+def set_schedule(scheduler: Any, schedule: LRSchedule) -> None:
+    """Make ``scheduler`` follow ``schedule`` from its current step on, the rate of that step included: each
+    parameter group's rate is set now (a loaded optimizer holds the rate its checkpoint saved)."""
+    for fn in {id(f): f for f in scheduler.lr_lambdas}.values():
+        for f in fields(LRSchedule):
+            setattr(fn, f.name, getattr(schedule, f.name))
+    step = scheduler.last_epoch
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
