@@ -21,7 +21,6 @@ from torch import nn
 
 from model import Transformer
 from model.heads import SequenceScorer
-from model.hf import load_hf_pretrained
 from model.model import build_model
 from parallel.groups import ProcessGroups
 from parallel.layers import TPContext
@@ -29,6 +28,7 @@ from parallel.parallelize import Wrap, parallelize
 from parallel.tp import HF_LLAMA_TP_PLAN, TRANSFORMER_TP_PLAN
 from train.checkpoint.writer import CheckpointWriter
 from train.data.tokenizer import load_tokenizer
+from train.export.native import load_start
 from train.hf_setup import ADAPTER_DIR, build_hf, save_adapter
 from train.loop.optim import build_optimizer, build_scheduler, param_groups
 from train.objectives import OBJECTIVES, ObjectiveInputs, head_meta, head_outputs
@@ -154,7 +154,7 @@ def _fresh_model(p: Plan, device: torch.device) -> nn.Module:
             return build_hf(plan, p.cfg, p.ds_config, device)[0]
         model = _native_model(p, device)[0]  # DPO runs at tp = pp = 1: nothing to split
     if source:
-        model.load_state_dict(load_hf_pretrained(source, max_seq_len=model.args.max_seq_len)[1])
+        model.load_state_dict(load_start(source, max_seq_len=model.args.max_seq_len)[1])
     return model
 
 
@@ -188,7 +188,7 @@ def _native_model(p: Plan, device: torch.device) -> tuple[Transformer, int]:
     n_params = sum(x.numel() for x in model.parameters())
     frozen = p.research is not None and cfg.research.freeze_base  # a frozen base is not in the checkpoints
     if cfg.model.init_from is not None and (p.resume_from is None or frozen):  # every rank, then TP / ZeRO
-        _, weights = load_hf_pretrained(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)
+        _, weights = load_start(cfg.model.init_from, max_seq_len=p.model_args.max_seq_len)  # HF or Tessera
         model.load_state_dict(weights)
         log.info("weights loaded from %s", cfg.model.init_from)
     return model, n_params

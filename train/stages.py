@@ -20,7 +20,9 @@
 A finished stage's run is exported to ``<run dir>/export`` with ``train.export.hf.export_hf`` (LoRA adapters
 merged into the base, so every later stage starts from full weights) and the stages that start from it get
 ``hf.path=<export>`` or ``model.init_from=<export>`` (and then ``data.tokenizer=<export>`` unless they name
-one). A stage is finished when its run wrote ``summary.json`` and its export exists; finished stages are
+one). A Tessera model transformers has no class for (attention sinks) is exported natively instead
+(``train.export.native.export_native``: Tessera weights, its ModelArgs, the tokenizer): later stages continue
+from it with ``start_key: model.init_from``; one that asks for ``hf.path`` is refused, naming the reason. A stage is finished when its run wrote ``summary.json`` and its export exists; finished stages are
 skipped, so a chain that stopped runs again from the stage that failed (which resumes from its newest
 checkpoint).
 
@@ -52,7 +54,9 @@ from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config
 from train.config.schema import JobConfig
+from train.export.consolidate import checkpoint_model_args
 from train.export.hf import ExportError, export_hf
+from train.export.native import NATIVE_FILE, export_native, write_native_placeholder
 from train.hf_setup import plan_hf
 from train.objectives import OBJECTIVES
 
@@ -243,7 +247,8 @@ def load_stages(path: str | Path) -> StageChain:
 def stage_status(run_dir: Path, export_dir: Path) -> str:
     """How far a stage got: done (trained, exported), trained (export missing), partial (resumes), new."""
     if (run_dir / SUMMARY_FILE).is_file():
-        return "done" if (export_dir / "config.json").is_file() else "trained"
+        exported = (export_dir / "config.json").is_file() or (export_dir / NATIVE_FILE).is_file()
+        return "done" if exported else "trained"
     used = checkpoint_root(run_dir).exists() or (run_dir / "metrics.jsonl").exists()
     return "partial" if used else "new"
 
@@ -260,20 +265,24 @@ def check_local(stage: Stage, cfg: JobConfig) -> None:
         plan_hf(cfg, ds, dims, tokenizer_vocab=0)
 
 
-def _write_placeholder(cfg: JobConfig, out: Path) -> None:
-    """A directory with the config.json the stage of ``cfg`` will export (and an empty weights file)."""
-    out.mkdir(parents=True)
+def _write_placeholder(cfg: JobConfig, out: Path) -> str | None:
+    """A directory with the config.json the stage of ``cfg`` will export (and an empty weights file), or the
+    native export's description for a model transformers has no class for; returns why it is native (None: HF)."""
     if cfg.hf.path is not None:  # an HF model exports as its own architecture (adapters merged)
+        out.mkdir(parents=True)
         shutil.copy2(Path(cfg.hf.path) / "config.json", out / "config.json")
-    else:
-        args = cfg.model_args(vocab_size=cfg.data.vocab_size if cfg.data.tokenizer is None else None)
-        try:
-            config = to_hf_config(args)
-        except ModelConfigError as e:
-            raise ConfigError(f"the stage's model cannot be exported as a Hugging Face model, which is how a "
-                              f"chain of stages hands it on: {e}") from None
-        config.save_pretrained(str(out))
-    (out / "model.safetensors").touch()  # the HF model checks look for weights beside the config
+        (out / "model.safetensors").touch()  # the HF model checks look for weights beside the config
+        return None
+    args = cfg.model_args(vocab_size=cfg.data.vocab_size if cfg.data.tokenizer is None else None)
+    try:
+        config = to_hf_config(args)
+    except ModelConfigError as e:
+        write_native_placeholder(args, out)
+        return str(e)
+    out.mkdir(parents=True)
+    config.save_pretrained(str(out))
+    (out / "model.safetensors").touch()
+    return None
 
 
 def swap_paths(value: Any, swaps: dict[str, str]) -> Any:
@@ -305,6 +314,7 @@ def plan_stages(chain: StageChain, check: StageCheck | None = None) -> tuple[lis
     plans: list[StagePlan] = []
     results: list[Any] = []
     swaps: dict[str, str] = {}
+    native_only: dict[str, str] = {}  # stage -> why its model cannot be exported to HF
     with tempfile.TemporaryDirectory(prefix="tessera-stages-") as tmp:
         placeholders: dict[str, Path] = {}
         for index, stage in enumerate(chain.stages):
@@ -313,6 +323,10 @@ def plan_stages(chain: StageChain, check: StageCheck | None = None) -> tuple[lis
             where = f"stages {chain.path}: stage '{stage.name}' ({stage.config}): "
             try:
                 overrides = [*chain.overrides, *stage.overrides]
+                if stage.source in native_only and stage.start_key == "hf.path":
+                    raise ConfigError(f"it starts from stage '{stage.source}' with hf.path, but that stage's model "
+                                      f"cannot be exported as a Hugging Face model ({native_only[stage.source]}); "
+                                      f"set start_key: model.init_from to continue from its native export")
                 if stage.source is not None:
                     overrides.append(f"{stage.start_key}={placeholders[stage.source]}")
                 cfg = load_config(stage.config, [*overrides, f"train.out_dir={run_dir}"])
@@ -324,7 +338,9 @@ def plan_stages(chain: StageChain, check: StageCheck | None = None) -> tuple[lis
                 if cfg.hf.path is not None:
                     causal_lm_config(cfg.hf.path, seq2seq=OBJECTIVES[cfg.train.objective].encoder_decoder)
                 placeholders[stage.name] = Path(tmp) / f"{index:03d}-{stage.name}" / EXPORT_DIR
-                _write_placeholder(cfg, placeholders[stage.name])
+                why_native = _write_placeholder(cfg, placeholders[stage.name])
+                if why_native is not None:
+                    native_only[stage.name] = why_native
                 swaps[str(placeholders[stage.name])] = str(export_dir)
                 if check is None:
                     check_local(stage, cfg)
@@ -357,9 +373,18 @@ def _check_stale(chain: StageChain, plans: list[StagePlan]) -> None:
             source = chain.stage(source).source
 
 
+def _native_only(meta: dict[str, Any], tag: Path) -> bool:
+    """Whether the Tessera model of a checkpoint has no transformers class (it is then exported natively)."""
+    try:
+        to_hf_config(checkpoint_model_args(meta, tag))
+    except ModelConfigError:
+        return True
+    return False
+
+
 def export_stage(plan: StagePlan) -> Path:
-    """Export the stage's ``checkpoint`` (latest or best) to its export directory, adapters merged; return
-    the directory."""
+    """Export the stage's ``checkpoint`` (latest or best) to its export directory, adapters merged (a model
+    transformers has no class for: its native export); return the directory."""
     root = checkpoint_root(plan.run_dir)
     if plan.stage.checkpoint == "best":
         best = root / "best"
@@ -373,6 +398,9 @@ def export_stage(plan: StagePlan) -> Path:
     if tag is None or not tag.is_dir():
         raise StagesError(f"stage '{plan.stage.name}': no complete checkpoint in {root} to export.")
     try:
-        return export_hf(tag, plan.export_dir, merge=bool(read_meta(tag).get("hf")))
-    except ExportError as e:
+        meta = read_meta(tag)
+        if not meta.get("hf") and not meta.get("research") and _native_only(meta, tag):
+            return export_native(tag, plan.export_dir)
+        return export_hf(tag, plan.export_dir, merge=bool(meta.get("hf")))
+    except (ExportError, ModelConfigError) as e:
         raise StagesError(f"stage '{plan.stage.name}': export of {tag} failed: {e}") from None

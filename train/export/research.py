@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from model import ModelArgs, Transformer
-from model.hf import load_hf_pretrained
 from model.hf_causal import CausalLM, load_causal_lm
 from model.model import build_model
 from train.data.corpus import atomic_dir
 from train.export.consolidate import consolidated_state_dict
+from train.export.native import load_start
 from train.objectives.lm import lm_loss
 from train.research.api import Extension, RecipeContext, parse_options, resolve_recipe
 from train.research.run import model_shape
@@ -79,7 +79,7 @@ def _initial_base(info: dict[str, Any]) -> dict[str, torch.Tensor]:
     `build_model` from the run's seed (as `train.build` makes them, and a resumed run makes them again)."""
     args = ModelArgs(**info["model_args"])
     if info.get("init_from"):
-        return load_hf_pretrained(info["init_from"], max_seq_len=args.max_seq_len)[1]
+        return load_start(info["init_from"], max_seq_len=args.max_seq_len)[1]
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         return build_model(args, torch.device("cpu"), info["seed"]).state_dict()
 

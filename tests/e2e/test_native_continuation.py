@@ -1,0 +1,58 @@
+"""A model with attention sinks goes on past pretraining: the shipped sinks chain (train/configs/
+stages_cpu_sinks.yaml) runs pretrain -> SFT -> DPO -> reward model through tools/run_stages.py, every stage
+handing on a native export that the next one starts from with model.init_from."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, run_job
+
+pytestmark = pytest.mark.slow
+
+EXAMPLE = REPO / "train" / "configs" / "stages_cpu_sinks.yaml"
+RUNNER = REPO / "tools" / "run_stages.py"
+STAGES = ("pretrain", "sft", "dpo", "reward")
+
+
+def test_sinks_chain_runs_through_dpo_and_the_reward_model(tmp_path: Path, data_cache: Path) -> None:
+    from safetensors.torch import load_file
+
+    from model import Transformer
+    from train.export.native import NATIVE_FILE, load_start
+
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    raw["out_dir"] = str(tmp_path / "runs")
+    raw["overrides"] += [f"data.cache_dir={data_cache}", "log.progress=false"]
+    raw["stages"][0]["overrides"] += ["train.steps=10", "train.eval_interval=10", "train.save_interval=10"]
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proc = run_job([sys.executable, str(RUNNER), str(path)], tmp_path, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert "stages 'stages_cpu_sinks' finished" in out, out[-3000:]
+
+    runs = tmp_path / "runs"
+    exports = {name: runs / name / "export" for name in STAGES}
+    for name, export in exports.items():  # native exports: transformers has no class for sinks
+        assert (export / NATIVE_FILE).is_file() and not (export / "config.json").exists(), name
+        assert (export / "tokenizer.json").is_file(), name
+        info = json.loads((export / NATIVE_FILE).read_text())
+        assert info["model_args"]["attn_sinks"] is True
+    for before, after in zip(STAGES, STAGES[1:]):
+        assert f"weights loaded from {exports[before]}" in out, f"{after} did not start from {before}"
+    # each stage trained on: the sinks moved between stages
+    sinks = {name: load_file(str(exports[name] / "model.safetensors")) for name in ("pretrain", "sft", "dpo")}
+    key = "layers.0.self_attn.sinks"
+    assert not torch.equal(sinks["pretrain"][key], sinks["sft"][key])
+    assert not torch.equal(sinks["sft"][key], sinks["dpo"][key])
+    assert "val_accuracy" in (runs / "dpo" / "metrics.jsonl").read_text()  # DPO evaluated its pairs
+    reward = load_file(str(exports["reward"] / "model.safetensors"))
+    assert "score.weight" in reward and reward["score.weight"].shape[0] == 1  # the verifier's scalar head
+    args, state = load_start(exports["reward"])  # the reward model's decoder can start yet another run
+    Transformer(args).load_state_dict(state)
