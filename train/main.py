@@ -29,8 +29,14 @@ import torch
 # the training stack (train/session.py: DeepSpeed, transformers, data, checkpoints) is imported once they pass.
 from train.config.fields import ConfigError
 from train.config.load import describe_fields, load_config
-from train.distributed import DistEnv, LaunchEnvError, RendezvousError, describe_peer_loss, read_env, \
-    shutdown_distributed
+from train.distributed import (
+    DistEnv,
+    LaunchEnvError,
+    RendezvousError,
+    describe_peer_loss,
+    read_env,
+    shutdown_distributed,
+)
 
 if TYPE_CHECKING:
     from train.loop.preempt import RunControl
@@ -73,9 +79,9 @@ def _setup_logging(env: DistEnv) -> None:
 
 def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     """Train the planned run (``train.session.run``). Collective: every rank calls it."""
-    import train.session
+    from train import session
 
-    return train.session.run(p, control)
+    return session.run(p, control)
 
 
 def main(argv: list[str] | None = None, *, control: RunControl | None = None) -> int:
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None, *, control: RunControl | None = None) ->
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 2
-    import train.session as session  # DeepSpeed, transformers, the data stack: only for a valid recipe
+    from train import session  # DeepSpeed, transformers, the data stack: only for a valid recipe
 
     try:
         p = session.plan(args, cfg)

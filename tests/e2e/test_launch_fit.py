@@ -38,7 +38,7 @@ def test_one_process_recipe_on_two_ranks_leaves_no_shm(tmp_path: Path, data_cach
     log = proc.stdout + proc.stderr
     assert "shm_comm" in log and "built successfully" in log  # DeepSpeed's op that creates the buffers ran
     assert "train.micro_batch_size: 4 (the recipe's 8 does not divide train.global_batch_size=8 over 2" in log
-    assert "train.eval_batches: 4 of 4 sequences (the same 16 validation samples)" in log
+    assert "train.eval_batches: 4 micro-batches of 4 (the same 16 validation samples)" in log
     assert "train.warmup_steps: 1 (the recipe's 5 is longer than train.steps=3" in log
     assert "requested but" not in log  # kernels left at their default fall back quietly on CPU
     ds = json.loads((out / "ds_config.json").read_text())

@@ -129,8 +129,8 @@ def _keep_eval_samples(cfg: JobConfig, was: int, micro: int) -> None:
                     "of %d: set train.micro_batch_size to a divisor of %d to compare evaluations across layouts",
                     t.eval_batches, was, samples, micro, samples)
         return
-    log.info("train.eval_batches: %d of %d sequences (the same %d validation samples)", samples // micro, micro,
-             samples)
+    log.info("train.eval_batches: %d micro-batches of %d (the same %d validation samples)", samples // micro,
+             micro, samples)
     t.eval_batches = samples // micro
 
 
