@@ -53,6 +53,6 @@ def test_sinks_chain_runs_through_dpo_and_the_reward_model(tmp_path: Path, data_
     assert not torch.equal(sinks["sft"][key], sinks["dpo"][key])
     assert "val_accuracy" in (runs / "dpo" / "metrics.jsonl").read_text()  # DPO evaluated its pairs
     reward = load_file(str(exports["reward"] / "model.safetensors"))
-    assert "score.weight" in reward and reward["score.weight"].shape[0] == 1  # the verifier's scalar head
+    assert reward["model.score.weight"].shape[0] == 1  # the verifier's scalar head
     args, state = load_start(exports["reward"])  # the reward model's decoder can start yet another run
     Transformer(args).load_state_dict(state)

@@ -120,7 +120,8 @@ def _decoder_state(state: dict[str, torch.Tensor], args: ModelArgs, meta: dict[s
     """The Transformer's own weights of a checkpoint: a sequence head's scorer gives its decoder."""
     if not meta.get("head"):
         return state
-    decoder = {k.removeprefix("model."): v for k, v in state.items() if k != "score.weight"}
+    decoder = {k.removeprefix("model."): v for k, v in state.items()}
+    decoder.pop("score.weight", None)  # the scorer's head (model.score in its state dict)
     decoder["lm_head.weight"] = decoder["embed_tokens.weight"] if args.tie_embeddings else \
         torch.zeros(args.vocab_size, args.dim, dtype=decoder["embed_tokens.weight"].dtype)
     return decoder
