@@ -40,10 +40,10 @@ def _train(stage: str, run_dir: Path, tmp_path: Path, data_cache: Path, zero3_co
     return 2
 
 
-def _validation_batch(meta: dict, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The samples of the run's final evaluation: eval_batches x micro_batch per rank, in order."""
+def _validation_batch(meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of the run's final evaluation: the first eval_batches x micro_batch, whatever the world size."""
     cfg = meta["config"]
-    n = cfg["train"]["eval_batches"] * cfg["train"]["micro_batch_size"] * world_size
+    n = cfg["train"]["eval_batches"] * cfg["train"]["micro_batch_size"]
     tokens = PreparedData.open(meta["prepared_dir"]).split("val")
     val = BlockDataset(tokens, cfg["data"]["seq_len"], mode="blocks")
     return val.batch(np.arange(n))  # (N, T) inputs, (N, T) labels
@@ -54,7 +54,7 @@ def test_exported_checkpoint_loads_in_transformers(
     tmp_path: Path, data_cache: Path, zero3_test_config: Path, stage: str
 ) -> None:
     run_dir = tmp_path / "run"
-    world_size = _train(stage, run_dir, tmp_path, data_cache, zero3_test_config)
+    _train(stage, run_dir, tmp_path, data_cache, zero3_test_config)
     tag_dir = run_dir / "checkpoints" / "step_00000004"
     shard_files = sorted(p.name for p in tag_dir.glob("*model_states.pt"))
     assert shard_files == (["mp_rank_00_model_states.pt"] if stage == "zero0" else [
@@ -69,7 +69,7 @@ def test_exported_checkpoint_loads_in_transformers(
     meta = json.loads((tag_dir / "tessera.json").read_text())
     model = Transformer(ModelArgs(**meta["model_args"])).eval()
     model.load_state_dict(consolidated_state_dict(tag_dir), strict=True)
-    inputs, labels = _validation_batch(meta, world_size)
+    inputs, labels = _validation_batch(meta)
     with torch.no_grad():
         hf_logits = hf(inputs, use_cache=False).logits  # (N, T, V)
         assert (model(inputs) - hf_logits).abs().max().item() < 1e-5

@@ -14,7 +14,9 @@ from train.data.sampler import (
     BatchConfigError,
     GlobalOrder,
     eval_batches,
+    filler,
     grad_accum_steps,
+    is_filler,
     micro_batches,
 )
 
@@ -138,18 +140,37 @@ def test_stream_argument_errors() -> None:
         GlobalOrder(0)
 
 
-def test_eval_batches_are_sequential_disjoint_and_equal_in_count() -> None:
+def _counted(ds: _Indices, dp: int, **kwargs: int) -> list[list[list[int]]]:
+    """Per rank, the sample indices of each evaluation micro-batch it runs ([] for a filler)."""
+    return [[[] if is_filler((x, y)) else x[:, 0].tolist()
+             for x, y in eval_batches(ds, dp_rank=r, dp_size=dp, **kwargs)] for r in range(dp)]
+
+
+@pytest.mark.parametrize("dp", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("n", "mb", "max_batches"), [(23, 3, None), (23, 3, 5), (40, 4, 3), (7, 2, 1), (16, 4, 4)])
+def test_eval_batches_are_the_single_rank_batches_for_any_dp(n: int, mb: int, max_batches: int | None,
+                                                              dp: int) -> None:
+    ds = _Indices(n)
+    count = min(n // mb, max_batches or n)
+    want = [list(range(j * mb, (j + 1) * mb)) for j in range(count)]
+    per_rank = _counted(ds, dp, micro_batch=mb, max_batches=max_batches)
+    assert {len(r) for r in per_rank} == {-(-count // dp)}  # every rank runs as many, fillers included
+    got = [b for rank in per_rank for b in rank if b]
+    assert sorted(got) == want  # each micro-batch of the one-rank evaluation exactly once
+    assert sum(b == [] for rank in per_rank for b in rank) == -(-count // dp) * dp - count
+
+
+def test_eval_batches_limits_and_fillers() -> None:
     ds = _Indices(23)
-    per_rank = [
-        [x[:, 0].tolist() for x, _ in eval_batches(ds, micro_batch=3, dp_rank=r, dp_size=2)] for r in (0, 1)
-    ]
-    assert per_rank[0] == [[0, 1, 2], [6, 7, 8], [12, 13, 14]]
-    assert per_rank[1] == [[3, 4, 5], [9, 10, 11], [15, 16, 17]]  # tail 18..22 (< mb * dp) skipped
-    assert len(list(eval_batches(ds, micro_batch=3, max_batches=2, dp_rank=1, dp_size=2))) == 2
-    assert sum(len(x) for x, _ in eval_batches(ds, micro_batch=1)) == 23
-    with pytest.raises(
-        BatchConfigError, match=r"eval split has 23 samples, fewer than micro_batch \* dp_size = 24"
-    ):
-        next(eval_batches(ds, micro_batch=6, dp_size=4))
+    assert _counted(ds, 2, micro_batch=3) == [[[0, 1, 2], [6, 7, 8], [12, 13, 14], [18, 19, 20]],
+                                              [[3, 4, 5], [9, 10, 11], [15, 16, 17], []]]  # 21, 22: < mb
+    x, y = next(iter(eval_batches(ds, micro_batch=3, max_batches=1, dp_rank=1, dp_size=2)))
+    assert x[:, 0].tolist() == [0, 1, 2] and (y == -100).all()  # micro-batch 0's inputs, no label
+    rows = {"index": torch.arange(3), "labels": torch.ones(3, dtype=torch.long), "chosen_labels": torch.ones(3, 4)}
+    made = filler(rows)
+    assert is_filler(made) and not is_filler(rows) and made["index"].tolist() == [-1, -1, -1]
+    assert (made["chosen_labels"] == -100).all() and made["labels"].tolist() == [1, 1, 1]
+    with pytest.raises(BatchConfigError, match=r"eval split has 23 samples, fewer than one micro-batch of 24"):
+        next(eval_batches(ds, micro_batch=24, dp_size=4))
     with pytest.raises(BatchConfigError, match="max_batches=0 must be >= 1"):
         next(eval_batches(ds, micro_batch=1, max_batches=0))

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from train.data.corpus import DataError
 from train.data.dataset import Batch
@@ -139,6 +140,53 @@ def micro_batches(
         step_start += global_batch
 
 
+FILLER_INDEX = -1
+"""The ``index`` of every row of a filler batch (and its token labels are all -100)."""
+
+
+def filler(batch: Batch) -> Batch:
+    """``batch`` marked as a filler: the same inputs (a model runs it like any other), nothing to count.
+
+    (inputs, labels[, extra]): every label -100, so it holds no token. A mapping: ``index`` set to
+    `FILLER_INDEX` on every row and every token-label tensor (a ``*labels`` key of two or more dimensions)
+    set to -100; class labels are kept, the index says the rows are not examples.
+    """
+    if isinstance(batch, dict):
+        out = dict(batch)
+        rows = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+        out["index"] = torch.full((rows,), FILLER_INDEX, dtype=torch.long)
+        for key, value in batch.items():
+            if key.endswith("labels") and isinstance(value, torch.Tensor) and value.dim() >= 2:
+                out[key] = torch.full_like(value, -100)
+        return out
+    x, y, *rest = batch
+    return (x, torch.full_like(y, -100), *rest)
+
+
+def is_filler(batch: Batch) -> bool:
+    """True for a batch `filler` made (a mapping whose rows all have index -1; labels that are all -100), which
+    evaluations run but never count. Reads CPU tensors only (no device sync when called before moving)."""
+    if isinstance(batch, dict):
+        index = batch.get("index")
+        return isinstance(index, torch.Tensor) and bool((index == FILLER_INDEX).all())
+    return not bool((batch[1] != -100).any())
+
+
+def eval_batch_count(num_samples: int, micro_batch: int, max_batches: int | None) -> int:
+    """Micro-batches in one evaluation: ``max_batches`` (train.eval_batches) full micro-batches of the split,
+    or as many as it holds (a tail shorter than one micro-batch is not evaluated); BatchConfigError if none."""
+    _check_positive(micro_batch=micro_batch)
+    if max_batches is not None and max_batches < 1:
+        raise BatchConfigError(f"max_batches={max_batches} must be >= 1 or None (all)")
+    full = num_samples // micro_batch
+    if full == 0:
+        raise BatchConfigError(
+            f"the eval split has {num_samples} samples, fewer than one micro-batch of {micro_batch}; lower the "
+            "eval micro_batch or seq_len, or add validation data"
+        )
+    return full if max_batches is None else min(full, max_batches)
+
+
 def eval_batches(
     dataset: BatchSource,
     *,
@@ -147,23 +195,19 @@ def eval_batches(
     dp_rank: int = 0,
     dp_size: int = 1,
 ) -> Iterator[Batch]:
-    """Sequential micro-batches for evaluation, disjoint across ranks, the same count on every rank.
+    """This rank's share of one evaluation: the same micro-batches for any number of ranks, each run once.
 
-    Round i gives rank r samples [(i*dp + r) * mb, (i*dp + r + 1) * mb). Rounds stop at the last
-    full one (a tail of fewer than mb * dp samples is skipped) or after `max_batches` per rank.
+    The evaluation is the first `eval_batch_count` micro-batches of the split as one rank would cut them:
+    micro-batch j holds samples [j * mb, (j + 1) * mb). Rank r runs micro-batches r, r + dp, r + 2 dp, ...; every
+    rank runs ceil(count / dp) of them (collectives of ZeRO-3 or a pipeline stay in step), a rank past the end
+    running a `filler` copy of micro-batch 0 that no metric counts. So a metric summed per micro-batch and added
+    over the ranks is the same for any data-parallel size, and so is each micro-batch's own mean.
     """
     _check_positive(micro_batch=micro_batch, dp_size=dp_size)
     _check_rank(dp_rank, dp_size)
-    if max_batches is not None and max_batches < 1:
-        raise BatchConfigError(f"max_batches={max_batches} must be >= 1 or None (all)")
-    rounds = len(dataset) // (micro_batch * dp_size)
-    if rounds == 0:
-        raise BatchConfigError(
-            f"the eval split has {len(dataset)} samples, fewer than micro_batch * dp_size = "
-            f"{micro_batch * dp_size}; lower the eval micro_batch or seq_len, or add validation data"
-        )
-    if max_batches is not None:
-        rounds = min(rounds, max_batches)
-    for i in range(rounds):
-        first = (i * dp_size + dp_rank) * micro_batch
-        yield dataset.batch(np.arange(first, first + micro_batch))
+    count = eval_batch_count(len(dataset), micro_batch, max_batches)
+    for j in range(dp_rank, -(-count // dp_size) * dp_size, dp_size):
+        if j < count:
+            yield dataset.batch(np.arange(j * micro_batch, (j + 1) * micro_batch))
+        else:
+            yield filler(dataset.batch(np.arange(micro_batch)))

@@ -10,7 +10,7 @@ host sync, and the ranks add them with one all-reduce before dividing (float64: 
     totals = TokenLoss(device)
     for batch in batches:
         totals.add_mean(lm_loss(logits, labels), (labels != -100).sum())   # or totals.add(loss_sum, n_tokens)
-    totals = totals.all_reduce()                 # the world group; a no-op without torch.distributed
+    totals = totals.all_reduce(group)            # None: the world; a no-op without torch.distributed
     print(totals.mean_loss, totals.perplexity)
 
 `WeightedMean` is the same reduction for several named values sharing one weight (DPO's per-pair metrics,
@@ -18,7 +18,9 @@ the batch means of a research recipe's terms); `TokenLoss` is its one-value case
 
 Under tensor parallelism every rank of a tensor-parallel group sees the same batch: summing over the world
 counts that batch once per TP rank in the loss sum and in the token count alike, so the mean is unchanged
-(the training loop reduces over the world); passing the data-parallel group counts it once.
+(the training loop reduces over the world); passing the data-parallel group counts it once, which is what every
+evaluation does (`train.objectives.lm.dp_group`), over micro-batches that are the same for any layout
+(`train.data.sampler.eval_batches`).
 """
 
 from __future__ import annotations

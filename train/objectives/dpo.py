@@ -29,8 +29,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.data.sampler import is_filler
 from train.eval import WeightedMean
-from train.objectives.lm import Objective, lm_loss
+from train.objectives.lm import Objective, dp_group, lm_loss
 
 REFERENCE_FILE = "reference_logps.pt"
 log = logging.getLogger("tessera")
@@ -166,11 +167,13 @@ class DPOObjective(Objective):
     @torch.no_grad()
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
                  step: int | None = None) -> dict[str, float]:
-        """Pair-weighted means over every rank's validation pairs (eval mode: no dropout)."""
+        """Pair-weighted means over the evaluation's pairs, added over the data-parallel group (eval mode: no
+        dropout); a filler batch runs and counts nothing."""
         names = ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected")
         totals = WeightedMean(names, device)  # weighted by pairs
         engine.eval()
         for batch in batches():
+            skip = is_filler(batch)
             pairs = _pairs(batch, device)
             policy = sequence_logps(_forward(engine, pairs), pairs["labels"])
             ref = self.reference.logps(engine, pairs)
@@ -179,8 +182,9 @@ class DPOObjective(Objective):
             z = self.beta * ((pc - rc) - (pr - rr))
             losses = -(1 - self.label_smoothing) * F.logsigmoid(z) - self.label_smoothing * F.logsigmoid(-z)
             values = [losses, (z > 0).float(), z, self.beta * (pc - rc), self.beta * (pr - rr)]
-            totals.add_sums([v.double().sum() for v in values], len(z))
-        totals = totals.all_reduce()
+            if not skip:
+                totals.add_sums([v.double().sum() for v in values], len(z))
+        totals = totals.all_reduce(dp_group(engine))
         engine.train()
         return {f"val_{name}": v for name, v in totals.means().items()}
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from parallel.loss import lm_loss  # the one LM cross-entropy, beside the losses parallelize chooses from
-from train.eval.loss import TokenLoss, perplexity
+from train.eval.loss import TokenLoss
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
@@ -35,29 +35,59 @@ def is_pipeline(engine: Any) -> bool:
     return hasattr(engine, "train_batch") and hasattr(engine, "eval_batch")
 
 
+def dp_group(engine: Any) -> Any:
+    """The engine's data-parallel group (one rank per replica: the ranks of a tensor-parallel group or of a
+    pipeline see the same batches); None (the world) for an engine without model parallelism."""
+    mpu = getattr(engine, "mpu", None)
+    return mpu.get_data_parallel_group() if mpu is not None else None
+
+
+def counts(engine: Any) -> bool:
+    """Whether this rank adds its evaluation sums: one rank per replica, the last pipeline stage's (which holds
+    the loss) of tensor-parallel rank 0; every rank without a pipeline (the sums go over `dp_group`)."""
+    if not is_pipeline(engine):
+        return True
+    return bool(engine.is_last_stage()) and engine.grid.get_slice_parallel_rank() == 0
+
+
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """Labelled tokens of a CPU label tensor (a filler's: 0), read before the batch moves (no device sync)."""
+    return int((labels != -100).sum())
+
+
 @torch.no_grad()
 def evaluate(engine: Any, batches: Callable[[], Iterator[Batch]], device: torch.device,
              loss_fn: LossFn = lm_loss) -> tuple[float, float]:
-    """Token-weighted validation loss over all ranks and its perplexity (TP ranks count their batch alike).
+    """Token-weighted validation loss over the evaluation's micro-batches and its perplexity.
 
-    Each batch's mean loss times its labelled tokens is summed with `train.eval.loss.TokenLoss`, the sums
-    are added over the world, and `train.eval.loss.perplexity` caps the perplexity. Under pipeline
-    parallelism the last stage computes each micro-batch's mean loss and DeepSpeed averages them (every
-    micro-batch of a prepared corpus holds the same number of tokens, so the weighting agrees).
+    Each micro-batch's mean loss times its labelled tokens is summed with `train.eval.loss.TokenLoss` (a filler
+    micro-batch, `train.data.sampler.filler`, holds none and adds nothing), the sums are added over the
+    data-parallel group, and `train.eval.loss.perplexity` caps the perplexity. Under pipeline parallelism the
+    last stage returns each micro-batch's mean loss, weighted the same way, and the sums are added over the
+    world with one contributing rank per replica. The result does not depend on the layout.
     """
+    totals = TokenLoss(device)
     if is_pipeline(engine):
         micro = list(batches())
-        loss = float(engine.eval_batch(iter(micro), num_micro_batches=len(micro)))
+        tokens = [labelled_tokens(b[1]) for b in micro]
+        losses = engine.eval_batch(iter(micro), num_micro_batches=len(micro), reduce_output=None,
+                                   bcast_loss=False)
+        if counts(engine):
+            for loss, n in zip(losses, tokens, strict=True):
+                if n:
+                    totals.add_mean(loss, n)
         engine.train()
-        return loss, perplexity(loss)
+        totals = totals.all_reduce()
+        return totals.mean_loss, totals.perplexity
     engine.eval()
-    totals = TokenLoss(device)
     for batch in batches():
+        n = labelled_tokens(batch[1])
         x, y, extra = unpack(batch, device)
         # logits, or hidden states for a head-computed loss
         out = engine(x, **extra, **forward_kwargs(loss_fn))
-        totals.add_mean(loss_fn(out, y), (y != -100).sum())
-    totals = totals.all_reduce()
+        if n:
+            totals.add_mean(loss_fn(out, y), n)
+    totals = totals.all_reduce(dp_group(engine))
     engine.train()
     return totals.mean_loss, totals.perplexity
 

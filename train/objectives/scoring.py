@@ -7,8 +7,8 @@
 - ``classify`` (``data.corpus: classification``): cross-entropy over the classes; logged: accuracy, macro-F1
   (and F1 of class 1 with two classes).
 
-Evaluations gather every rank's predictions, compute the metrics with `train.eval`, and rank 0 writes the
-predictions to ``<out_dir>/predictions/eval_step_N.jsonl``.
+Evaluations gather the predictions of every data-parallel rank (each example once, fillers dropped), compute
+the metrics with `train.eval`, and rank 0 writes the predictions to ``<out_dir>/predictions/eval_step_N.jsonl``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from train.data.sampler import FILLER_INDEX
 from train.eval import classification_metrics, predictions_path, write_predictions
-from train.objectives.lm import Objective
+from train.objectives.lm import Objective, dp_group
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -75,10 +76,12 @@ class ScoreObjective(Objective):
         engine.eval()
         for batch in batches():
             losses, pred, target, index = self._outputs(engine, batch, device)
-            rows += list(zip(index.tolist(), losses.tolist(), pred.tolist(), target.tolist(), strict=True))
+            rows += [r for r in zip(index.tolist(), losses.tolist(), pred.tolist(), target.tolist(), strict=True)
+                     if r[0] != FILLER_INDEX]  # a filler batch's rows are no examples
         engine.train()
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows)
+        group = dp_group(engine)  # the ranks of a tensor-parallel group hold the same rows
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, rows, group=group)
         rows = sorted(r for part in gathered for r in part)
         n = max(len(rows), 1)
         result = {"val_loss": sum(r[1] for r in rows) / n}

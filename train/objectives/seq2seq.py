@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from train.data.sampler import FILLER_INDEX
 from train.eval import TokenLoss, evaluate_generations, predictions_path, write_predictions
-from train.objectives.lm import Objective, lm_loss
+from train.objectives.lm import Objective, dp_group, lm_loss
 
 
 def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -55,11 +56,12 @@ class Seq2SeqObjective(Objective):
             out = engine.module.generate(b["input_ids"], b["attention_mask"], self.max_new_tokens,
                                          synced_gpus=self.zero3)
             texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-            mine += list(zip(b["index"].tolist(), texts, strict=True))
+            mine += [r for r in zip(b["index"].tolist(), texts, strict=True) if r[0] != FILLER_INDEX]
         engine.train()
-        totals = totals.all_reduce()
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
+        group = dp_group(engine)  # the ranks of a tensor-parallel group hold the same rows and sums
+        totals = totals.all_reduce(group)
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, mine, group=group)
         rows = sorted(r for part in gathered for r in part)
         result = {"val_loss": totals.mean_loss, "val_ppl": totals.perplexity}
         if rows:

@@ -162,7 +162,10 @@ class Extension(nn.Module):
 
     def evaluate(self, batches: Any, step: int | None) -> dict[str, float]:
         """Extra validation metrics (without the ``val_`` prefix), on every rank, in eval mode without gradients;
-        ``batches()`` yields this rank's validation batches as dicts on the device."""
+        ``batches()`` yields this rank's validation batches as dicts on the device: its share of the
+        evaluation's micro-batches, the same ones for any layout, as many on every rank. A batch whose
+        ``index`` is -1 on every row is a filler (``train.data.sampler.filler``): run it where the ranks must stay
+        in step, count nothing from it."""
         return {}
 
     def report(self, step: int) -> dict[str, Any]:

@@ -17,10 +17,11 @@ from torch import nn
 from parallel.comm import gather_last
 from train.config.fields import ConfigError
 from train.config.schema import JobConfig
+from train.data.sampler import is_filler
 from train.data.tokenizer import load_tokenizer
 from train.eval.loss import TokenLoss, WeightedMean
 from train.loop.diagnostics import Diagnostics, collapse_warning, first_token_ids
-from train.objectives.lm import Objective, forward_kwargs
+from train.objectives.lm import Objective, dp_group, forward_kwargs
 from train.research.api import (
     Extension,
     LossTermError,
@@ -169,13 +170,15 @@ class ResearchObjective(Objective):
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
                  step: int | None = None) -> dict[str, float]:
         """``val_lm`` (and ``val_ppl``) token-weighted like the LM objective's evaluation, every other term
-        the mean of its batch values, ``val_loss`` the terms weighted as at the final step, and the recipe's
-        own metrics."""
+        the mean of its batch values (the evaluation's micro-batches are the same for any layout, fillers
+        not counted; sums added over the data-parallel group), ``val_loss`` the terms weighted as at the final
+        step, and the recipe's own metrics."""
         engine.eval()
         lm = TokenLoss(device)  # the "lm" term: each batch's mean next-token loss times its labelled tokens
         others: WeightedMean | None = None  # the other terms: one weight per batch
-        has_lm, first = False, []
+        has_lm, first, histogram = False, [], False  # histogram: every rank gathers first tokens (collective)
         for batch in batches():
+            counted = not is_filler(batch)  # a filler runs like the others (collectives stay in step), unseen
             b = as_batch(batch, device)
             out = engine(b)
             terms = dict(out["terms"])
@@ -184,7 +187,9 @@ class ResearchObjective(Objective):
                     raise LossTermError("the 'lm' term is averaged over the batch's labelled tokens in "
                                         "evaluation, but the validation batch has no 'labels'; name the term "
                                         "otherwise.")
-                lm.add_mean(terms.pop("lm"), (b["labels"] != -100).sum())
+                lm_term = terms.pop("lm")
+                if counted:
+                    lm.add_mean(lm_term, (b["labels"] != -100).sum())
                 has_lm = True
             if others is None:
                 others = WeightedMean(sorted(terms), device)
@@ -192,17 +197,21 @@ class ResearchObjective(Objective):
                 raise LossTermError(f"validation batches returned different loss terms ({sorted(terms)} "
                                     f"after {list(others.names)}); forward must return the same terms for "
                                     f"every batch.")
+            histogram = histogram or (self.diagnostics is not None and out.get("logits") is not None)
+            if not counted:
+                continue
             others.add_means([terms[k] for k in others.names], 1)
             if self.diagnostics is not None and out.get("logits") is not None:
                 first.append(self._first_tokens(out["logits"], out.get("labels", b.get("labels"))))
         extra = engine.module.evaluate(lambda: (as_batch(x, device) for x in batches()), step)
         engine.train()
         # every rank has as many batches and the same terms, so every rank runs the same collectives
+        group = dp_group(engine)  # the ranks of a tensor-parallel group saw the same batches
         means: dict[str, float] = {}
         if others is not None:
-            others = others.all_reduce()
+            others = others.all_reduce(group)
             means |= others.means() if others.names else {}
-        lm = lm.all_reduce()
+        lm = lm.all_reduce(group)
         if has_lm:
             means["lm"] = lm.mean_loss
         final = self.final_step - 1
@@ -211,8 +220,8 @@ class ResearchObjective(Objective):
         if "lm" in means:
             result["val_ppl"] = lm.perplexity
         result.update({f"val_{k}": v for k, v in extra.items()})
-        if self.diagnostics is not None and first:
-            self._histogram(torch.cat(first), step)
+        if histogram:
+            self._histogram(torch.cat(first) if first else torch.zeros(0, dtype=torch.long), step)
         return result
 
     def _first_tokens(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -317,18 +317,25 @@ class SoftPrompt(Extension):
     # ------------------------------------------------------------------------------------------- evaluation
     def evaluate(self, batches: Callable[[], Iterator[dict[str, torch.Tensor]]], step: int | None
                  ) -> dict[str, float]:
-        """Answers in the three modes per base (greedy), first-token accuracy, compression; predictions JSONL."""
+        """Answers in the three modes per base (greedy), first-token accuracy, compression; predictions JSONL.
+
+        The examples are the first ``eval_examples`` of the evaluation (indices below it), the same for any
+        layout: every rank answers the micro-batches that may hold them, as many on every rank (the
+        evaluation's micro-batches go round the data-parallel ranks), and keeps the rows of those examples."""
         import torch.distributed as dist
 
         o, world = self.options, dist.get_world_size()
-        limit = -(-o.eval_examples // world)  # per rank; every rank runs the same number of batches
+        tp = self.ctx.tp_ctx
+        dp = world // (tp.size if tp is not None else 1)
         rows: list[dict[str, Any]] = []
-        for batch in batches():
-            if len(rows) >= limit * len(self.bases()):
+        for i, batch in enumerate(batches()):
+            needed = -(-o.eval_examples // len(batch["index"]))  # micro-batches holding the examples
+            if i >= -(-needed // dp):
                 break
-            rows += self._answer_batch(batch)
+            rows += [r for r in self._answer_batch(batch) if 0 <= r["index"] < o.eval_examples]
         gathered: list[list[dict[str, Any]]] = [[] for _ in range(world)]
-        dist.all_gather_object(gathered, rows)
+        replica = tp is not None and tp.rank != 0  # the ranks of a tensor-parallel group answered the same rows
+        dist.all_gather_object(gathered, [] if replica else rows)
         rows = sorted((r for part in gathered for r in part), key=lambda r: (r["base"], r["index"]))
         metrics: dict[str, float] = {}
         for b in range(len(self.bases())):
