@@ -141,3 +141,45 @@ def test_import_check_names_what_stops_the_native_path(family_dirs: dict[str, Pa
     assert import_cli.main(["--check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert out.startswith("native: no: ") and "rope_type='yarn'" in out and out.count("\n") == 1
+
+
+def _flash_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
+                            cu_k: torch.Tensor, max_q: int, max_k: int, *, dropout_p: float, softmax_scale: float,
+                            causal: bool, window_size: tuple[int, int]) -> torch.Tensor:
+    """flash-attn's variable-length contract in plain torch: each segment alone, query i of a segment sees keys
+    j with i - left <= j <= i + right (-1: unbounded), and j <= i when causal."""
+    out = torch.empty_like(q)
+    left, right = window_size
+    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = q[start:end], k[start:end], v[start:end]  # (L, H, D)
+        ks = ks.repeat_interleave(qs.shape[1] // ks.shape[1], dim=1)
+        vs = vs.repeat_interleave(qs.shape[1] // vs.shape[1], dim=1)
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) * softmax_scale
+        i = torch.arange(end - start)[:, None]
+        j = torch.arange(end - start)[None, :]
+        allowed = torch.ones_like(i - j, dtype=torch.bool)
+        if causal:
+            allowed &= j <= i
+        if left >= 0:
+            allowed &= j >= i - left
+        if right >= 0:
+            allowed &= j <= i + right
+        out[start:end] = torch.einsum("hij,jhd->ihd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), vs)
+    return out
+
+
+def test_flash_attn_window_size_matches_the_sdpa_window_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flash-attn path (GPU only) passes window_size=(W - 1, 0): checked on CPU against flash-attn's documented
+    contract, on packed documents, against the SDPA path's explicit mask."""
+    from model import attention as attn
+
+    monkeypatch.setattr(attn, "_FLASH_ATTN_VARLEN_FUNC", _flash_varlen_reference)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, heads, 8, generator=g) for heads in (4, 2, 2))
+    doc_ids = torch.tensor([[0] * 7 + [1] * 5, [0] * 12])
+    for window in (1, 3, 5):
+        flash = attn._flash_varlen(q, k, v, doc_ids, causal=True, dropout_p=0.0, scale=8 ** -0.5,
+                                   window=(window - 1, 0))
+        sdpa = attn.attention(q, k, v, doc_ids=doc_ids, window=window)
+        assert (flash - sdpa).abs().max().item() < 1e-5, window
+    assert attn.describe_attention(torch.device("cpu"), torch.float32, window=True) == "sdpa_window_mask"
