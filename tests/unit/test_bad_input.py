@@ -111,7 +111,7 @@ def test_batch_that_does_not_factor_over_the_world(clean_env: pytest.MonkeyPatch
     _launch(clean_env, rank=0, world=3)
     with pytest.raises(ConfigError) as err:
         plan(parse_args(_files_args(corpus, tmp_path)))
-    assert "train.global_batch_size=8" in str(err.value) and "data-parallel size=3" in str(err.value)
+    assert "train.global_batch_size=8 cannot be split over 3 data-parallel ranks" in str(err.value)
 
 
 def test_empty_corpus(clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path) -> None:
