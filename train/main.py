@@ -23,22 +23,11 @@ import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-# Only what checks the recipe and the launcher variables is imported here (torch, yaml, the config schema);
-# the training stack (train/session.py: DeepSpeed, transformers, data, checkpoints) is imported once they pass.
-from train.config.fields import ConfigError
-from train.config.load import describe_fields, load_config
-from train.distributed import (
-    DistEnv,
-    LaunchEnvError,
-    RendezvousError,
-    describe_peer_loss,
-    read_env,
-    shutdown_distributed,
-)
-
+# Start-up in three steps, each importing only what it needs: the arguments (argparse: --help answers at once),
+# the recipe and the launcher variables (train.config.load, train.distributed: torch, yaml, the schema), then,
+# once they are valid, the training stack (train/session.py: DeepSpeed, transformers, data, checkpoints).
 if TYPE_CHECKING:
+    from train.distributed import DistEnv
     from train.loop.preempt import RunControl
     from train.plan import Plan
 
@@ -86,28 +75,33 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None, *, control: RunControl | None = None) -> int:
     """Run from ``argv``; ``control`` (train/loop/preempt.py) lets a caller in this process stop the run."""
-    args = parse_args(argv)  # --help answers here
+    args = parse_args(argv)  # --help answers here, before torch is imported
+    import torch
+
+    from train import distributed
+    from train.config import load as config
+
     if args.help_config:
         try:
-            cfg = load_config(args.config, args.overrides)
-        except ConfigError as e:
+            cfg = config.load_config(args.config, args.overrides)
+        except config.ConfigError as e:
             print(f"tessera: error: {e}", file=sys.stderr)
             return 2
         print(f"# the values of {args.config}{' with the overrides given' if args.overrides else ''}; "
               f"(default X): the schema's default, where it differs")
-        print(describe_fields(cfg))
+        print(config.describe_fields(cfg))
         return 0
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
-        env = read_env(args.local_rank)
-    except LaunchEnvError as e:  # a launcher variable that cannot be right: every process says so
+        env = distributed.read_env(args.local_rank)
+    except distributed.LaunchEnvError as e:  # a launcher variable that cannot be right: every process says so
         print(f"tessera: error: {e}", file=sys.stderr)
         return 2
     _setup_logging(env)
     try:  # the recipe alone first: a bad key or value answers before the training stack is imported
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        cfg = config.load_config(args.config, args.overrides)
+    except config.ConfigError as e:
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
         return 2
@@ -126,18 +120,18 @@ def main(argv: list[str] | None = None, *, control: RunControl | None = None) ->
     except session.RUN_ERRORS as e:
         if env.is_main:
             print(f"tessera: error: {e}", file=sys.stderr)
-        shutdown_distributed()
+        distributed.shutdown_distributed()
         return 1
-    except RendezvousError as e:  # ranks that never came, or a rendezvous out of reach: each rank says so
+    except distributed.RendezvousError as e:  # ranks that never came, or a rendezvous out of reach: all say so
         print(f"tessera: error: {e}", file=sys.stderr)
         return 1
     except session.PEER_ERRORS as e:  # a collective failed: a lost peer is one line on every surviving rank
-        lost = describe_peer_loss(e, env)
+        lost = distributed.describe_peer_loss(e, env)
         if lost is None:
             raise
         print(f"tessera: error: {lost}", file=sys.stderr, flush=True)
         return 1  # no shutdown: there is no one left to leave together with
-    shutdown_distributed()
+    distributed.shutdown_distributed()
     return 0
 
 

@@ -162,7 +162,7 @@ def test_resume_names_what_is_wrong(tmp_path: Path) -> None:
         _resume_target(cfg, str(tmp_path / "file"))
 
 
-HEAVY = ("deepspeed", "transformers", "datasets", "peft", "train.session", "train.build")
+HEAVY = ("deepspeed", "transformers", "datasets", "peft", "train.session", "train.build", "torch")
 PROBE = """
 import json, runpy, sys
 watch = json.loads(sys.argv[2])
@@ -178,8 +178,9 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 
 
 @pytest.mark.parametrize("argv, code, heavy", [
-    (["--help"], 0, []), (["train.lrr=1"], 2, []), (["--help-config"], 0, []), (["--config", "nope.yaml"], 2, []),
-    (["--ds_config", "nope"], 2, ["train.session", "train.build"]),  # a valid recipe: the plan needs the stack
+    (["--help"], 0, []),  # argparse alone
+    (["train.lrr=1"], 2, ["torch"]), (["--help-config"], 0, ["torch"]), (["--config", "nope.yaml"], 2, ["torch"]),
+    (["--ds_config", "nope"], 2, ["train.session", "train.build", "torch"]),  # a valid recipe: the plan's stack
 ])
 def test_answers_before_the_training_stack_is_imported(argv: list[str], code: int, heavy: list[str]) -> None:
     out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(argv), json.dumps(HEAVY)], cwd=REPO,
