@@ -125,7 +125,10 @@ def _check_out_dir(out_dir: Path, resume: str) -> None:
     if used and resume == "never":
         raise ConfigError(f"train.out_dir={out_dir} already holds a run: pass --resume auto to continue it, "
                           f"or choose another train.out_dir (nothing was queued).")
-    if resume not in ("never", "auto") and not (Path(resume) / "tessera.json").is_file():
+    if resume not in ("never", "auto", "latest") and not Path(resume).exists():
+        raise ConfigError(f"--resume {resume}: no such checkpoint directory; give auto, latest, never or an "
+                          f"existing checkpoint directory.")
+    if resume not in ("never", "auto", "latest") and not (Path(resume) / "tessera.json").is_file():
         raise ConfigError(f"--resume {resume}: not a complete Tessera checkpoint (no tessera.json in it).")
 
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from model.kernels import resolve_kernels
+from slurm.plan import _check_out_dir as check_submit_resume
 from tests.conftest import MAIN, REPO, SMOKE
 from train.checkpoint.writer import CheckpointError
 from train.config.deepspeed import load_ds_config, resolve_ds_config
@@ -160,6 +161,9 @@ def test_resume_names_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match=r"a file, not a checkpoint directory"):
         _resume_target(cfg, str(tmp_path / "file"))
+    check_submit_resume(tmp_path / "run", "latest")  # slurm/submit.py passes it on to the job's own check
+    with pytest.raises(ConfigError, match=r"--resume .*step_00000010: no such checkpoint directory"):
+        check_submit_resume(tmp_path / "run", str(missing))
 
 
 HEAVY = ("deepspeed", "transformers", "datasets", "peft", "train.session", "train.build", "torch")
