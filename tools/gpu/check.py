@@ -107,7 +107,8 @@ class Check:
         header = f"\n===== {stage}: {' '.join(cmd)} (timeout {limit:.0f} s)\n"
         started = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=limit)
+            proc = subprocess.run(cmd, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=limit,
+                                  check=False)
             code, text = proc.returncode, proc.stdout + proc.stderr
         except subprocess.TimeoutExpired as e:
             code = 124
@@ -207,7 +208,8 @@ class Check:
         """The smoke recipe's logged training losses for one variant."""
         out_dir = self.work / "runs" / name
         shutil.rmtree(out_dir, ignore_errors=True)
-        args = ["--config", "train/configs/smoke.yaml", f"train.out_dir={out_dir}", f"train.steps={self.shapes.smoke_steps}",
+        args = ["--config", "train/configs/smoke.yaml", f"train.out_dir={out_dir}",
+                f"train.steps={self.shapes.smoke_steps}",
                 "train.save_interval=0", "train.eval_interval=0", "sample.max_new_tokens=0", "log.wandb=disabled",
                 "log.progress=false", *overrides]
         if self.data_cache is not None:
@@ -323,7 +325,8 @@ class Check:
         worst = max((abs(a - b) / abs(b) for a, b in zip(two, one, strict=False)), default=0.0)
         ok = len(one) == len(two) and worst <= tol
         return {"status": "pass" if ok else "fail", "backend": "gloo" if self.dry else "nccl",
-                "max_rel_diff": round(worst, 6), "tolerance": tol, "last_loss_1proc": one[-1], "last_loss_2proc": two[-1],
+                "max_rel_diff": round(worst, 6), "tolerance": tol, "last_loss_1proc": one[-1],
+                "last_loss_2proc": two[-1],
                 **({} if ok else {"why": f"2-process losses differ from 1 process by {worst:.3g} (> {tol})"})}
 
     # -- report ------------------------------------------------------------------------------------------------
@@ -372,8 +375,9 @@ def _junit_counts(path: Path) -> dict[str, int]:
 
 def table(report: dict[str, Any]) -> str:
     """The report as lines a person reads: one per stage, then the figures."""
-    lines = [f"Tessera GPU check{' (dry run on CPU)' if report['dry_run'] else ''}: {report['seconds']} s, "
-             f"{'FAILED: ' + ', '.join(report['failed']) if report['failed'] else 'all checks passed'}", "",
+    verdict = f"FAILED: {', '.join(report['failed'])}" if report["failed"] else "all checks passed"
+    where = " (dry run on CPU)" if report["dry_run"] else ""
+    lines = [f"Tessera GPU check{where}: {report['seconds']} s, {verdict}", "",
              f"{'stage':<11} {'status':<8} {'s':>6}  detail"]
     for name, r in report["stages"].items():
         lines.append(f"{name:<11} {r['status']:<8} {r['seconds']:>6}  {_detail(name, r)}")

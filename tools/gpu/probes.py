@@ -19,6 +19,7 @@ or ``default``: torch's own choice), so the smoke trainings compare attention ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import json
@@ -33,11 +34,15 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from model import get_preset
+from model.attention import describe_attention
 from tools import bench_step
 from tools.estimate_memory import Layout, estimate
 from tools.live_memory import LiveBytes
+from train.distributed import device_for, init_distributed, read_env
+from train.main import main as train_main
 
 AC = ("none", "full", "selective")
 PACKAGES = ("deepspeed", "transformers", "peft", "datasets", "liger_kernel", "flash_attn", "flash_attn_interface",
@@ -53,8 +58,6 @@ def _version(name: str) -> str:
 
 def probe_env() -> dict[str, Any]:
     """What the machine has: device, versions, the attention backend and kernels a bf16 run picks."""
-    from model.attention import describe_attention
-
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     out: dict[str, Any] = {
@@ -81,23 +84,15 @@ def _sdpa_backends(name: str) -> list[Any] | None:
 
 def run_train(sdpa: str, argv: list[str]) -> int:
     """`train.main.main(argv)` with SDPA limited to one backend (forward and the backward it implies)."""
-    from torch.nn.attention import sdpa_kernel
-
-    from train.main import main
-
     backends = _sdpa_backends(sdpa)
     if backends is None:
-        return main(argv)
+        return train_main(argv)
     with sdpa_kernel(backends):
-        return main(argv)
+        return train_main(argv)
 
 
 def probe_memory(preset: str, overrides: dict[str, Any], batch: int, seq: int, steps: int) -> dict[str, Any]:
     """Tokens/s, MFU and the measured peak against the estimate, per activation-checkpointing mode."""
-    import dataclasses
-
-    from train.distributed import device_for, init_distributed, read_env
-
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     env = read_env()
     init_distributed(env)

@@ -1,0 +1,60 @@
+"""tools/gpu/check.sh: its dry run on CPU (tiny shapes, gloo) runs every stage of the GPU check and writes a
+report that says what passed; a failed correctness stage makes the exit status non-zero.
+
+The dry run takes about 2 minutes on a quiet 2-core machine (first use of the data cache adds its preparation).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_env
+from tools.gpu.check import Check, table
+
+STAGES = ["install", "env", "gpu_tests", "smoke", "bench", "memory", "nccl", "compile"]
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_stage_and_reports(tmp_path: Path, data_cache: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.run([str(REPO / "tools" / "gpu" / "check.sh"), "--dry-run", str(out), "--data-cache",
+                           str(data_cache), "--bundle", str(tmp_path / "no-bundle")], cwd=REPO,
+                          env=child_env(tmp_path), capture_output=True, text=True, timeout=900, check=False)
+    report = json.loads((out / "report.json").read_text())
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{(out / 'check.log').read_text()[-6000:]}"
+    stages = report["stages"]
+    assert list(stages) == STAGES and report["failed"] == [] and report["dry_run"]
+    assert stages["install"]["status"] == "skip" and "no bundle" in stages["install"]["why"]
+    assert all(stages[s]["status"] == "pass" for s in STAGES[1:]), {s: stages[s]["status"] for s in STAGES}
+    assert stages["gpu_tests"]["tests"] >= 10 and stages["gpu_tests"]["skipped"] == stages["gpu_tests"]["tests"]
+    smoke = stages["smoke"]["variants"]
+    assert len(smoke) == 2 and all(v["max_rel_diff"] <= 1e-4 and v["last_loss"] < v["first_loss"]
+                                   for v in smoke.values())
+    bench = stages["bench"]["figures"]
+    assert set(bench) >= {"tessera", "hf", "bare", "tessera_speed_over_hf_min", "tessera_overhead_over_bare_min"}
+    assert bench["tessera"]["first_step_loss"] == pytest.approx(bench["hf"]["first_step_loss"], rel=1e-5)
+    assert set(stages["memory"]["modes"]) == {"none", "full", "selective"}
+    assert all(0.75 <= m["estimate_over_measured"] <= 1.25 for m in stages["memory"]["modes"].values())
+    assert stages["nccl"]["backend"] == "gloo" and stages["nccl"]["max_rel_diff"] <= 1e-3
+    assert stages["compile"]["figures"]["tessera"]["tokens_per_s"] > 0
+    text = (out / "report.txt").read_text()
+    assert text.startswith("Tessera GPU check (dry run on CPU)") and "all checks passed" in text
+    assert "memory: checkpointing" in text and "===== nccl" in (out / "check.log").read_text()
+
+
+def test_a_failed_stage_fails_the_check_and_a_used_folder_is_refused(tmp_path: Path) -> None:
+    check = Check(tmp_path, tmp_path / "bundle", None, dry_run=True)
+    check.stage("smoke", lambda: {"status": "fail", "why": "liger: differs from the reference"})
+    check.stage("bench", lambda: 1 / 0)  # a bug in a stage is a failure, the stages after it still run
+    check.stage("nccl", lambda: {"status": "skip", "why": "1 GPU"})
+    assert check.report() == 1
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["failed"] == ["smoke", "bench"] and "ZeroDivisionError" in report["stages"]["bench"]["why"]
+    assert "FAILED: smoke, bench" in table(report)
+    proc = subprocess.run([str(REPO / "tools" / "gpu" / "check.sh"), "--dry-run", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("tessera: error: ") and "not empty" in proc.stderr
