@@ -1,7 +1,8 @@
 """tools/gpu/check.sh: its dry run on CPU (tiny shapes, gloo) runs every stage of the GPU check and writes a
 report that says what passed; a failed correctness stage makes the exit status non-zero.
 
-The dry run takes about 2 minutes on a quiet 2-core machine (first use of the data cache adds its preparation).
+The dry run took 269 s on a 2-core machine at load average 10 (other test runs beside it), about 90 s of it
+preparing the smoke corpus on first use of the data cache.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ STAGES = ["install", "env", "gpu_tests", "smoke", "bench", "memory", "nccl", "co
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_and_reports(tmp_path: Path, data_cache: Path) -> None:
     out = tmp_path / "out"
+    # a generous total budget: on a machine shared with other test runs the stages take several times longer
     proc = subprocess.run([str(REPO / "tools" / "gpu" / "check.sh"), "--dry-run", str(out), "--data-cache",
-                           str(data_cache), "--bundle", str(tmp_path / "no-bundle")], cwd=REPO,
+                           str(data_cache), "--bundle", str(tmp_path / "no-bundle"), "--budget-s", "800"], cwd=REPO,
                           env=child_env(tmp_path), capture_output=True, text=True, timeout=900, check=False)
     report = json.loads((out / "report.json").read_text())
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{(out / 'check.log').read_text()[-6000:]}"
