@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tests.gloo import run_ranks
+from train.data.sampler import filler
 from train.eval import (
     MAX_LOG_PERPLEXITY,
     EvalInputError,
@@ -149,7 +150,8 @@ def _research(scale: float) -> tuple[ResearchObjective, Engine]:
     return ResearchObjective(dict(WithAux.terms), final_step=1), Engine(ext)
 
 
-def _seq2seq_eval(scale: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+def _seq2seq_eval(scale: float, batches: list[tuple[torch.Tensor, torch.Tensor]], fillers: int = 0
+                  ) -> dict[str, float]:
     from types import SimpleNamespace
 
     from train.objectives.seq2seq import Seq2SeqObjective
@@ -162,6 +164,7 @@ def _seq2seq_eval(scale: float, batches: list[tuple[torch.Tensor, torch.Tensor]]
     texts = [("source", "a target") for _ in range(2 * len(batches))]
     dicts = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y,
               "index": torch.arange(2 * i, 2 * i + 2)} for i, (x, y) in enumerate(batches)]
+    dicts += [filler(dicts[0]) for _ in range(fillers)]  # what a rank past the end of the evaluation runs
     tokenizer = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: ["a target"] * len(ids))
     objective = Seq2SeqObjective(SimpleNamespace(texts=texts), tokenizer, max_new_tokens=2, zero3=False,
                                  out_dir=None, rank=0)
@@ -267,3 +270,18 @@ def test_the_evaluation_wing_imports_no_objective_or_loop() -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad = [n for n in names if n.startswith(("train.objectives", "train.loop", "train.research"))]
             assert not bad, f"{path.name} imports {bad}"
+
+
+def test_a_filler_batch_runs_and_counts_nothing_on_every_path(one_rank: None) -> None:
+    """The micro-batch a rank runs past the end of an evaluation (train.data.sampler.filler) changes no metric."""
+    batches = _uneven_batches()
+    padded = [*batches, filler(batches[0])]
+    engine = Engine(Lookup())
+    assert evaluate(engine, lambda: iter(padded), torch.device("cpu")) == \
+        evaluate(engine, lambda: iter(batches), torch.device("cpu"))
+    objective, research_engine = _research(1.0)
+    assert objective.evaluate(research_engine, lambda: iter(padded), torch.device("cpu")) == \
+        objective.evaluate(research_engine, lambda: iter(batches), torch.device("cpu"))
+    plain = _seq2seq_eval(1.0, batches)
+    with_filler = _seq2seq_eval(1.0, batches, fillers=1)
+    assert with_filler == plain and "val_rouge1" in plain
