@@ -40,8 +40,9 @@ MAX_RANKS = 4
 """The most processes one launch may start here (2 cores); larger launches are skipped."""
 TIMEOUT_S = 420
 """Per command; a hang is a failure."""
-BUDGET_S = 1500
-"""The whole run on the 2-core machine (measured: see the README's Tests section); over it the test fails."""
+BUDGET_S = 900
+"""The whole run; over it the test fails. Measured: 578 s on the 2-core machine while other test runs shared it
+(README.md, Tests)."""
 SKIP_REASONS = {
     "synopsis": "a usage synopsis ([optional] parts, placeholders), not a command",
     "install": "installs packages: CI's environment step, not repeatable offline",
@@ -51,7 +52,7 @@ SKIP_REASONS = {
     "job": "follows up a job on a real SLURM cluster (none here)",
     "no_cluster": "chooses its profile from the local SLURM cluster, which is not up here",
     "ranks": f"starts more than {MAX_RANKS} processes: beyond this machine (tests/parity covers the layouts)",
-    "user_file": "names a user's own model or file that the README does not create",
+    "user_file": "names a user's own model or file, or a longer run's checkpoint, that no earlier command creates",
 }
 GPU_DS_CONFIGS = ("h100", "rtx4090", "rtx3060")
 """DeepSpeed configs (ds_configs/) written for GPUs."""
