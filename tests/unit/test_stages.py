@@ -204,7 +204,7 @@ def test_runner_refuses_in_one_line_with_exit_code_2(tmp_path: Path,
     path = _write(tmp_path, [_stage("a"), _stage("b", "train.lrr=1", start_key="model.init_from")])
     assert run_stages_main([str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("run_stages: error: stages ")
+    assert len(err) == 1 and err[0].startswith("tessera: error: stages ")
     assert "Unknown config key" in err[0]
     path = _write(tmp_path, [_stage("a"), _stage("b", start_key="model.init_from")])
     assert run_stages_main([str(path), "--only", "b"]) == 2

@@ -74,8 +74,9 @@ class DataSection:
                                        "only), 'preference' / 'classification' / 'seq2seq' (JSONL `files` of "
                                        "those objectives) or 'qa' (SQuAD-format `files`, read by "
                                        "research.recipe='soft_prompt').")
-    files: list[str] = _f([], "Text / JSONL / parquet files or HF dataset directories (corpus='files'), or "
-                              "instruction / chat JSONL files (corpus='sft').")
+    files: list[str] = _f([], "Files, directories (walked recursively; text / JSONL / parquet by suffix, other "
+                              "files skipped) and globs (corpus='files'), or instruction / chat JSONL files "
+                              "(corpus='sft').")
     max_prompt_len: int | None = _f(None, "corpus='sft': keep at most this many prompt tokens (the most "
                                           "recent).")
     max_target_len: int | None = _f(None, "corpus='seq2seq': target tokens kept (None: data.seq_len).")
