@@ -22,6 +22,7 @@ README line number and the end of its output.
 from __future__ import annotations
 
 import glob
+import json
 import shlex
 import shutil
 import subprocess
@@ -34,6 +35,7 @@ import pytest
 
 from slurm.profile import local_cluster_up
 from tests.conftest import REPO, child_env, free_port
+from train.data.corpus import ensure_shakespeare
 
 README = REPO / "README.md"
 MAX_RANKS = 4
@@ -210,8 +212,6 @@ def _fixtures(workdir: Path, works: list[Path]) -> None:
     for work in works[12:16]:
         shutil.copy(work, workdir / "corpus" / work.name)
     (workdir / "docs").mkdir()
-    import json
-
     for work in works[16:18]:
         paragraphs = [p for p in work.read_text(encoding="utf-8").split("\n\n") if p.strip()]
         (workdir / "docs" / f"{work.stem}.jsonl").write_text(
@@ -222,8 +222,6 @@ def _fixtures(workdir: Path, works: list[Path]) -> None:
 
 @pytest.fixture
 def workdir(tmp_path: Path, data_cache: Path) -> Path:
-    from train.data.corpus import ensure_shakespeare
-
     work = tmp_path / "work"
     work.mkdir()
     for entry in REPO.iterdir():
