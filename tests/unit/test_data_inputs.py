@@ -54,6 +54,8 @@ def test_globs_and_named_files(tmp_path: Path) -> None:
     assert [p.name for p in resolve_inputs([str(books / "*")]).paths] == ["a.md", "b.txt", "rows.jsonl", "saved",
                                                                           "c.rst"]
     assert [p.name for p in resolve_inputs([str(tmp_path / "**" / "*.txt")]).paths] == ["b.txt"]
+    (books / "vol2" / "loop").symlink_to(books)  # a link back up the tree is walked once
+    assert len(resolve_inputs([books]).paths) == 5
     # a file named on its own is read whatever its suffix; one named twice is read once
     assert [p.name for p in resolve_inputs([books / "LICENSE", books / "b.txt", books]).paths] == [
         "LICENSE", "b.txt", "a.md", "rows.jsonl", "saved", "c.rst"]

@@ -106,11 +106,12 @@ def _add_file(found: ResolvedInputs, path: Path, *, named: bool, seen: set[Path]
 
 
 def _add_dir(found: ResolvedInputs, folder: Path, seen: set[Path]) -> None:
+    key = folder.resolve()
+    if key in seen:  # named twice, or reached again through a symbolic link (a loop ends here)
+        return
+    seen.add(key)
     if is_saved_dataset(folder):
-        key = folder.resolve()
-        if key not in seen:
-            seen.add(key)
-            found.paths.append(folder)
+        found.paths.append(folder)
         return
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
