@@ -155,6 +155,15 @@ def test_bad_partition_is_refused_by_the_live_cluster(cluster: None, job_env: di
     assert not (tmp_path / "r").exists()
 
 
+def test_bare_submit_picks_the_running_local_cluster(cluster: None, job_env: dict[str, str], tmp_path: Path) -> None:
+    """No --profile, no --config: the default recipe on the profile `local`, found from the live cluster."""
+    proc = submit(job_env, "--dry-run", f"train.out_dir={tmp_path / 'r'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "profile local: the local cluster (slurm/local_cluster.sh) is up" in proc.stderr
+    assert "# job (profile local; nothing was queued)" in proc.stdout
+    assert "train/configs/shakespeare.yaml" in proc.stdout
+
+
 def test_usr2_checkpoints_requeues_and_continues(runs: dict[str, Any], job_env: dict[str, str]) -> None:
     """scancel --signal=USR2: the job saves its current step, requeues, and the next run continues from it."""
     out = runs["preempt"]
