@@ -32,12 +32,14 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 REPO = Path(__file__).resolve().parents[2]
 BF16_TOLERANCE = 0.05  # |loss - reference| / reference per logged step, bf16 with different kernels
@@ -356,8 +358,6 @@ def _text(b: bytes | str | None) -> str:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -366,9 +366,7 @@ def _free_port() -> int:
 def _junit_counts(path: Path) -> dict[str, int]:
     if not path.exists():
         return {}
-    import xml.etree.ElementTree as ET
-
-    root = ET.parse(path).getroot()
+    root = ElementTree.parse(path).getroot()
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")} if suite is not None else {}
 
