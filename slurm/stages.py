@@ -45,6 +45,7 @@ from train.stages import (
     StagePlan,
     StagesError,
     export_stage,
+    exported,
     load_stages,
     plan_stages,
     swap_paths,
@@ -78,7 +79,7 @@ class StageTask(TrainTask):
             result: dict[str, Any] = {"status": "completed", "name": run.name, "out_dir": run.out_dir}
         else:
             result = super().__call__(run)
-        if submitit.JobEnvironment().global_rank != 0 or (self.plan.export_dir / "config.json").is_file():
+        if submitit.JobEnvironment().global_rank != 0 or exported(self.plan.export_dir):
             return result
         try:
             out = export_stage(self.plan)

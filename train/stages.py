@@ -244,11 +244,15 @@ def load_stages(path: str | Path) -> StageChain:
                       stages=tuple(stages))
 
 
+def exported(export_dir: Path) -> bool:
+    """Whether a stage's export is written: an HF directory or a native export."""
+    return (export_dir / "config.json").is_file() or (export_dir / NATIVE_FILE).is_file()
+
+
 def stage_status(run_dir: Path, export_dir: Path) -> str:
     """How far a stage got: done (trained, exported), trained (export missing), partial (resumes), new."""
     if (run_dir / SUMMARY_FILE).is_file():
-        exported = (export_dir / "config.json").is_file() or (export_dir / NATIVE_FILE).is_file()
-        return "done" if exported else "trained"
+        return "done" if exported(export_dir) else "trained"
     used = checkpoint_root(run_dir).exists() or (run_dir / "metrics.jsonl").exists()
     return "partial" if used else "new"
 
