@@ -183,3 +183,20 @@ def test_flash_attn_window_size_matches_the_sdpa_window_mask(monkeypatch: pytest
         sdpa = attn.attention(q, k, v, doc_ids=doc_ids, window=window)
         assert (flash - sdpa).abs().max().item() < 1e-5, window
     assert attn.describe_attention(torch.device("cpu"), torch.float32, window=True) == "sdpa_window_mask"
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_each_familys_gradients(mode: str, family_dirs: dict[str, Path]) -> None:
+    from parallel.perf import apply_activation_checkpointing
+
+    for family in ("llama3", "qwen3"):  # o_proj biases and scaled RoPE; q/k norms and a window layer
+        args, state = load_hf_pretrained(family_dirs[family])
+        plain, recomputed = Transformer(args), Transformer(args)
+        plain.load_state_dict(state)
+        recomputed.load_state_dict(state)
+        assert apply_activation_checkpointing(recomputed, mode) == args.n_layers
+        ids = sample_ids(args.vocab_size)
+        for model in (plain, recomputed):
+            model(ids).logsumexp(-1).mean().backward()
+        for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+            assert torch.allclose(a.grad, b.grad, atol=1e-6), f"{family} {mode}: {name}"
