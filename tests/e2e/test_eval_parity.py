@@ -4,7 +4,7 @@ Every evaluation reads 5 micro-batches of 2 (train.eval_batches=5), which do not
 data-parallel ranks (fillers run on the ranks left over). Its validation metrics (summary.json) must match the
 one-process run's to 1e-5: the same samples, each counted once, weighted by tokens (or examples, pairs) whatever
 the ranks. The language model takes one step at a learning rate of 1e-9 (its weights stay its layout-independent
-initial ones to ~1e-9) on 1, 2 and 4 ranks, tp=2 x dp=2 and pp=2 x dp=2. SFT, DPO, a classifier and a research
+initial ones to ~1e-9) on 1 and 4 ranks, tp=2 x dp=2 and pp=2 x dp=2. SFT, DPO, a classifier and a research
 recipe train 2 steps in one process, and the finished run is resumed on 2 ranks, which only evaluates the same
 weights again (DPO's policy has moved away from its reference by then, so its metrics are not trivial).
 """
@@ -58,10 +58,11 @@ def _assert_same(got: dict[str, float], want: dict[str, float], what: str) -> No
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (what, key, got[key], value)
 
 
-def test_language_model_validation_is_the_same_on_1_2_4_ranks_tp_and_pp(tmp_path: Path, data_cache: Path) -> None:
+def test_language_model_validation_is_the_same_on_1_and_4_ranks_tp_and_pp(tmp_path: Path, data_cache: Path) -> None:
     want = _evaluation(tmp_path, data_cache, "one", 1, list(SAME_WEIGHTS))
     assert set(want) == {"val_loss", "val_ppl"}
-    for name, ranks, extra, ds in [("dp2", 2, [], "cpu"), ("dp4", 4, [], "cpu"), ("tp2dp2", 4, ["parallel.tp=2"], "cpu"),
+    # 2 ranks: the other objectives' test below
+    for name, ranks, extra, ds in [("dp4", 4, [], "cpu"), ("tp2dp2", 4, ["parallel.tp=2"], "cpu"),
                                    ("pp2dp2", 4, ["parallel.pp=2"], "zero1")]:
         _assert_same(_evaluation(tmp_path, data_cache, name, ranks, [*SAME_WEIGHTS, *extra], ds), want, name)
 
