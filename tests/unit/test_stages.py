@@ -133,14 +133,16 @@ def test_bad_stages_files_are_one_error(tmp_path: Path, stages: list[dict], top:
     (_stage("b", "train.lrr=1e-3"),
      r"stage 'b' \(.*smoke.yaml\): Unknown config key 'train.lrr'. Did you mean 'train.lr'"),
     (_stage("b", "train.global_batch_size=7", nproc=2), r"stage 'b' .*global_batch_size"),
-    (_stage("b", "model.attn_sinks=true", **{"from": "none"}),
-     r"stage 'b' .*cannot be exported as a Hugging Face model.*attn_sinks"),
+    (_stage("b", "model.attn_sinks=true", **{"from": "none"}),  # its successor asks for an HF export
+     r"stage 'c' .*starts from stage 'b' with hf.path.*cannot be exported as a Hugging Face model.*attn_sinks"),
     (_stage("b", ds_config="zero9"), r"stage 'b' .*--ds_config zero9: no such file"),
 ])
 def test_every_stage_recipe_is_checked_before_anything_runs(tmp_path: Path, stage: dict,
                                                               message: str) -> None:
+    later = [_stage("c", **{"from": "b"})] if "from" in stage else []
     path = _write(tmp_path, [_stage("a"), {**stage, "overrides": [*stage["overrides"]],
-                                           **({} if "from" in stage else {"start_key": "model.init_from"})}])
+                                           **({} if "from" in stage else {"start_key": "model.init_from"})},
+                             *later])
     with pytest.raises(StagesError, match=message):
         plan_stages(load_stages(path))
     assert not (tmp_path / "runs").exists()
