@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from train.plan import Plan
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "configs" / "shakespeare.yaml"
-log = logging.getLogger("tessera")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
