@@ -158,6 +158,11 @@ def test_resume_names_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     with pytest.raises(ConfigError, match=r"not a complete Tessera checkpoint \(no tessera.json in it\)\.$"):
         _resume_target(cfg, str(tmp_path / "run"))
+    (tmp_path / "run" / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_00000005" / "tessera.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"\(no tessera.json in it\) \(the newest complete one in it is "
+                                          r".*checkpoints/step_00000005\)\.$"):
+        _resume_target(cfg, str(tmp_path / "run"))  # the run directory instead of one of its checkpoints
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match=r"a file, not a checkpoint directory"):
         _resume_target(cfg, str(tmp_path / "file"))
