@@ -13,9 +13,10 @@ top-level entries linked in), so a later command finds what an earlier one made 
 
 A few files a user would bring are provided (`FIXTURES`: a corpus of text files in sub-directories, JSONL,
 parquet), and `.cache/tessera` / `data_cache` are the session's shared corpus cache. What cannot run here is
-skipped with its reason, listed by `SKIP_REASONS`: a usage synopsis, installs, the test suite itself, the local
-cluster's daemons (root), GPU-only settings, follow-ups of a real SLURM job, more than `MAX_RANKS` processes, and
-paths that name a user's own models or files the README never creates. A failing command fails the test with its
+skipped with its reason, listed by `SKIP_REASONS`: a usage synopsis, installs, the test suite itself (and a
+command a test of its own runs as written), the local cluster's daemons (root), GPU-only settings, follow-ups of
+a real SLURM job, more than `MAX_RANKS` processes, and paths that name a user's own models or files the README
+never creates. A failing command fails the test with its
 README line number and the end of its output.
 """
 
@@ -47,8 +48,9 @@ BUDGET_S = 900
 (README.md, Tests)."""
 SKIP_REASONS = {
     "synopsis": "a usage synopsis ([optional] parts, placeholders), not a command",
-    "install": "installs packages: CI's environment step, not repeatable offline",
+    "install": "installs or downloads packages: CI's environment step, not repeatable offline",
     "tests": "runs the test suite itself",
+    "covered": "runs as it is in a test of its own (tools/gpu/check.sh --dry-run: tests/e2e/test_gpu_check.py)",
     "cluster": "starts / stops the local SLURM cluster's daemons as root (tests/slurm/test_cluster.py does)",
     "gpu": "needs a GPU (CUDA-only kernels, a GPU DeepSpeed config or GPU launcher)",
     "job": "follows up a job on a real SLURM cluster (none here)",
@@ -153,6 +155,10 @@ def classify(cmd: Command) -> str:
         return "install"
     if argv[:3] == ["python", "-m", "pytest"]:
         return "tests"
+    if argv[0] == "tools/gpu/bundle.sh":
+        return "install"
+    if argv[0] == "tools/gpu/check.sh":
+        return "covered" if "--dry-run" in argv else "gpu"
     if argv[0] == "sudo" or any(w.endswith("local_cluster.sh") for w in argv):
         return "cluster"
     if any(w in GPU_WORDS for w in argv) or _value(argv, "--ds_config") in GPU_DS_CONFIGS or \
