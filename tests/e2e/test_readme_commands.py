@@ -11,13 +11,12 @@ top-level entries linked in), so a later command finds what an earlier one made 
   in this test);
 - `python`, `torchrun`, `deepspeed` are this interpreter's.
 
-A few files a user would bring are provided (`FIXTURES`: a corpus of text files in sub-directories, JSONL,
+A few files a user would bring are provided (`_fixtures`: a corpus of text files in sub-directories, JSONL,
 parquet), and `.cache/tessera` / `data_cache` are the session's shared corpus cache. What cannot run here is
 skipped with its reason, listed by `SKIP_REASONS`: a usage synopsis, installs, the test suite itself (and a
 command a test of its own runs as written), the local cluster's daemons (root), GPU-only settings, follow-ups of
 a real SLURM job, more than `MAX_RANKS` processes, and paths that name a user's own models or files the README
-never creates. A failing command fails the test with its
-README line number and the end of its output.
+never creates. A failing command fails the test with its README line number and the end of its output.
 """
 
 from __future__ import annotations
