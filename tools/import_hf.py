@@ -11,7 +11,7 @@ its shards); nothing is fetched from the hub. The weights are read exactly as tr
 With --check-logits the model is also built twice, by transformers and by Tessera, and the largest
 difference of their logits on a random batch is reported (exit code 1 above --tolerance).
 A model Tessera cannot represent (yarn / dynamic RoPE, MLP biases, other layer types, ...) is reported in
-one line naming the field, with exit code 2. --check reads only config.json and the weight file names and
+one line ``tessera: error: ...`` naming the field, with exit code 2. --check reads only config.json and the weight file names and
 prints one line: ``native: yes (<model_type>: <what the model uses>)`` with exit code 0, or
 ``native: no: <the field that stops it>`` with exit code 1.
 """
@@ -29,13 +29,14 @@ import torch
 
 from model import ModelArgs, ModelConfigError, Transformer
 from model.hf import hf_support, load_hf_config, load_hf_pretrained, weight_files
+from tools import ToolParser, report_error
 
 PROG = "import_hf"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of this tool."""
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="local HF model directory")
@@ -110,16 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         args, state = load_hf_pretrained(opts.hf_dir, max_seq_len=opts.max_seq_len, dtype=None)
         report = summary(opts.hf_dir, args, state)
     except ModelConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     code = 0
     if opts.check_logits:
         diff = max_logit_diff(opts.hf_dir, args, state)
         report["max_logit_diff"] = diff
         if diff > opts.tolerance:
-            message = f"logits differ by {diff:.3g} > --tolerance {opts.tolerance}"
-            print(f"{PROG}: error: {message}", file=sys.stderr)
-            code = 1
+            code = report_error(f"logits differ by {diff:.3g} > --tolerance {opts.tolerance}", code=1)
     print(json.dumps(report, indent=2))
     return code
 

@@ -255,4 +255,4 @@ def test_import_cli_reports_and_refuses(tmp_path: Path, capsys: Any) -> None:
     capsys.readouterr()
     assert import_cli.main([str(tmp_path / "yarn")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("import_hf: error: ") and "rope_type='yarn'" in err and err.count("\n") == 1
+    assert err.startswith("tessera: error: ") and "rope_type='yarn'" in err and err.count("\n") == 1

@@ -35,7 +35,7 @@ from tools import (
 
 Main = Callable[[list[str]], int]
 # tools whose messages their owner has yet to move to the shared style (tools/__init__.py)
-PENDING = {"export_hf": "prints 'export_hf: error: ...'", "import_hf": "prints 'import_hf: error: ...'"}
+PENDING = {"export_hf": "prints 'export_hf: error: ...'"}
 
 
 def _cases(tmp: Path) -> list[tuple[str, Main, list[str], str]]:
@@ -52,7 +52,7 @@ def _cases(tmp: Path) -> list[tuple[str, Main, list[str], str]]:
                                  ["--policy", str(tmp), "--data", str(tmp / "data.jsonl"), "--n", "3"],
                                  "need a verifier"),
         "export_hf": (export_hf.main, [str(tmp / "nope")], "nope"),
-        "import_hf": (import_hf.main, [str(tmp / "nope"), "--out", str(tmp / "o")], "nope"),
+        "import_hf": (import_hf.main, [str(tmp / "nope")], "nope"),
         "plot_metrics": (plot_metrics.main, [str(tmp / "nope")], "no such metrics file"),
         "prepare_data": (prepare_data.main, [str(tmp / "nope"), "--tokenizer", str(tmp), "--out", str(tmp / "o")],
                          "does not exist"),
