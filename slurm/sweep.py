@@ -7,6 +7,10 @@
       train.lr: [1.0e-3, 3.0e-3, 1.0e-2]
       train.seed: [1, 2]
 
+A grid key may name a key inside a mapping field (``research.options.layers: ["0-1", "1-2"]``); with
+``train.steps: [0]`` (or ``train.steps=0`` in the recipe) every point only evaluates its starting weights, a
+zero-shot sweep.
+
 ``python slurm/submit.py --profile P --config R --sweep sweeps/lr.yaml`` submits it with ``map_array``;
 ``python slurm/submit.py summary runs/sweeps/lr`` (or ``--wait`` at submission) tabulates the results.
 """
@@ -67,8 +71,9 @@ def load_sweep(path: str | Path) -> Sweep:
                                f"grid.")
     keys, values = [], []
     for key, vals in raw["grid"].items():
-        if not isinstance(key, str) or key.count(".") != 1:
-            raise SlurmConfigError(f"--sweep {path}: grid key {key!r} must be section.key (e.g. train.lr).")
+        if not isinstance(key, str) or "." not in key or not all(key.split(".")):
+            raise SlurmConfigError(f"--sweep {path}: grid key {key!r} must be section.key (e.g. train.lr) or a "
+                                   f"nested key of a mapping (e.g. research.options.scale).")
         if not isinstance(vals, list) or not vals:
             raise SlurmConfigError(f"--sweep {path}: grid.{key}={vals!r}: give a non-empty list of values.")
         keys.append(key)

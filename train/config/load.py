@@ -160,20 +160,40 @@ def _keys(raw: dict[str, Any]) -> frozenset[str]:
                      for key in keys)
 
 
+def _mapping_field(section: str, key: str) -> bool:
+    """Whether ``section.key`` is a mapping field (e.g. research.options), whose own keys an override may name."""
+    cls = _SECTIONS.get(section)
+    if cls is None or key not in {f.name for f in dataclasses.fields(cls)}:
+        return False
+    return typing.get_origin(typing.get_type_hints(cls)[key]) is dict
+
+
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one ``section.key=value`` override to the nested dict; the value is parsed as YAML."""
+    """Apply one ``section.key=value`` override to the nested dict; the value is parsed as YAML. A mapping field
+    takes nested keys too: ``research.options.lr=1e-3``, ``research.options.a.b=1``."""
     if "=" not in override:
         raise ConfigError(f"Override '{override}' is not of the form section.key=value (e.g. train.lr=3e-4).")
     dotted, text = override.split("=", 1)
     parts = dotted.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"Override key '{dotted}' must be section.key (e.g. train.steps=100, "
                           f"model.n_layers=2).")
-    section, key = parts
+    if len(parts) > 2 and not _mapping_field(parts[0], parts[1]):
+        raise ConfigError(f"Override key '{dotted}': {parts[0]}.{parts[1]} is not a mapping field, so it takes no "
+                          f"nested key; write {parts[0]}.{parts[1]}=VALUE (nested keys work for mappings such "
+                          f"as research.options.KEY=VALUE).")
+    section, *path, key = parts
     raw.setdefault(section, {})
-    if not isinstance(raw[section], dict):
+    node = raw[section]
+    if not isinstance(node, dict):
         raise ConfigError(f"Override '{override}': section '{section}' is not a mapping in the recipe.")
-    raw[section][key] = _parse_yaml(text, f"Override '{override}'") if text.strip() else None
+    for i, name in enumerate(path):
+        node = node.setdefault(name, {})
+        if not isinstance(node, dict):
+            where = ".".join([section, *path[:i + 1]])
+            raise ConfigError(f"Override '{override}': {where} is {node!r} in the recipe, not a mapping; set "
+                              f"{where}=... as a whole.")
+    node[key] = _parse_yaml(text, f"Override '{override}'") if text.strip() else None
 
 
 def _parse_yaml(text: str, where: str) -> Any:
@@ -213,7 +233,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> JobConfig
     recipe = _keys(raw)
     for o in overrides:
         apply_override(raw, o)
-    named = frozenset(o.split("=", 1)[0].strip() for o in overrides)
+    named = frozenset(".".join(o.split("=", 1)[0].strip().split(".")[:2]) for o in overrides)
     return config_from_dict(raw, Origin(recipe=recipe, overrides=named))
 
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from parallel.layers import TPContext
 from train.checkpoint.resume import load_checkpoint
 from train.checkpoint.writer import CheckpointWriter, latest_complete, tag_for
+from train.config.fields import ConfigError
 from train.config.schema import JobConfig
 from train.loop.faults import failpoint_hit
 from train.loop.guards import BadStepCounter, SpikeDetector, TrainingDiverged
@@ -28,15 +29,17 @@ class TrainState:
 
     step: int = 0  # optimizer steps completed
     consumed_samples: int = 0  # global samples consumed (independent of the data-parallel size)
-    val_ema: float | None = None  # smoothed validation loss (exponential moving average over evaluations)
-    best_val_ema: float | None = None  # lowest smoothed validation loss, the one the best checkpoint holds
+    val_ema: float | None = None  # smoothed train.best_metric (exponential moving average over evaluations)
+    best_val_ema: float | None = None  # best smoothed train.best_metric, the one the best checkpoint holds
     meta: dict[str, Any] = field(default_factory=dict)  # static checkpoint metadata (config, model, tokenizer)
 
-    def observe_val_loss(self, val_loss: float, smoothing: float) -> bool:
-        """Fold a validation loss into the EMA; True when the smoothed loss is the best so far."""
+    def observe_val_loss(self, val_loss: float, smoothing: float, mode: str = "min") -> bool:
+        """Fold a validation metric into the EMA; True when the smoothed value is the best so far (the lowest
+        for ``mode='min'``, the highest for ``'max'``)."""
         ema = val_loss if self.val_ema is None else smoothing * self.val_ema + (1 - smoothing) * val_loss
         self.val_ema = ema
-        if self.best_val_ema is None or ema < self.best_val_ema:
+        better = self.best_val_ema is None or (ema > self.best_val_ema if mode == "max" else ema < self.best_val_ema)
+        if better:
             self.best_val_ema = ema
             return True
         return False
@@ -270,7 +273,7 @@ class Trainer:
         best = ran = False
         if last_step or (t.eval_interval and state.step % t.eval_interval == 0):
             self.last_eval = self.objective.evaluate(self.engine, self.val_batches, self.device, step=state.step)
-            best = state.observe_val_loss(self.last_eval["val_loss"], t.best_smoothing)
+            best = state.observe_val_loss(best_metric(self.last_eval, t.best_metric), t.best_smoothing, t.best_mode)
             self.logger.log({"step": state.step, **self.last_eval, "val_ema": state.val_ema})
             shown = "  ".join(f"{k} {v:.4f}" if k != "val_ppl" else f"{k} {v:.2f}" for k, v in self.last_eval.items())
             self.logger.write(f"step {state.step}: {shown}{'  (best so far)' if best else ''}")
@@ -283,6 +286,15 @@ class Trainer:
             self.logger.write(f"step {state.step}: checkpoint saved to {path}")
             ran = True
         return ran
+
+
+def best_metric(result: dict[str, float], name: str) -> float:
+    """The value of ``train.best_metric`` in an evaluation's result; a metric it does not hold is a ConfigError
+    naming the ones it does (on every rank together: every rank has the same result)."""
+    if name not in result:
+        raise ConfigError(f"train.best_metric={name!r} is not among the validation metrics this run logs "
+                          f"({', '.join(sorted(result))}); choose one of them.")
+    return float(result[name])
 
 
 def _injected_fault(loss: torch.Tensor, batch_no: int) -> torch.Tensor:

@@ -168,6 +168,13 @@ class Extension(nn.Module):
         in step, count nothing from it."""
         return {}
 
+    @classmethod
+    def metrics(cls, options: Any) -> list[str] | None:
+        """The names (without ``val_``) of the metrics ``evaluate`` returns for these options, when known before
+        training (``train.best_metric`` is then checked before anything runs); None: known only at the first
+        evaluation. By default: none for a recipe without its own ``evaluate``, else unknown."""
+        return [] if cls.evaluate is Extension.evaluate else None
+
     def report(self, step: int) -> dict[str, Any]:
         """Called on every rank after training (e.g. to run and record an evaluation); returns what to print."""
         return {}

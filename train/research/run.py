@@ -55,7 +55,21 @@ def plan_research(cfg: JobConfig, *, dim: int, n_layers: int, vocab_size: int) -
     ctx = RecipeContext(dim=dim, n_layers=n_layers, vocab_size=vocab_size, device=torch.device("cpu"),
                         out_dir=Path(cfg.train.out_dir), rank=0, seed=cfg.train.seed, config=cfg)
     cls.check(options, ctx)
+    check_best_metric(cfg.train.best_metric, cls, options, terms)
     return ResearchPlan(cls, options, terms)
+
+
+def check_best_metric(name: str, cls: type[Extension], options: Any, terms: dict[str, Term]) -> None:
+    """Refuse a ``train.best_metric`` the run will never log, when the recipe says what its evaluation returns:
+    ``val_loss``, ``val_<term>`` (and ``val_ppl`` with an ``lm`` term) and ``val_<metric>`` of its ``metrics``."""
+    own = cls.metrics(options)
+    logged = {"val_loss", *(f"val_{t}" for t in terms), *(["val_ppl"] if "lm" in terms else [])}
+    if own is None or name in logged:
+        return
+    logged |= {f"val_{m}" for m in own}
+    if name not in logged:
+        raise ConfigError(f"train.best_metric={name!r}: the {cls.__name__} recipe with these options logs "
+                          f"{', '.join(sorted(logged))}; choose one of them.")
 
 
 def model_shape(model: nn.Module) -> tuple[int, int]:
@@ -92,7 +106,11 @@ def build_extension(rp: ResearchPlan, base: nn.Module | None, ctx: RecipeContext
                           f"0-dimensional, which DeepSpeed cannot broadcast or partition; declare it with "
                           f"shape (1,) (e.g. nn.Parameter(torch.ones(1))).")
     trainable = sum(p.numel() for p in ext.parameters() if p.requires_grad)
-    if trainable == 0:
+    if trainable == 0 and ctx.config.train.steps == 0:
+        # an evaluation-only run of a recipe with nothing to train (a fixed vector on a frozen base): the engine
+        # still needs one parameter for its optimizer, which never steps; nothing reads it and no checkpoint holds it
+        ext.register_parameter("eval_only_placeholder", nn.Parameter(torch.zeros(1)))
+    elif trainable == 0:
         raise ConfigError(f"research.recipe={ctx.config.research.recipe!r} declares no trainable parameter "
                           f"and the base is frozen (research.freeze_base=true): nothing would train.")
     return ext

@@ -157,6 +157,12 @@ class SoftPrompt(Extension):
             causal_lm_config(path, where=f"research.options.bases[{i}]")
 
     @classmethod
+    def metrics(cls, options: SoftPromptOptions) -> list[str]:
+        """Per base b: ``b{b}_{mode}_{em,f1,top1,top5}`` for each mode and ``b{b}_compression``."""
+        return [m for b in range(1 + len(options.bases)) for m in
+                [*(f"b{b}_{mode}_{k}" for mode in MODES for k in ("em", "f1", "top1", "top5")), f"b{b}_compression"]]
+
+    @classmethod
     def datasets(cls, options: SoftPromptOptions, cfg: Any) -> tuple[QADataset, QADataset]:
         """(train, validation) rendered for every base with its own tokenizer."""
         examples = synthetic_qa(options.synthetic, seed=cfg.data.split_seed) if options.synthetic else \
