@@ -69,8 +69,9 @@ def _hf_config_fields(args: ModelArgs) -> dict[str, Any]:
     args.validate()
     if args.attn_sinks:
         raise ModelConfigError(
-            "ModelArgs.attn_sinks=True has no Llama/Qwen2 equivalent in transformers: "
-            "export a model built with attn_sinks=False"
+            "ModelArgs.attn_sinks=True has no equivalent in transformers (no Llama / Mistral / Qwen class has sink "
+            "logits): continue the model natively with model.init_from=<its run dir>, or train it with "
+            "attn_sinks=False to export it"
         )
     rope: dict[str, Any] = {"rope_type": args.rope_type, "rope_theta": args.rope_theta}
     if args.rope_type in ("linear", "llama3"):
