@@ -36,6 +36,7 @@ from train.data.setup import DataBundle, build_datasets, setup_data
 from train.distributed import DistEnv, read_env
 from train.hf_setup import HFPlan, plan_hf
 from train.objectives import OBJECTIVES, head_outputs
+from train.research.resume import check_research_resume
 from train.research.run import ResearchPlan, config_shape, plan_research
 from train.vocab.setup import plan_vocab
 
@@ -135,7 +136,7 @@ def plan(args: argparse.Namespace, cfg: JobConfig | None = None) -> Plan:
     if dims.pp > 1 and cfg.parallel.sequence_parallel:  # stages exchange sequence slices, not replicas
         ds_config.setdefault("pipeline", {}).update(pipe_partitioned=False, grad_partitioned=False)
     if resume_from is not None:
-        _check_resume(cfg, resume_from, dims, hf=hf, model_args=model_args, bundle=bundle)
+        _check_resume(cfg, resume_from, dims, hf=hf, model_args=model_args, bundle=bundle, research=research)
     train_ds, val_ds = _datasets(cfg, bundle, dims.dp, research)
     if cfg.train.objective == "dpo" and cfg.dpo.reference_from is not None:
         _check_reference(cfg, hf, model_args)
@@ -148,18 +149,15 @@ def plan(args: argparse.Namespace, cfg: JobConfig | None = None) -> Plan:
 
 
 def _check_resume(cfg: JobConfig, resume_from: Path, dims: ParallelDims, *, hf: HFPlan | None,
-                  model_args: ModelArgs | None, bundle: DataBundle) -> None:
+                  model_args: ModelArgs | None, bundle: DataBundle, research: ResearchPlan | None) -> None:
     """The checkpoint to resume was trained with this model, recipe, tokenizer and layout."""
     meta = read_meta(resume_from)
     _check_resume_layout(meta, resume_from, dims)
+    check_research_resume(meta, cfg, research, resume_from)  # every base: recipe, options, term schedules
     if hf is not None:
         if meta.get("hf") != hf.identity or meta.get("config", {}).get("lora") != cfg.to_dict()["lora"]:
             raise ConfigError(f"--resume: the checkpoint {resume_from} was trained on {meta.get('hf')} with "
                               f"lora {meta.get('config', {}).get('lora')}; resume with that model and lora section.")
-    elif (meta.get("research") or {}).get("recipe") != cfg.research.recipe or \
-            (meta.get("research") or {}).get("options", {}) != cfg.research.options:
-        raise ConfigError(f"--resume: the checkpoint {resume_from} was trained with research "
-                          f"{meta.get('research')}; resume with that research.recipe and research.options.")
     elif ModelArgs(**(meta.get("model_args") or {})) != model_args:
         raise ConfigError(f"--resume: the checkpoint {resume_from} holds a different model "
                           f"({meta.get('model_args')}); resume with the recipe it was trained with.")

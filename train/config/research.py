@@ -34,6 +34,8 @@ class ResearchSection:
     groups: list[dict[str, Any]] = _f([], "Optimizer groups: [{params: GLOB over parameter names (e.g. "
                                           "'head.*'), lr, weight_decay}]; parameters matching none train "
                                           "with train.lr.")
+    resume_new_terms: bool = _f(False, "On --resume, accept research.terms that differ from the checkpoint's "
+                                       "(the new weights apply from the resumed step on); off: a change is refused.")
     diagnostics_interval: int = _f(0, "Write per-module gradient / parameter norms and loss terms to "
                                       "diagnostics.jsonl every N steps, and first-token histograms at every "
                                       "evaluation (0: off).")

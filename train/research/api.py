@@ -270,6 +270,23 @@ def resolve_terms(cls: type[Extension], overrides: Mapping[str, Mapping[str, Any
     return terms
 
 
+def check_parameters(module: nn.Module, recipe: str | None) -> None:
+    """Refuse a complex-dtype parameter before training, naming it and the helpers that store it as real pairs.
+
+    DeepSpeed's optimizers and ZeRO take real tensors only (step 1 fails on a complex gradient), and a cast to
+    bf16 keeps only the real part; ``model.complex.complex_param`` stores the same values as a real (..., 2)
+    tensor that ``as_complex`` views as complex64 inside ``forward``.
+    """
+    for name, p in module.named_parameters():
+        if p.is_complex():
+            shape = ", ".join(map(str, p.shape))
+            raise ConfigError(f"{name}: a {str(p.dtype).removeprefix('torch.')} parameter of research.recipe="
+                              f"{recipe!r}, which DeepSpeed cannot train (its optimizers and ZeRO take real "
+                              f"tensors; bf16 would keep only the real part); declare it as "
+                              f"model.complex.complex_param({shape}) and use model.complex.as_complex(p) in "
+                              f"forward.")
+
+
 def check_layers(spec: Any, n_layers: int, where: str) -> list[int]:
     """Layer indices of an option, or a ConfigError naming the option, the index and the model's depth."""
     try:

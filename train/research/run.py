@@ -28,6 +28,7 @@ from train.research.api import (
     RecipeContext,
     Term,
     check_finite,
+    check_parameters,
     parse_options,
     resolve_recipe,
     resolve_terms,
@@ -99,6 +100,7 @@ def build_extension(rp: ResearchPlan, base: nn.Module | None, ctx: RecipeContext
     ext = rp.cls(base, ctx, rp.options)
     if base is None:
         ext.base = ext.build_model()
+    check_parameters(ext, ctx.config.research.recipe)  # complex dtypes: real pairs instead (model/complex.py)
     scalars = [name for name, p in ext.named_parameters() if p.dim() == 0]
     # DeepSpeed views every parameter as bytes to broadcast and partition it; 0-d tensors cannot be
     if scalars:
