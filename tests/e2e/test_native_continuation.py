@@ -4,6 +4,7 @@ handing on a native export that the next one starts from with model.init_from.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_sinks_chain_runs_through_dpo_and_the_reward_model(tmp_path: Path, data_
         assert (export / "tokenizer.json").is_file(), name
         info = json.loads((export / NATIVE_FILE).read_text())
         assert info["model_args"]["attn_sinks"] is True
-    for before, after in zip(STAGES, STAGES[1:]):
+    for before, after in itertools.pairwise(STAGES):
         assert f"weights loaded from {exports[before]}" in out, f"{after} did not start from {before}"
     # each stage trained on: the sinks moved between stages
     sinks = {name: load_file(str(exports[name] / "model.safetensors")) for name in ("pretrain", "sft", "dpo")}

@@ -16,7 +16,14 @@ from tests.hf_models import make_tokenizer
 from train.config.fields import ConfigError
 from train.config.load import load_config
 from train.data.tokenizer import tokenizer_identity
-from train.export.native import NATIVE_FILE, export_native, load_start, source_kind, start_args, start_tokenizer
+from train.export.native import (
+    NATIVE_FILE,
+    export_native,
+    load_start,
+    source_kind,
+    start_args,
+    start_tokenizer,
+)
 
 
 def _run(root: Path, tok_dir: Path, **overrides: object) -> tuple[Path, Transformer]:

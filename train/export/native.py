@@ -32,7 +32,12 @@ from model import ModelArgs, ModelConfigError
 from model.hf import args_from_hf_config, check_state_dict, load_hf_config, load_hf_pretrained
 from train.checkpoint.writer import CKPT_DIR, META_FILE, latest_complete, read_meta
 from train.data.corpus import atomic_dir
-from train.export.consolidate import ExportError, checkpoint_model_args, consolidated_state_dict, resolve_checkpoint
+from train.export.consolidate import (
+    ExportError,
+    checkpoint_model_args,
+    consolidated_state_dict,
+    resolve_checkpoint,
+)
 
 log = logging.getLogger("tessera")
 
