@@ -2,7 +2,8 @@
 
 ``render`` is the one preprocessing function: training, every evaluation mode and the baselines read what it
 returns, so evaluation cannot drift from training. The prompt puts the question before the context, so the
-truncated baseline (the prompt's first M tokens) keeps the question.
+truncated baseline (the prompt's first M tokens) keeps the question. An instruct base reads it in its own format
+(``scaffold``): its BOS and chat template frame the prompt, the latents or the truncated prompt alike.
 """
 
 from __future__ import annotations
@@ -100,15 +101,64 @@ def synthetic_qa(n: int, seed: int = 0) -> list[QAExample]:
     return out
 
 
+_SLOT = "\x00QA-PROMPT\x00"  # stands for the prompt while the chat template is rendered around it
+
+
+@dataclass(frozen=True)
+class Scaffold:
+    """What a base's own format puts around the prompt: ``head`` (BOS and the chat template's text before the
+    user's message) and ``tail`` (the template's text after it, up to the assistant's answer). Empty for a base
+    with neither, or with ``chat=False``."""
+
+    head: tuple[int, ...] = ()
+    tail: str = ""
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.tail)
+
+
+def scaffold(tokenizer: Any, *, chat: bool = True) -> Scaffold:
+    """The base's BOS (when its tokenizer puts one before text) and chat template (when it has one), as the
+    prompt's frame; ``chat=False``: plain text."""
+    if not chat:
+        return Scaffold()
+    bos = tokenizer.bos_token_id
+    probe = tokenizer.encode("a", add_special_tokens=True)
+    head: list[int] = [bos] if bos is not None and probe[:1] == [bos] else []
+    tail = ""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SLOT}], add_generation_prompt=True,
+                                             tokenize=False)
+        before, _, tail = text.partition(_SLOT)
+        if head and tokenizer.bos_token and before.startswith(tokenizer.bos_token):
+            head = []  # the template writes its own BOS
+        head += tokenizer.encode(before, add_special_tokens=False) if before else []
+    return Scaffold(tuple(head), tail)
+
+
 def render(example: QAExample, tokenizer: Any, *, max_prompt_tokens: int, max_answer_tokens: int,
-           anchor: str) -> dict[str, list[int]]:
-    """Token ids of the prompt (its first ``max_prompt_tokens``), of the anchor text, and of the answer (a leading
-    space, then eos), for one base's tokenizer."""
+           anchor: str, frame: Scaffold = Scaffold()) -> dict[str, list[int]]:
+    """Token ids of the frame's head, of the prompt (its first ``max_prompt_tokens``), of the anchor text (with the
+    chat template's text after the user's message), and of the answer (then eos), for one base's tokenizer. The
+    answer has a leading space in plain text, none as a chat answer."""
     prompt = tokenizer.encode(example.prompt, add_special_tokens=False)[:max_prompt_tokens]
-    answer = tokenizer.encode(" " + example.answers[0], add_special_tokens=False)[:max_answer_tokens]
+    answer_text = example.answers[0] if frame.chat else " " + example.answers[0]
+    answer = tokenizer.encode(answer_text, add_special_tokens=False)[:max_answer_tokens]
     eos = tokenizer.eos_token_id
-    return {"prompt": prompt, "anchor": tokenizer.encode(anchor, add_special_tokens=False) if anchor else [],
+    after = anchor + frame.tail
+    return {"head": list(frame.head), "prompt": prompt,
+            "anchor": tokenizer.encode(after, add_special_tokens=False) if after else [],
             "answer": answer + ([eos] if eos is not None else [])}
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """A generated answer up to the first stop string (leading whitespace skipped first), stripped."""
+    text = text.lstrip()
+    for s in stop:
+        if s and s in text:
+            text = text[:text.index(s)]
+    return text.strip()
 
 
 def encoder_ids(example: QAExample, tokenizer: Any | None, max_len: int) -> list[int]:
@@ -132,16 +182,20 @@ def _pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.T
 class QADataset:
     """Every example rendered for every base; ``batch(indices)`` pads them into the recipe's tensors.
 
-    Keys: ``index``; ``enc_ids`` / ``enc_mask`` (the encoder's input); per base b: ``prompt_b`` /
+    Keys: ``index``; ``enc_ids`` / ``enc_mask`` (the encoder's input); per base b: ``head_b`` (only when the base
+    has a BOS or chat template: the same ids on every row), ``prompt_b`` /
     ``prompt_mask_b``, ``anchor_b`` / ``anchor_mask_b``, ``answer_b`` / ``answer_mask_b``.
     """
 
     def __init__(self, examples: Sequence[QAExample], tokenizers: Sequence[Any], *, encoder_tokenizer: Any | None,
-                 max_prompt_tokens: int, max_answer_tokens: int, max_encoder_len: int, anchor: str) -> None:
+                 max_prompt_tokens: int, max_answer_tokens: int, max_encoder_len: int, anchor: str,
+                 chat: bool = True) -> None:
         self.examples = list(examples)
         self.pads = [t.pad_token_id if t.pad_token_id is not None else t.eos_token_id for t in tokenizers]
+        self.frames = [scaffold(t, chat=chat) for t in tokenizers]
         self.rendered = [[render(e, t, max_prompt_tokens=max_prompt_tokens, max_answer_tokens=max_answer_tokens,
-                                 anchor=anchor) for e in self.examples] for t in tokenizers]
+                                 anchor=anchor, frame=f) for e in self.examples]
+                         for t, f in zip(tokenizers, self.frames, strict=True)]
         self.enc_pad = ENCODER_PAD if encoder_tokenizer is None else self.pads[0]
         self.encoded = [encoder_ids(e, encoder_tokenizer, max_encoder_len) for e in self.examples]
 
@@ -152,6 +206,8 @@ class QADataset:
         out = {"index": torch.tensor(list(indices), dtype=torch.long)}
         out["enc_ids"], out["enc_mask"] = _pad([self.encoded[i] for i in indices], self.enc_pad)
         for b, rows in enumerate(self.rendered):
+            if self.frames[b].head:  # the same for every example: (B, H), no padding
+                out[f"head_{b}"] = torch.tensor([list(self.frames[b].head)] * len(indices), dtype=torch.long)
             for key in ("prompt", "anchor", "answer"):
                 out[f"{key}_{b}"], out[f"{key}_mask_{b}"] = _pad([rows[i][key] for i in indices], self.pads[b])
         return out

@@ -3,14 +3,16 @@ frozen HF bases read through ``inputs_embeds`` (and optionally per-layer KV pref
 
 Per base: an adapter maps the latents into its embedding space, rescaled to the RMS of its own embedding rows;
 optional KV prefixes are generated from the latents with the base's grouped-query shape. The student reads
-[latents | anchor | answer]; the teacher (the same base, adapters off) reads [prompt | anchor | answer]. Terms:
+[latents | anchor | answer]; the teacher (the same base, adapters off) reads [prompt | anchor | answer]; a base
+with a BOS or a chat template (``chat``) reads either inside its own frame [head | ... | anchor + template]. Terms:
 ``answer_ce`` (teacher-forced answer), ``first_token_ce``, ``k_token_ce`` (first ``k_tokens``), ``kd`` (KL to the
 teacher over the answer, teacher passes in chunks of ``kd_chunk`` examples), ``recon`` (the base continues the
 latents with the prompt's first ``recon_tokens`` tokens), each averaged over the bases; PAD is never a target.
 
 Evaluation answers every validation question greedily in three modes per base: the full text prompt, the prompt
 truncated to M tokens (the fair baseline) and the latents, with exact match / F1, first-token top-1 / top-5
-accuracy, the compression ratio, and the predictions in ``predictions/qa_step_N.jsonl``.
+accuracy, the compression ratio, and the predictions in ``predictions/qa_step_N.jsonl``; a generated answer ends
+at the first of the ``stop`` strings (a newline by default) before it is scored.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from train.data.tokenizer import load_tokenizer
 from train.eval.generations import write_predictions
 from train.eval.text import exact_match, token_f1
 from train.research.api import Extension, RecipeContext, Term, outputs
-from train.research.qa_data import ENCODER_BYTES, QADataset, read_qa, synthetic_qa
+from train.research.qa_data import ENCODER_BYTES, QADataset, cut_at_stop, read_qa, synthetic_qa
 
 MODES = ("text", "truncated", "latent")
 
@@ -58,6 +60,8 @@ class SoftPromptOptions:
     synthetic: int = 0  # > 0: a synthetic QA set of this many examples instead of data.files
     max_new_tokens: int = 16  # answer length in the evaluations
     eval_examples: int = 64  # validation questions answered at each evaluation (per run, split over ranks)
+    chat: bool = True  # each base reads the prompt in its own format: its BOS and chat template when it has them
+    stop: list[str] = field(default_factory=lambda: ["\n"])  # a generated answer ends at the first of these (EM / F1)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("bytes", "tokens"):
@@ -178,7 +182,7 @@ class SoftPrompt(Extension):
             return QADataset([examples[i] for i in sorted(idx)], tokenizers,
                              encoder_tokenizer=tokenizers[0] if options.encoder == "tokens" else None,
                              max_prompt_tokens=options.max_prompt_tokens, max_answer_tokens=options.max_answer_tokens,
-                             max_encoder_len=options.max_encoder_len, anchor=options.anchor)
+                             max_encoder_len=options.max_encoder_len, anchor=options.anchor, chat=options.chat)
 
         return split(order[n_val:]), split(order[:n_val])
 
@@ -223,29 +227,39 @@ class SoftPrompt(Extension):
     def _embed(self, b: int, ids: torch.Tensor) -> torch.Tensor:
         return self.bases()[b].model.get_input_embeddings()(ids)
 
+    def _head(self, b: int, batch: dict[str, torch.Tensor], rows: int) -> torch.Tensor:
+        """The base's frame before the prompt (BOS, chat template), (rows, H); H = 0 for a plain-text base."""
+        head = batch.get(f"head_{b}")
+        if head is None:
+            return torch.zeros(rows, 0, dtype=torch.long, device=batch[f"anchor_{b}"].device)
+        return head[:rows]
+
     def _student(self, b: int, batch: dict[str, torch.Tensor], prefix: torch.Tensor, kv: Any,
                  tail: str = "answer") -> torch.Tensor:
-        """Logits (B, A, V) predicting each ``tail`` token after [prefix (B, M, D) | anchor | tail]."""
+        """Logits (B, A, V) predicting each ``tail`` token after [head | prefix (B, M, D) | anchor | tail]."""
         anchor, tail_ids, tail_mask = batch[f"anchor_{b}"], batch[f"{tail}_{b}"], batch[f"{tail}_mask_{b}"]
-        embeds = torch.cat([prefix.to(self._embed(b, anchor).dtype), self._embed(b, anchor),
+        head = self._head(b, batch, prefix.shape[0])
+        embeds = torch.cat([self._embed(b, head), prefix.to(self._embed(b, anchor).dtype), self._embed(b, anchor),
                             self._embed(b, tail_ids)], dim=1)
-        ones = torch.ones(prefix.shape[:2], dtype=tail_mask.dtype, device=tail_mask.device)
+        ones = torch.ones(prefix.shape[0], head.shape[1] + prefix.shape[1], dtype=tail_mask.dtype,
+                          device=tail_mask.device)
         mask = torch.cat([ones, batch[f"anchor_mask_{b}"], tail_mask], dim=1)
         logits = prefix_forward(self.bases()[b], embeds, mask, kv_prefix=kv)
-        start = prefix.shape[1] + anchor.shape[1] - 1  # the position that predicts the first tail token
+        start = head.shape[1] + prefix.shape[1] + anchor.shape[1] - 1  # predicts the first tail token
         return logits[:, start:start + tail_ids.shape[1]]
 
     def _text(self, b: int, batch: dict[str, torch.Tensor], rows: slice | None = None,
               truncate: int | None = None) -> torch.Tensor:
-        """Logits (B, A, V) predicting the answer after [prompt | anchor | answer] through input_ids."""
+        """Logits (B, A, V) predicting the answer after [head | prompt | anchor | answer] through input_ids."""
         base = self.bases()[b]
         rows = rows or slice(None)
         prompt, pmask = batch[f"prompt_{b}"][rows], batch[f"prompt_mask_{b}"][rows]
         if truncate is not None:
             prompt, pmask = prompt[:, :truncate], pmask[:, :truncate]
         anchor, answer, amask = batch[f"anchor_{b}"][rows], batch[f"answer_{b}"][rows], batch[f"answer_mask_{b}"][rows]
+        head = self._head(b, batch, batch[f"anchor_{b}"].shape[0])[rows]
         lengths = pmask.sum(1)
-        seqs = [torch.cat([prompt[i, :lengths[i]], anchor[i], answer[i]]) for i in range(prompt.shape[0])]
+        seqs = [torch.cat([head[i], prompt[i, :lengths[i]], anchor[i], answer[i]]) for i in range(prompt.shape[0])]
         width = max(len(s) for s in seqs)
         pad = int(answer[0, -1]) if answer.numel() else 0
         ids = torch.full((len(seqs), width), pad, dtype=torch.long, device=prompt.device)
@@ -255,7 +269,7 @@ class SoftPrompt(Extension):
             mask[i, :len(s) - answer.shape[1]] = 1
             mask[i, len(s) - answer.shape[1]:len(s)] = amask[i]
         logits = base.model(input_ids=ids, attention_mask=mask).logits.float()
-        starts = lengths + anchor.shape[1] - 1  # (B,)
+        starts = head.shape[1] + lengths + anchor.shape[1] - 1  # (B,)
         offsets = starts[:, None] + torch.arange(answer.shape[1], device=ids.device)  # (B, A)
         return logits.gather(1, offsets[..., None].expand(-1, -1, logits.shape[-1]))
 
@@ -376,10 +390,12 @@ class SoftPrompt(Extension):
             lengths = batch[f"prompt_mask_{b}"].sum(1).tolist()
             anchor = self._embed(b, batch[f"anchor_{b}"])  # (B, N, D)
             prompts = self._embed(b, batch[f"prompt_{b}"])  # (B, P, D)
-            inputs = {"text": [torch.cat([prompts[i, :n], anchor[i]]) for i, n in enumerate(lengths)],
-                      "truncated": [torch.cat([prompts[i, :min(n, o.latents)], anchor[i]]) for i, n in
+            head = self._embed(b, self._head(b, batch, len(lengths)))  # (B, H, D)
+            inputs = {"text": [torch.cat([head[i], prompts[i, :n], anchor[i]]) for i, n in enumerate(lengths)],
+                      "truncated": [torch.cat([head[i], prompts[i, :min(n, o.latents)], anchor[i]]) for i, n in
                                     enumerate(lengths)],
-                      "latent": [torch.cat([prefix[i].to(anchor.dtype), anchor[i]]) for i in range(len(lengths))]}
+                      "latent": [torch.cat([head[i], prefix[i].to(anchor.dtype), anchor[i]])
+                                 for i in range(len(lengths))]}
             answers = {}
             for mode in MODES:
                 with self.teacher(b) if mode != "latent" else contextlib.nullcontext():
@@ -401,4 +417,4 @@ class SoftPrompt(Extension):
         tok = self.tokenizers[b]
         if tok.eos_token_id in ids:  # every rank generates the same number of tokens; cut at the first eos
             ids = ids[:ids.index(tok.eos_token_id)]
-        return tok.decode(ids, skip_special_tokens=True).strip()
+        return cut_at_stop(tok.decode(ids, skip_special_tokens=True), self.options.stop)
