@@ -23,6 +23,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vocab")
     make_hf_model(root, "llama")
     make_hf_model(root, "gpt2")
+    make_hf_model(root, "llama", tie=True)
     (root / "lexicon.txt").write_text("# words to add\n" + "\n".join(WORDS) + "\n")
     with open(root / "corpus.jsonl", "w") as f:
         f.writelines(json.dumps({"text": f"the zorblax will quuxify the flibbertigibbet on day {i}. zorblax!"}) + "\n" for i in range(120))
@@ -95,16 +96,49 @@ def test_only_the_new_rows_train_and_snapshots_resume_and_export(tmp_path: Path,
     assert "zorblax" in probe.stdout and report
 
 
-def test_a_4bit_base_and_a_new_run_from_a_snapshot(tmp_path: Path, root: Path) -> None:
+def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _check_4bit_export(tmp_path: Path, root: Path, out: Path, family: str) -> None:
+    """The export (with and without --merge) is the full-precision base with the trained rows, head still tied:
+    its logits are exactly those of the full-precision base plus the final snapshot. (The trained model's body
+    was nf4: on these tiny random models its rounding alone moves the base's logits by several units.)"""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train.vocab.snapshot import load_embedding_snapshot
+
+    base_dir, snapshot = root / f"{family}-2l", out / "embeddings" / "step_00000012"
+    reference = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    load_embedding_snapshot(reference, AutoTokenizer.from_pretrained(str(base_dir)), snapshot)
+    tag = out / "checkpoints" / "step_00000012"
+    trained = _embedding(torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    for flags in ([], ["--merge"]):
+        exported = tmp_path / f"hf{''.join(flags)}"
+        run_job([sys.executable, "tools/export_hf.py", str(out), "--out", str(exported), *flags], tmp_path)
+        tok = AutoTokenizer.from_pretrained(str(exported))
+        model = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32)
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+        assert not any("absmax" in k or "quant" in k for k in model.state_dict())
+        assert torch.equal(model.get_input_embeddings().weight, trained.float())  # the rows as trained
+        ids = tok.encode("the zorblax will quuxify the flibbertigibbet", add_special_tokens=False)
+        assert any(i >= trained.shape[0] - 3 for i in ids)
+        assert torch.equal(_logits(model, ids), _logits(reference, ids))  # full-precision base + the new rows
+
+
+def test_a_4bit_base_exports_and_a_new_run_from_a_snapshot(tmp_path: Path, root: Path) -> None:
     out = tmp_path / "q"
-    proc = run_job(python_main(*_args(root, out, "llama", "hf.quantization=4bit")), tmp_path)
+    proc = run_job(python_main(*_args(root, out, "llama-tied", "hf.quantization=4bit")), tmp_path)
     assert "4bit" in proc.stderr
-    _check_rows(root, out, "llama")
+    _check_rows(root, out, "llama-tied")
+    _check_4bit_export(tmp_path, root, out, "llama-tied")
 
     # a fresh run starts from the step-8 rows, with its own optimizer and schedule from step 0
     again = tmp_path / "again"
     snapshot = out / "embeddings" / "step_00000008"
-    args = [a for a in _args(root, again, "llama", "hf.quantization=4bit") if not a.startswith("vocab.lexicon")]
+    args = [a for a in _args(root, again, "llama-tied", "hf.quantization=4bit") if not a.startswith("vocab.lexicon")]
     proc = run_job(python_main(*args, f"vocab.from_snapshot={snapshot}", "train.steps=4"), tmp_path)
     assert f"new embedding rows from {snapshot} (step 8)" in proc.stderr
     first = next(r for r in read_rows(again) if "loss" in r)

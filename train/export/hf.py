@@ -254,15 +254,23 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
+_EMBEDDING_KEYS = ("embed_tokens.weight", "wte.weight", "lm_head.weight")
+"""What a vocabulary extension trains (input rows, and an untied head's rows)."""
+
+
 def _load_trained(model: torch.nn.Module, state: dict[str, torch.Tensor], tag_dir: Path, base: Path, *,
                   partial: bool) -> None:
     """Put a run's trained weights (`model.`-prefixed wrapper names) into the base model loaded from ``base``.
 
     partial: the checkpoint holds only what trained (a vocabulary extension: the resized embedding rows; the
-    frozen rest is the base's own), and the embedding is resized to the checkpoint's rows first.
+    frozen rest is the base's own), and the embedding is resized to the checkpoint's rows first. ``model`` is the
+    base in full precision, also for a 4-bit run: the export is that base with the trained rows (a tied head
+    stays tied), and the quantization constants a 4-bit run's checkpoint carries are not used.
     """
     state = {k.removeprefix("model."): v for k, v in state.items()}
-    embed = next((v for k, v in state.items() if k.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if partial:  # a quantized base's constants (absmax, quant_map, ...) ride along: the body is the base's own
+        state = {k: v for k, v in state.items() if k.endswith(_EMBEDDING_KEYS)}
+    embed = next((v for k, v in state.items() if k.endswith(_EMBEDDING_KEYS[:2])), None)
     if partial and embed is not None and embed.shape[0] != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(embed.shape[0], mean_resizing=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
