@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from model.args import ModelConfigError
 from tools import ToolParser, report_error
 from train.data.corpus import DataError
-from train.eval.rerank import RerankError, Settings, run
+from train.eval.rerank import RerankError, Settings, check_settings, run
 
 PROG = "evaluate_generations"
 
@@ -37,7 +37,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="HF causal-LM directory (config, weights, tokenizer)")
     p.add_argument("--data", required=True, help="JSONL of {prompt, answer | answers}")
-    p.add_argument("--metrics", default="numeric", help="comma-separated kinds among em, f1, numeric (default numeric)")
+    p.add_argument("--metrics", default="numeric",
+                   help="comma-separated kinds among em, f1, numeric, rouge (default numeric)")
+    p.add_argument("--plain", action="store_true", help="prompts as written, without the chat scaffold")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="cut answers before this string (repeatable; '\\n' is a newline)")
+    p.add_argument("--no-stem", action="store_true", help="ROUGE without the Porter stemmer")
+    p.add_argument("--labels", default=None, help="comma-separated label set: classification mode")
     p.add_argument("--n", type=int, default=1, help="answers sampled per prompt (default 1: plain evaluation)")
     p.add_argument("--verifier", default=None, help="HF *ForSequenceClassification directory (1 output); needed for N > 1")
     p.add_argument("--max-new-tokens", type=int, default=64, help="generated tokens per answer, at most (default 64)")
@@ -58,8 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 1.0)
     kinds = tuple(k.strip() for k in args.metrics.split(",") if k.strip())
+    stop = tuple(text.encode("utf-8").decode("unicode_escape") for text in args.stop)
+    labels = tuple(x.strip() for x in args.labels.split(",") if x.strip()) if args.labels is not None else ()
+    if args.labels is not None and len(labels) < 2:
+        return _fail(f"--labels={args.labels!r}: give two or more comma-separated labels")
     settings = Settings(n=args.n, max_new_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k,
-                        seed=args.seed, kinds=kinds)
+                        seed=args.seed, kinds=kinds, plain=args.plain, stop=stop, stem=not args.no_stem,
+                        labels=labels)
     import torch
 
     try:
@@ -67,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         return _fail(f"--device={args.device}: {err}")
     try:
+        check_settings(settings, args.verifier is not None)
         metrics = run(args.policy, args.data, settings, verifier=args.verifier, out_dir=args.out, device=device)
     except (RerankError, ModelConfigError, DataError) as err:
         return _fail(str(err))

@@ -166,10 +166,10 @@ def test_rouge_by_hand() -> None:
     # ref [the cat sat on the mat], pred [the cat sat]: unigrams 3/3 vs 3/6 -> F 2/3; bigrams 2/2 vs 2/5
     # -> F 4/7; LCS 3 -> F 2/3
     assert rouge("the cat sat", "the cat sat on the mat") == pytest.approx(
-        {"rouge1": 2 / 3, "rouge2": 4 / 7, "rougeL": 2 / 3})
+        {"rouge1": 2 / 3, "rouge2": 4 / 7, "rougeL": 2 / 3, "rougeLsum": 2 / 3})
     # same words, other order: unigrams 4/4; bigrams "the gunman", "police killed" 2/3; LCS 2 -> 1/2
     assert rouge("the gunman police killed", "police killed the gunman") == pytest.approx(
-        {"rouge1": 1.0, "rouge2": 2 / 3, "rougeL": 0.5})
+        {"rouge1": 1.0, "rouge2": 2 / 3, "rougeL": 0.5, "rougeLsum": 0.5})
     # several references: the best per type
     assert rouge("the cat sat", ["a dog barked", "the cat sat on the mat"])["rouge1"] == pytest.approx(2 / 3)
 
@@ -210,7 +210,8 @@ def test_evaluate_generations_by_hand(tmp_path: Path) -> None:
 
 def test_evaluate_generations_rouge_and_defaults() -> None:
     metrics, rows = evaluate_generations(["the cat sat"], ["the cat sat on the mat"], kinds=("rouge",))
-    assert metrics == pytest.approx({"rouge1": 200 / 3, "rouge2": 400 / 7, "rougeL": 200 / 3, "count": 1})
+    assert metrics == pytest.approx({"rouge1": 200 / 3, "rouge2": 400 / 7, "rougeL": 200 / 3, "rougeLsum": 200 / 3,
+                                     "count": 1})
     assert rows[0]["id"] == 0 and "prompt" not in rows[0] and "extracted" not in rows[0]
 
 

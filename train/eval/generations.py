@@ -33,12 +33,13 @@ from train.eval.text import (
     check_text,
     exact_match,
     extract_number,
+    normalize_answer,
     numeric_match,
     token_f1,
 )
 
 KINDS = ("em", "f1", "numeric", "rouge")
-"""Metric kinds of `evaluate_generations`; "rouge" yields rouge1, rouge2 and rougeL."""
+"""Metric kinds of `evaluate_generations`; "rouge" yields rouge1, rouge2, rougeL and rougeLsum."""
 PERCENT = 100.0
 """Scale of corpus-level generation metrics (percentages, as SQuAD reports)."""
 
@@ -207,3 +208,36 @@ def read_predictions(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a predictions JSONL file, in order."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def match_label(prediction: str, labels: Sequence[str]) -> str | None:
+    """The label a generated answer names: after SQuAD normalisation, the longest label the answer starts with,
+    else the label that occurs first in it as whole words; None when it names none."""
+    pred = normalize_answer(check_text(prediction, "prediction"))
+    norm = {label: normalize_answer(label) for label in labels}
+    starts = [label for label, n in norm.items() if n and (pred == n or pred.startswith(n + " "))]
+    if starts:
+        return max(starts, key=lambda label: len(norm[label]))
+    padded = f" {pred} "
+    found = [(padded.find(f" {n} "), label) for label, n in norm.items() if n and f" {n} " in padded]
+    return min(found)[1] if found else None
+
+
+def classification_metrics(predicted: Sequence[str | None], gold: Sequence[str],
+                           labels: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 (the unweighted mean of each label's F1), as percentages, plus "count" and
+    "unmatched" (answers naming no label: wrong, and a miss for their gold label)."""
+    if len(predicted) != len(gold) or not gold:
+        raise EvalInputError(f"predicted has {len(predicted)} entries and gold {len(gold)}; give one per example")
+    unknown = sorted({g for g in gold if g not in labels})
+    if unknown:
+        raise EvalInputError(f"gold label {unknown[0]!r} is not in the label set {list(labels)}")
+    f1s = []
+    for label in labels:
+        tp = sum(p == label and g == label for p, g in zip(predicted, gold))
+        fp = sum(p == label and g != label for p, g in zip(predicted, gold))
+        fn = sum(p != label and g == label for p, g in zip(predicted, gold))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    accuracy = sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+    return {"accuracy": PERCENT * accuracy, "macro_f1": PERCENT * sum(f1s) / len(f1s), "count": len(gold),
+            "unmatched": sum(p is None for p in predicted)}

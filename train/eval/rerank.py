@@ -34,7 +34,14 @@ from train.data.collators import collate_lm
 from train.data.corpus import DataError
 from train.data.supervised import Renderer, read_jsonl
 from train.data.tokenizer import load_tokenizer, same_tokenizer, tokenizer_identity
-from train.eval.generations import KINDS, evaluate_generations, summarize, write_predictions
+from train.eval.generations import (
+    KINDS,
+    classification_metrics,
+    evaluate_generations,
+    match_label,
+    summarize,
+    write_predictions,
+)
 from train.eval.text import EvalInputError, extract_number
 
 VIEWS = ("best_of_n", "first", "oracle")
@@ -63,7 +70,11 @@ class Settings:
     temperature: float = 0.0  # 0 = greedy (only with n = 1)
     top_k: int | None = None  # sample among the k most likely tokens, or None
     seed: int = 0  # prompt i samples with a generator seeded seed + i
-    kinds: tuple[str, ...] = ("numeric",)  # metric kinds of `evaluate_generations` ("em", "f1", "numeric")
+    kinds: tuple[str, ...] = ("numeric",)  # metric kinds of `evaluate_generations` ("em", "f1", "numeric", "rouge")
+    plain: bool = False  # the prompt as written (few-shot text), no chat scaffold; the tokenizer's own BOS only
+    stop: tuple[str, ...] = ()  # an answer is cut before the first of these strings (e.g. "\n" after few-shot)
+    stem: bool = True  # ROUGE with the Porter stemmer
+    labels: tuple[str, ...] = ()  # classification: answers are mapped to one of these; accuracy and macro-F1
 
 
 def check_settings(s: Settings, has_verifier: bool) -> None:
@@ -82,16 +93,20 @@ def check_settings(s: Settings, has_verifier: bool) -> None:
                           f"temperature > 0")
     if s.top_k is not None and s.top_k < 1:
         raise RerankError(f"top_k={s.top_k} must be >= 1")
-    bad = [k for k in s.kinds if k not in KINDS or k == "rouge"]
+    bad = [k for k in s.kinds if k not in KINDS]
     if bad or not s.kinds:
-        raise RerankError(f"metrics={list(s.kinds)}: choose one or more of em, f1, numeric")
+        raise RerankError(f"metrics={list(s.kinds)}: choose one or more of {', '.join(KINDS)}")
+    if s.labels and (s.n > 1 or len(set(s.labels)) != len(s.labels) or len(s.labels) < 2):
+        raise RerankError(f"labels={list(s.labels)}: classification takes two or more distinct labels and n=1")
+    if any(not text for text in s.stop):
+        raise RerankError("stop: an empty stop string would cut every answer to nothing; remove it")
 
 
-def read_items(path: str | Path, kinds: Sequence[str] = ()) -> list[Item]:
+def read_items(path: str | Path, kinds: Sequence[str] = (), labels: Sequence[str] = ()) -> list[Item]:
     """The rows of a JSONL file as Items; a row without a prompt or an answer is a RerankError naming its
     line.
 
-    With the "numeric" kind every reference must hold a number.
+    With the "numeric" kind every reference must hold a number; with `labels`, the first must be one of them.
     """
     items: list[Item] = []
     try:
@@ -111,6 +126,8 @@ def read_items(path: str | Path, kinds: Sequence[str] = ()) -> list[Item]:
                     if extract_number(ref) is None:
                         raise RerankError(f"{where}: reference {ref!r:.80} holds no number, which the "
                                           "'numeric' metric needs; choose --metrics em,f1 for this data")
+            if labels and refs[0] not in labels:
+                raise RerankError(f"{where}: the answer {refs[0]!r:.80} is not one of the labels {list(labels)}")
             items.append(Item(row.get("id", len(items)), prompt, refs))
     except DataError as err:
         raise RerankError(str(err)) from None
@@ -179,7 +196,10 @@ def sample_answers(policy: CausalLM, renderer: Renderer, prompt: str, settings: 
     if limit < 1:
         raise RerankError(f"max_new_tokens={settings.max_new_tokens} leaves no room for a prompt in the "
                           f"policy's {policy.max_seq_len} positions")
-    ids = renderer.prompt([{"role": "user", "content": prompt}])[-limit:]
+    if settings.plain:  # few-shot text as written: no chat template, no "user:" scaffold
+        ids = renderer.tokenizer(prompt)["input_ids"][-limit:]
+    else:
+        ids = renderer.prompt([{"role": "user", "content": prompt}])[-limit:]
     device = next(policy.parameters()).device
     input_ids = torch.tensor([ids] * settings.n, dtype=torch.long, device=device)  # (N, T)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -189,7 +209,9 @@ def sample_answers(policy: CausalLM, renderer: Renderer, prompt: str, settings: 
     answers = []
     for row in out[:, len(ids):].tolist():
         cut = row.index(eos) if eos in row else len(row)
-        answers.append(renderer.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        text = renderer.tokenizer.decode(row[:cut], skip_special_tokens=True)
+        cuts = [text.index(stop) for stop in settings.stop if stop in text]
+        answers.append(text[:min(cuts)] if cuts else text)
     return answers
 
 
@@ -217,7 +239,7 @@ def view_metrics(rows: Sequence[dict[str, Any]], kinds: Sequence[str]) -> dict[s
     def pick(row: dict[str, Any], view: str) -> dict[str, float]:
         per_answer = [a["metrics"] for a in row["answers"]]
         if view == "oracle":
-            return {k: max(m[k] for m in per_answer) for k in kinds}
+            return {k: max(m[k] for m in per_answer) for k in per_answer[0]}  # rouge: rouge1, rouge2, ...
         return dict(per_answer[row["chosen"] if view == "best_of_n" else 0])
 
     return {view: summarize([pick(row, view) for row in rows]) for view in VIEWS}
@@ -238,7 +260,7 @@ def evaluate(items: Sequence[Item], policy: CausalLM, tokenizer: Any, scorer: Se
                   for it, ans in zip(items, answers, strict=True)]
     flat = [a for ans in answers for a in ans]
     refs = [it.references for it in items for _ in range(settings.n)]
-    per_answer = evaluate_generations(flat, refs, settings.kinds).rows
+    per_answer = evaluate_generations(flat, refs, settings.kinds, stem=settings.stem).rows
     rows: list[dict[str, Any]] = []
     for i, it in enumerate(items):
         entries = []
@@ -255,6 +277,12 @@ def evaluate(items: Sequence[Item], policy: CausalLM, tokenizer: Any, scorer: Se
                      "prediction": answers[i][chosen], "chosen": chosen,
                      "metrics": entries[chosen]["metrics"], "answers": entries})
     metrics: dict[str, Any] = {**view_metrics(rows, settings.kinds), "count": len(rows), "n": settings.n}
+    if settings.labels:  # one answer per prompt: its label against the first reference
+        predicted = [match_label(row["prediction"], settings.labels) for row in rows]
+        for row, label in zip(rows, predicted):
+            row["label"] = label
+        metrics["classification"] = {**classification_metrics(predicted, [it.references[0] for it in items],
+                                                               settings.labels), "labels": list(settings.labels)}
     if scores is not None:
         metrics["verifier_score_mean"] = sum(map(sum, scores)) / (len(items) * settings.n)
     return metrics, rows
@@ -277,7 +305,7 @@ def run(policy: str | Path, data: str | Path, settings: Settings, *, verifier: s
     """Check every input, load the models, evaluate and write metrics.json / predictions.jsonl to `out_dir`
     (default `<policy>/eval`); returns the metrics (with the settings under "settings")."""
     check_settings(settings, verifier is not None)
-    items = read_items(data, settings.kinds)
+    items = read_items(data, settings.kinds, settings.labels)
     check_model_dirs(policy, verifier)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, scorer = load_models(policy, verifier, device)
@@ -285,7 +313,8 @@ def run(policy: str | Path, data: str | Path, settings: Settings, *, verifier: s
         metrics, rows = evaluate(items, model, tokenizer, scorer, settings)
     except EvalInputError as err:
         raise RerankError(str(err)) from None
-    metrics["settings"] = {**asdict(settings), "kinds": list(settings.kinds), "policy": str(policy),
+    metrics["settings"] = {**asdict(settings), "kinds": list(settings.kinds), "stop": list(settings.stop),
+                           "labels": list(settings.labels), "policy": str(policy),
                            "verifier": None if verifier is None else str(verifier), "data": str(data)}
     write_results(Path(out_dir) if out_dir is not None else Path(policy) / "eval", metrics, rows)
     return metrics

@@ -15,8 +15,10 @@ after the last `####` is taken, else the last number anywhere in the text. A num
 (`1,234`), decimals (`2.50`) and one `/` fraction (`3/4` is 0.75). A sentence's final `.` is not a decimal
 point. `numeric_match` compares the extracted values with a relative and absolute tolerance.
 
-ROUGE (`rouge`) is Google's `rouge-score` package: ROUGE-1, ROUGE-2 and ROUGE-L (longest common subsequence,
-no sentence splitting, so no NLTK data is needed) F-measures, the best over the references per type.
+ROUGE (`rouge`) is Google's `rouge-score` package: ROUGE-1, ROUGE-2, ROUGE-L (longest common subsequence over
+the whole text) and ROUGE-Lsum (summary-level LCS: the union of the LCS of each reference sentence with every
+predicted sentence, sentences being the text's lines, so no NLTK data is needed) F-measures, the best over the
+references per type. ROUGE-Lsum equals ROUGE-L on one-line texts; write one sentence per line to use it.
 Its default tokenizer keeps only `[a-z0-9]` runs after lowercasing (text in other scripts scores 0): pass
 `tokenize` (e.g. `str.split`) for such text. `stem=True` applies the Porter stemmer to words of more than
 three characters.
@@ -36,7 +38,7 @@ class EvalInputError(ValueError):
     """Bad input to an evaluation helper; the message names the argument and the value."""
 
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 """The ROUGE variants `rouge` returns, as named by rouge-score."""
 
 _PUNCTUATION = frozenset(string.punctuation)
@@ -162,7 +164,7 @@ class _CallableTokenizer:
 
 
 class RougeScorer:
-    """ROUGE-1/2/L F-measures of predictions against references, built once and reused for a corpus.
+    """ROUGE-1/2/L/Lsum F-measures of predictions against references, built once and reused for a corpus.
 
     stem: Porter-stem words longer than three characters (default tokenizer only); tokenize: a function
     from text to tokens replacing rouge-score's `[a-z0-9]+` tokenizer (stemming is then not applied).
@@ -178,12 +180,12 @@ class RougeScorer:
                                                 tokenizer=tokenizer)
 
     def __call__(self, prediction: str, references: str | Sequence[str]) -> dict[str, float]:
-        """{"rouge1", "rouge2", "rougeL"}: F-measure in [0, 1], each the best over the references."""
+        """{"rouge1", "rouge2", "rougeL", "rougeLsum"}: F-measure in [0, 1], each the best over the references."""
         scores = self._scorer.score_multi(as_references(references), check_text(prediction, "prediction"))
         return {kind: float(scores[kind].fmeasure) for kind in ROUGE_TYPES}
 
 
 def rouge(prediction: str, references: str | Sequence[str], *, stem: bool = False,
           tokenize: Callable[[str], list[str]] | None = None) -> dict[str, float]:
-    """ROUGE-1/2/L F-measures of one prediction (see `RougeScorer`; build one of those for a corpus)."""
+    """ROUGE-1/2/L/Lsum F-measures of one prediction (see `RougeScorer`; build one of those for a corpus)."""
     return RougeScorer(stem=stem, tokenize=tokenize)(prediction, references)
