@@ -1,14 +1,23 @@
 """Research runs through the real entry point: an evaluation-only run of a fixed injected vector (no optimizer
-step, no checkpoint, a summary), and the best checkpoint chosen by another validation metric and direction."""
+step, no checkpoint, a summary), the best checkpoint chosen by another validation metric and direction, and a
+warm start from another run's extension weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from model import Transformer, get_preset
 from tests.conftest import python_main, read_rows, run_job
+from train.config.fields import ConfigError
+from train.config.load import load_config
+from train.research.api import RecipeContext
+from train.research.injection import Injection, InjectionOptions
+from train.research.warm_start import resolve_source, warm_start
 
 pytestmark = pytest.mark.slow
 CONFIG = "train/configs/injection.yaml"
@@ -43,3 +52,29 @@ def test_best_checkpoint_by_the_highest_logged_metric(tmp_path: Path) -> None:
     assert (out / "checkpoints" / "best").read_text().strip() == f"step_{best:08d}", evals
     lowest = min(evals, key=evals.get)
     assert lowest != best
+
+
+def test_warm_start_from_another_runs_extension(tmp_path: Path) -> None:
+    """Stage A trains the head; stage B starts from its weights with new options (an evaluation-only run here):
+    its validation equals A's final one. A head of another size is refused in one line."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--config", CONFIG, *QUIET, "research.options.source=head", "research.terms={}"]
+    run_job(python_main(*common, f"train.out_dir={a}", "train.steps=3", "train.eval_interval=0",
+                        "train.warmup_steps=1"), tmp_path)
+    proc = run_job(python_main(*common, f"train.out_dir={b}", "train.steps=0", f"research.init_from={a}",
+                               "research.options.prompts=['Again?']"), tmp_path)
+    assert "research.init_from: 4 tensors of the recipe's modules" in proc.stderr, proc.stderr[-2000:]
+    final_a = [r for r in read_rows(a) if "val_lm" in r][-1]["val_lm"]
+    assert json.loads((b / "summary.json").read_text())["val_lm"] == pytest.approx(final_a, rel=1e-6)
+
+    cfg = load_config(CONFIG, ["research.options.rank=8"])
+    ext = Injection(_native(), RecipeContext(dim=128, n_layers=4, vocab_size=512, device=torch.device("cpu"),
+                                             out_dir=b, rank=0, seed=0, config=cfg), InjectionOptions(rank=8))
+    with pytest.raises(ConfigError, match=r"head.down_bias has shape \(16,\) there and \(8,\) in this run"):
+        warm_start(ext, resolve_source(a))
+    with pytest.raises(ConfigError, match="research.init_from=.*no such directory"):
+        resolve_source(tmp_path / "missing")
+
+
+def _native() -> torch.nn.Module:
+    return Transformer(dataclasses.replace(get_preset("test-1m"), vocab_size=512))

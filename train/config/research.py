@@ -26,6 +26,9 @@ class ResearchSection:
                                   "off.")
     options: dict[str, Any] = _f({}, "The recipe's own options (its Options dataclass; unknown keys are "
                                      "refused).")
+    init_from: str | None = _f(None, "Warm start: the recipe's own modules from another run of it (a run dir: its "
+                                     "newest verified checkpoint, or a checkpoint dir), shapes checked; new "
+                                     "options, fresh optimizer from step 0.")
     freeze_base: bool = _f(True, "Freeze the base model's weights (LoRA adapters on an hf.path base still "
                                  "train).")
     terms: dict[str, dict[str, Any]] = _f({}, "Per loss term, overrides of its weight schedule: {name: "
@@ -47,7 +50,7 @@ class ResearchSection:
             raise ConfigError(f"research.diagnostics_interval={self.diagnostics_interval}: must be >= 0 "
                               f"(0: off).")
         if self.recipe is None:
-            for key in ("options", "terms", "groups"):
+            for key in ("options", "terms", "groups", "init_from"):
                 if getattr(self, key):
                     raise ConfigError(f"research.{key} is set but research.recipe is not: name a recipe "
                                       f"('injection', 'complex' or 'package.module:Class') or remove "

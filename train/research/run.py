@@ -34,6 +34,7 @@ from train.research.api import (
     resolve_terms,
     weigh_terms,
 )
+from train.research.warm_start import resolve_source, warm_start
 
 log = logging.getLogger("tessera")
 
@@ -45,6 +46,7 @@ class ResearchPlan:
     cls: type[Extension]
     options: Any
     terms: dict[str, Term]
+    init_from: Path | None = None  # the checkpoint the recipe's modules warm-start from (research.init_from)
 
 
 def plan_research(cfg: JobConfig, *, dim: int, n_layers: int, vocab_size: int) -> ResearchPlan:
@@ -57,7 +59,8 @@ def plan_research(cfg: JobConfig, *, dim: int, n_layers: int, vocab_size: int) -
                         out_dir=Path(cfg.train.out_dir), rank=0, seed=cfg.train.seed, config=cfg)
     cls.check(options, ctx)
     check_best_metric(cfg.train.best_metric, cls, options, terms)
-    return ResearchPlan(cls, options, terms)
+    source = resolve_source(r.init_from) if r.init_from is not None else None
+    return ResearchPlan(cls, options, terms, source)
 
 
 def check_best_metric(name: str, cls: type[Extension], options: Any, terms: dict[str, Term]) -> None:
@@ -272,7 +275,12 @@ def build_research(rp: ResearchPlan, cfg: JobConfig, base: nn.Module | None, *, 
                         seed=cfg.train.seed, lm_loss=loss_fn, forward_kwargs=forward_kwargs(loss_fn),
                         tp_ctx=tp_ctx if split else None, tokenizer=load_tokenizer(tokenizer_dir), config=cfg,
                         terms=rp.terms, val_data=val_data)
-    return build_extension(rp, base, ctx, freeze_base=cfg.research.freeze_base)
+    ext = build_extension(rp, base, ctx, freeze_base=cfg.research.freeze_base)
+    if rp.init_from is not None:
+        started = warm_start(ext, rp.init_from)
+        if rank == 0:
+            log.info("%s", started.describe())
+    return ext
 
 
 def research_objective(rp: ResearchPlan, cfg: JobConfig, ext: Extension, *, out_dir: Path, rank: int,
