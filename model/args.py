@@ -13,8 +13,8 @@ class ModelConfigError(ValueError):
     """An invalid model configuration; the message names the field, its value and the fix."""
 
 
-RopeType = Literal["default", "linear", "llama3"]
-ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
+RopeType = Literal["default", "linear", "llama3", "yarn"]
+ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 """RoPE frequency schemes the model computes (transformers' `rope_type` names)."""
 
 
@@ -76,15 +76,23 @@ class ModelArgs:
         default=None, metadata={"help": "layers that use sliding_window; None: every layer (Mistral)"}
     )
     rope_type: RopeType = field(
-        default="default", metadata={"help": "RoPE frequencies: 'default', 'linear' or 'llama3' (Llama 3.1+)"}
+        default="default", metadata={"help": "RoPE frequencies: 'default', 'linear', 'llama3' (Llama 3.1+) or 'yarn'"}
     )
     rope_factor: float = field(
-        default=1.0, metadata={"help": "rope_type 'linear' / 'llama3': context extension factor"}
+        default=1.0, metadata={"help": "rope_type 'linear' / 'llama3' / 'yarn': context extension factor"}
     )
     rope_low_freq_factor: float = field(default=1.0, metadata={"help": "rope_type 'llama3': low_freq_factor"})
     rope_high_freq_factor: float = field(default=4.0, metadata={"help": "rope_type 'llama3': high_freq_factor"})
     rope_original_max_seq_len: int = field(
-        default=8192, metadata={"help": "rope_type 'llama3': original_max_position_embeddings of pretraining"}
+        default=8192, metadata={"help": "rope_type 'llama3' / 'yarn': original_max_position_embeddings"}
+    )
+    rope_beta_fast: float = field(default=32.0, metadata={"help": "rope_type 'yarn': beta_fast (rotations)"})
+    rope_beta_slow: float = field(default=1.0, metadata={"help": "rope_type 'yarn': beta_slow (rotations)"})
+    rope_attention_factor: float | None = field(
+        default=None, metadata={"help": "rope_type 'yarn': scale of cos/sin; None: 0.1 * ln(rope_factor) + 1"}
+    )
+    rope_truncate: bool = field(
+        default=True, metadata={"help": "rope_type 'yarn': round the correction range to whole dimensions"}
     )
 
     def __post_init__(self) -> None:
@@ -141,13 +149,17 @@ class ModelArgs:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to a positive integer")
         for name, value in {"tie_embeddings": self.tie_embeddings, "attn_sinks": self.attn_sinks,
-                            "attn_bias": self.attn_bias, "o_bias": self.o_bias, "qk_norm": self.qk_norm}.items():
+                            "attn_bias": self.attn_bias, "o_bias": self.o_bias, "qk_norm": self.qk_norm,
+                            "rope_truncate": self.rope_truncate}.items():
             if not isinstance(value, bool):
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to true or false")
         for name, value in {"norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
                             "init_std": self.init_std, "rope_factor": self.rope_factor,
                             "rope_low_freq_factor": self.rope_low_freq_factor,
-                            "rope_high_freq_factor": self.rope_high_freq_factor}.items():
+                            "rope_high_freq_factor": self.rope_high_freq_factor,
+                            "rope_beta_fast": self.rope_beta_fast, "rope_beta_slow": self.rope_beta_slow,
+                            **({"rope_attention_factor": self.rope_attention_factor}
+                               if self.rope_attention_factor is not None else {})}.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to a positive number")
         if not 0.0 <= self.dropout < 1.0:

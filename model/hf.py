@@ -20,6 +20,7 @@ transformers and safetensors are imported only inside the functions that need th
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,11 +75,16 @@ def _hf_config_fields(args: ModelArgs) -> dict[str, Any]:
             "attn_sinks=False to export it"
         )
     rope: dict[str, Any] = {"rope_type": args.rope_type, "rope_theta": args.rope_theta}
-    if args.rope_type in ("linear", "llama3"):
+    if args.rope_type != "default":
         rope["factor"] = args.rope_factor
     if args.rope_type == "llama3":
         rope.update(low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
                     original_max_position_embeddings=args.rope_original_max_seq_len)
+    if args.rope_type == "yarn":
+        rope.update(original_max_position_embeddings=args.rope_original_max_seq_len, beta_fast=args.rope_beta_fast,
+                    beta_slow=args.rope_beta_slow, truncate=args.rope_truncate)
+        if args.rope_attention_factor is not None:
+            rope["attention_factor"] = args.rope_attention_factor
     return {
         "vocab_size": args.vocab_size,
         "hidden_size": args.dim,
@@ -182,10 +188,10 @@ def _rope_fields(config: Any) -> dict[str, Any]:
     `rope_theta`); a scheme the native model lacks is refused naming the field."""
     rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
         raise ModelConfigError(
             f"HF config rope_parameters.rope_type={rope_type!r} is not supported by the native model (it computes "
-            f"default, linear and llama3 RoPE): load it with hf.path (transformers) instead"
+            f"default, linear, llama3 and yarn RoPE): load it with hf.path (transformers) instead"
         )
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     if partial not in (None, 1.0):
@@ -195,13 +201,34 @@ def _rope_fields(config: Any) -> dict[str, Any]:
     if theta is None:
         raise ModelConfigError("HF config has no rope_theta: set config.rope_theta (10000.0 for Llama 2)")
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_type": rope_type}
-    if rope_type != "default":
+    if rope_type == "yarn":
+        out.update(_yarn_fields(config, rope))
+    elif rope_type != "default":
         out["rope_factor"] = float(rope["factor"])
     if rope_type == "llama3":
         out.update(rope_low_freq_factor=float(rope["low_freq_factor"]),
                    rope_high_freq_factor=float(rope["high_freq_factor"]),
                    rope_original_max_seq_len=int(rope["original_max_position_embeddings"]))
     return out
+
+
+def _yarn_fields(config: Any, rope: dict[str, Any]) -> dict[str, Any]:
+    """ModelArgs' YaRN fields, with transformers' defaults (factor from the context ratio, beta 32 / 1, the
+    cos/sin scale from mscale / mscale_all_dim when both are given)."""
+    original = int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+    factor = float(rope.get("factor") or config.max_position_embeddings / original)
+    attention = rope.get("attention_factor")
+    mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all:
+        attention = _mscale(factor, mscale) / _mscale(factor, mscale_all)
+    return {"rope_factor": factor, "rope_original_max_seq_len": original,
+            "rope_beta_fast": float(rope.get("beta_fast") or 32), "rope_beta_slow": float(rope.get("beta_slow") or 1),
+            "rope_attention_factor": None if attention is None else float(attention),
+            "rope_truncate": bool(rope.get("truncate", True))}
+
+
+def _mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def _attention_fields(config: Any, model_type: str) -> dict[str, Any]:

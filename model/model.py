@@ -31,7 +31,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.attention import attention
 from model.cache import KVCache
-from model.ops import apply_rope, precompute_rope, rms_norm, rope_inv_freq, swiglu
+from model.ops import apply_rope, precompute_rope, rms_norm, rope_inv_freq, swiglu, yarn_attention_factor
 
 
 class RMSNorm(nn.Module):
@@ -55,8 +55,13 @@ def rope_tables(args: ModelArgs, device: torch.device | str | None = None) -> tu
     head_dim = int(args.head_dim)  # type: ignore[arg-type]
     inv_freq = rope_inv_freq(head_dim, args.rope_theta, rope_type=args.rope_type, factor=args.rope_factor,
                              low_freq_factor=args.rope_low_freq_factor, high_freq_factor=args.rope_high_freq_factor,
-                             original_max_seq_len=args.rope_original_max_seq_len, device=device)
-    return precompute_rope(head_dim, args.max_seq_len, args.rope_theta, device=device, inv_freq=inv_freq)
+                             original_max_seq_len=args.rope_original_max_seq_len, beta_fast=args.rope_beta_fast,
+                             beta_slow=args.rope_beta_slow, truncate=args.rope_truncate, device=device)
+    cos, sin = precompute_rope(head_dim, args.max_seq_len, args.rope_theta, device=device, inv_freq=inv_freq)
+    if args.rope_type != "yarn":
+        return cos, sin
+    scale = yarn_attention_factor(args.rope_factor, args.rope_attention_factor)
+    return cos * scale, sin * scale
 
 
 class Attention(nn.Module):

@@ -37,13 +37,18 @@ def rope_inv_freq(
     low_freq_factor: float = 1.0,
     high_freq_factor: float = 4.0,
     original_max_seq_len: int = 8192,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    truncate: bool = True,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Inverse frequencies (head_dim / 2,) of RoPE, float32, as transformers computes them per `rope_type`.
 
     'default': theta^(-2i/D). 'linear': divided by `factor` (positions stretched). 'llama3' (Llama 3.1+):
     wavelengths longer than original_max_seq_len / low_freq_factor are divided by `factor`, those shorter
-    than original_max_seq_len / high_freq_factor kept, and the band between interpolated smoothly.
+    than original_max_seq_len / high_freq_factor kept, and the band between interpolated smoothly. 'yarn':
+    dimensions that turn fewer than beta_slow times over original_max_seq_len are divided by `factor`, those
+    turning more than beta_fast times kept, a linear ramp between (the cos/sin scale is `yarn_attention_factor`).
     """
     if head_dim % 2:
         raise ValueError(f"head_dim={head_dim} must be even for RoPE: make dim / n_heads even")
@@ -53,8 +58,11 @@ def rope_inv_freq(
         return inv_freq
     if rope_type == "linear":
         return inv_freq / factor
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, factor, original_max_seq_len, beta_fast, beta_slow,
+                              truncate)
     if rope_type != "llama3":
-        raise ValueError(f"rope_type={rope_type!r} is not supported: use default, linear or llama3")
+        raise ValueError(f"rope_type={rope_type!r} is not supported: use default, linear, llama3 or yarn")
     low_freq_wavelen = original_max_seq_len / low_freq_factor
     high_freq_wavelen = original_max_seq_len / high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -63,6 +71,31 @@ def rope_inv_freq(
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, factor: float, original: int,
+                   beta_fast: float, beta_slow: float, truncate: bool) -> torch.Tensor:
+    """YaRN's blend of interpolated (divided by factor) and extrapolated (kept) frequencies (D/2,)."""
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over `original` tokens
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = (1 - ramp).to(inv_freq.device)  # 1: extrapolate (keep), 0: interpolate
+    return (inv_freq / factor) * (1 - keep) + inv_freq * keep
+
+
+def yarn_attention_factor(factor: float, attention_factor: float | None = None) -> float:
+    """The cos/sin scale of YaRN: `attention_factor` when given, else 0.1 * ln(factor) + 1 (1 for factor <= 1)."""
+    if attention_factor is not None:
+        return attention_factor
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def precompute_rope(

@@ -97,9 +97,9 @@ def _edit_config(path: Path, **changes: Any) -> None:
 
 
 def test_import_refusals_are_clear(tmp_path: Path) -> None:
-    yarn = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0, "original_max_position_embeddings": 32}
-    save_tiny_hf("llama", tmp_path / "scaled", rope_parameters=yarn)
-    with pytest.raises(ModelConfigError, match="rope_parameters.rope_type='yarn' is not supported"):
+    dynamic = {"rope_type": "dynamic", "rope_theta": 500000.0, "factor": 4.0}
+    save_tiny_hf("llama", tmp_path / "scaled", rope_parameters=dynamic)
+    with pytest.raises(ModelConfigError, match="rope_parameters.rope_type='dynamic' is not supported"):
         load_hf_pretrained(tmp_path / "scaled")
 
     save_tiny_hf("mistral", tmp_path / "window", sliding_window=16)  # a window is imported, not refused
@@ -251,8 +251,9 @@ def test_import_cli_reports_and_refuses(tmp_path: Path, capsys: Any) -> None:
     report = json.loads(capsys.readouterr().out)
     assert report["model_type"] == "qwen2" and report["model_args"]["attn_bias"] is True
     assert report["max_logit_diff"] < 1e-5 and report["num_params"] > 0
-    save_tiny_hf("llama", tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0})
+    save_tiny_hf("llama", tmp_path / "dynamic", rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
+                                                                  "factor": 2.0})
     capsys.readouterr()
-    assert import_cli.main([str(tmp_path / "yarn")]) == 2
+    assert import_cli.main([str(tmp_path / "dynamic")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tessera: error: ") and "rope_type='yarn'" in err and err.count("\n") == 1
+    assert err.startswith("tessera: error: ") and "rope_type='dynamic'" in err and err.count("\n") == 1

@@ -102,7 +102,7 @@ def test_head_dim_is_derived_again_after_replace_and_new_fields_validate() -> No
     for bad, name in (({"head_dim": 7}, "head_dim"), ({"sliding_window": 0}, "sliding_window"),
                       ({"sliding_layers": [5], "sliding_window": 4}, "sliding_layers"),
                       ({"sliding_layers": [0]}, "sliding_layers"), ({"o_bias": True}, "o_bias"),
-                      ({"rope_type": "yarn"}, "rope_type"), ({"rope_factor": 0.0}, "rope_factor"),
+                      ({"rope_type": "dynamic"}, "rope_type"), ({"rope_factor": 0.0}, "rope_factor"),
                       ({"rope_type": "llama3", "rope_low_freq_factor": 4.0}, "rope_high_freq_factor")):
         with pytest.raises(ModelConfigError, match=name):
             dataclasses.replace(base, **bad).validate()
@@ -135,12 +135,12 @@ def test_import_check_names_what_stops_the_native_path(family_dirs: dict[str, Pa
     line = capsys.readouterr().out
     assert line.startswith("native: yes (qwen3: ") and "q/k norm" in line and "head_dim 16" in line
     config = json.loads((family_dirs["llama3"] / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").write_bytes((family_dirs["llama3"] / "model.safetensors").read_bytes())
     assert import_cli.main(["--check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
-    assert out.startswith("native: no: ") and "rope_type='yarn'" in out and out.count("\n") == 1
+    assert out.startswith("native: no: ") and "rope_type='dynamic'" in out and out.count("\n") == 1
 
 
 def _flash_varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
@@ -200,3 +200,34 @@ def test_activation_checkpointing_keeps_each_familys_gradients(mode: str, family
             model(ids).logsumexp(-1).mean().backward()
         for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
             assert torch.allclose(a.grad, b.grad, atol=1e-6), f"{family} {mode}: {name}"
+
+
+@pytest.mark.parametrize("rope", [{}, {"attention_factor": 1.3, "beta_fast": 16.0, "truncate": False},
+                                  {"mscale": 1.0, "mscale_all_dim": 0.5}], ids=["defaults", "explicit", "mscale"])
+def test_yarn_rope_matches_transformers_and_exports(rope: dict[str, object], tmp_path: Path) -> None:
+    """Qwen2.5 / Qwen3 long-context configs: YaRN frequencies and cos/sin scale, imported and written back."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.family_models import family_config, perturb
+
+    config = family_config("qwen3")
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 16, **rope}
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    perturb(ref, 0)
+    ref.eval().save_pretrained(tmp_path / "yarn")
+    args, state = load_hf_pretrained(tmp_path / "yarn")
+    assert args.rope_type == "yarn" and args.rope_factor == 4.0
+    model = Transformer(args).eval()
+    model.load_state_dict(state)
+    ids = sample_ids(args.vocab_size)
+    with torch.no_grad():
+        assert (model(ids) - ref(ids).logits).abs().max().item() < TOL
+        plain = Transformer(dataclasses.replace(args, rope_type="default")).eval()
+        plain.load_state_dict(state)
+        assert (plain(ids) - ref(ids).logits).abs().max().item() > 1e-2  # the scaling is seen
+    exported = AutoModelForCausalLM.from_config(to_hf_config(args), dtype=torch.float32).eval()
+    exported.load_state_dict(to_hf_state_dict(model.state_dict()))
+    with torch.no_grad():
+        assert (model(ids) - exported(ids).logits).abs().max().item() < TOL

@@ -99,8 +99,8 @@ def test_unsupported_configs_are_refused() -> None:
     with pytest.raises(ModelConfigError, match="hidden_act"):
         args_from_hf_config(config)
     config = to_hf_llama_config(small_args())
-    config.rope_parameters = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}
-    with pytest.raises(ModelConfigError, match="rope_type='yarn'"):
+    config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    with pytest.raises(ModelConfigError, match="rope_type='dynamic'"):
         args_from_hf_config(config)
 
 
