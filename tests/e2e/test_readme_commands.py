@@ -5,8 +5,9 @@ comments dropped), classified, and run in order in one working directory that mi
 top-level entries linked in), so a later command finds what an earlier one made (`tok/`, `runs/shakespeare`,
 `models/tiny`) and nothing is written into the repository. What is changed before running, and only that:
 
-- training launches get `train.steps=2` appended unless they set `train.steps` themselves (`tools/bench.py
-  train-step`: `--steps 2 --warmup 1`), and torchrun / deepspeed a free `--master_port`;
+- training launches get `train.steps=2` appended, or their own `train.steps` set to 4 (a resumed run that is
+  extended still trains more), `tools/bench.py train-step` `--steps 2 --warmup 1`, and torchrun / deepspeed a
+  free `--master_port`;
 - `slurm/submit.py` submissions get `--dry-run` (everything is checked, nothing queued: there is no cluster
   in this test);
 - `python`, `torchrun`, `deepspeed` are this interpreter's.
@@ -186,8 +187,13 @@ def runnable(cmd: Command, kind: str) -> list[str]:
         argv[:1] = [sys.executable, "-m", "torch.distributed.run", "--master_port", str(free_port())]
     elif argv[0] == "deepspeed":
         argv[:1] = [str(Path(sys.executable).parent / "deepspeed"), "--master_port", str(free_port())]
-    if kind == "train" and not any(w.startswith("train.steps=") for w in argv):  # an explicit count is kept
-        argv.append("train.steps=2")
+    if kind == "train":
+        # a command that sets its own count (extending a resumed run) still trains more than the others' 2 steps
+        explicit = [i for i, w in enumerate(argv) if w.startswith("train.steps=")]
+        for i in explicit:
+            argv[i] = "train.steps=4"
+        if not explicit:
+            argv.append("train.steps=2")
     elif kind == "tool" and argv[1:3] == ["tools/bench.py", "train-step"]:
         argv += ["--steps", "2", "--warmup", "1"]
     elif kind == "submit" and "--dry-run" not in argv and "profiles" not in argv and "summary" not in argv:
