@@ -144,7 +144,7 @@ def _setup_stream(d: DataSection) -> DataBundle:
     assert d.tokenizer is not None  # validate() requires it for corpus='stream'
     tok_dir = Path(d.tokenizer)
     tok_id = tokenizer_identity(tok_dir)
-    sources = tuple(StreamSource(str(e["path"]), float(e["weight"])) for e in d.blend)
+    sources = tuple(StreamSource(str(e["path"]), float(e["weight"]), e.get("max_docs")) for e in d.blend)
     for source in sources:
         source_files(source.path)
     sep_id = _separator_id(tok_dir, "")
@@ -289,7 +289,7 @@ def _stream_datasets(d: DataSection, t: TrainSection, bundle: DataBundle) -> tup
     """The stream, with its first ``data.stream_val_samples`` samples held out for validation."""
     stream = TokenStream(bundle.sources, tokenizer_file=str(bundle.tokenizer_dir / "tokenizer.json"),
                          separator_id=bundle.separator_id, seq_len=d.seq_len, seed=t.seed,
-                         text_field=d.text_field)
+                         text_field=d.text_field, blend_by=d.blend_by)
     val = HeldOutSamples(stream.take(d.stream_val_samples), bundle.separator_id, d.doc_mask)
     return StreamStart(stream, {"consumed": 0, "stream": stream.state_dict()}), val
 

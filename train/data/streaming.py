@@ -2,11 +2,19 @@
 
 Each source (a file, a glob of files, or a dataset directory) becomes a streaming `IterableDataset`
 of its text column: `.jsonl`/`.json` and `.parquet` give one document per row, a text file is one
-document (`sample_by="document"`, as in `prepare`). The sources are mixed with
-`datasets.interleave_datasets(probabilities=weights, seed=...)`; when every source has run out the
-mixture starts again (the next pass reseeded). Documents are tokenized one at a time, each followed by
-the separator, into a buffer that is cut into samples of T+1 tokens stepping by T (as `BlockDataset`
-"blocks" mode does over a prepared split).
+document (`sample_by="document"`, as in `prepare`). A source's `max_docs` keeps only its first that many
+documents (rows) in each pass. How the sources are mixed (`data.blend_by`):
+
+- "documents" (default): a source's weight is its share of the documents drawn, with
+  `datasets.interleave_datasets(probabilities=weights, seed=...)`; when every source has run out the mixture
+  starts again (the next pass reseeded).
+- "tokens": a source's weight is its share of the tokens: the next document always comes from the source
+  furthest below its share (the smallest tokens-served / weight, ties to the first source), so after any
+  prefix each source holds its share of the tokens within one document. A source that runs out (or reaches
+  `max_docs`) starts again on its own.
+
+Documents are tokenized one at a time, each followed by the separator, into a buffer that is cut into samples
+of T+1 tokens stepping by T (as `BlockDataset` "blocks" mode does over a prepared split).
 
 Every rank reads the whole mixture and keeps its slice of each global batch, so the samples of a
 step do not depend on the data-parallel size. The position is `TokenStream.state_dict()`: the
@@ -32,6 +40,8 @@ from train.data.prepare import load_encoder
 from train.data.sampler import grad_accum_steps
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BLEND_BY = ("documents", "tokens")
+"""What a streamed source's weight is a share of (`data.blend_by`)."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,8 @@ class StreamSource:
     """One source of the mixture: `path` is a file, a glob of files or a dataset directory."""
 
     path: str  # where the documents are
-    weight: float  # relative share of documents drawn from it
+    weight: float  # relative share of documents (blend_by='documents') or of tokens (blend_by='tokens')
+    max_docs: int | None = None  # at most this many of its documents (its first ones) per pass; None: all
 
 
 def source_files(path: str) -> list[Path]:
@@ -54,8 +65,8 @@ def source_files(path: str) -> list[Path]:
     return matches
 
 
-def _open_source(path: str, text_field: str) -> Any:
-    """A streaming IterableDataset of the source's documents, with one column named 'text'."""
+def _open_source(path: str, text_field: str, max_docs: int | None = None) -> Any:
+    """A streaming IterableDataset of the source's documents (its first `max_docs`), with one column 'text'."""
     import datasets
 
     files = source_files(path)
@@ -78,7 +89,8 @@ def _open_source(path: str, text_field: str) -> Any:
     if ds.column_names is not None and text_field not in ds.column_names:
         raise DataError(f"data.blend path={path!r}: no column text_field={text_field!r} (has {ds.column_names})")
     ds = ds.select_columns([text_field])
-    return ds.rename_column(text_field, "text") if text_field != "text" else ds
+    ds = ds.rename_column(text_field, "text") if text_field != "text" else ds
+    return ds.take(max_docs) if max_docs is not None else ds
 
 
 class TokenStream:
@@ -93,6 +105,7 @@ class TokenStream:
         seq_len: int,
         seed: int,
         text_field: str = "text",
+        blend_by: str = "documents",
     ) -> None:
         self.sources = list(sources)  # the mixture's sources
         self.weights = check_weights([s.weight for s in sources], "data.blend weights")  # (K,) normalised
@@ -101,11 +114,45 @@ class TokenStream:
         self.seq_len = seq_len  # T
         self.seed = seed  # seeds the interleaving
         self.text_field = text_field  # column of the documents
+        if blend_by not in BLEND_BY:
+            raise DataError(f"data.blend_by={blend_by!r}: use one of {', '.join(BLEND_BY)}")
+        self.by_tokens = blend_by == "tokens"  # weights are shares of tokens, not of documents
+        for s in self.sources:
+            if s.max_docs is not None and (isinstance(s.max_docs, bool) or not isinstance(s.max_docs, int)
+                                           or s.max_docs < 1):
+                raise DataError(f"data.blend path={s.path!r}: max_docs={s.max_docs!r} must be an integer >= 1")
         self._encoder = load_encoder(tokenizer_file)
-        self._parts = [_open_source(s.path, text_field) for s in self.sources]
+        self._parts = [_open_source(s.path, text_field, s.max_docs) for s in self.sources]
         self._pass = 0  # how many times the mixture ran out and restarted
         self._buffer: list[int] = []  # tokens read but not yet emitted
-        self._start_pass(0, None)
+        self._served = np.zeros(len(self.sources))  # blend_by='tokens': tokens drawn from each source
+        self._source = 0  # the source of the last document read
+        if self.by_tokens:
+            self._load_sources(None)
+        else:
+            self._start_pass(0, None)
+
+    def _load_sources(self, states: list[dict[str, Any]] | None) -> None:
+        """blend_by='tokens': one iterator per source, from its saved `datasets` state when given."""
+        for part, state in zip(self._parts, states or [None] * len(self._parts)):
+            if state is not None:
+                part.load_state_dict(state)
+        self._iters = [iter(part) for part in self._parts]
+
+    def _next_by_tokens(self) -> str:
+        active = np.flatnonzero(self.weights > 0)
+        i = int(active[np.argmin(self._served[active] / self.weights[active])])
+        self._source = i
+        for attempt in range(2):
+            try:
+                return next(self._iters[i])["text"]
+            except StopIteration:  # this source ran out (or reached max_docs): it starts again on its own
+                if attempt:
+                    break
+                src = self.sources[i]  # reopened: a fresh start, not the position a resume loaded
+                self._parts[i] = _open_source(src.path, self.text_field, src.max_docs)
+                self._iters[i] = iter(self._parts[i])
+        raise DataError(f"the streamed source {self.sources[i].path!r} holds no document")
 
     def _start_pass(self, n: int, hf_state: dict[str, Any] | None) -> None:
         import datasets
@@ -119,6 +166,8 @@ class TokenStream:
         self._rows = iter(self._mix)
 
     def _next_document(self) -> str:
+        if self.by_tokens:
+            return self._next_by_tokens()
         for attempt in range(2):
             try:
                 return next(self._rows)["text"]
@@ -138,20 +187,33 @@ class TokenStream:
                 if not isinstance(text, str):
                     raise DataError(f"a streamed row holds {type(text).__name__}, not text; set data.text_field")
                 if text.strip():
-                    self._buffer.extend(tokenizer.encode(text, add_special_tokens=False).ids)
+                    ids = tokenizer.encode(text, add_special_tokens=False).ids
+                    self._buffer.extend(ids)
                     self._buffer.append(self.separator_id)
+                    self._served[self._source] += len(ids) + 1
             out[row] = self._buffer[: self.seq_len + 1]
             del self._buffer[: self.seq_len]
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The position: which pass, the `datasets` state within it, and the buffered tokens."""
+        """The position: which pass, the `datasets` state within it (per source with blend_by='tokens', with the
+        tokens served), and the buffered tokens."""
+        if self.by_tokens:
+            return {"sources": [part.state_dict() for part in self._parts], "served": self._served.tolist(),
+                    "buffer": list(self._buffer)}
         return {"pass": self._pass, "hf": self._mix.state_dict(), "buffer": list(self._buffer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict()` of a stream over the same sources and settings."""
+        if self.by_tokens != ("sources" in state):
+            raise DataError(f"the saved stream position was taken with data.blend_by="
+                            f"{'tokens' if 'sources' in state else 'documents'}; resume with that setting")
         self._buffer = [int(t) for t in state["buffer"]]
-        self._start_pass(int(state["pass"]), state["hf"])
+        if self.by_tokens:
+            self._served = np.asarray(state["served"], dtype=np.float64)
+            self._load_sources(state["sources"])
+        else:
+            self._start_pass(int(state["pass"]), state["hf"])
 
 
 def to_batch(chunk: np.ndarray, separator_id: int, doc_mask: bool) -> Batch:
