@@ -19,7 +19,6 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from model import ModelArgs, ModelConfigError, get_preset
-from model.hf import args_from_hf_config, load_hf_config
 from parallel.perf import ACMode
 from parallel.pipeline import PartitionMethod
 from train.config.fields import ConfigError, Origin, _f, _positive
@@ -31,6 +30,7 @@ from train.config.finetune import (
 )
 from train.config.research import ResearchSection
 from train.data.dataset import Sampling
+from train.export.native import start_args
 
 # ModelArgs fields a recipe may still set when starting from pretrained weights.
 INIT_FROM_OVERRIDES = {"max_seq_len", "dropout"}
@@ -42,6 +42,8 @@ Corpus = Literal[
 SUPERVISED_CORPORA: tuple[Corpus, ...] = ("sft", "preference", "classification", "seq2seq")
 Objective = Literal["lm", "dpo", "reward", "classify", "seq2seq"]
 SpikeAction = Literal["warn", "rollback"]
+BestMode = Literal["min", "max"]
+ResumeSchedule = Literal["extend", "recompute"]
 WandbMode = Literal["offline", "online", "disabled"]
 
 
@@ -49,8 +51,9 @@ WandbMode = Literal["offline", "online", "disabled"]
 class ModelSection:
     preset: str = _f("tiny", "Named ModelArgs preset (model/args.py PRESETS); other keys here override its "
                              "fields.")
-    init_from: str | None = _f(None, "Local HF Llama / Mistral / Qwen2 directory to start from (replaces "
-                                     "preset).")
+    init_from: str | None = _f(None, "Weights to start from (replaces preset; fresh optimizer): a local HF "
+                                     "Llama / Mistral / Qwen2 / Qwen3 dir, a native export, or a Tessera run or "
+                                     "checkpoint dir.")
     overrides: dict[str, Any] = _f({}, "ModelArgs fields that replace the preset's (written inline in YAML).")
 
     def validate(self) -> None:
@@ -102,6 +105,8 @@ class DataSection:
     doc_mask: bool = _f(False, "Packed samples: attention and positions restart at every document boundary.")
     verify: bool = _f(True, "Check every shard's sha256 against the manifest when opening prepared data.")
     workers: int = _f(1, "Tokenizing processes when data is prepared on first use.")
+    blend_by: Literal["documents", "tokens"] = _f("documents", "corpus='stream': what a blend weight is a share "
+                                                               "of: 'documents' drawn, or 'tokens'.")
     stream_val_samples: int = _f(64, "corpus='stream': the stream's first samples, held out for validation.")
 
     def validate(self) -> None:
@@ -146,10 +151,14 @@ class DataSection:
         if c == "stream" and self.tokenizer is None:
             raise ConfigError("data.corpus='stream' needs data.tokenizer (a local HF tokenizer directory).")
         for i, entry in enumerate(self.blend):
-            extra = sorted(set(entry) - {"path", "weight"}, key=str)
+            extra = sorted(set(entry) - {"path", "weight", "max_docs"}, key=str)
             if extra or "path" not in entry or not isinstance(entry["path"], str):
                 raise ConfigError(f"data.blend[{i}]={entry!r}: each entry is "
-                                  f"{{path: <dir or files>, weight: <number>}}.")
+                                  f"{{path: <dir or files>, weight: <number>, max_docs: <int, stream only>}}.")
+            cap = entry.get("max_docs")
+            if cap is not None and (c != "stream" or isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+                raise ConfigError(f"data.blend[{i}].max_docs={cap!r}: an integer >= 1, for data.corpus='stream' "
+                                  f"(a prepared dataset is capped when it is prepared).")
             weight = entry.get("weight", 1.0)
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
                 raise ConfigError(f"data.blend[{i}].weight={weight!r}: must be a number >= 0 and finite.")
@@ -166,13 +175,17 @@ class TrainSection:
                                     "scalar head: pairwise on data.corpus='preference', pointwise 0/1 on "
                                     "'classification'), 'classify', or 'seq2seq' (an HF encoder-decoder on "
                                     "data.corpus='seq2seq', evaluated with ROUGE).")
-    steps: int = _f(1000, "Optimizer steps to run.")
+    steps: int = _f(1000, "Optimizer steps to run (0: evaluate the starting weights only, no optimizer step).")
     global_batch_size: int = _f(32, "Sequences per optimizer step over all data-parallel ranks.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward on one rank; accumulation makes up the "
                                   "rest.")
     lr: float = _f(1e-3, "Peak learning rate after warm-up.")
     min_lr: float = _f(1e-4, "Learning rate at the end of the cosine decay.")
     warmup_steps: int = _f(100, "Linear warm-up steps from 0 to lr.")
+    resume_schedule: ResumeSchedule = _f(
+        "extend", "A resumed run whose steps / lr / min_lr / warmup_steps differ from its checkpoint's: 'extend' "
+                  "keeps the rate reached and decays from it to min_lr at the new steps (no jump); 'recompute' "
+                  "follows the new settings' schedule as if planned from step 0 (the rate may jump).")
     weight_decay: float = _f(0.1, "AdamW weight decay on matrices (norms and biases are never decayed).")
     beta1: float = _f(0.9, "AdamW beta1.")
     beta2: float = _f(0.95, "AdamW beta2.")
@@ -180,7 +193,9 @@ class TrainSection:
     grad_clip: float = _f(1.0, "Global gradient-norm clipping threshold (0 disables).")
     seed: int = _f(1337, "Seed for weight initialisation, data order and sampling.")
     eval_interval: int = _f(200, "Evaluate validation loss every this many steps (0: only at the end).")
-    eval_batches: int = _f(20, "Validation micro-batches per evaluation, split across data-parallel ranks.")
+    eval_batches: int = _f(20, "Validation micro-batches of micro_batch_size sequences per evaluation: the first "
+                               "eval_batches * micro_batch_size samples of the split (fewer if it is shorter), "
+                               "the same for every layout, shared out over the data-parallel ranks.")
     log_interval: int = _f(10, "Write a metrics row every this many steps.")
     save_interval: int = _f(0, "Save a checkpoint every this many steps (0: only at the end).")
     max_bad_steps: int = _f(3, "Skipped (non-finite) steps in a row before rolling back to the last "
@@ -193,6 +208,10 @@ class TrainSection:
     keep_last: int = _f(3, "Newest complete checkpoints kept besides the best one (0 keeps all).")
     best_smoothing: float = _f(0.5, "EMA factor of the validation loss that picks the best checkpoint "
                                     "(0: raw).")
+    best_metric: str = _f("val_loss", "The logged validation metric that picks the best checkpoint, smoothed "
+                                      "by best_smoothing (e.g. val_loss, val_accuracy, val_b0_latent_f1).")
+    best_mode: BestMode = _f("min", "Whether the best checkpoint has the lowest ('min') or highest ('max') "
+                                    "smoothed best_metric.")
     dist_timeout_s: int = _f(1800, "Seconds a collective waits for the other ranks; a dead rank then ends "
                                    "the job.")
     out_dir: str = _f("runs/shakespeare", "Run directory: checkpoints, metrics.jsonl, resolved config, "
@@ -200,18 +219,21 @@ class TrainSection:
 
     def validate(self) -> None:
         """Positive sizes and rates, and the schedule's order (min_lr <= lr, the warm-up within the run)."""
-        for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eval_batches", "log_interval"):
+        for name in ("global_batch_size", "micro_batch_size", "lr", "eval_batches", "log_interval"):
             _positive(f"train.{name}", getattr(self, name))
-        for name in ("min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "save_interval",
+        for name in ("steps", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval", "save_interval",
                      "keep_last", "max_bad_steps", "max_rollbacks", "spike_zscore"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.dist_timeout_s", self.dist_timeout_s)
+        if not self.best_metric.startswith("val_"):
+            raise ConfigError(f"train.best_metric={self.best_metric!r}: name a logged validation metric, which "
+                              f"starts with 'val_' (e.g. val_loss, val_accuracy).")
         if not 0.0 <= self.best_smoothing < 1.0:
             raise ConfigError(f"train.best_smoothing={self.best_smoothing}: must be in [0, 1).")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} is above train.lr={self.lr}: the cosine decays "
                               f"from lr to min_lr.")
-        if self.warmup_steps > self.steps:
+        if self.steps and self.warmup_steps > self.steps:  # steps=0 (evaluation only) has no schedule
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.steps={self.steps}: lower "
                               f"train.warmup_steps or raise train.steps (a warm-up you did not set is scaled down "
                               f"to a short run by itself).")
@@ -349,8 +371,7 @@ class JobConfig:
         m.validate()
         try:
             if m.init_from is not None:
-                hf_config = load_hf_config(m.init_from)
-                args = args_from_hf_config(hf_config, max_seq_len=m.overrides.get("max_seq_len"))
+                args = start_args(m.init_from, max_seq_len=m.overrides.get("max_seq_len"))
                 return dataclasses.replace(args, **m.overrides).validate()
             args = dataclasses.replace(get_preset(m.preset), **m.overrides)
             if vocab_size is not None and "vocab_size" not in m.overrides:
