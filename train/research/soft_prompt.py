@@ -34,8 +34,16 @@ from train.config.fields import ConfigError
 from train.data.tokenizer import load_tokenizer
 from train.eval.generations import write_predictions
 from train.eval.text import exact_match, token_f1
-from train.research.api import Extension, RecipeContext, Term, outputs
+from train.research.api import Extension, RecipeContext, Term, check_layers, outputs
 from train.research.qa_data import ENCODER_BYTES, QADataset, cut_at_stop, read_qa, synthetic_qa
+from train.research.run import config_shape
+from train.research.soft_prompt_terms import (
+    HiddenCapture,
+    at_positions,
+    first_token_entropy,
+    hidden_distance,
+    latent_alignment,
+)
 
 MODES = ("text", "truncated", "latent")
 
@@ -62,6 +70,8 @@ class SoftPromptOptions:
     eval_examples: int = 64  # validation questions answered at each evaluation (per run, split over ranks)
     chat: bool = True  # each base reads the prompt in its own format: its BOS and chat template when it has them
     stop: list[str] = field(default_factory=lambda: ["\n"])  # a generated answer ends at the first of these (EM / F1)
+    hidden_layers: str = ""  # the 'hidden' term's layers of every base: 'a-b', 'i,j' ('': the last layer)
+    text_warmup: int = 0  # the first N training batches alternate text / latent (text ones train LoRA; lora.r > 0)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("bytes", "tokens"):
@@ -70,6 +80,8 @@ class SoftPromptOptions:
                      "max_prompt_tokens", "max_answer_tokens", "k_tokens", "kd_chunk", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be >= 1")
+        if self.text_warmup < 0:
+            raise ValueError(f"text_warmup={self.text_warmup}: must be >= 0")
         if self.encoder_dim % self.encoder_heads:
             raise ValueError(f"encoder_dim={self.encoder_dim} is not divisible by encoder_heads={self.encoder_heads}")
 
@@ -137,7 +149,8 @@ def _embedding_rms(base: nn.Module) -> float:
 class SoftPrompt(Extension):
     Options = SoftPromptOptions
     terms: ClassVar[dict[str, Term]] = {"answer_ce": Term(1.0), "first_token_ce": Term(0.0),
-                                        "k_token_ce": Term(0.0), "kd": Term(0.0), "recon": Term(0.0)}
+                                        "k_token_ce": Term(0.0), "kd": Term(0.0), "recon": Term(0.0),
+                                        "first_entropy": Term(0.0), "align": Term(0.0), "hidden": Term(0.0)}
 
     # ------------------------------------------------------------------------------------------- planning
     @classmethod
@@ -157,8 +170,15 @@ class SoftPrompt(Extension):
             raise ConfigError("research.recipe='soft_prompt': set data.files (SQuAD JSON / JSONL) or "
                               "research.options.synthetic (a synthetic set's size).")
 
-        for i, path in enumerate(options.bases):
-            causal_lm_config(path, where=f"research.options.bases[{i}]")
+        shapes = [config_shape(causal_lm_config(path, where=f"research.options.bases[{i}]"))
+                  for i, path in enumerate(options.bases)]
+        if options.hidden_layers:
+            for i, (_, depth) in enumerate([(ctx.dim, ctx.n_layers), *shapes]):
+                check_layers(options.hidden_layers, depth, f"research.options.hidden_layers (base {i})")
+        if options.text_warmup and cfg.lora.r == 0:
+            raise ConfigError(f"research.options.text_warmup={options.text_warmup}: a text batch trains only the "
+                              f"bases' LoRA adapters (the prompt reaches them as text), and lora.r=0; set lora.r or "
+                              f"text_warmup=0.")
 
     @classmethod
     def metrics(cls, options: SoftPromptOptions) -> list[str]:
@@ -206,6 +226,12 @@ class SoftPrompt(Extension):
         self.adapters = nn.ModuleList(
             BaseAdapter(o.encoder_dim, b.config.hidden_size, _embedding_rms(b), kv_shape(b.config) if o.kv_prefix
                         else None) for b in self.bases())
+        self.register_buffer("batches_seen", torch.zeros(1, dtype=torch.long))  # training batches (text warm-up)
+        self.capture = None
+        if self.uses("hidden"):
+            depths = [config_shape(b.config)[1] for b in self.bases()]
+            layers = [check_layers(o.hidden_layers or str(d - 1), d, "research.options.hidden_layers") for d in depths]
+            self.capture = HiddenCapture(self.bases(), layers)
 
     def bases(self) -> list[nn.Module]:
         return [self.base, *self.others]
@@ -282,12 +308,19 @@ class SoftPrompt(Extension):
 
     # ------------------------------------------------------------------------------------------- losses
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self.training and self.options.text_warmup:
+            seen = int(self.batches_seen)
+            self.batches_seen += 1
+            if seen < self.options.text_warmup and seen % 2 == 1:
+                return self.text_batch(batch)
         z = self.latents(batch)
         sums: dict[str, torch.Tensor] = {}
         first_logits = None
         for b in range(len(self.bases())):
             prefix, kv = self.adapters[b](z)
-            logits = self._student(b, batch, prefix, kv)  # (B, A, V)
+            with self.capture.recording(b) if self.capture is not None else contextlib.nullcontext({}) as states:
+                logits = self._student(b, batch, prefix, kv)  # (B, A, V)
+            self._student_states = dict(states)
             labels = batch[f"answer_{b}"].masked_fill(batch[f"answer_mask_{b}"] == 0, -100)  # PAD never a target
             parts = self.losses(b, batch, logits, labels, prefix, kv)
             for name, value in parts.items():
@@ -309,6 +342,13 @@ class SoftPrompt(Extension):
             out["k_token_ce"] = F.cross_entropy(logits[:, :k].flatten(0, 1), labels[:, :k].flatten(), ignore_index=-100)
         if self.uses("kd"):
             out["kd"] = self.distill(b, batch, logits, labels)
+        if self.uses("first_entropy"):
+            out["first_entropy"] = first_token_entropy(logits, labels)
+        if self.uses("align"):
+            lengths = batch[f"prompt_mask_{b}"].sum(1)
+            out["align"] = latent_alignment(prefix, self._embed(b, batch[f"prompt_{b}"]), lengths)
+        if self.uses("hidden"):
+            out["hidden"] = self.hidden(b, batch, prefix.shape[1])
         if self.uses("recon") and o.recon_tokens > 0:
             r = {**batch, f"prompt_{b}": batch[f"prompt_{b}"][:, :o.recon_tokens],
                  f"prompt_mask_{b}": batch[f"prompt_mask_{b}"][:, :o.recon_tokens]}
@@ -316,6 +356,35 @@ class SoftPrompt(Extension):
             target = r[f"prompt_{b}"].masked_fill(r[f"prompt_mask_{b}"] == 0, -100)
             out["recon"] = F.cross_entropy(rec.flatten(0, 1), target.flatten(), ignore_index=-100)
         return out
+
+    def text_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A text warm-up batch: the answer's cross-entropy after the full text prompt, LoRA adapters on."""
+        total = None
+        for b in range(len(self.bases())):
+            labels = batch[f"answer_{b}"].masked_fill(batch[f"answer_mask_{b}"] == 0, -100)
+            ce = F.cross_entropy(self._text(b, batch).flatten(0, 1), labels.flatten(), ignore_index=-100)
+            total = ce / len(self.bases()) if total is None else total + ce / len(self.bases())
+        return outputs({"answer_ce": total})
+
+    def hidden(self, b: int, batch: dict[str, torch.Tensor], m: int) -> torch.Tensor:
+        """The student's states (captured in ``forward``) against the teacher's at the same answer positions,
+        averaged over the layers; the teacher runs ``kd_chunk`` examples at a time."""
+        head, anchor = self._head(b, batch, batch[f"anchor_{b}"].shape[0]), batch[f"anchor_{b}"]
+        amask = batch[f"answer_mask_{b}"]
+        width = amask.shape[1]
+        start = head.shape[1] + m + anchor.shape[1] - 1
+        starts = torch.full((amask.shape[0],), start, device=amask.device)
+        total = amask.new_zeros((), dtype=torch.float32)
+        for layer, student in sorted(self._student_states.items()):
+            teacher = []
+            for first in range(0, amask.shape[0], self.options.kd_chunk):
+                rows = slice(first, first + self.options.kd_chunk)
+                with torch.no_grad(), self.teacher(b), self.capture.recording(b) as states:
+                    self._text(b, batch, rows)
+                t_starts = head.shape[1] + batch[f"prompt_mask_{b}"][rows].sum(1) + anchor.shape[1] - 1
+                teacher.append(at_positions(states[layer], t_starts, width))
+            total = total + hidden_distance(at_positions(student, starts, width), torch.cat(teacher), amask)
+        return total / max(1, len(self._student_states))
 
     def distill(self, b: int, batch: dict[str, torch.Tensor], logits: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
