@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from model.hf_causal import DTYPES
+from tools import ToolParser, report_error
 from train.checkpoint.writer import CheckpointError
 from train.export.hf import ExportError, export_hf, resolve_checkpoint
 
@@ -35,7 +36,7 @@ PROG = "export_hf"
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options of this tool."""
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("ckpt", type=Path, metavar="CKPT",
@@ -67,11 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         out = export_hf(tag_dir, args.out or default_out(tag_dir), dtype=DTYPES[args.dtype],
                         overwrite=args.overwrite, tokenizer_dir=args.tokenizer, merge=args.merge)
     except (ExportError, CheckpointError) as err:
-        print(f"tessera: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     except OSError as err:  # the file system refused (permissions, a full disk): not the checkpoint's fault
-        print(f"tessera: error: {PROG}: {err}", file=sys.stderr)
-        return 1
+        return report_error(f"{PROG}: {err}", code=1)
     print(out)
     return 0
 

@@ -133,7 +133,7 @@ def test_planted_payload_is_refused_by_export(tmp_path: Path, reference: Path, z
     proc = subprocess.run([sys.executable, str(EXPORT), str(tag), "--out", str(tmp_path / "hf")], cwd=REPO,
                           capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 2
-    error = _one_error(proc.stderr, "export_hf: error:")
+    error = _one_error(proc.stderr, "tessera: error:")
     assert f"{tag / target}: holds objects a weights-only load refuses (posix.system)" in error
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
@@ -214,7 +214,7 @@ def test_export_refuses_a_damaged_checkpoint(tmp_path: Path, reference: Path) ->
     proc = subprocess.run([sys.executable, str(EXPORT), str(_tag(run, 20)), "--out", str(tmp_path / "hf")],
                           cwd=REPO, capture_output=True, text=True, env=env)
     assert proc.returncode == 2
-    assert f"{damaged} differs from the file saved" in _one_error(proc.stderr, "export_hf: error:")
+    assert f"{damaged} differs from the file saved" in _one_error(proc.stderr, "tessera: error:")
     assert not (tmp_path / "hf").exists()
     proc = subprocess.run([sys.executable, str(EXPORT), str(run)], cwd=REPO, capture_output=True, text=True,
                           env=env)

@@ -34,8 +34,6 @@ from tools import (
 )
 
 Main = Callable[[list[str]], int]
-# tools whose messages their owner has yet to move to the shared style (tools/__init__.py)
-PENDING = {"export_hf": "prints 'export_hf: error: ...'"}
 
 
 def _cases(tmp: Path) -> list[tuple[str, Main, list[str], str]]:
@@ -82,19 +80,15 @@ def _run(main: Main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tup
 def test_every_tool_says_tessera_error_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slurm_profile, "local_cluster_up", lambda **_: False)
-    failures, pending = [], set()
+    failures = []
     for name, main, argv, fragment in _cases(tmp_path):
         code, err = _run(main, argv, capsys)
         lines = [line for line in err.splitlines() if "error" in line.lower()]
         ok = code == 2 and len(lines) == 1 and lines[0].startswith("tessera: error: ") and fragment in lines[0] \
             and "Traceback" not in err
-        if not ok and name in PENDING:
-            pending.add(name)
-        elif not ok:
+        if not ok:
             failures.append(f"{name} {argv}: exit {code}, stderr {err!r}")
     assert not failures, "\n".join(failures)
-    if pending:
-        pytest.xfail(f"not yet in the shared error style: {', '.join(PENDING[n] for n in sorted(pending))}")
 
 
 def test_a_tool_run_as_a_script_exits_2_with_the_line(tmp_path: Path) -> None:
