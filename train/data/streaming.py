@@ -1,9 +1,10 @@
 """Streaming mode: corpora that were not prepared ahead, read with HF `datasets` streaming and packed on the fly.
 
-Each source (a file, a glob of files, or a dataset directory) becomes a streaming `IterableDataset`
-of its text column: `.jsonl`/`.json` and `.parquet` give one document per row, a text file is one
-document (`sample_by="document"`, as in `prepare`). A source's `max_docs` keeps only its first that many
-documents (rows) in each pass. How the sources are mixed (`data.blend_by`):
+Each source (a file, a directory or a glob, resolved as data.files is by `train.data.inputs`, or a
+directory written by `save_to_disk`) becomes a streaming `IterableDataset` of its text column: `.jsonl`/`.json`
+and `.parquet` give one document per row, a text file is one document (`sample_by="document"`, as in
+`prepare`). A source's `max_docs` keeps only its first that many documents (rows) in each pass.
+How the sources are mixed (`data.blend_by`):
 
 - "documents" (default): a source's weight is its share of the documents drawn, with
   `datasets.interleave_datasets(probabilities=weights, seed=...)`; when every source has run out the mixture
@@ -25,6 +26,7 @@ which stores it in the checkpoint, and a resumed run continues with exactly the 
 from __future__ import annotations
 
 import glob
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +38,11 @@ import torch
 from train.data.blend import check_weights
 from train.data.corpus import DataError, _to_iterable
 from train.data.dataset import Batch, doc_positions
+from train.data.inputs import is_saved_dataset, resolve_inputs
 from train.data.prepare import load_encoder
 from train.data.sampler import grad_accum_steps
 
+_log = logging.getLogger("tessera")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 BLEND_BY = ("documents", "tokens")
 """What a streamed source's weight is a share of (`data.blend_by`)."""
@@ -54,15 +58,18 @@ class StreamSource:
 
 
 def source_files(path: str) -> list[Path]:
-    """The files (or the one directory) a source names, or a DataError when there are none."""
-    matches = sorted(Path(p) for p in glob.glob(path)) if glob.has_magic(path) else [Path(path)]
-    matches = [m for m in matches if m.exists()]
-    if not matches:
-        raise DataError(f"data.blend path={path!r}: no such file, directory or glob match; fix the path")
-    empty = [str(m) for m in matches if m.is_file() and m.stat().st_size == 0]
-    if empty:
-        raise DataError(f"data.blend path={path!r}: {empty[0]} is empty (0 bytes); drop it")
-    return matches
+    """The files a source names (a file, a directory walked and a glob expanded as `resolve_inputs` does for
+    data.files, empty files skipped with a count), or its one saved-dataset directory; else a DataError."""
+    if not glob.has_magic(path) and is_saved_dataset(Path(path)):
+        return [Path(path)]
+    found = resolve_inputs([path], where=f"data.blend path={path!r}")
+    folders = [str(p) for p in found.paths if p.is_dir()]
+    if folders:
+        raise DataError(f"data.blend path={path!r} holds the saved dataset {folders[0]} among other inputs; "
+                        f"name it as a source of its own")
+    if found.skipped():
+        _log.info("data.blend path=%r: %s", path, found.summary())
+    return found.paths
 
 
 def _open_source(path: str, text_field: str, max_docs: int | None = None) -> Any:
@@ -70,16 +77,12 @@ def _open_source(path: str, text_field: str, max_docs: int | None = None) -> Any
     import datasets
 
     files = source_files(path)
-    if len(files) == 1 and files[0].is_dir():
-        folder = files[0]
-        if any((folder / m).exists() for m in ("state.json", "dataset_dict.json")):
-            ds = _to_iterable(datasets.load_from_disk(str(folder)))
-        else:
-            ds = datasets.load_dataset(str(folder), streaming=True)
+    if len(files) == 1 and files[0].is_dir():  # a saved dataset
+        ds = _to_iterable(datasets.load_from_disk(str(files[0])))
         if isinstance(ds, datasets.IterableDatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
     else:
-        kinds = {_BUILDERS.get(f.suffix, "text") for f in files}
+        kinds = {_BUILDERS.get(f.suffix.lower(), "text") for f in files}
         if len(kinds) != 1:
             raise DataError(f"data.blend path={path!r} mixes file types {sorted(kinds)}; give one source per type")
         (kind,) = kinds
