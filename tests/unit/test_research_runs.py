@@ -1,18 +1,22 @@
 """Research run settings: nested ``research.options`` overrides (command line and sweep grids), evaluation-only
-runs (``train.steps=0``), and the best checkpoint chosen by any logged validation metric."""
+runs (``train.steps=0``), the best checkpoint chosen by any logged validation metric, and pooled injection (one
+vector per sequence)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 
+from model import ModelArgs, Transformer
 from slurm.profile import SlurmConfigError
 from slurm.sweep import load_sweep, point_overrides
 from train.config.fields import ConfigError
 from train.config.load import load_config
 from train.loop.trainer import TrainState, best_metric
-from train.research.api import resolve_recipe, resolve_terms
+from train.objectives.lm import lm_loss
+from train.research.api import RecipeContext, resolve_recipe, resolve_terms
 from train.research.injection import Injection, InjectionOptions
 from train.research.run import check_best_metric
 from train.research.soft_prompt import SoftPrompt, SoftPromptOptions
@@ -96,3 +100,42 @@ def test_a_metric_the_recipe_never_logs_is_refused_before_training() -> None:
     with pytest.raises(ConfigError, match="val_kl, val_lm, val_loss, val_ppl"):
         check_best_metric("val_accuracy", Injection, InjectionOptions(), inj_terms)
     assert resolve_recipe("complex").metrics(None) == []
+
+
+def _pooled(**options: object) -> Injection:
+    torch.manual_seed(0)
+    base = Transformer(ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32))
+    base.init_weights()
+    base.requires_grad_(False)
+    ctx = RecipeContext(dim=32, n_layers=4, vocab_size=64, device=torch.device("cpu"), out_dir=Path("."), rank=0,
+                        seed=0, lm_loss=lm_loss)
+    return Injection(base, ctx, InjectionOptions(layers="1-2", pooled=True, **options))
+
+
+def test_pooled_injection_is_one_vector_per_sequence_from_its_context() -> None:
+    ext = _pooled()
+    ids = torch.randint(0, 64, (2, 12))
+    labels = ids.clone()
+    labels[0, :5], labels[1, :3] = -100, -100  # the unscored prompts
+    out = ext({"input_ids": ids, "labels": labels})
+    assert ext._v.shape == (2, 1, 32)  # one vector per sequence, added at every position
+    first = ext._v.detach().clone()
+    later = ids.clone()
+    later[:, 6:] = (later[:, 6:] + 1) % 64  # scored tokens only: the vector cannot see them
+    ext({"input_ids": later, "labels": labels})
+    assert torch.equal(ext._v, first)
+    earlier = ids.clone()
+    earlier[0, 1] = (earlier[0, 1] + 1) % 64  # a context token of the first sequence
+    ext({"input_ids": earlier, "labels": labels})
+    assert not torch.allclose(ext._v[0], first[0]) and torch.equal(ext._v[1], first[1])
+    out["terms"]["lm"].backward()
+    assert ext.head.down_weight.grad.abs().sum() > 0
+
+
+def test_pooled_injection_needs_a_head_and_unscored_context() -> None:
+    ctx = RecipeContext(dim=32, n_layers=4, vocab_size=64, device=torch.device("cpu"), out_dir=Path("."), rank=0,
+                        seed=0, config=load_config(RECIPES / "injection.yaml"))
+    with pytest.raises(ConfigError, match="data.corpus='shakespeare' every position is scored"):
+        Injection.check(InjectionOptions(pooled=True), ctx)
+    with pytest.raises(ConfigError, match="source='fixed' has no head"):
+        Injection.check(InjectionOptions(pooled=True, source="fixed"), ctx)

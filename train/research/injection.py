@@ -3,10 +3,11 @@
 The vector is either ``fixed`` (sampled once from the run's seed, a buffer saved with every checkpoint) or made
 by a trainable ``head`` from the residual stream where the range starts: a bottleneck projection
 D -> rank -> D (``variational``: the bottleneck is a Gaussian sampled with the reparameterisation trick and a
-KL term to N(0, I) joins the loss). The base is frozen; with ``hf.path`` it may be 4-bit and carry LoRA
-adapters, which train alongside the head. At the end of training the same multi-turn prompt is answered by the
-base (injection and adapters off) and by the modified model, greedily, and both are written to
-``consistency.jsonl``.
+KL term to N(0, I) joins the loss); with ``pooled`` the head reads the mean of each sequence's unscored context
+(an SFT prompt) and one vector per sequence is added at every position. The base is frozen; with ``hf.path`` it
+may be 4-bit and carry LoRA adapters, which train alongside the head. At the end of training the same multi-turn
+prompt is answered by the base (injection and adapters off) and by the modified model, greedily, and both are
+written to ``consistency.jsonl``.
 
     research: {recipe: injection, options: {layers: '1-2', scale: 0.5, source: variational, rank: 8}}
 """
@@ -41,6 +42,7 @@ class InjectionOptions:
     fixed_norm: float = 1.0  # source='fixed': the vector's L2 norm
     prompts: list[str] = field(default_factory=lambda: ["Hello, who are you?", "Say that again, shorter."])
     max_new_tokens: int = 24  # tokens per answer in the consistency evaluation (0 skips it)
+    pooled: bool = False  # one vector per sequence: the head reads the mean of its unscored context (SFT prompts)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -87,6 +89,17 @@ class Injection(Extension):
     @classmethod
     def check(cls, options: InjectionOptions, ctx: RecipeContext) -> None:
         check_layers(options.layers, ctx.n_layers, "research.options.layers")
+        cfg = ctx.config
+        if options.pooled and options.source == "fixed":
+            raise ConfigError("research.options.pooled=true pools the stream into the head's input; source='fixed' "
+                              "has no head (its vector is the same for every sequence already).")
+        if options.pooled and cfg is not None and cfg.data.corpus != "sft":
+            raise ConfigError(f"research.options.pooled=true pools each sequence's unscored context (the prompt of "
+                              f"data.corpus='sft'); with data.corpus={cfg.data.corpus!r} every position is scored, "
+                              f"so a pooled vector would carry later tokens back to earlier predictions.")
+        if options.pooled and cfg is not None and cfg.parallel.sequence_parallel:
+            raise ConfigError("research.options.pooled=true needs every position of a sequence on each rank: set "
+                              "parallel.sequence_parallel=false.")
         if options.source != "variational" and ctx.config is not None and "kl" in ctx.config.research.terms:
             raise ConfigError(f"research.terms.kl: there is no KL term with research.options.source="
                               f"{options.source!r} (only 'variational' has one).")
@@ -104,6 +117,7 @@ class Injection(Extension):
         self.scale = o.scale
         self._v: torch.Tensor | None = None
         self._kl: torch.Tensor | None = None
+        self._context: torch.Tensor | None = None  # pooled: (B, T) 1 where the position is unscored context
         self.hooks.add(self.layer_ids, self._inject)
 
     def _inject(self, layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -111,12 +125,24 @@ class Injection(Extension):
             v = self.vector.to(h.dtype)
         else:
             if layer == self.layer_ids[0]:  # made from the stream where the range starts, reused after
-                self._v, self._kl = self.head(h, self._noise, self.shared)
+                self._v, self._kl = self.head(self._pool(h), self._noise, self.shared)  # (B, T or 1, D)
             v = self._v.to(h.dtype)
         return h + self.scale * v
 
+    def _pool(self, h: torch.Tensor) -> torch.Tensor:
+        """pooled: (B, T, D) -> (B, 1, D), the mean over each sequence's context positions (zeros without any),
+        or over every position outside training batches (the consistency answers: all of it was seen); else ``h``."""
+        if not self.options.pooled:
+            return h
+        if self._context is None or self._context.shape != h.shape[:2]:
+            return h.mean(1, keepdim=True)
+        w = self._context.to(h.dtype)[..., None]  # (B, T, 1)
+        return (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         self._kl = None
+        labels = batch.get("labels")
+        self._context = (labels == -100) if self.options.pooled and labels is not None else None
         lm, logits = self.base_lm(batch)
         terms = {"lm": lm}
         if self.options.source == "variational":
@@ -153,6 +179,7 @@ class Injection(Extension):
 
     def report(self, step: int) -> dict[str, Any]:
         o, ctx = self.options, self.ctx
+        self._context = None  # generation: pooled over every position seen
         if o.max_new_tokens == 0 or ctx.tokenizer is None:
             return {}
         rows = []
