@@ -63,7 +63,7 @@ def test_command_line_overrides_go_before_and_after_the_flags() -> None:
         ("data.seq_len=100000", "longer than the model allows"),
         ("data.sampling=shuffled", "data.sampling='shuffled'"),
         ("train.min_lr=1", "train.min_lr=1.0 is above train.lr"),
-        ("train.steps=0", "train.steps=0: must be > 0"),
+        ("train.steps=-1", "train.steps=-1: must be >= 0"),  # 0: an evaluation-only run
         ("train.warmup_steps=99999", "train.warmup_steps=99999 exceeds"),
         ("log.wandb=cloud", "log.wandb='cloud'"),
         ("data.corpus=files", "data.files is empty"),
@@ -285,7 +285,7 @@ def test_every_section_validates_its_own_fields() -> None:
     for section in _sections().values():
         section().validate()  # the defaults are valid
     cases = [
-        (TrainSection(steps=0), "train.steps=0: must be > 0"),
+        (TrainSection(steps=-1), "train.steps=-1: must be >= 0"),
         (TrainSection(min_lr=1.0), "train.min_lr=1.0 is above train.lr"),
         (DataSection(val_fraction=1.0), "data.val_fraction=1.0: must be between 0 and 1"),
         (DataSection(corpus="prepared"), "data.corpus='prepared' but data.blend is empty"),
