@@ -59,7 +59,7 @@ def _plan(root: Path, tmp_path: Path, *extra: str, ds: str = "cpu") -> None:
      r"hf.quant_type='int4': use 'nf4' or 'fp4'. Did you mean 'nf4'\?"),
     (["data.corpus=files", "data.doc_mask=true"], r"data.doc_mask=true with hf.path"),
     (["data.doc_mask=true"], r"data.corpus='sft' pads each example \(no packing\): set data.doc_mask=false"),
-    (["data.files=[/nonexistent/sft.jsonl]"], r"data.files: /nonexistent/sft.jsonl not found"),
+    (["data.files=[/nonexistent/sft.jsonl]"], r"data.files: /nonexistent/sft.jsonl: does not exist"),
 ])
 def test_each_mistake_is_one_clear_error_and_nothing_is_written(root: Path, tmp_path: Path, extra: list[str],
                                                                message: str | None) -> None:

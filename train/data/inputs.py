@@ -1,6 +1,7 @@
 """From what a user names (files, directories, globs) to the list of inputs that are read.
 
-One resolver serves `data.files` (corpus='files'), `tools/train_tokenizer.py` and `tools/prepare_data.py`:
+One resolver serves `data.files` (every corpus that reads it), the streamed sources of `data.blend`,
+`tools/train_tokenizer.py` and `tools/prepare_data.py`:
 
 - a file named on its own is read whatever its suffix: `.jsonl` / `.json` as JSON lines, `.parquet` as a
   table, anything else as one plain-text document;
@@ -11,6 +12,9 @@ One resolver serves `data.files` (corpus='files'), `tools/train_tokenizer.py` an
   a sub-directory written by `save_to_disk` is read as a dataset;
 - a glob (`*`, `?`, `[`; `**` recurses) expands like the files and directories it matches, except that a
   match whose suffix the pattern itself names (`logs/*.log`) is read as text.
+
+A caller that reads only some formats narrows the suffixes taken from directories and globs (`accept`; the
+supervised corpora take `.jsonl` / `.json` / `.parquet`).
 
 Empty (0-byte) files are skipped and counted, never a refusal of the whole list. Several formats in one list
 are fine: each file is read by its own suffix. A path that does not exist, or a glob that matches nothing, is
@@ -59,8 +63,8 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in HF_SAVED_MARKERS)
 
 
-def _known(path: Path) -> bool:
-    return path.suffix.lower() in (*TEXT_SUFFIXES, *JSON_SUFFIXES, *PARQUET_SUFFIXES)
+ALL_SUFFIXES = (*TEXT_SUFFIXES, *JSON_SUFFIXES, *PARQUET_SUFFIXES)
+"""Suffixes read by default when found in a directory or a glob."""
 
 
 @dataclass
@@ -92,12 +96,12 @@ class ResolvedInputs:
         return f"{len(self.paths)} inputs ({kinds})" + (f"; skipped {skipped}" if skipped else "")
 
 
-def _add_file(found: ResolvedInputs, path: Path, *, named: bool, seen: set[Path]) -> None:
+def _add_file(found: ResolvedInputs, path: Path, *, named: bool, seen: set[Path], accept: Sequence[str]) -> None:
     key = path.resolve()
     if key in seen:
         return
     seen.add(key)
-    if not named and not _known(path):
+    if not named and path.suffix.lower() not in accept:
         found.other[path.suffix.lower()] += 1
     elif path.stat().st_size == 0:
         found.empty.append(path)
@@ -105,7 +109,7 @@ def _add_file(found: ResolvedInputs, path: Path, *, named: bool, seen: set[Path]
         found.paths.append(path)
 
 
-def _add_dir(found: ResolvedInputs, folder: Path, seen: set[Path]) -> None:
+def _add_dir(found: ResolvedInputs, folder: Path, seen: set[Path], accept: Sequence[str]) -> None:
     key = folder.resolve()
     if key in seen:  # named twice, or reached again through a symbolic link (a loop ends here)
         return
@@ -117,15 +121,18 @@ def _add_dir(found: ResolvedInputs, folder: Path, seen: set[Path]) -> None:
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            _add_dir(found, entry, seen)
+            _add_dir(found, entry, seen, accept)
         elif entry.is_file():
-            _add_file(found, entry, named=False, seen=seen)
+            _add_file(found, entry, named=False, seen=seen, accept=accept)
 
 
-def resolve_inputs(inputs: Sequence[Path | str], *, where: str = "inputs") -> ResolvedInputs:
+def resolve_inputs(inputs: Sequence[Path | str], *, where: str = "inputs",
+                   accept: Sequence[str] = ALL_SUFFIXES) -> ResolvedInputs:
     """Expand files, directories and globs into the inputs to read (see the module doc).
 
     where: how the caller names the list in messages (e.g. 'data.files').
+    accept: the suffixes read when found in a directory or a glob (others are skipped and counted); a file
+    named on its own is kept whatever its suffix.
     Raises InputError naming every missing path and unmatched glob, or saying that nothing usable is left.
     """
     if not inputs:
@@ -142,23 +149,26 @@ def resolve_inputs(inputs: Sequence[Path | str], *, where: str = "inputs") -> Re
             suffix = PurePath(text).suffix.lower()
             for match in matches:
                 if match.is_dir():
-                    _add_dir(found, match, seen)
+                    _add_dir(found, match, seen, accept)
                 elif match.is_file():
-                    _add_file(found, match, named=bool(suffix) and match.suffix.lower() == suffix, seen=seen)
+                    _add_file(found, match, named=bool(suffix) and match.suffix.lower() == suffix, seen=seen,
+                              accept=accept)
             continue
         path = Path(text)
         if path.is_dir():
-            _add_dir(found, path, seen)
+            _add_dir(found, path, seen, accept)
         elif path.is_file():
-            _add_file(found, path, named=True, seen=seen)
+            _add_file(found, path, named=True, seen=seen, accept=accept)
         else:
             problems.append(f"{path}: does not exist")
     if problems:
         raise InputError(f"{where}: " + "; ".join(problems) + "; fix the paths or drop them")
     if not found.paths:
         skipped = found.skipped() or "nothing found in the directories"
+        what = (f"text ({', '.join(TEXT_SUFFIXES)}), .jsonl or .parquet" if tuple(accept) == ALL_SUFFIXES
+                else " / ".join(accept))
         raise InputError(
             f"{where}={[str(i) for i in inputs]} leave no file to read (skipped {skipped}); name non-empty "
-            f"text ({', '.join(TEXT_SUFFIXES)}), .jsonl or .parquet files, directories holding them, or globs"
+            f"{what} files, directories holding them, or globs"
         )
     return found

@@ -7,9 +7,9 @@
 - ``prepared``: the prepared datasets of ``data.blend``, mixed by weight (``train.data.blend``);
 - ``stream``: the raw sources of ``data.blend`` read with HF ``datasets`` streaming
   (``train.data.streaming``);
-- ``sft``: instruction / chat JSONL ``files``, one padded example per sample, loss on the responses only
-  (``train.data.supervised``); ``data.val_fraction`` of the examples (chosen by ``data.split_seed``)
-  validate.
+- ``sft`` / ``preference`` / ``classification`` / ``seq2seq``: JSONL (or parquet) ``files``, directories
+  or globs, one padded example per sample (sft: loss on the responses only; ``train.data.supervised``);
+  ``data.val_fraction`` of the examples (chosen by ``data.split_seed``) validate.
 
 ``setup_data`` checks everything it can before expensive work; ``build_datasets`` cuts samples;
 ``batch_stream`` gives the trainer its ``batches(consumed_samples)`` function.
@@ -50,6 +50,7 @@ from train.data.supervised import (
     Seq2SeqDataset,
     SupervisedDataset,
     read_classification,
+    supervised_files,
 )
 from train.data.tokenizer import eos_token, load_raw_tokenizer, load_tokenizer
 
@@ -154,10 +155,14 @@ def _setup_stream(d: DataSection) -> DataBundle:
 
 
 def _setup_supervised(d: DataSection) -> DataBundle:
-    """Check the instruction files and the tokenizer; the examples are rendered in ``build_datasets``."""
-    missing = [f for f in d.files if not Path(f).is_file()]
-    if missing:
-        raise ConfigError(f"data.files: {', '.join(missing)} not found. Give instruction / chat JSONL files.")
+    """Check the example files (data.files resolved as ``supervised_files`` does: directories and globs give
+    their JSONL / parquet files, sorted) and the tokenizer; the examples are rendered in ``build_datasets``."""
+    if d.corpus == "qa":  # read by the soft_prompt recipe (train.research.qa_data), file by file
+        missing = [f for f in d.files if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"data.files: {', '.join(missing)} not found. Give SQuAD JSON / JSONL files.")
+    else:
+        _log.info("data.files: %s", supervised_files(d.files).summary())
     assert d.tokenizer is not None  # validate() requires it (or takes hf.path's) for corpus='sft'
     tok_dir = Path(d.tokenizer)
     tok_id = tokenizer_identity(tok_dir)

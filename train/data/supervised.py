@@ -1,6 +1,10 @@
-"""Supervised formats read from JSONL: instruction / chat, preference pairs, classification.
+"""Supervised formats read from JSONL (or parquet): instruction / chat, preference pairs, classification.
 
-One JSON object per line:
+Files: `supervised_files` resolves what the user names (files, directories walked recursively, globs) with
+`train.data.inputs`: directories and globs give their `.jsonl` / `.json` / `.parquet` files in sorted order
+(others are skipped and counted), a file named on its own is read as JSON lines unless it is `.parquet`, empty
+files are skipped and counted, and a directory saved by `datasets` is refused. One JSON object per line (or
+one parquet row):
 
 - instruction: `{"prompt": str, "response": str}` or `{"messages": [{"role": ..., "content": ...}, ...]}`
   (roles system / user / assistant; every assistant message is a response);
@@ -34,6 +38,7 @@ import torch
 
 from train.data.collators import Example, collate_classification, collate_lm, collate_preference
 from train.data.corpus import DataError, jsonl_rows
+from train.data.inputs import JSON_SUFFIXES, PARQUET_SUFFIXES, InputError, ResolvedInputs, resolve_inputs
 
 _log = logging.getLogger("tessera")
 FORMATS = {"instruction": None, "preference": ("prompt", "chosen", "rejected"), "classification": ("text", "label"),
@@ -47,6 +52,42 @@ def read_jsonl(path: Path | str) -> Iterator[tuple[str, dict[str, Any]]]:
     if not path.is_file() or path.stat().st_size == 0:
         raise DataError(f"{path}: {'is empty' if path.is_file() else 'does not exist'}; give a JSONL file")
     yield from jsonl_rows(path)
+
+
+ROW_SUFFIXES = (*JSON_SUFFIXES, *PARQUET_SUFFIXES)
+"""Suffixes of the files a supervised corpus takes from a directory or a glob."""
+
+
+def supervised_files(files: Sequence[Path | str], where: str = "data.files") -> ResolvedInputs:
+    """The files of a supervised corpus (see the module doc), in reading order; a missing path, an unmatched
+    glob, a saved `datasets` directory or a list leaving no file is one InputError naming it."""
+    found = resolve_inputs(files, where=where, accept=ROW_SUFFIXES)
+    for path in found.paths:
+        if path.is_dir():
+            raise InputError(f"{where}: {path} is a dataset saved by `datasets` (save_to_disk); supervised corpora "
+                             f"read {' / '.join(ROW_SUFFIXES)} files: write it out with `Dataset.to_json` or "
+                             f"`Dataset.to_parquet`")
+    return found
+
+
+def read_rows(path: Path | str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) of a JSON lines file, or of a parquet table (`.parquet`, where = `file:row N`)."""
+    path = Path(path)
+    if path.suffix.lower() not in PARQUET_SUFFIXES:
+        yield from read_jsonl(path)
+        return
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except pyarrow.ArrowException as err:
+        raise DataError(f"{path}: not a readable parquet file ({err}); rewrite it or convert it to JSONL") from None
+    n = 0
+    for batch in table.iter_batches():
+        for row in batch.to_pylist():
+            n += 1
+            yield f"{path}:row {n}", row
 
 
 def _require(row: dict[str, Any], where: str, fields: Sequence[str], kind: str) -> None:
@@ -174,8 +215,8 @@ class SupervisedDataset:
         self.renderer, self.kind = renderer, kind
         self.examples: list[Any] = []  # Example, or (chosen, rejected) pairs
         self.dropped: list[str] = []  # sources of examples with nothing to train on
-        for path in paths:
-            for where, row in read_jsonl(path):
+        for path in supervised_files(paths).paths:
+            for where, row in read_rows(path):
                 item = renderer.instruction(row, where) if kind == "instruction" else renderer.preference(row, where)
                 parts = item if isinstance(item, tuple) else (item,)
                 if any(p.n_trained == 0 for p in parts):
@@ -209,8 +250,8 @@ def read_classification(paths: Sequence[Path | str], tokenizer: Any, max_len: in
     """(token ids, label id) rows and the label names; string labels map through `label_names`
     (default: their sorted set), integer labels must lie in [0, len(label_names)) when names are given."""
     rows: list[tuple[str, str, Any]] = []
-    for path in paths:
-        for where, row in read_jsonl(path):
+    for path in supervised_files(paths).paths:
+        for where, row in read_rows(path):
             _require(row, where, FORMATS["classification"], "classification")
             label = row["label"]
             if isinstance(label, bool) or not isinstance(label, (int, str)):
@@ -261,8 +302,8 @@ class Seq2SeqDataset:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rows: list[tuple[list[int], list[int]]] = []
         self.texts: list[tuple[str, str]] = []
-        for path in paths:
-            for where, row in read_jsonl(path):
+        for path in supervised_files(paths).paths:
+            for where, row in read_rows(path):
                 _require(row, where, FORMATS["seq2seq"], "seq2seq")
                 source = list(tokenizer(row["source"], add_special_tokens=False)["input_ids"])[:max_len]
                 target = list(tokenizer(row["target"], add_special_tokens=False)["input_ids"])[:max_target_len]
