@@ -78,8 +78,8 @@ class DataSection:
                                        "those objectives) or 'qa' (SQuAD-format `files`, read by "
                                        "research.recipe='soft_prompt').")
     files: list[str] = _f([], "Files, directories (walked recursively; text / JSONL / parquet by suffix, other "
-                              "files skipped) and globs (corpus='files'), or instruction / chat JSONL files "
-                              "(corpus='sft').")
+                              "files skipped) and globs; the supervised corpora take only JSONL / parquet from "
+                              "directories and globs.")
     max_prompt_len: int | None = _f(None, "corpus='sft': keep at most this many prompt tokens (the most "
                                           "recent).")
     max_target_len: int | None = _f(None, "corpus='seq2seq': target tokens kept (None: data.seq_len).")
@@ -100,8 +100,8 @@ class DataSection:
     samples_per_epoch: int | None = _f(None, "Samples in one pass for sampling='random', or a blend's length "
                                              "(None: tokens / seq_len; a blend: at least the run's samples).")
     blend: list[dict[str, Any]] = _f([], "Datasets to mix, [{path: P, weight: W}, ...]: prepared dirs "
-                                         "(corpus='prepared') or files / globs / dataset dirs "
-                                         "(corpus='stream').")
+                                         "(corpus='prepared') or files / directories / globs / saved "
+                                         "datasets (corpus='stream').")
     doc_mask: bool = _f(False, "Packed samples: attention and positions restart at every document boundary.")
     verify: bool = _f(True, "Check every shard's sha256 against the manifest when opening prepared data.")
     workers: int = _f(1, "Tokenizing processes when data is prepared on first use.")
