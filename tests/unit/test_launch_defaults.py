@@ -95,7 +95,7 @@ def test_default_warmup_is_scaled_to_a_short_run(tmp_path: Path, caplog: pytest.
 
 def test_help_config_shows_the_recipes_values() -> None:
     text = describe_fields(load_config(DEFAULT, ["train.lr=5e-4"]))
-    assert "  steps: int = 600  (default 1000)  # Optimizer steps to run." in text
+    assert "  steps: int = 600  (default 1000)  # Optimizer steps to run (0: evaluate" in text
     assert "  lr: float = 0.0005  (default 0.001)" in text
     assert "  eval_interval: int = 200  # " in text  # the recipe's value is the schema's: no default shown
     assert "  n_layers: int = 4  (the preset)" in text
