@@ -1,7 +1,7 @@
 """tools/gpu/check.sh: its dry run on CPU (tiny shapes, gloo) runs every stage of the GPU check and writes a
 report that says what passed; a failed correctness stage makes the exit status non-zero.
 
-The dry run took 269 s on a 2-core machine at load average 7-14 (other test runs and a benchmark beside it):
+The dry run took 94 s on a 2-core machine at load average 4-7, and 269 s at load average 7-14 (other test runs and a benchmark beside it):
 env 18 s, gpu tests 15 s, two smoke trainings 57 + 65 s, bench 36 s, memory 48 s, 2-process gloo run 11 s,
 compile 19 s.
 """

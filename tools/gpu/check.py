@@ -407,10 +407,13 @@ def _detail(name: str, r: dict[str, Any]) -> str:
         return f"{r.get('tests', 0)} tests, {r.get('failures', 0)} failed, {r.get('skipped', 0)} skipped"
     if name == "smoke":
         return "; ".join(f"{k}: {v['status']} ({v.get('max_rel_diff', '-')})" for k, v in r["variants"].items())
+    if name == "memory":
+        return "estimate / measured peak: " + ", ".join(f"{ac} {m['estimate_over_measured']}"
+                                                          for ac, m in r["modes"].items())
     if name in ("bench", "compile"):
         f = r["figures"]
         ratios = ", ".join(f"{k.removeprefix('tessera_')} {v}" for k, v in f.items() if k.startswith("tessera_")
-                           and k.endswith("_min"))
+                           and k.endswith("_min")) or f"tessera {f['tessera']['tokens_per_s']:,.0f} tokens/s"
         return ratios + (f"  below target: {'; '.join(r['below_target'])}" if r.get("below_target") else "")
     if name == "nccl":
         return f"{r['backend']}: max rel. diff {r['max_rel_diff']} (tolerance {r['tolerance']})"
