@@ -8,6 +8,7 @@ found as lines; ``run_preflight`` gathers all of them from the real node.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -134,11 +135,18 @@ def check_data(cfg: JobConfig) -> list[Problem]:
                 f"missing); fetch it on a machine with network access: python tools/prepare_data.py "
                 f"--shakespeare {d.cache_dir} --vocab-size {d.vocab_size}."))
     else:
-        missing = [f for f in d.files if not Path(f).exists()]
+        missing = [f for f in d.files if not _visible(f)]
         if missing:
-            problems.append(Problem("data", f"data.files: {', '.join(missing)} not found on this node; put "
-                                            f"the corpus on storage every node mounts."))
+            problems.append(Problem("data", f"data.files: {', '.join(missing)} not found on this node (a glob: "
+                                            f"it matches nothing); put the corpus on storage every node mounts."))
     return problems
+
+
+def _visible(entry: str) -> bool:
+    """A data.files entry exists on this node: a file or directory, or a glob matching at least one path."""
+    if glob.has_magic(entry):
+        return next(glob.iglob(entry, recursive=True), None) is not None
+    return Path(entry).exists()
 
 
 def run_preflight(cfg: JobConfig, *, gpus_per_node: int, mps: bool, checkpoint_bytes: int) -> list[Problem]:

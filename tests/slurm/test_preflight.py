@@ -71,6 +71,13 @@ def test_data_not_on_the_node(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text")
     (tmp_path / "tok").mkdir()
     assert check_data(cfg) == []
+    glob = f"data.files=[{tmp_path / 'texts' / '**' / '*.txt'}]"  # a glob: found when it matches a file
+    cfg = load_config(str(SMOKE), ["data.corpus=files", glob, f"data.tokenizer={tmp_path / 'tok'}"])
+    (p,) = check_data(cfg)
+    assert "*.txt not found on this node (a glob: it matches nothing)" in p.message
+    (tmp_path / "texts" / "part").mkdir(parents=True)
+    (tmp_path / "texts" / "part" / "b.txt").write_text("text")
+    assert check_data(cfg) == []
     cfg = load_config(str(SMOKE), [f"data.prepared_dir={tmp_path / 'prep'}"])
     (p,) = check_data(cfg)
     assert "data.prepared_dir=" in p.message and "no header.json" in p.message
