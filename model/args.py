@@ -95,6 +95,26 @@ class ModelArgs:
         default=True, metadata={"help": "rope_type 'yarn': round the correction range to whole dimensions"}
     )
 
+    n_experts: int = field(default=0, metadata={"help": "routed experts of each MoE layer; 0: every layer dense"})
+    moe_top_k: int = field(default=2, metadata={"help": "experts each token is routed to (num_experts_per_tok)"})
+    moe_ffn_dim: int | None = field(
+        default=None, metadata={"help": "SwiGLU width of one routed expert; None means ffn_dim"})
+    moe_layers: str | int | list[int] = field(
+        default="all", metadata={"help": "MoE layers: 'all', k (every k-th: layers k-1, 2k-1, ...) or a list"})
+    moe_norm_topk_prob: bool = field(
+        default=True, metadata={"help": "renormalise the top-k probabilities (Mixtral; Qwen3-MoE norm_topk_prob)"})
+    moe_shared_ffn_dim: int | None = field(
+        default=None, metadata={"help": "width of a shared expert every token passes (None: none)"})
+    moe_shared_gate: bool = field(
+        default=False, metadata={"help": "sigmoid gate on the shared expert's output (Qwen2-MoE)"})
+    moe_aux_loss_coef: float = field(
+        default=0.0, metadata={"help": "coefficient of the switch-style load-balancing loss (0: off)"})
+    moe_z_loss_coef: float = field(default=0.0, metadata={"help": "coefficient of the router z-loss (0: off)"})
+    moe_bias_update_rate: float = field(
+        default=0.0, metadata={"help": "aux-loss-free balancing: bias step per optimizer step (0: off)"})
+    moe_capacity_factor: float | None = field(
+        default=None, metadata={"help": "expert capacity = factor * tokens * top_k / n_experts; None: dropless"})
+
     def __post_init__(self) -> None:
         ints = (self.dim, self.n_heads)
         if self.head_dim is None or isinstance(self.head_dim, _DerivedHeadDim):
@@ -113,6 +133,26 @@ class ModelArgs:
         if self.sliding_layers is not None and layer_id not in self.sliding_layers:
             return None
         return self.sliding_window
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """Whether layer `layer_id` has routed experts instead of the dense FFN."""
+        if self.n_experts <= 0:
+            return False
+        if self.moe_layers == "all":
+            return True
+        if isinstance(self.moe_layers, int):
+            return (layer_id + 1) % self.moe_layers == 0
+        return layer_id in self.moe_layers
+
+    @property
+    def n_moe_layers(self) -> int:
+        """Number of layers with routed experts."""
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    @property
+    def expert_dim(self) -> int:
+        """Resolved SwiGLU width of one routed expert (`moe_ffn_dim`, or `ffn_dim`)."""
+        return self.ffn_dim if self.moe_ffn_dim is None else self.moe_ffn_dim
 
     @property
     def kv_heads(self) -> int:
@@ -165,6 +205,7 @@ class ModelArgs:
         if not 0.0 <= self.dropout < 1.0:
             raise ModelConfigError(f"ModelArgs.dropout={self.dropout!r} is invalid: use a value in [0, 1)")
         self._validate_families()
+        self._validate_moe()
         if self.head_dim_is_derived and self.dim % self.n_heads:
             raise ModelConfigError(
                 f"ModelArgs.dim={self.dim} is not divisible by n_heads={self.n_heads}: "
@@ -207,6 +248,54 @@ class ModelArgs:
             raise ModelConfigError("ModelArgs.o_bias=True needs attn_bias=True (Llama's attention_bias biases "
                                    "q/k/v and o_proj together): set attn_bias=true too")
 
+    def _validate_moe(self) -> None:
+        """The MoE fields (checked only when n_experts > 0)."""
+        if isinstance(self.n_experts, bool) or not isinstance(self.n_experts, int) or self.n_experts < 0:
+            raise ModelConfigError(f"ModelArgs.n_experts={self.n_experts!r} is invalid: set 0 (dense) or a positive "
+                                   f"number of experts")
+        if not self.n_experts:
+            return
+        ints = {"moe_top_k": self.moe_top_k, "moe_ffn_dim": self.moe_ffn_dim,
+                "moe_shared_ffn_dim": self.moe_shared_ffn_dim}
+        for name, value in ints.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set it to a positive integer")
+        if self.moe_top_k > self.n_experts:
+            raise ModelConfigError(f"ModelArgs.moe_top_k={self.moe_top_k} exceeds n_experts={self.n_experts}: "
+                                   f"route each token to at most n_experts experts")
+        layers = self.moe_layers
+        ok = (layers == "all" or (isinstance(layers, int) and not isinstance(layers, bool) and layers > 0)
+              or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                   and 0 <= i < self.n_layers for i in layers)))
+        if not ok:
+            raise ModelConfigError(f"ModelArgs.moe_layers={layers!r} is invalid: use 'all', a positive step k "
+                                   f"(every k-th layer) or a list of layer indices in [0, {self.n_layers})")
+        for name in ("moe_norm_topk_prob", "moe_shared_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(f"ModelArgs.{name}={getattr(self, name)!r} is invalid: set true or false")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef", "moe_bias_update_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ModelConfigError(f"ModelArgs.{name}={value!r} is invalid: set a number >= 0 (0: off)")
+        cf = self.moe_capacity_factor
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not cf > 0):
+            raise ModelConfigError(f"ModelArgs.moe_capacity_factor={cf!r} is invalid: set a positive factor "
+                                   f"(1.0 = an even share) or null for dropless routing")
+        if self.moe_shared_gate and self.moe_shared_ffn_dim is None:
+            raise ModelConfigError("ModelArgs.moe_shared_gate=True needs a shared expert: set moe_shared_ffn_dim")
+
+    def _moe_counts(self) -> tuple[int, int]:
+        """(all, active) parameters of the MoE FFNs over the model beyond what dense FFNs would hold there."""
+        if not self.n_experts:
+            return 0, 0
+        expert = 3 * self.dim * self.expert_dim
+        shared = 3 * self.dim * (self.moe_shared_ffn_dim or 0) + (self.dim if self.moe_shared_gate else 0)
+        router = self.n_experts * self.dim
+        dense = 3 * self.dim * self.ffn_dim
+        n = self.n_moe_layers
+        return (n * (self.n_experts * expert + shared + router - dense),
+                n * (self.moe_top_k * expert + shared + router - dense))
+
     def num_params(self, *, include_embeddings: bool = True) -> int:
         """Exact parameter count of `Transformer(self)` (a tied head counted once).
 
@@ -219,19 +308,26 @@ class ModelArgs:
         mlp = 3 * self.dim * self.ffn_dim
         norms = 2 * self.dim + (2 * self.head_dim if self.qk_norm else 0)  # type: ignore[operator]
         body = self.n_layers * (attention + sinks + biases + mlp + norms) + self.dim  # + final norm
+        body += self._moe_counts()[0]
         if not include_embeddings:
             return body
         embeddings = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return body + embeddings
 
+    def num_active_params(self, *, include_embeddings: bool = True) -> int:
+        """Parameters one token passes through: `num_params` with only top_k routed experts per MoE layer."""
+        all_moe, active = self._moe_counts()
+        return self.num_params(include_embeddings=include_embeddings) - all_moe + active
+
     def matmul_params(self) -> int:
-        """Weights that multiply activations: q/k/v/o, gate/up/down per block, and the output head.
+        """Weights that multiply one token's activations: q/k/v/o, gate/up/down per block (a MoE layer: its
+        router, top_k routed experts and the shared expert), and the output head.
 
         Not counted: the embedding lookup (a gather), norm weights, biases and sinks (element-wise).
         """
         q_width, kv_width = self.n_heads * self.head_dim, self.kv_heads * self.head_dim
         per_layer = 2 * self.dim * q_width + 2 * self.dim * kv_width + 3 * self.dim * self.ffn_dim
-        return self.n_layers * per_layer + self.vocab_size * self.dim
+        return self.n_layers * per_layer + self.vocab_size * self.dim + self._moe_counts()[1]
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs (forward + backward) per token at `seq_len`: 6 N + 12 * L * H * D * T.
@@ -314,7 +410,12 @@ PRESETS: Mapping[str, ModelArgs] = MappingProxyType(
             dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_hidden_dim=12288,
             vocab_size=151936, qk_norm=True, **_QWEN_COMMON,
         ),
-        # Mistral-7B-v0.1: a 4096-token sliding window on every layer.
+        # A small MoE for Shakespeare on a CPU: 8 experts of width 256, top-2, on every layer, with z-loss and
+    # aux-loss-free balancing (about the active parameters of a dense "tiny" with ffn_hidden_dim 512).
+    "moe-tiny": ModelArgs(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=4096, max_seq_len=256,
+                          n_experts=8, moe_top_k=2, moe_ffn_dim=256, moe_z_loss_coef=1e-3,
+                          moe_aux_loss_coef=1e-2),
+    # Mistral-7B-v0.1: a 4096-token sliding window on every layer.
         "mistral-7b": ModelArgs(
             dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden_dim=14336, vocab_size=32000,
             rope_theta=10000.0, norm_eps=1e-5, max_seq_len=8192, sliding_window=4096,

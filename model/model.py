@@ -1,4 +1,5 @@
-"""A Llama-style decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional sinks.
+"""A Llama-style decoder in plain PyTorch: RMSNorm, SwiGLU, RoPE, grouped-query attention, optional sinks,
+optional mixture-of-experts FFNs on chosen layers (`model/moe.py`, Mixtral / Qwen3-MoE).
 
 The optional pieces of today's families are fields of `ModelArgs`: scaled RoPE (Llama 3.1+), an explicit head
 width and q/k RMSNorm (Qwen3), q/k/v and o_proj biases (Qwen2, Llama attention_bias), sliding-window layers
@@ -31,6 +32,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.attention import attention
 from model.cache import KVCache
+from model.moe import MoEFeedForward
 from model.ops import apply_rope, precompute_rope, rms_norm, rope_inv_freq, swiglu, yarn_attention_factor
 
 
@@ -147,6 +149,15 @@ class FeedForward(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))  # (B, T, dim)
 
 
+def moe_feed_forward(args: ModelArgs) -> MoEFeedForward:
+    """The routed-expert FFN of an MoE layer of `args` (model/moe.py)."""
+    return MoEFeedForward(args.dim, n_experts=args.n_experts, top_k=args.moe_top_k, hidden_dim=args.expert_dim,
+                          norm_topk_prob=args.moe_norm_topk_prob, capacity_factor=args.moe_capacity_factor,
+                          aux_loss=args.moe_aux_loss_coef > 0, z_loss=args.moe_z_loss_coef > 0,
+                          bias_balancing=args.moe_bias_update_rate > 0, shared_hidden_dim=args.moe_shared_ffn_dim,
+                          shared_gate=args.moe_shared_gate)
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h))."""
 
@@ -155,7 +166,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.self_attn = Attention(args, layer_id)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
-        self.mlp = FeedForward(args.dim, args.ffn_dim)
+        self.mlp: FeedForward | MoEFeedForward = (
+            moe_feed_forward(args) if args.is_moe_layer(layer_id) else FeedForward(args.dim, args.ffn_dim))
         self.resid_dropout = nn.Dropout(args.dropout)
 
     def init_weights(self, std: float, out_std: float) -> None:
@@ -194,6 +206,11 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", rope_cos, persistent=False)  # (max_seq_len, head_dim)
         self.register_buffer("rope_sin", rope_sin, persistent=False)  # (max_seq_len, head_dim)
         self.init_weights()
+
+    def moe_blocks(self) -> list[tuple[int, MoEFeedForward]]:
+        """(layer index, MoE FFN) of this model's (or pipeline stage's) MoE layers."""
+        return [(layer.self_attn.layer_id, layer.mlp) for layer in self.layers  # type: ignore[union-attr]
+                if isinstance(layer.mlp, MoEFeedForward)]
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the head when `tie_embeddings` (and this stage has both).

@@ -11,6 +11,7 @@ import torch
 
 from parallel.loss import lm_loss  # the one LM cross-entropy, beside the losses parallelize chooses from
 from train.eval.loss import TokenLoss
+from train.objectives.moe import MoETerms
 
 Batch = tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
 
@@ -103,10 +104,18 @@ class Objective:
     def __init__(self, loss_fn: LossFn = lm_loss) -> None:
         self.loss_fn = loss_fn
 
+    @property
+    def moe(self) -> MoETerms:
+        """Router losses, expert load terms and bias balancing of a native MoE model (made on first use, so a
+        subclass need not call this __init__)."""
+        if "_moe" not in self.__dict__:
+            self.__dict__["_moe"] = MoETerms()
+        return self.__dict__["_moe"]
+
     def loss(self, engine: Any, batch: Any,
              device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y, extra = unpack(batch, device)
-        return self.loss_fn(engine(x, **extra, **forward_kwargs(self.loss_fn)), y), {}
+        return self.moe.add(engine, self.loss_fn(engine(x, **extra, **forward_kwargs(self.loss_fn)), y))
 
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
                  step: int | None = None) -> dict[str, float]:
@@ -117,10 +126,13 @@ class Objective:
     # Called on every rank around each optimizer step (1-based ``step``); the default does nothing.
     def begin_step(self, step: int) -> None:
         """Before the first micro-batch of ``step``."""
+        self.moe.begin_step()
 
     def before_update(self, engine: Any, step: int) -> None:
         """After the last micro-batch's backward, before the engine applies the update (gradients are
         there)."""
 
     def end_step(self, engine: Any, step: int, terms: dict[str, float]) -> None:
-        """After the update, with the step's logged terms averaged over micro-batches and ranks."""
+        """After the update, with the step's logged terms averaged over micro-batches and ranks (the base
+        class moves the MoE selection biases; an override calls it)."""
+        self.moe.end_step(engine, dp_group(engine))
