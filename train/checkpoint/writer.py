@@ -17,27 +17,39 @@ complete, and ``--resume auto`` takes the newest directory that is complete, wha
 A write that fails on any rank (a full disk shows as torch's ``RuntimeError: [enforce fail at
 inline_container.cc ...]``, not as ``OSError``) fails the save on every rank together with one
 ``CheckpointError`` naming the directory and its free space; the partial directory is removed.
+
+With ``train.async_save`` the same steps run in two halves: ``save`` takes a host-memory snapshot
+(train/checkpoint/async_save.py) and returns while a thread writes the files into ``step_N.tmp``; the next
+``poll`` after every rank's thread is done (or ``wait``: the next save, a stop, the end of the run) records the
+file list, renames and moves ``latest``. A failed background write is the same CheckpointError, raised there.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
+import logging
 import os
 import random
 import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model import ModelArgs
 from parallel.layers import TPContext
+from train.checkpoint.async_save import BackgroundWrite, take_snapshot
 from train.checkpoint.files import FILES_KEY, checkpoint_files, describe_files
+
+log = logging.getLogger("tessera")
 
 CKPT_DIR = "checkpoints"
 META_FILE = "tessera.json"
@@ -198,11 +210,29 @@ def check_free_space(out_dir: str | Path, needed_bytes: int, what: str) -> None:
 # ----------------------------------------------------------------------------- saving and loading
 
 
+@dataclass
+class _Save:
+    """One save between its snapshot and its completion."""
+
+    step: int
+    tmp_dir: Path  # step_N.tmp, written into
+    final: Path  # step_N, once complete
+    meta: dict[str, Any]  # the metadata the trainer gave (tessera.json adds the step, the file list, ...)
+    best: bool  # move ``best`` too
+    previous: Path | None  # the newest complete checkpoint before this one (intact whatever happens)
+    write: BackgroundWrite | None = None  # the background write of an asynchronous save
+
+
+def _torch_save(state: Any, path: str) -> None:
+    torch.save(state, path)
+
+
 class CheckpointWriter:
     """Collective checkpoint saves for one run (every rank holds one and calls ``save`` together)."""
 
     def __init__(self, out_dir: str | Path, *, rank: int, keep_last: int, estimate_bytes: int,
-                 extra: Callable[[Path], None] | None = None, tp_ctx: TPContext | None = None) -> None:
+                 extra: Callable[[Path], None] | None = None, tp_ctx: TPContext | None = None,
+                 async_save: bool = False) -> None:
         self.tp_ctx = tp_ctx  # its dropout generators are saved with each rank's RNG state
         self.extra = extra  # collective: writes more files (e.g. the PEFT adapter) into the checkpoint dir
         self.out_dir = Path(out_dir)
@@ -210,11 +240,12 @@ class CheckpointWriter:
         self.rank = rank
         self.keep_last = keep_last  # complete checkpoints kept besides the best one (0: all)
         self.estimate_bytes = estimate_bytes  # size of one checkpoint before one has been measured
+        self.async_save = async_save  # snapshot to host memory and write in the background (train.async_save)
+        self.last_pause_s = 0.0  # how long the last asynchronous save held up training
+        self._pending: _Save | None = None  # the asynchronous save being written, at most one
 
     def _errors(self, error: BaseException | str | None) -> list[str]:
         """Every rank's error ("rank N: ..."), the same list on all ranks; empty when all succeeded."""
-        import torch.distributed as dist
-
         if error is not None and not (isinstance(error, str) and error.startswith("rank ")):
             error = f"rank {self.rank}: {_short(error)}"
         gathered: list[str | None] = [None] * dist.get_world_size()
@@ -225,8 +256,6 @@ class CheckpointWriter:
                 remove: Path | None = None) -> None:
         """Collective: raise CheckpointError on every rank if any rank failed, after rank 0 measured the free
         space and removed ``remove`` (the partial directory)."""
-        import torch.distributed as dist
-
         errors = self._errors(error)
         if not errors:
             return
@@ -238,9 +267,10 @@ class CheckpointWriter:
         raise self._failure(step, errors, previous, free[0])
 
     def save(self, engine: Any, step: int, meta: dict[str, Any], *, best: bool = False) -> Path:
-        """Write checkpoint ``step``; raise CheckpointError on every rank if any rank could not."""
-        import torch.distributed as dist
-
+        """Write checkpoint ``step``; raise CheckpointError on every rank if any rank could not. With
+        ``async_save`` only its snapshot is taken here (after the save in flight, if any, is complete): the
+        files are written in the background and the checkpoint completes in ``poll`` or ``wait``."""
+        self.wait()
         tag = tag_for(step)
         tmp_dir, final = self.root / (tag + TMP_SUFFIX), self.root / tag
         previous = latest_complete(self.out_dir)
@@ -256,26 +286,87 @@ class CheckpointWriter:
                 error = e
         self._settle(step, error, previous)
 
-        in_engine = True
+        in_engine, queue = True, None
+        started = time.perf_counter()
         try:
             if _failpoint_hit(f"save_error_rank{self.rank}", step):
                 _fail_file_writes(engine)
             tmp_dir.mkdir(parents=True, exist_ok=True)
             failpoint("during_write", step)
-            engine.save_checkpoint(str(self.root), tag=tmp_dir.name, save_latest=False,
-                                   exclude_frozen_parameters=has_frozen(engine))
+
+            def engine_save() -> None:
+                engine.save_checkpoint(str(self.root), tag=tmp_dir.name, save_latest=False,
+                                       exclude_frozen_parameters=has_frozen(engine))
+
+            if self.async_save:
+                queue = take_snapshot(engine, engine_save)
+            else:
+                engine_save()
             in_engine = False
             if self.extra is not None:
                 self.extra(tmp_dir)
             failpoint("after_engine_save", step)
-            torch.save(rng_state(self.tp_ctx), tmp_dir / f"rng_rank{self.rank:05d}.pt")
+            rng_path = tmp_dir / f"rng_rank{self.rank:05d}.pt"
+            if queue is None:
+                torch.save(rng_state(self.tp_ctx), rng_path)
+            else:
+                queue.append((rng_state(self.tp_ctx), str(rng_path), _torch_save))
         except Exception as e:  # noqa: BLE001 - any failed write (torch.save: a full disk is a RuntimeError)
             error = e
             if in_engine:
                 dist.barrier()  # the barrier DeepSpeed's save ends with, which the other ranks are in
         self._settle(step, error, previous, remove=tmp_dir)
+        if queue is None:
+            self._complete(_Save(step, tmp_dir, final, meta, best, previous), self._describe(tmp_dir))
+            return final
 
-        files = self._describe(tmp_dir)  # collective: each rank hashes its share of the files
+        failpoint("async_snapshot", step)
+        self.last_pause_s = time.perf_counter() - started
+        write = BackgroundWrite(queue, tmp_dir, step=step)
+        write.start()
+        self._pending = _Save(step, tmp_dir, final, copy.deepcopy(meta), best, previous, write)
+        return final
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the save being written in the background, if any."""
+        return self._pending.step if self._pending is not None else None
+
+    def poll(self, device: torch.device) -> None:
+        """Collective, once per step: complete the save in flight when every rank has written its files."""
+        if self._pending is None:
+            return
+        done = torch.tensor([int(self._pending.write.done())], dtype=torch.int32, device=device)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if int(done.item()):
+            self._finish_pending()
+
+    def wait(self) -> None:
+        """Collective: wait for the save in flight (if any) and complete it (a CheckpointError if it failed)."""
+        if self._pending is None:
+            return
+        start = time.perf_counter()
+        self._pending.write.join()
+        waited = time.perf_counter() - start
+        if self.rank == 0 and waited >= 0.05:
+            log.info("waited %.1f s for the checkpoint of step %d to be written", waited, self._pending.step)
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        save, self._pending = self._pending, None
+        assert save is not None and save.write is not None
+        error = save.write.error
+        if error is None and not save.tmp_dir.is_dir():
+            error = f"{save.tmp_dir} disappeared while it was written"
+        self._settle(save.step, error, save.previous, remove=save.tmp_dir)
+        self._complete(save, self._describe(save.tmp_dir, known=save.write.files))
+        if self.rank == 0:
+            log.info("step %d: checkpoint %s complete (%.1f MiB written in the background in %.1f s)", save.step,
+                     save.final, save.write.nbytes / 2**20, save.write.seconds)
+
+    def _complete(self, save: _Save, files: dict[str, dict[str, Any]] | str) -> None:
+        """Collective: record the file list in the metadata, rename the directory, then move ``latest``."""
+        step, tmp_dir, final, previous = save.step, save.tmp_dir, save.final, save.previous
         if isinstance(files, str):  # the same on every rank: reported once
             self._settle(step, files if self.rank == 0 else None, previous, remove=tmp_dir)
         error, renamed = None, False
@@ -283,7 +374,7 @@ class CheckpointWriter:
             try:
                 unseen = [n for n in checkpoint_files(tmp_dir, meta_file=META_FILE) if n not in files]
                 files.update(describe_files(tmp_dir, unseen))  # a file another rank's listing missed
-                full = {**meta, "step": step, "format_version": FORMAT_VERSION, "saved_at": time.time(),
+                full = {**save.meta, "step": step, "format_version": FORMAT_VERSION, "saved_at": time.time(),
                         "world_size": dist.get_world_size(), FILES_KEY: files}
                 _atomic_write(tmp_dir / META_FILE, json.dumps(full, indent=2, default=str))
                 failpoint("before_rename", step)
@@ -292,9 +383,9 @@ class CheckpointWriter:
                 os.replace(tmp_dir, final)
                 renamed = True
                 failpoint("before_latest", step)
-                _atomic_write(self.root / "latest", tag)
-                if best:
-                    _atomic_write(self.root / "best", tag)
+                _atomic_write(self.root / "latest", final.name)
+                if save.best:
+                    _atomic_write(self.root / "best", final.name)
                 self._rotate()
             except Exception as e:  # noqa: BLE001 - as above
                 error = f"{_short(e)} (after {final} was complete)" if renamed else e
@@ -302,18 +393,20 @@ class CheckpointWriter:
                     (self.root / (pointer + TMP_SUFFIX)).unlink(missing_ok=True)
         self._settle(step, error, previous, remove=None if renamed else tmp_dir)
         dist.barrier()
-        return final
 
-    def _describe(self, tmp_dir: Path) -> dict[str, dict[str, Any]] | str:
+    def _describe(self, tmp_dir: Path, known: dict[str, dict[str, Any]] | None = None
+                  ) -> dict[str, dict[str, Any]] | str:
         """Collective: size and sha256 of every file written into ``tmp_dir`` (each rank hashes every
-        world-size-th file), the same on all ranks; or the first rank's error as a string."""
-        import torch.distributed as dist
-
+        world-size-th file, or gives ``known``: those of the files it wrote), the same on all ranks; or the first
+        rank's error as a string."""
         world = dist.get_world_size()
         mine: dict[str, dict[str, Any]] | str
         try:
-            names = checkpoint_files(tmp_dir, meta_file=META_FILE)
-            mine = describe_files(tmp_dir, names[self.rank::world])
+            if known is not None:
+                mine = known
+            else:
+                names = checkpoint_files(tmp_dir, meta_file=META_FILE)
+                mine = describe_files(tmp_dir, names[self.rank::world])
         except OSError as e:
             mine = f"rank {self.rank}: {_short(e)}"
         gathered: list[Any] = [None] * world

@@ -206,6 +206,9 @@ class TrainSection:
     spike_action: SpikeAction = _f("warn", "On a loss spike: 'warn' logs it; 'rollback' also rolls back past "
                                            "the batch.")
     keep_last: int = _f(3, "Newest complete checkpoints kept besides the best one (0 keeps all).")
+    async_save: bool = _f(False, "Write checkpoints in the background: training pauses only to copy the state "
+                                 "to host memory (one more checkpoint's worth of host RAM per rank while it "
+                                 "writes); 'latest' moves once the files are written and hashed.")
     best_smoothing: float = _f(0.5, "EMA factor of the validation loss that picks the best checkpoint "
                                     "(0: raw).")
     best_metric: str = _f("val_loss", "The logged validation metric that picks the best checkpoint, smoothed "

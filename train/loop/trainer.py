@@ -136,6 +136,7 @@ class Trainer:
         self.engine.train()
         window_start, window_steps = time.perf_counter(), 0
         while state.step < t.steps:
+            self.checkpoints.poll(self.device)  # completes a background save once every rank has written it
             if self.control is not None and self._obey(self.control.poll(self.device)):
                 break  # stopped on request, after saving this step: a resumed run continues from here
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler advances inside engine.step)
@@ -172,6 +173,7 @@ class Trainer:
                 self.after_step(state.step)
             if self._evaluate_and_save():
                 window_start, window_steps = time.perf_counter(), 0
+        self.checkpoints.wait()  # the run ends (or stops) with its last checkpoint complete
         return self.last_eval
 
     def _obey(self, action: Action) -> bool:
@@ -179,6 +181,7 @@ class Trainer:
         state = self.state
         if action == Action.CONTINUE:
             return False
+        self.checkpoints.wait()
         latest = latest_complete(self.checkpoints.out_dir)
         if state.step > 0 and (latest is None or latest.name != tag_for(state.step)):
             path = self.checkpoints.save(self.engine, state.step, {**state.checkpoint_meta(), **self.last_eval})
@@ -250,6 +253,7 @@ class Trainer:
 
         bad_step, consumed = self.state.step, self.state.consumed_samples
         self.bad_steps.begin_rollback(bad_step)
+        self.checkpoints.wait()
         target = latest_complete(self.checkpoints.out_dir)
         if target is None:
             raise TrainingDiverged(f"step {bad_step}: {why} and no checkpoint to roll back to; set "
@@ -283,7 +287,11 @@ class Trainer:
             if hasattr(self.stream, "state_dict"):  # a streamed corpus: its position goes into the checkpoint
                 meta["data_state"] = self.stream.state_dict()
             path = self.checkpoints.save(self.engine, state.step, meta, best=best)
-            self.logger.write(f"step {state.step}: checkpoint saved to {path}")
+            if self.checkpoints.in_flight is None:
+                self.logger.write(f"step {state.step}: checkpoint saved to {path}")
+            else:
+                self.logger.write(f"step {state.step}: checkpoint snapshot taken in "
+                                  f"{self.checkpoints.last_pause_s:.2f} s, writing {path} in the background")
             ran = True
         return ran
 
