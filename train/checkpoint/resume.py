@@ -1,4 +1,5 @@
-"""Load a checkpoint into the engine, through a universal copy when the world size changed.
+"""Load a checkpoint into the engine, through a universal copy when the world size changed and through a
+layout-free copy when the tensor- or pipeline-parallel degree changed (train/checkpoint/reshard.py).
 
 Nothing in a checkpoint runs: before DeepSpeed reads a file, every file it may read is unpickled weights-only
 by one of the ranks (``preflight``: the files are shared out over the ranks, their memory-mapped tensors are
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from parallel.layers import TPContext
+from train.checkpoint.reshard import needs_reshard
+from train.checkpoint.reshard_load import load_resharded, run_layout
 from train.checkpoint.resize import load_universal, resized_source
 from train.checkpoint.safe_load import UnreadableFile, load, probe, weights_only_loads
 from train.checkpoint.verify import damage_report, load_meta
@@ -57,34 +60,47 @@ def preflight(tag_dir: Path, *, rank: int, world_size: int, root: Path | None = 
 def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext | None = None) -> dict[str, Any]:
     """Restore engine, optimizer, scheduler and this rank's RNG state; return the Tessera metadata.
 
-    Collective. A checkpoint saved by another number of ranks is loaded through ``train.checkpoint.resize``.
+    Collective. A checkpoint saved by another number of ranks is loaded through ``train.checkpoint.resize``,
+    one saved with another tp or pp through ``train.checkpoint.reshard`` (per-rank RNG states are then not
+    restored: which stream a rank owns depends on the layout).
     """
     import torch.distributed as dist
 
     meta = load_meta(tag_dir)
     world_size = dist.get_world_size()
     preflight(tag_dir, rank=rank, world_size=world_size)  # before a resize converts the files
-    universal = resized_source(engine, tag_dir, meta, rank=rank)
+    layout = run_layout(engine, tp_ctx)
+    reshard = needs_reshard(tag_dir, meta, layout)
+    universal = None if reshard else resized_source(engine, tag_dir, meta, rank=rank)
     if universal is not None:
         preflight(tag_dir, rank=rank, world_size=world_size, root=universal)
     planned = scheduler_schedule(engine.lr_scheduler)  # this run's schedule, before the checkpoint's replaces it
     if planned is not None:  # a copy: loading updates the scheduler's object; an older checkpoint leaves steps 0
         planned = replace(planned)
         set_schedule(engine.lr_scheduler, replace(planned, steps=0))
+    if reshard:
+        path: str | None = load_resharded(engine, tag_dir, meta, rank=rank, tp_ctx=tp_ctx)
+    else:
+        path = _load_as_saved(engine, tag_dir, universal)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
+    if planned is not None:
+        _resume_schedule(engine.lr_scheduler, planned, meta, rank=rank)
+    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
+    if rng_file.is_file() and not reshard:  # absent when the world size changed; the data order needs none
+        set_rng_state(load(rng_file, rng=True), tp_ctx)
+    return meta
+
+
+def _load_as_saved(engine: Any, tag_dir: Path, universal: Path | None) -> str | None:
+    """The engine state from the checkpoint (same layout) or its universal copy (another DP size)."""
     with weights_only_loads():
         if universal is None:
             path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                              load_module_strict=not has_frozen(engine))
         else:
             path = load_universal(engine, universal)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
-    if planned is not None:
-        _resume_schedule(engine.lr_scheduler, planned, meta, rank=rank)
-    rng_file = tag_dir / f"rng_rank{rank:05d}.pt"
-    if rng_file.is_file():  # absent when the world size changed; the data order does not depend on it
-        set_rng_state(load(rng_file, rng=True), tp_ctx)
-    return meta
+    return path
 
 
 def _resume_schedule(scheduler: Any, planned: LRSchedule, meta: dict[str, Any], *, rank: int) -> None:

@@ -1,0 +1,269 @@
+"""Resuming on another parallel layout: another tensor-parallel (tp) or pipeline (pp) degree, data-parallel
+size or ZeRO stage.
+
+A checkpoint saved under ZeRO 1-3 is made layout-free once, beside it, and every later resume from it (on any
+layout) slices that copy::
+
+    checkpoints/step_00000100/                         the checkpoint as saved (the one that counts)
+    checkpoints/step_00000100.universal/               DeepSpeed's universal copy (train/checkpoint/resize.py)
+    checkpoints/step_00000100.universal/layout_free/   full tensors per parameter, by the plain model's name:
+        zero/<name>/fp32.pt, exp_avg.pt, exp_avg_sq.pt, step.pt    fp32 master weight and Adam moments
+        zero/optimizer_state.pt                                   parameter groups, Adam step, loss scaler
+        model_states.pt                                           step, samples, LR scheduler (DeepSpeed's)
+        views/tp2-pp1/tp0/ ...                                    one TP rank's shards, for DeepSpeed to place
+
+DeepSpeed's converter (``ds_to_universal``) joins the ZeRO partitions of every rank; without parameter
+patterns it joins tensor-parallel shards along dim 0, and Tessera splits them again and joins each along the
+dimension its own TP plan split it on (column: rows, row: columns, vocabulary: rows with the padding cut off,
+norms: replicated), then renames pipeline pieces (``3.layer.mlp...``, ``tied_modules.embed...``) to the plain
+names. A new layout loads a *view*: per TP rank, a universal-format directory holding that rank's shard of
+every tensor (vocabulary rows padded for the new tp) under the new engine's parameter names. DeepSpeed's own
+universal load then splits it over the new ZeRO partition (ZeRO 1-3) and rebuilds the 16/32-bit weights; under
+ZeRO 0 Tessera writes weights and Adam state into the module and the torch optimizer itself.
+
+Kept exactly: weights, fp32 master weights, Adam moments and step, parameter-group settings, the LR schedule,
+step and data position. Not kept: per-rank RNG streams (which stream a rank owns depends on the layout); they
+restart from the run's seed, which changes nothing without dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import ModelArgs
+from model.hf_causal import causal_lm_config, meta_model
+from parallel.layers import TPContext
+from parallel.pipeline import pipe_to_plain_key
+from parallel.tp import HF_LLAMA_TP_PLAN, tp_shard_layout
+from train.checkpoint.resize import convert, is_current, universal_dir
+from train.checkpoint.safe_load import load
+from train.checkpoint.writer import TMP_SUFFIX, CheckpointError, read_meta
+
+FREE_DIR = "layout_free"  # inside the universal copy: removed with it when the checkpoint is rotated out
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+MODEL_STATES = "model_states.pt"
+ZERO_OPTIM_GLOB = "*zero_pp_rank_*_optim_states.pt"
+log = logging.getLogger("tessera")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The parallel layout a checkpoint was saved with, or a run has."""
+
+    tp: int
+    pp: int
+    world_size: int
+
+    def describe(self) -> str:
+        return f"tp={self.tp}, pp={self.pp}, {self.world_size} ranks"
+
+
+def saved_layout(meta: dict[str, Any]) -> Layout:
+    """The layout recorded in a checkpoint's tessera.json (a field it lacks counts as 1)."""
+    parallel = meta.get("config", {}).get("parallel", {})
+    return Layout(tp=int(parallel.get("tp", 1)), pp=int(parallel.get("pp", 1)),
+                  world_size=int(meta.get("world_size") or 1))
+
+
+def is_zero_partitioned(tag_dir: Path) -> bool:
+    """Whether ``tag_dir`` was saved under ZeRO 1-3 (per-rank optimizer partitions)."""
+    return any(tag_dir.glob(ZERO_OPTIM_GLOB))
+
+
+def needs_reshard(tag_dir: Path, meta: dict[str, Any], now: Layout) -> bool:
+    """Whether a resume on layout ``now`` goes through the layout-free copy: another tp or pp, or another
+    number of ranks for a tp / pp > 1 ZeRO 1-3 checkpoint (DeepSpeed's universal load alone would join its
+    tensor-parallel shards wrongly). Another DP size of a plain run goes through train/checkpoint/resize.py,
+    a ZeRO-0 checkpoint of the same tp and pp loads as saved."""
+    saved = saved_layout(meta)
+    if (saved.tp, saved.pp) != (now.tp, now.pp):
+        return True
+    return saved.tp * saved.pp > 1 and saved.world_size != now.world_size and is_zero_partitioned(tag_dir)
+
+
+def refusal(tag_dir: Path, meta: dict[str, Any], *, tp: int, pp: int) -> str | None:
+    """Why ``tag_dir`` cannot be resumed with ``tp`` and ``pp``, or None when it can."""
+    saved = saved_layout(meta)
+    if (saved.tp, saved.pp) == (tp, pp) or is_zero_partitioned(tag_dir):
+        return None
+    return (f"--resume: {tag_dir} is a ZeRO-0 checkpoint of parallel.tp={saved.tp} parallel.pp={saved.pp}; its "
+            f"optimizer state cannot be re-split for tp={tp}, pp={pp}: resume it with tp={saved.tp} pp={saved.pp} "
+            f"(its data-parallel size may change), or train under ZeRO 1-3 to change the layout later.")
+
+
+# ----------------------------------------------------------------------------- names and splits of the saved run
+
+
+def plain_name(engine_name: str, n_layers: int) -> str:
+    """The plain model's parameter name of an engine parameter (pipeline pieces renamed, others as they are)."""
+    if engine_name.startswith("tied_modules."):
+        return engine_name.split(".", 2)[2]  # tied_modules.<key>.embed_tokens.weight
+    head, _, rest = engine_name.partition(".")
+    if head.isdigit() and rest:
+        return pipe_to_plain_key(int(head), rest, n_layers)
+    return engine_name
+
+
+def tp_layout(meta: dict[str, Any], tp: int) -> dict[str, tuple[int, int | None] | None]:
+    """Per plain name, how a ``tp``-way run splits it: (dim, unpadded rows or None), None when replicated."""
+    hf = meta.get("hf")
+    if not hf:
+        return tp_shard_layout(ModelArgs(**meta["model_args"]), tp)
+    model = meta_model(causal_lm_config(hf["path"], where="the checkpoint's base model"))
+    return {f"model.{name}": spec for name, spec in tp_shard_layout(model, tp, HF_LLAMA_TP_PLAN).items()}
+
+
+def n_layers_of(meta: dict[str, Any]) -> int:
+    return int((meta.get("model_args") or {}).get("n_layers", 0))
+
+
+def _join(saved: dict[str, Any], spec: tuple[int, int | None] | None, tp: int, name: str) -> torch.Tensor:
+    """The full tensor of one state from DeepSpeed's universal file of a ``tp``-way run."""
+    tensor = saved["param"]
+    if tp == 1:
+        return tensor[: spec[1]] if spec is not None and spec[1] is not None else tensor
+    cat_dim = int(saved.get("cat_dim", 0))
+    if tensor.shape[cat_dim] % tp:
+        raise CheckpointError(f"universal copy: {name} has {tensor.shape[cat_dim]} rows along dim {cat_dim}, not "
+                              f"a multiple of the checkpoint's tp={tp}")
+    shards = tensor.chunk(tp, cat_dim)
+    if spec is None:
+        return shards[0].clone()
+    dim, rows = spec
+    full = torch.cat(shards, dim=dim)
+    return (full[:rows] if rows is not None else full).clone()
+
+
+# ----------------------------------------------------------------------------- the layout-free copy
+
+
+def free_dir(tag_dir: Path) -> Path:
+    return universal_dir(tag_dir) / FREE_DIR
+
+
+def _model_states_file(root: Path) -> Path:
+    """The engine-state file DeepSpeed wrote (step, samples, LR scheduler), any rank's."""
+    for pattern in ("mp_rank_00_model_states.pt", "mp_rank_*_model_states.pt", "*zero_pp_rank_*_model_states.pt"):
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+    raise CheckpointError(f"{root}: no DeepSpeed model-states file (mp_rank_*_model_states.pt) in it")
+
+
+def _adam_step(optim: dict[str, Any], universal: Path) -> Any:
+    """The Adam step of the saved run: per parameter in a ZeRO 1/2 copy, in the optimizer state under ZeRO 3."""
+    state = optim.get("optimizer_state_dict", {}).get("state", {})
+    if state and "step" in state.get(0, {}):
+        return state[0]["step"]
+    for step_file in sorted((universal / "zero").glob("*/step.pt")):
+        return load(step_file)
+    raise CheckpointError(f"{universal}: no Adam step in the universal copy")
+
+
+def consolidate(tag_dir: Path) -> Path:
+    """Write the layout-free copy of a ZeRO 1-3 checkpoint (reused when current) and return it.
+
+    Runs on one process; the universal copy is made first when it is missing or stale.
+    """
+    meta = read_meta(tag_dir)
+    final = free_dir(tag_dir)
+    if is_current(tag_dir) and (final / MODEL_STATES).is_file():
+        return final
+    universal = convert(tag_dir)
+    saved = saved_layout(meta)
+    layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
+    tmp = final.with_name(final.name + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(final, ignore_errors=True)
+    try:
+        optim = load(universal / "zero" / "optimizer_state.pt")
+        step = _adam_step(optim, universal)
+        groups = optim.get("param_groups") or optim.get("optimizer_state_dict", {}).get("param_groups")
+        for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
+            name = plain_name(param_dir.name, n_layers)
+            if name not in layout:
+                raise CheckpointError(f"{universal}: parameter {param_dir.name} ({name}) is not in the model "
+                                      f"the checkpoint records")
+            out = tmp / "zero" / name
+            out.mkdir(parents=True, exist_ok=True)
+            for state in STATES:
+                full = _join(load(param_dir / f"{state}.pt"), layout[name], saved.tp, name)
+                torch.save({"param": full}, out / f"{state}.pt")
+            torch.save(step, out / "step.pt")
+        global_state = {k: v for k, v in optim.items() if k not in ("optimizer_state_dict", "param_groups")}
+        torch.save({**global_state, "param_groups": groups,
+                    "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+                   tmp / "zero" / "optimizer_state.pt")
+        shutil.copyfile(_model_states_file(tag_dir), tmp / MODEL_STATES)
+        (tmp / "layout.json").write_text(json.dumps(dataclasses.asdict(saved)))
+        os.replace(tmp, final)
+    except OSError as e:
+        raise CheckpointError(f"could not write the layout-free copy of {tag_dir} to {final}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def prepare(tag_dir: Path, *, rank: int) -> Path:
+    """Collective: rank 0 makes (or reuses) the layout-free copy; CheckpointError on every rank if it failed."""
+    import torch.distributed as dist
+
+    error = None
+    if rank == 0:
+        try:
+            consolidate(tag_dir)
+        except CheckpointError as e:
+            error = str(e)
+    outcome: list[Any] = [error]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise CheckpointError(outcome[0])
+    return free_dir(tag_dir)
+
+
+# ----------------------------------------------------------------------------- this rank's shard of a tensor
+
+
+def local_shard(full: torch.Tensor, param: torch.nn.Parameter, tp_ctx: TPContext | None, name: str) -> torch.Tensor:
+    """This TP rank's part of ``full`` in the shape of ``param`` (vocabulary rows zero-padded for this tp)."""
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    if not getattr(param, "tensor_model_parallel", False) or tp_ctx is None or tp_ctx.size == 1:
+        if tuple(full.shape) != shape:
+            raise CheckpointError(f"layout-free copy: {name} has shape {tuple(full.shape)}, this run's parameter "
+                                  f"{shape}; resume with the model the checkpoint was trained with.")
+        return full
+    dim, size = param.partition_dim, tp_ctx.size
+    local = shape[dim]
+    if full.shape[dim] > local * size or full.shape[dim] < local * (size - 1):
+        raise CheckpointError(f"layout-free copy: {name} has {full.shape[dim]} along dim {dim}, which does not "
+                              f"split into {size} shards of {local}")
+    if full.shape[dim] < local * size:  # vocabulary padding of this tp
+        pad = list(full.shape)
+        pad[dim] = local * size - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+    return full.narrow(dim, tp_ctx.rank * local, local).contiguous()
+
+
+def named_engine_params(engine: Any) -> list[tuple[str, torch.nn.Parameter]]:
+    return list(engine.module.named_parameters())
+
+
+def resolve(free: Path, name: str) -> Path:
+    """The layout-free directory of plain name ``name`` (a tied head falls back on the embedding)."""
+    path = free / "zero" / name
+    if path.is_dir():
+        return path
+    tied = re.sub(r"lm_head\.weight$", "embed_tokens.weight", name)
+    if (free / "zero" / tied).is_dir():
+        return free / "zero" / tied
+    raise CheckpointError(f"layout-free copy {free}: no parameter {name}; resume with the model the "
+                          f"checkpoint was trained with.")

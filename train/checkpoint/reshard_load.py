@@ -1,0 +1,123 @@
+"""Loading a layout-free copy (train/checkpoint/reshard.py) into an engine of another parallel layout.
+
+Under ZeRO 1-3 (and bf16) each TP rank gets a *view*: a universal-format directory whose files hold that rank's
+shard of every tensor, named as this engine names its parameters. DeepSpeed's universal load reads it (the
+shapes already match, so it splits nothing by TP), partitions it over this run's ZeRO ranks and rebuilds the
+16/32-bit weights. Under fp32 ZeRO 0 the optimizer is a plain torch one: weights and Adam state are set here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from parallel.layers import TPContext
+from train.checkpoint.reshard import (MODEL_STATES, STATES, Layout, local_shard, named_engine_params, plain_name,
+                                      prepare, resolve, saved_layout)
+from train.checkpoint.resize import repair_universal_load, universal_switch
+from train.checkpoint.safe_load import load, weights_only_loads
+from train.checkpoint.writer import CheckpointError
+
+VIEWS = "views"
+log = logging.getLogger("tessera")
+
+
+def run_layout(engine: Any, tp_ctx: TPContext | None) -> Layout:
+    """This run's layout, from its engine (pipeline stages) and TP context."""
+    import torch.distributed as dist
+
+    return Layout(tp=tp_ctx.size if tp_ctx is not None else 1, pp=int(getattr(engine, "num_stages", 1)),
+                  world_size=dist.get_world_size())
+
+
+def _save(obj: Any, path: Path) -> None:
+    """Write atomically: ranks holding the same tensor (a tied embedding, DP replicas) may write it at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _first_of_replicas(engine: Any) -> bool:
+    """Whether this rank is data-parallel rank 0 of its (tp, pp) coordinate: the one that writes its shards."""
+    import torch.distributed as dist
+
+    group = getattr(engine, "data_parallel_group", None)
+    return group is None or dist.get_rank(group=group) == 0
+
+
+def write_view(engine: Any, free: Path, meta: dict[str, Any], tp_ctx: TPContext | None) -> Path:
+    """Collective: this TP rank's view of the layout-free copy, in DeepSpeed's universal format."""
+    import torch.distributed as dist
+
+    layout = run_layout(engine, tp_ctx)
+    view = free / VIEWS / f"tp{layout.tp}-pp{layout.pp}" / f"tp{tp_ctx.rank if tp_ctx is not None else 0}"
+    n_layers = int((meta.get("model_args") or {}).get("n_layers", 0))
+    if _first_of_replicas(engine):
+        for name, param in named_engine_params(engine):
+            source = resolve(free, plain_name(name, n_layers))
+            for state in STATES:
+                full = load(source / f"{state}.pt")["param"]
+                _save({"param": local_shard(full, param, tp_ctx, name)}, view / "zero" / name / f"{state}.pt")
+            _save(load(source / "step.pt"), view / "zero" / name / "step.pt")
+        _save(load(free / "zero" / "optimizer_state.pt"), view / "zero" / "optimizer_state.pt")
+    # the engine-state file (step, samples, LR scheduler): one per view, which every rank's engine finds
+    states = {**load(free / MODEL_STATES), "mp_world_size": 1}
+    _save(states, Path(engine._get_ckpt_name(str(view.parent), view.name, mp_placeholder="00", pp_placeholder="0")))
+    dist.barrier()
+    return view
+
+
+def _place_plain(engine: Any, free: Path, meta: dict[str, Any], tp_ctx: TPContext | None) -> None:
+    """fp32 ZeRO 0: weights into the module, Adam moments and step into the torch optimizer, engine counters."""
+    optimizer = engine.optimizer
+    n_layers = int((meta.get("model_args") or {}).get("n_layers", 0))
+    saved = load(free / "zero" / "optimizer_state.pt")
+    groups = saved.get("param_groups") or []
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{free}: the checkpoint has {len(groups)} parameter groups, this optimizer "
+                              f"{len(optimizer.param_groups)}; resume with the recipe it was trained with.")
+    for group, saved_group in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    step = saved["optimizer_state_dict"]["state"][0]["step"]
+    by_param = {id(p): n for n, p in named_engine_params(engine)}
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                name = by_param[id(param)]
+                source = resolve(free, plain_name(name, n_layers))
+                shards = {s: local_shard(load(source / f"{s}.pt")["param"], param, tp_ctx, name) for s in STATES}
+                param.copy_(shards["fp32"].to(param.dtype))
+                optimizer.state[param] = {"step": torch.as_tensor(float(step), dtype=torch.float32),
+                                          "exp_avg": shards["exp_avg"].to(param.dtype).clone(),
+                                          "exp_avg_sq": shards["exp_avg_sq"].to(param.dtype).clone()}
+    states = load(free / MODEL_STATES)
+    if engine.lr_scheduler is not None and states.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(states["lr_scheduler"])
+    engine.global_steps = int(states.get("global_steps", 0))
+    engine.global_samples = int(states.get("global_samples", 0))
+    engine.skipped_steps = int(states.get("skipped_steps", 0))
+
+
+def load_resharded(engine: Any, tag_dir: Path, meta: dict[str, Any], *, rank: int,
+                   tp_ctx: TPContext | None) -> str:
+    """Collective: load ``tag_dir`` (saved on another layout) into ``engine``; the path loaded from."""
+    free = prepare(tag_dir, rank=rank)
+    if rank == 0:
+        log.info("parallel layout changed from %s to %s: checkpoint %s loads from its layout-free copy %s",
+                 saved_layout(meta).describe(), run_layout(engine, tp_ctx).describe(), tag_dir.name, free)
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        _place_plain(engine, free, meta, tp_ctx)
+        return str(free)
+    view = write_view(engine, free, meta, tp_ctx)
+    with universal_switch(engine), weights_only_loads():
+        path, _ = engine.load_checkpoint(str(view.parent), tag=view.name)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the layout-free view {view}.")
+    repair_universal_load(engine, view)
+    return path
