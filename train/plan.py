@@ -27,6 +27,7 @@ from train.checkpoint.writer import (
     read_meta,
 )
 from train.checkpoint.verify import BadCheckpoint, newest_verified, verified
+from train.checkpoint.reshard import refusal as reshard_refusal
 from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config
@@ -208,20 +209,11 @@ def checkpoint_bytes(model_args: ModelArgs | None, hf: HFPlan | None) -> int:
 
 
 def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims) -> None:
-    """A tensor-parallel checkpoint resumes with the same tp, and at the same world size."""
-    saved = meta.get("config", {}).get("parallel", {})
-    for name in ("tp", "pp"):
-        was, now = int(saved.get(name, 1)), getattr(dims, name)
-        if was != now:
-            raise ConfigError(f"--resume: {tag_dir} was trained with parallel.{name}={was}, this run has "
-                              f"parallel.{name}={now}; resume with parallel.{name}={was} (a checkpoint's "
-                              f"{'tensor' if name == 'tp' else 'pipeline'}-parallel degree cannot be changed on "
-                              f"resume).")
-    saved_world = meta.get("world_size")
-    if dims.tp * dims.pp > 1 and saved_world is not None and int(saved_world) != dims.world_size:
-        raise ConfigError(f"--resume: {tag_dir} is a tensor/pipeline-parallel checkpoint of {saved_world} ranks; "
-                          f"resume it on {saved_world} ranks (changing the data-parallel size of a tp or pp > 1 run "
-                          f"is not supported).")
+    """Any tp, pp and DP size resume a ZeRO 1-3 checkpoint (train/checkpoint/reshard.py); a ZeRO-0 one keeps its
+    tp and pp."""
+    problem = reshard_refusal(tag_dir, meta, tp=dims.tp, pp=dims.pp)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _datasets(cfg: JobConfig, bundle: DataBundle, dp_size: int, research: ResearchPlan | None = None
