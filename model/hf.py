@@ -28,6 +28,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.args import ModelArgs, ModelConfigError
+from model.hf_moe import (
+    ATTENTION_FAMILY,
+    MOE_MODEL_TYPES,
+    from_hf_moe,
+    moe_args_fields,
+    moe_config_fields,
+    moe_family,
+    to_hf_moe,
+)
 from model.model import Transformer
 
 if TYPE_CHECKING:
@@ -36,28 +45,31 @@ if TYPE_CHECKING:
 _HF_PREFIX = "model."
 _HEAD_KEY = "lm_head.weight"
 _EMBED_KEY = "embed_tokens.weight"
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", *MOE_MODEL_TYPES)
 """HF `model_type`s whose checkpoints `load_hf_pretrained` imports."""
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
-def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], model_type: str | None = None) -> dict[str, torch.Tensor]:
     """Tessera names -> HF Llama names: prefix everything but the head with `model.`.
 
-    A tied head is kept under `lm_head.weight` too, as `LlamaForCausalLM.state_dict()` does.
+    A tied head is kept under `lm_head.weight` too, as `LlamaForCausalLM.state_dict()` does. A MoE model's
+    stacked experts become the per-expert names of `model_type` (`hf_model_type`: mixtral, qwen3_moe, qwen2_moe).
     """
-    return {key if key == _HEAD_KEY else _HF_PREFIX + key: value for key, value in state_dict.items()}
+    prefixed = {key if key == _HEAD_KEY else _HF_PREFIX + key: value for key, value in state_dict.items()}
+    return to_hf_moe(prefixed, model_type if model_type in MOE_MODEL_TYPES else None)
 
 
 def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF Llama names -> Tessera names: strip `model.`, drop stale RoPE buffers, fill a tied head.
 
-    Checkpoints of tied models often omit `lm_head.weight`; it is then set to the embedding.
+    Checkpoints of tied models often omit `lm_head.weight`; it is then set to the embedding. Per-expert MoE
+    weights (Mixtral, Qwen3-MoE, Qwen2-MoE) are stacked into the native layout (`model/hf_moe.py`).
     """
     converted = {
         key.removeprefix(_HF_PREFIX): value
-        for key, value in state_dict.items()
+        for key, value in from_hf_moe(state_dict).items()
         if not key.endswith("rotary_emb.inv_freq")  # older transformers saved this derived buffer
     }
     if _HEAD_KEY not in converted and _EMBED_KEY in converted:
@@ -134,6 +146,9 @@ def hf_model_type(args: ModelArgs) -> str:
     without o_proj's), mistral (a window on every layer), llama; a model none of them describes is refused
     naming the field."""
     _hf_config_fields(args)  # validates, refuses sinks
+    family = moe_family(args)  # mixtral, qwen3_moe, qwen2_moe, or None for a dense model
+    if family is not None:
+        return family
     windowed_some = args.sliding_window is not None and args.sliding_layers is not None
     if args.qk_norm:
         if args.attn_bias != args.o_bias:
@@ -168,6 +183,8 @@ def to_hf_config(args: ModelArgs) -> PretrainedConfig:
     fields = _hf_config_fields(args)
     if family == "llama":
         return to_hf_llama_config(args)
+    if family in MOE_MODEL_TYPES:
+        return _moe_config(args, family, fields)
     if family == "mistral":
         from transformers import MistralConfig
 
@@ -181,6 +198,18 @@ def to_hf_config(args: ModelArgs) -> PretrainedConfig:
     from transformers import Qwen3Config
 
     return Qwen3Config(**fields, **window, attention_bias=args.attn_bias)
+
+
+def _moe_config(args: ModelArgs, family: str, fields: dict[str, Any]) -> PretrainedConfig:
+    """The HF Mixtral / Qwen3-MoE / Qwen2-MoE config of a MoE `Transformer(args)`."""
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    fields = {**fields, **moe_config_fields(args, family)}
+    if family == "mixtral":
+        return MixtralConfig(**fields)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**fields, attention_bias=args.attn_bias)
+    return Qwen2MoeConfig(**fields)
 
 
 def _rope_fields(config: Any) -> dict[str, Any]:
@@ -278,6 +307,9 @@ def args_from_hf_config(config: Any, *, max_seq_len: int | None = None) -> Model
     head_dim = getattr(config, "head_dim", None)
     derived = head_dim is None or (head_dim * heads == config.hidden_size)
     seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
+    attention = _attention_fields(config, ATTENTION_FAMILY.get(model_type, model_type))
+    if model_type == "qwen2_moe":  # q/k/v biases as its qkv_bias says
+        attention.update(attn_bias=bool(getattr(config, "qkv_bias", True)), o_bias=False)
     return ModelArgs(
         dim=config.hidden_size,
         n_layers=config.num_hidden_layers,
@@ -292,7 +324,8 @@ def args_from_hf_config(config: Any, *, max_seq_len: int | None = None) -> Model
         dropout=float(getattr(config, "attention_dropout", 0.0)),
         init_std=getattr(config, "initializer_range", 0.02),
         **_rope_fields(config),
-        **_attention_fields(config, model_type),
+        **attention,
+        **moe_args_fields(config, model_type),
     ).validate()
 
 

@@ -53,7 +53,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.
         try:
             return _GROUPED_MM(x, w, offs=offs)
         except (RuntimeError, NotImplementedError):
-            pass  # operands this build's kernel refuses (alignment, dtype): the loop below
+            pass  # operands this build's kernel refuses (strides not 16-byte multiples, dtype): the loop below
+    return looped_mm(x, w, counts)
+
+
+def looped_mm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`grouped_mm` as a loop over the groups' contiguous slices (one matmul per expert, never per token)."""
     outs = [x[a:a + n] @ w[g] for g, (a, n) in enumerate(_slices(counts))]
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[-1])
 

@@ -13,7 +13,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from model import ModelArgs, ModelConfigError
 from model.model import Transformer
-from model.moe import MoEFeedForward, grouped_mm
+from model.moe import MoEFeedForward, grouped_mm, looped_mm
 from train.objectives.moe import MoETerms
 
 DIM, WIDTH = 12, 10
@@ -109,12 +109,19 @@ def test_bias_update_hand_case_and_selection_only() -> None:
     assert "gate.e_score_correction_bias" in block.state_dict()
 
 
-def test_grouped_mm_equals_per_expert_loop_with_empty_groups() -> None:
+@pytest.mark.parametrize(("k", "n"), [(8, 4), (5, 3)])  # 16-byte strides (the grouped kernel), odd (the loop)
+def test_grouped_mm_equals_per_expert_loop_with_empty_groups(k: int, n: int) -> None:
     torch.manual_seed(0)
-    x, w = torch.randn(9, 5), torch.randn(4, 5, 3)
+    x, w = torch.randn(9, k, requires_grad=True), torch.randn(4, k, n, requires_grad=True)
     counts = torch.tensor([3, 0, 6, 0])
     ref = torch.cat([x[:3] @ w[0], x[3:] @ w[2]])
-    torch.testing.assert_close(grouped_mm(x, w, counts), ref)
+    out = grouped_mm(x, w, counts)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(looped_mm(x, w, counts), ref)
+    grads = torch.autograd.grad(out.square().sum(), (x, w))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (x, w))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_dropless_loses_no_token_and_capacity_counts_drops() -> None:

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 
 from model import ModelArgs, ModelConfigError
-from model.hf import check_state_dict, to_hf_config, to_hf_state_dict
+from model.hf import check_state_dict, hf_model_type, to_hf_config, to_hf_state_dict
 from model.hf_causal import DTYPES
 from train.checkpoint.writer import META_FILE, read_meta
 from train.data.corpus import DataError, atomic_dir, sha256_file
@@ -94,7 +94,7 @@ def hf_weights(
     state: dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     """HF-named, contiguous tensors in `dtype`; a tied head is left out (transformers re-ties it on load)."""
-    hf_state = to_hf_state_dict(state)
+    hf_state = to_hf_state_dict(state, hf_model_type(args))  # MoE experts in the family's per-expert names
     if args.tie_embeddings:
         hf_state.pop("lm_head.weight", None)
     return {name: t.to(dtype).contiguous() if t.is_floating_point() else t for name, t in hf_state.items()}
