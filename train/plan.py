@@ -16,6 +16,8 @@ from model import ModelArgs, ModelConfigError
 from model.hf import args_from_hf_config, load_hf_config
 from model.hf_causal import causal_lm_config
 from parallel.dims import ParallelConfigError, ParallelDims
+from train.checkpoint.reshard import refusal as reshard_refusal
+from train.checkpoint.verify import BadCheckpoint, newest_verified, verified
 from train.checkpoint.writer import (
     CKPT_BYTES_PER_PARAM,
     CheckpointError,
@@ -26,8 +28,6 @@ from train.checkpoint.writer import (
     complete_checkpoints,
     read_meta,
 )
-from train.checkpoint.verify import BadCheckpoint, newest_verified, verified
-from train.checkpoint.reshard import refusal as reshard_refusal
 from train.config.deepspeed import load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config

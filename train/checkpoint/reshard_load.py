@@ -17,8 +17,17 @@ from typing import Any
 import torch
 
 from parallel.layers import TPContext
-from train.checkpoint.reshard import (MODEL_STATES, STATES, Layout, local_shard, named_engine_params, plain_name,
-                                      prepare, resolve, saved_layout)
+from train.checkpoint.reshard import (
+    MODEL_STATES,
+    STATES,
+    Layout,
+    local_shard,
+    named_engine_params,
+    plain_name,
+    prepare,
+    resolve,
+    saved_layout,
+)
 from train.checkpoint.resize import repair_universal_load, universal_switch
 from train.checkpoint.safe_load import load, weights_only_loads
 from train.checkpoint.writer import CheckpointError

@@ -1,0 +1,76 @@
+"""The pieces of resuming on another layout that need no processes: names, joins, shards, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from parallel.layers import TPContext, mark_sharded
+from train.checkpoint.reshard import Layout, _join, local_shard, needs_reshard, plain_name, refusal, resolve
+from train.checkpoint.writer import CheckpointError
+
+
+def test_pipeline_names_become_plain_names() -> None:
+    assert plain_name("1.layer.self_attn.q_proj.weight", 2) == "layers.0.self_attn.q_proj.weight"
+    assert plain_name("2.layer.mlp.down_proj.weight", 2) == "layers.1.mlp.down_proj.weight"
+    assert plain_name("3.norm.weight", 2) == "norm.weight"
+    assert plain_name("tied_modules.embed.embed_tokens.weight", 2) == "embed_tokens.weight"
+    assert plain_name("layers.0.mlp.up_proj.weight", 2) == "layers.0.mlp.up_proj.weight"
+    assert plain_name("model.model.layers.0.mlp.up_proj.weight", 2) == "model.model.layers.0.mlp.up_proj.weight"
+
+
+def test_join_undoes_the_converters_dim0_concatenation() -> None:
+    full = torch.arange(5 * 4, dtype=torch.float32).reshape(5, 4)  # 5 vocabulary rows, padded to 6 for tp=2
+    padded = torch.cat([full, torch.zeros(1, 4)])
+    assert torch.equal(_join({"param": padded, "cat_dim": 0}, (0, 5), 2, "embed"), full)
+    row = torch.arange(12.0).reshape(2, 6)  # split on columns: the converter stacked the two (2, 3) shards
+    stacked = torch.cat(row.chunk(2, dim=1), dim=0)
+    assert torch.equal(_join({"param": stacked, "cat_dim": 0}, (1, None), 2, "o_proj"), row)
+    norm = torch.ones(4)
+    assert torch.equal(_join({"param": torch.cat([norm, norm]), "cat_dim": 0}, None, 2, "norm"), norm)
+    with pytest.raises(CheckpointError, match="not a multiple of the checkpoint's tp=2"):
+        _join({"param": torch.zeros(5, 4), "cat_dim": 0}, (0, 5), 2, "embed")
+
+
+def test_local_shard_pads_the_vocabulary_for_the_new_tp() -> None:
+    full = torch.arange(5.0 * 2).reshape(5, 2)
+    param = mark_sharded(nn.Parameter(torch.zeros(3, 2)), 0)
+    first = local_shard(full, param, TPContext(group=None, size=2, rank=0), "embed")
+    second = local_shard(full, param, TPContext(group=None, size=2, rank=1), "embed")
+    assert torch.equal(first, full[:3]) and torch.equal(second[:2], full[3:]) and not second[2].any()
+    replicated = nn.Parameter(torch.zeros(4))
+    with pytest.raises(CheckpointError, match=r"has shape \(5,\), this run's parameter \(4,\)"):
+        local_shard(torch.zeros(5), replicated, None, "norm")
+
+
+def _checkpoint(tmp_path: Path, *, zero: bool) -> tuple[Path, dict]:
+    tag = tmp_path / "step_00000010"
+    tag.mkdir()
+    meta = {"world_size": 4, "config": {"parallel": {"tp": 2, "pp": 2}}}
+    (tag / "tessera.json").write_text(json.dumps(meta))
+    if zero:
+        (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    return tag, meta
+
+
+def test_which_resumes_reshard_and_which_are_refused(tmp_path: Path) -> None:
+    tag, meta = _checkpoint(tmp_path, zero=True)
+    assert needs_reshard(tag, meta, Layout(tp=1, pp=1, world_size=2))
+    assert needs_reshard(tag, meta, Layout(tp=2, pp=2, world_size=8))  # another DP size of a tp / pp run
+    assert not needs_reshard(tag, meta, Layout(tp=2, pp=2, world_size=4))
+    assert refusal(tag, meta, tp=1, pp=4) is None
+    (tmp_path / "zero0").mkdir()
+    tag0, meta0 = _checkpoint(tmp_path / "zero0", zero=False)
+    assert refusal(tag0, meta0, tp=2, pp=2) is None and not needs_reshard(tag0, meta0, Layout(2, 2, 8))
+    assert "ZeRO-0 checkpoint of parallel.tp=2 parallel.pp=2" in refusal(tag0, meta0, tp=2, pp=1)
+
+
+def test_a_tied_head_falls_back_on_the_embedding(tmp_path: Path) -> None:
+    (tmp_path / "zero" / "embed_tokens.weight").mkdir(parents=True)
+    assert resolve(tmp_path, "lm_head.weight") == tmp_path / "zero" / "embed_tokens.weight"
+    with pytest.raises(CheckpointError, match="no parameter layers.9.mlp.up_proj.weight"):
+        resolve(tmp_path, "layers.9.mlp.up_proj.weight")
