@@ -32,7 +32,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -262,8 +261,9 @@ def resolve(free: Path, name: str) -> Path:
     path = free / "zero" / name
     if path.is_dir():
         return path
-    tied = re.sub(r"lm_head\.weight$", "embed_tokens.weight", name)
-    if (free / "zero" / tied).is_dir():
-        return free / "zero" / tied
+    if name.endswith("lm_head.weight"):  # a tied head is saved once, as the embedding (plain or HF names)
+        embeddings = [p for p in (free / "zero").iterdir() if p.name.endswith("embed_tokens.weight")]
+        if len(embeddings) == 1:
+            return embeddings[0]
     raise CheckpointError(f"layout-free copy {free}: no parameter {name}; resume with the model the "
                           f"checkpoint was trained with.")
