@@ -72,6 +72,10 @@ class ParallelDims:
         """Refuse a pipeline DeepSpeed's engine cannot run well: ZeRO other than 1, more stages than blocks."""
         if self.pp == 1:
             return
+        if args.n_moe_layers:
+            raise ParallelConfigError(
+                f"parallel.pp={self.pp} with MoE layers (model.n_experts={args.n_experts}): the pipeline stages do not "
+                f"carry the router losses yet; train MoE models with parallel.pp=1.")
         if zero_stage != 1:
             why = ("it refuses ZeRO-2/3" if zero_stage > 1 else
                    "without ZeRO its gradient clipping counts tied embeddings twice and no gradient norm is reported")
@@ -91,6 +95,10 @@ class ParallelDims:
         """Refuse a tensor-parallel degree the model's shape (or the sequence length) cannot be split by."""
         if self.tp == 1:
             return
+        if args.n_moe_layers:
+            raise ParallelConfigError(
+                f"parallel.tp={self.tp} with MoE layers (model.n_experts={args.n_experts}): experts are not split "
+                f"over tensor-parallel ranks yet; train MoE models with parallel.tp=1 (data parallel with ZeRO 0-2).")
         checks = (
             ("n_heads", args.n_heads, "query heads"),
             ("n_kv_heads", args.kv_heads, "key/value heads"),
