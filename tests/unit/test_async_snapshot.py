@@ -5,6 +5,7 @@ save of the same moment; a failed background write is kept for the training thre
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from pathlib import Path
 
@@ -85,7 +86,8 @@ def _snapshot_vs_sync(rank: int, world: int, root: str) -> dict[int, list[str]]:
         _step(engine)
         base = Path(root) / f"zero{stage}"
         engine.save_checkpoint(str(base), tag="sync", save_latest=False)
-        queue = take_snapshot(engine, lambda: engine.save_checkpoint(str(base), tag="async", save_latest=False))
+        save = functools.partial(engine.save_checkpoint, str(base), tag="async", save_latest=False)
+        queue = take_snapshot(engine, save)
         for _ in range(2):
             _step(engine)  # in-place updates of weights, moments and ZeRO's flat partitions
         write = BackgroundWrite(queue, base / "async", step=1)
