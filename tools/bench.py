@@ -1,6 +1,6 @@
 """Benchmarks whose figures go to BENCHMARKS.md (always with the command and the machine).
 
-    python tools/bench.py checkpoint --preset llama3-1b --out /tmp/ckpt_bench [--json result.json]
+    python tools/bench.py checkpoint --preset llama3-1b --out /tmp/ckpt_bench [--async-save] [--json result.json]
     python tools/bench.py tp-comm --preset llama3-8b --set n_layers=2 --tp 4 --batch 1 --seq 512 [--sp]
     python tools/bench.py data-prepare --mb 64 --workers 2 --out /tmp/bench_prep
     python tools/bench.py data-loader --out /tmp/bench_loader
@@ -11,7 +11,8 @@
 (as after the first step, without spending memory on gradients), hands it to a one-process DeepSpeed engine
 (ZeRO-0, fp32: the state every stage writes in total) and times Tessera's checkpoint save (the whole pause a
 save puts into training: DeepSpeed files, RNG states, metadata, rename, rotation) and load into a fresh
-engine. Reports seconds, bytes and GB/s.
+engine. Reports seconds, bytes and GB/s. With ``--async-save`` the save is ``train.async_save``'s: the pause is
+the snapshot to host memory, the total runs until the background write is complete (no load is timed).
 
 ``tp-comm``: the bytes each tensor-parallel rank sends in one training step, counted, against the analytic
 figure (see `tools/bench_tp.py`).
@@ -63,7 +64,8 @@ def _engine(args: Any, lr: float, *, with_state: bool) -> Any:
     return engine
 
 
-def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any], *, async_save: bool = False
+                     ) -> dict[str, Any]:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = read_env()
     init_distributed(env)
@@ -71,11 +73,19 @@ def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[
     if out.exists():
         raise SystemExit(report_error(f"--out {out} exists; give a new directory (it is deleted afterwards)"))
     engine = _engine(args, 1e-4, with_state=True)
-    writer = CheckpointWriter(out, rank=0, keep_last=0, estimate_bytes=args.num_params() * 16)
+    writer = CheckpointWriter(out, rank=0, keep_last=0, estimate_bytes=args.num_params() * 16,
+                              async_save=async_save)
     start = time.perf_counter()
     tag_dir = writer.save(engine, 1, {"model_args": dataclasses.asdict(args)})
+    paused_s = time.perf_counter() - start  # an asynchronous save returns after its snapshot
+    writer.wait()  # the background write, its file list and the move of `latest`
     save_s = time.perf_counter() - start
     size = dir_bytes(tag_dir)
+    if async_save:  # the snapshot doubles the state in memory: no load here
+        shutil.rmtree(out)
+        return {"preset": preset, "overrides": overrides, "params": args.num_params(), "checkpoint_bytes": size,
+                "async_save": True, "training_paused_s": round(paused_s, 2), "save_s": round(save_s, 2),
+                "save_GBps": round(size / save_s / 1e9, 3)}
     engine.optimizer.state.clear()  # free the first copy before the load makes the second
     engine.module.to_empty(device="meta")
     del engine
@@ -89,7 +99,7 @@ def bench_checkpoint(preset: str, out: Path, overrides: dict[str, Any]) -> dict[
         "preset": preset, "overrides": overrides, "params": args.num_params(), "checkpoint_bytes": size,
         "save_s": round(save_s, 2), "save_GBps": round(size / save_s / 1e9, 3),
         "load_s": round(load_s, 2), "load_GBps": round(size / load_s / 1e9, 3),
-        "training_paused_s": round(save_s, 2),
+        "training_paused_s": round(paused_s, 2),
     }
 
 
@@ -114,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="integer ModelArgs overrides, e.g. n_layers=8 vocab_size=32000")
     ck.add_argument("--out", type=Path, required=True, help="scratch directory on the disk to measure")
     ck.add_argument("--json", type=Path, help="also write the result here")
+    ck.add_argument("--async-save", action="store_true",
+                    help="save as train.async_save does: training paused for the snapshot only (no load timed)")
     tpc = sub.add_parser("tp-comm", help="tensor-parallel bytes sent per step, counted and analytic")
     tpc.add_argument("--preset", default="llama3-8b", help="model preset (model/args.py)")
     tpc.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT", help="integer ModelArgs overrides")
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _train_step(args)
     elif args.what == "checkpoint":
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
-        result = bench_checkpoint(args.preset, args.out, overrides)
+        result = bench_checkpoint(args.preset, args.out, overrides, async_save=args.async_save)
     elif args.what == "data-prepare":
         result = bench_data.bench_prepare(args.out, args.mb, args.workers, args.vocab)
     elif args.what == "data-loader":
