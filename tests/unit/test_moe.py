@@ -12,8 +12,10 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBl
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from model import ModelArgs, ModelConfigError
+from model.generate import generate
 from model.model import Transformer
 from model.moe import MoEFeedForward, grouped_mm, looped_mm
+from parallel.perf import apply_activation_checkpointing
 from train.objectives.moe import MoETerms
 
 DIM, WIDTH = 12, 10
@@ -170,3 +172,33 @@ def test_balancing_lowers_max_over_mean_load() -> None:
     none = _train_load(0.0, 0.0)
     assert _train_load(0.1, 0.0) < none
     assert _train_load(0.0, 0.01) < none
+
+
+def _tiny_moe(**kw: object) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=61, max_seq_len=48, n_experts=4,
+                                 moe_top_k=2, moe_ffn_dim=24, moe_layers=[0, 2], moe_aux_loss_coef=0.1,
+                                 moe_z_loss_coef=0.01, init_std=0.2, **kw))
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients() -> None:
+    data = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for mode in ("none", "full"):
+        model = _tiny_moe()
+        apply_activation_checkpointing(model, mode)
+        loss = torch.nn.functional.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
+        loss, terms = MoETerms().add(model, loss)
+        assert set(terms) >= {"moe_aux", "moe_z", "moe_max_mean.L0", "moe_max_mean.L2"}
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=1e-6, msg=name)
+    assert grads[0]["layers.0.mlp.gate.weight"].abs().sum() > 0
+
+
+def test_kv_cache_generation_equals_full_recompute() -> None:
+    model = _tiny_moe(moe_capacity_factor=None)
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(4))
+    cached = generate(model, prompt, 12, use_cache=True)
+    assert torch.equal(cached, generate(model, prompt, 12, use_cache=False))
