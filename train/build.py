@@ -135,7 +135,7 @@ def make_objective(p: Plan, built: Built, device: torch.device) -> Objective:
     t = p.cfg.train
     if built.ext is not None:
         return research_objective(p.research, p.cfg, built.ext, out_dir=Path(t.out_dir), rank=p.env.rank,
-                                  tp_ctx=built.tp_ctx, async_save=p.cfg.train.async_save)
+                                  tp_ctx=built.tp_ctx)
     return OBJECTIVES[t.objective].make(ObjectiveInputs(
         cfg=p.cfg, engine=built.engine, loss_fn=built.loss_fn, train_ds=p.train_ds,
         tokenizer_dir=p.bundle.tokenizer_dir, ds_config=p.ds_config, device=device, rank=p.env.rank,

@@ -284,9 +284,8 @@ def build_research(rp: ResearchPlan, cfg: JobConfig, base: nn.Module | None, *, 
 
 
 def research_objective(rp: ResearchPlan, cfg: JobConfig, ext: Extension, *, out_dir: Path, rank: int,
-                       tp_ctx: Any, async_save: bool = False) -> ResearchObjective:
-    """The recipe's weighted terms, with diagnostics when research.diagnostics_interval is set. ``async_save``
-    (train.async_save) changes nothing here: the recipe's state is its modules, which every checkpoint holds."""
+                       tp_ctx: Any) -> ResearchObjective:
+    """The recipe's weighted terms, with diagnostics when research.diagnostics_interval is set."""
     split = tp_ctx is not None and tp_ctx.size > 1
     diagnostics = None
     if cfg.research.diagnostics_interval > 0:
