@@ -40,6 +40,7 @@ import torch
 
 from model import ModelArgs
 from model.hf_causal import causal_lm_config, meta_model
+from model.model import Transformer
 from parallel.layers import TPContext
 from parallel.pipeline import pipe_to_plain_key
 from parallel.tp import HF_LLAMA_TP_PLAN, tp_shard_layout
@@ -112,21 +113,41 @@ def plain_name(engine_name: str, n_layers: int) -> str:
     return engine_name
 
 
-def tp_layout(meta: dict[str, Any], tp: int) -> dict[str, tuple[int, int | None] | None]:
-    """Per plain name, how a ``tp``-way run splits it: (dim, unpadded rows or None), None when replicated."""
+def _plain_model(meta: dict[str, Any]) -> tuple[torch.nn.Module, str, dict[str, str] | None]:
+    """The checkpoint's model on the meta device, the prefix its engine puts before the names, its TP plan."""
     hf = meta.get("hf")
     if not hf:
-        return tp_shard_layout(ModelArgs(**meta["model_args"]), tp)
-    model = meta_model(causal_lm_config(hf["path"], where="the checkpoint's base model"))
-    return {f"model.{name}": spec for name, spec in tp_shard_layout(model, tp, HF_LLAMA_TP_PLAN).items()}
+        with torch.device("meta"):
+            return Transformer(ModelArgs(**meta["model_args"])), "", None
+    return meta_model(causal_lm_config(hf["path"], where="the checkpoint's base model")), "model.", HF_LLAMA_TP_PLAN
+
+
+def tp_layout(meta: dict[str, Any], tp: int) -> dict[str, tuple[int, int | None] | None]:
+    """Per plain name, how a ``tp``-way run splits it: (dim, unpadded rows or None), None when replicated."""
+    model, prefix, plan = _plain_model(meta)
+    layout = tp_shard_layout(model, tp, plan) if plan is not None else tp_shard_layout(model, tp)
+    return {prefix + name: spec for name, spec in layout.items()}
+
+
+def plain_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Per plain name, the full (unsplit, unpadded) shape of the parameter."""
+    model, prefix, _ = _plain_model(meta)
+    return {prefix + name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
 
 
 def n_layers_of(meta: dict[str, Any]) -> int:
     return int((meta.get("model_args") or {}).get("n_layers", 0))
 
 
-def _join(saved: dict[str, Any], spec: tuple[int, int | None] | None, tp: int, name: str) -> torch.Tensor:
-    """The full tensor of one state from DeepSpeed's universal file of a ``tp``-way run."""
+def _join(saved: dict[str, Any] | torch.Tensor, spec: tuple[int, int | None] | None, tp: int, name: str,
+          shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The full tensor of one state from DeepSpeed's universal file of a ``tp``-way run (a ZeRO-3 run of tp=1
+    saves the bare tensor, flattened: ``shape`` restores it)."""
+    if isinstance(saved, torch.Tensor):
+        if tp != 1 or shape is None or saved.numel() != torch.Size(shape).numel():
+            raise CheckpointError(f"universal copy: {name} holds a bare tensor of {saved.numel()} values that does "
+                                  f"not fit its shape {shape} at tp={tp}")
+        return saved.reshape(shape)
     tensor = saved["param"]
     if tp == 1:
         return tensor[: spec[1]] if spec is not None and spec[1] is not None else tensor
@@ -179,7 +200,7 @@ def consolidate(tag_dir: Path) -> Path:
         return final
     universal = convert(tag_dir)
     saved = saved_layout(meta)
-    layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
+    layout, shapes, n_layers = tp_layout(meta, saved.tp), plain_shapes(meta), n_layers_of(meta)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
@@ -195,14 +216,16 @@ def consolidate(tag_dir: Path) -> Path:
             out = tmp / "zero" / name
             out.mkdir(parents=True, exist_ok=True)
             for state in STATES:
-                full = _join(load(param_dir / f"{state}.pt"), layout[name], saved.tp, name)
+                full = _join(load(param_dir / f"{state}.pt"), layout[name], saved.tp, name, shapes.get(name))
                 torch.save({"param": full}, out / f"{state}.pt")
             torch.save(step, out / "step.pt")
         global_state = {k: v for k, v in optim.items() if k not in ("optimizer_state_dict", "param_groups")}
+        model_states = load(_model_states_file(tag_dir))
+        global_state.setdefault("ds_version", model_states.get("ds_version"))  # a ZeRO-3 copy lacks it
         torch.save({**global_state, "param_groups": groups,
                     "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
                    tmp / "zero" / "optimizer_state.pt")
-        shutil.copyfile(_model_states_file(tag_dir), tmp / MODEL_STATES)
+        torch.save(model_states, tmp / MODEL_STATES)
         (tmp / "layout.json").write_text(json.dumps(dataclasses.asdict(saved)))
         os.replace(tmp, final)
     except OSError as e:
