@@ -91,8 +91,10 @@ def run(p: Plan, control: RunControl | None = None) -> dict[str, Any]:
     if state.step < t.steps:  # stopped on request (preemption): the checkpoint is saved, a resume continues
         logger.close()
         return {"steps": state.step, "stopped": True}
-    if not result:  # resumed a finished run: nothing to train, still report
+    if not result:  # an evaluation-only run (train.steps=0), or a finished run resumed: nothing to train
         result = objective.evaluate(engine, val_batches, device)
+        if state.step == 0:  # the starting weights' evaluation is a row of metrics.jsonl like any other
+            logger.log({"step": 0, **result})
     if built.ext is not None:
         result = {**result, **built.ext.report(state.step)}
     sample = None

@@ -37,6 +37,8 @@ def test_steps_zero_evaluates_the_starting_weights_of_a_fixed_vector(tmp_path: P
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 0 and summary["consistency_turns"] == 2
         assert not (out / "checkpoints").exists()
+        (row,) = read_rows(out)  # the evaluation is in metrics.jsonl too, at step 0
+        assert row["step"] == 0 and row["val_lm"] == pytest.approx(summary["val_lm"], abs=1e-6)
         results[scale] = summary["val_lm"]
     assert results[4] > results[0] + 1e-3, results
 
