@@ -12,6 +12,7 @@ from torch import nn
 from parallel.layers import TPContext, mark_sharded
 from train.checkpoint.reshard import Layout, _join, local_shard, needs_reshard, plain_name, refusal, resolve
 from train.checkpoint.writer import CheckpointError
+from train.loop.optim import param_groups
 
 
 def test_pipeline_names_become_plain_names() -> None:
@@ -74,3 +75,13 @@ def test_a_tied_head_falls_back_on_the_embedding(tmp_path: Path) -> None:
     assert resolve(tmp_path, "lm_head.weight") == tmp_path / "zero" / "embed_tokens.weight"
     with pytest.raises(CheckpointError, match="no parameter layers.9.mlp.up_proj.weight"):
         resolve(tmp_path, "layers.9.mlp.up_proj.weight")
+
+
+def test_a_parameter_partitioned_at_construction_decays_by_its_full_shape() -> None:
+    """An HF model loaded under ZeRO-3 holds flat placeholders: its optimizer groups must match other layouts'."""
+    matrix, vector = nn.Parameter(torch.zeros(0)), nn.Parameter(torch.zeros(0))
+    matrix.ds_shape, vector.ds_shape = torch.Size([4, 4]), torch.Size([4])
+    model = nn.Module()
+    model.a, model.b = matrix, vector
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["params"] == [matrix] and no_decay["params"] == [vector]

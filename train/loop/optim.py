@@ -14,8 +14,9 @@ from train.config.schema import TrainSection
 
 def decays(p: torch.Tensor) -> bool:
     """Matrices and embeddings decay; vectors do. A complex parameter stored as real pairs (model/complex.py,
-    ``complex_view``) has one trailing dimension that is not a shape of its own."""
-    return p.dim() - int(bool(getattr(p, "complex_view", False))) >= 2
+    ``complex_view``) has one trailing dimension that is not a shape of its own. A parameter ZeRO-3 partitioned
+    at construction (an HF model loaded under ``HfDeepSpeedConfig``) is judged by its full shape (``ds_shape``)."""
+    return len(getattr(p, "ds_shape", p.shape)) - int(bool(getattr(p, "complex_view", False))) >= 2
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
