@@ -26,7 +26,14 @@ from slurm.profile import JobShape, submitit_command
 from slurm.script import SlurmConfigError, check_parameters, check_value
 from slurm.sweep import Sweep, point_name, point_overrides, write_sweep_record
 from slurm.task import NodeNeeds, RunSpec, TrainTask
-from train.checkpoint.writer import CKPT_BYTES_PER_PARAM, checkpoint_estimate, checkpoint_root
+from train.checkpoint.reshard import refusal as reshard_refusal
+from train.checkpoint.writer import (
+    CKPT_BYTES_PER_PARAM,
+    checkpoint_estimate,
+    checkpoint_root,
+    latest_complete,
+    read_meta,
+)
 from train.config.deepspeed import find_ds_config, load_ds_config, resolve_ds_config
 from train.config.fields import ConfigError
 from train.config.load import load_config
@@ -120,6 +127,19 @@ def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
     return checkpoint_estimate(args)
 
 
+def _check_resume_layout(cfg: JobConfig, out_dir: Path, resume: str) -> None:
+    """A checkpoint of another tp / pp is accepted (the job re-splits it, train/checkpoint/reshard.py) unless it
+    was saved under ZeRO 0: that one is refused here, before the job waits in the queue."""
+    if resume == "never":
+        return
+    tag_dir = latest_complete(out_dir) if resume in ("auto", "latest") else Path(resume)
+    if tag_dir is None or not (tag_dir / "tessera.json").is_file():
+        return
+    problem = reshard_refusal(tag_dir, read_meta(tag_dir), tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    if problem is not None:
+        raise ConfigError(f"{problem} (nothing was queued)")
+
+
 def _check_out_dir(out_dir: Path, resume: str) -> None:
     used = checkpoint_root(out_dir).exists() or (out_dir / "metrics.jsonl").exists()
     if used and resume == "never":
@@ -165,6 +185,7 @@ def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_co
         cfg = load_config(config_path, list(run_overrides))
         biggest = max(biggest, _check_recipe(cfg, shape, ds))
         _check_out_dir(out_dir, resume)
+        _check_resume_layout(cfg, out_dir, resume)
         runs.append(RunSpec(config=config_path, overrides=run_overrides, out_dir=str(out_dir),
                             ds_config=ds_arg, resume=resume, name=name, point=point))
         recipes.append(cfg.to_dict())

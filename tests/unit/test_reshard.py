@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from parallel.layers import TPContext, mark_sharded
+from slurm.plan import _check_resume_layout
 from train.checkpoint.reshard import Layout, _join, local_shard, needs_reshard, plain_name, refusal, resolve
 from train.checkpoint.writer import CheckpointError
+from train.config.fields import ConfigError
 from train.loop.optim import param_groups
 
 
@@ -85,3 +88,15 @@ def test_a_parameter_partitioned_at_construction_decays_by_its_full_shape() -> N
     model.a, model.b = matrix, vector
     decay, no_decay = param_groups(model, 0.1)
     assert decay["params"] == [matrix] and no_decay["params"] == [vector]
+
+
+def test_slurm_submission_refuses_only_a_zero0_checkpoint_of_another_layout(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    tag, _ = _checkpoint(tmp_path / "checkpoints", zero=False)
+    cfg = SimpleNamespace(parallel=SimpleNamespace(tp=1, pp=1))
+    with pytest.raises(ConfigError, match=r"ZeRO-0 checkpoint .* \(nothing was queued\)"):
+        _check_resume_layout(cfg, tmp_path, "auto")
+    _check_resume_layout(cfg, tmp_path, "never")
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    _check_resume_layout(cfg, tmp_path, "auto")
+    _check_resume_layout(cfg, tmp_path, str(tag))
