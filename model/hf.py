@@ -55,7 +55,8 @@ def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], model_type: str | N
     """Tessera names -> HF Llama names: prefix everything but the head with `model.`.
 
     A tied head is kept under `lm_head.weight` too, as `LlamaForCausalLM.state_dict()` does. A MoE model's
-    stacked experts become the per-expert names of `model_type` (`hf_model_type`: mixtral, qwen3_moe, qwen2_moe).
+    stacked experts become the per-expert names of `model_type`'s checkpoints (`hf_model_type`: mixtral,
+    qwen3_moe, qwen2_moe); without it they stay stacked, as transformers 5's modules hold them in memory.
     """
     prefixed = {key if key == _HEAD_KEY else _HF_PREFIX + key: value for key, value in state_dict.items()}
     return to_hf_moe(prefixed, model_type if model_type in MOE_MODEL_TYPES else None)

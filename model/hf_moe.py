@@ -105,7 +105,8 @@ def moe_args_fields(config: Any, model_type: str) -> dict[str, Any]:
 
 
 def to_hf_moe(state: Mapping[str, torch.Tensor], family: str | None) -> dict[str, torch.Tensor]:
-    """HF-prefixed native names -> the family's per-expert names (dense entries pass through)."""
+    """HF-prefixed native names -> the family's per-expert names of its checkpoints (dense entries pass through);
+    `family` None keeps the stacked experts: the names of transformers 5's modules in memory."""
     out: dict[str, torch.Tensor] = {}
     names = _MIXTRAL_NAMES if family == "mixtral" else _QWEN_NAMES
     block = "block_sparse_moe" if family == "mixtral" else "mlp"
@@ -116,8 +117,9 @@ def to_hf_moe(state: Mapping[str, torch.Tensor], family: str | None) -> dict[str
                 key = key.replace(".mlp.gate.weight", ".block_sparse_moe.gate.weight")
             out[key] = value
             continue
-        if family is None:
-            raise ValueError(f"{key} is a stacked expert weight: name the HF family (model_type) to export it as")
+        if family is None:  # transformers 5 keeps the stacks in memory under these very names
+            out[key] = value
+            continue
         prefix, what = stacked.groups()
         for e, matrix in enumerate(value.detach()):  # clones below: safetensors refuses views of a larger tensor
             base = f"{prefix}{block}.experts.{e}."

@@ -6,7 +6,8 @@
 as `train/main.py` builds it (the recipe's DeepSpeed config resolution, `parallelize` with the recipe's perf
 options, which also chooses the loss, torch AdamW, gradient clipping 1.0): a batch from the stream, forward +
 loss, `engine.backward`, `engine.step`, the loss read back and averaged over ranks. **hf** is
-`transformers.LlamaForCausalLM` of the same shape and weights (`model.hf.to_hf_llama_config`, SDPA attention)
+`transformers.LlamaForCausalLM` of the same shape and weights (`model.hf.to_hf_llama_config`, SDPA attention; a MoE
+model: its Mixtral / Qwen3-MoE / Qwen2-MoE of `model.hf.to_hf_config`)
 with `labels`, torch AdamW and `clip_grad_norm_`; with ``--perf compile=true`` also **hf_compiled**, each of
 its decoder layers `torch.compile`d as Tessera's blocks are, so a compiled Tessera is compared with both
 (HF never checkpoints activations here). **bare** is Tessera's `Transformer` in a hand-written loop (logits,
@@ -19,7 +20,8 @@ each alike.
 Reported per variant: median and fastest step time, tokens/s (per device and in total, with the data-parallel size, here 1),
 MFU, the time shares of data / forward (with the loss) / backward / optimizer (the rest is the loss read-back
 and bookkeeping), peak memory. MFU = ``flops_per_token(T) * tokens/s / peak`` with
-``flops_per_token = 6 * N_matmul + 12 * L * H * D * T`` (`ModelArgs.flops_per_token`); the peak is the
+``flops_per_token = 6 * N_matmul + 12 * L * H * D * T`` (`ModelArgs.flops_per_token`; for a MoE model N_matmul
+counts the router, the top_k active experts and the shared expert of each MoE layer); the peak is the
 device's dense bf16 tensor-core figure on known GPUs, an estimate from the CPU's vector width and clock
 on CPUs (``--peak-tflops`` overrides either). Peak memory is the allocator's on CUDA; on CPU only the
 process's peak resident set is reported (all variants together).
@@ -39,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelArgs, Transformer
-from model.hf import to_hf_llama_config, to_hf_state_dict
+from model.hf import to_hf_config, to_hf_llama_config, to_hf_state_dict
 from model.model import build_model
 from parallel.dims import ParallelDims
 from parallel.groups import build_process_groups
@@ -225,13 +227,13 @@ def _bare(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict
 
 def _hf(args: ModelArgs, pool: torch.Tensor, device: torch.device, state: dict[str, torch.Tensor],
         dtype: torch.dtype, compiled: bool) -> Callable[[], dict[str, float]]:
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = to_hf_llama_config(args)
+    config = to_hf_config(args) if args.n_moe_layers else to_hf_llama_config(args)  # MoE: Mixtral / Qwen3-MoE
     config._attn_implementation = "sdpa"
     with torch.device(device):
-        model = LlamaForCausalLM(config)
-    model.load_state_dict(to_hf_state_dict(state))
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(to_hf_state_dict(state))  # transformers 5 holds MoE experts stacked, as Tessera does
     model.to(dtype)
     if compiled:  # each decoder layer, as Tessera's perf.compile does with its blocks
         for layer in model.model.layers:
@@ -300,7 +302,8 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
     out: dict[str, Any] = {
         "what": "train-step", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "ds_config": ds_name, "perf": perf,
-        "model": {k: v for k, v in vars(args).items()}, "params": args.num_params(), "batch": batch, "seq": seq,
+        "model": {k: v for k, v in vars(args).items()}, "params": args.num_params(),
+        "active_params": args.num_active_params(), "batch": batch, "seq": seq,
         "data_parallel": 1, "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_source,
         "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         **results,

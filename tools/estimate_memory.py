@@ -25,6 +25,9 @@ Four parts, in bytes, on the most loaded device (the first pipeline stage):
   keeps only each block's input (D), plus one block recomputed at a time. Tensor parallelism divides the
   head and hidden-unit parts by tp (and the D parts too with sequence parallelism). A pipeline's first stage
   keeps up to ``pp`` micro-batches in flight (DeepSpeed's 1F1B schedule).
+  A MoE layer (model/moe.py) keeps, per token, its fp32 router logits and probabilities and, per routed copy
+  (top_k), the gathered input, the experts' gate_up output, silu(gate), the product and the expert output;
+  every expert's weights count in the model states (all experts live on every rank: no expert parallelism).
 - **logits**: the head's output and the cross-entropy's log-softmax, (B, T, V / tp) each in fp32 (plus the
   bf16 logits under bf16); the fused linear cross-entropy never holds them (0 here).
 
@@ -163,7 +166,8 @@ def model_states(args: ModelArgs, lay: Layout) -> dict[str, float]:
         return {"params": weights, "grads": grads, "optimizer": optim, "host": host, "grads_transient": True}
     # bf16 mixed precision, as DeepSpeed's estimators count it
     q_width = args.n_heads * args.head_dim
-    largest_layer = max(args.vocab_size * args.dim, args.dim * args.ffn_dim, args.dim * q_width) // lay.tp
+    experts = args.n_experts * 2 * args.expert_dim * args.dim if args.n_moe_layers else 0  # stacked gate_up_proj
+    largest_layer = max(args.vocab_size * args.dim, args.dim * args.ffn_dim, args.dim * q_width, experts) // lay.tp
     host = 16 * p / dp if lay.offload != "none" else 0.0  # this rank's offloaded optimizer partition
     if lay.zero == 3:  # the largest layer gathered whole (weights and gradients) + 18 bytes / parameter sharded
         weights = (0 if lay.offload == "all" else 2 * p / dp) + 4 * largest_layer
@@ -191,6 +195,8 @@ def activation_bytes(args: ModelArgs, lay: Layout) -> tuple[float, float, float]
         resid, attn, mlp = 6 * D * b / split_d, (2 * D + 2 * Dkv) * b / t, 4 * F_ * b / t
     else:  # bf16 reference: norms keep an fp32 copy of their input, their bf16 output and normalised value
         resid, attn, mlp = 16 * D / split_d, (2 * D + 2 * Dkv) * 2 / t, 8 * F_ / t
+    if args.n_moe_layers:  # the mean FFN part over the layers, MoE layers counted per token as below
+        mlp = (args.n_moe_layers * _moe_mlp_bytes(args, b) + (args.n_layers - args.n_moe_layers) * mlp) / args.n_layers
     full = resid + attn + mlp  # per token per layer
     inp = D * b / split_d  # a fully checkpointed block keeps its input only
     _, first_blocks = _stage_params(args, lay.pp)
@@ -212,6 +218,14 @@ def activation_bytes(args: ModelArgs, lay: Layout) -> tuple[float, float, float]
         per_logit = 8 + (2 if lay.dtype == "bf16" else 0)  # fp32 logits + log-softmax (+ bf16 head output)
         logits = per_logit * args.vocab_size / t * tokens
     return acts, logits, full * tokens
+
+
+def _moe_mlp_bytes(args: ModelArgs, b: int) -> float:
+    """Saved activations of one MoE FFN per token (reference ops): fp32 router logits and probabilities (2 E x 4),
+    and per routed copy (top_k of them) its gathered input, gate_up output, silu(gate), product and expert
+    output (3 D + 4 I) b; a shared expert keeps what a dense SwiGLU keeps (4 F_shared b)."""
+    routed = args.moe_top_k * (3 * args.dim + 4 * args.expert_dim) * b
+    return 8 * args.n_experts + routed + 4 * (args.moe_shared_ffn_dim or 0) * b
 
 
 def estimate(args: ModelArgs, lay: Layout) -> dict[str, float]:
@@ -284,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             args = dataclasses.replace(get_preset(ns.preset), **overrides).validate()
         except (ModelConfigError, ValueError, TypeError) as e:
             raise EstimateError(str(e)) from None
-        result: dict = {"preset": ns.preset, "overrides": overrides, "params": args.num_params()}
+        result: dict = {"preset": ns.preset, "overrides": overrides, "params": args.num_params(),
+                        "active_params": args.num_active_params()}
+        active = f", {args.num_active_params():,} active per token (MoE)" if args.n_moe_layers else ""
         if ns.suggest is not None:
             gb = DEVICES.get(ns.suggest.lower().removeprefix("rtx"))
             if gb is None:
@@ -297,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"nothing fits {gb:g} GB per device for {ns.preset} at seq {ns.seq} on {ns.gpus} device(s): "
                       f"add devices or shorten --seq")
                 return 1
-            print(f"{ns.preset} ({args.num_params():,} parameters), seq {ns.seq}, {ns.gpus} x {gb:g} GB: "
+            print(f"{ns.preset} ({args.num_params():,} parameters{active}), seq {ns.seq}, {ns.gpus} x {gb:g} GB: "
                   f"{len(fits)} layouts fit; the first ones:")
             for lay, est in fits[:5]:
                 host = f", host {_fmt(est['host']).strip()}" if est["host"] else ""
@@ -312,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                          fused=ns.device == "cuda", fused_ce=ns.fused_ce, sequence_parallel=ns.sp,
                          reduce_bucket=int(ns.reduce_bucket))
             est = estimate(args, lay)
-            print(f"{ns.preset}: {args.num_params():,} parameters; {lay.gpus} device(s) = dp {lay.dp} x tp {lay.tp} "
+            print(f"{ns.preset}: {args.num_params():,} parameters{active}; {lay.gpus} device(s) = dp {lay.dp} x tp {lay.tp} "
                   f"x pp {lay.pp}, ZeRO-{lay.zero}, offload {lay.offload}, {dtype}, micro-batch {lay.micro_batch} x "
                   f"{lay.seq}, checkpointing {lay.ac}")
             for key in ("params", "grads", "optimizer", "buckets", "activations", "logits", "peak", "host"):

@@ -1,0 +1,64 @@
+"""MoE parameter and FLOP counts (ModelArgs) and tools/estimate_memory.py on a MoE model: total vs active
+parameters by hand, FLOPs per token from the active experts as torch's FLOP counter sees them, the estimated CPU
+peak against the measured one, TP with MoE refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import model.moe
+from model import ModelArgs, Transformer
+from parallel.perf import apply_activation_checkpointing
+from tools.estimate_memory import Layout, estimate, main
+from tools.live_memory import LiveBytes
+from train.objectives.lm import lm_loss
+
+ARGS = ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, max_seq_len=256, n_experts=8,
+                 moe_top_k=2, moe_ffn_dim=96, moe_layers=[1, 3], ffn_hidden_dim=256)
+
+
+def test_total_and_active_parameters_by_hand() -> None:
+    args = ModelArgs(dim=16, n_layers=2, n_heads=2, vocab_size=10, ffn_hidden_dim=32, n_experts=4, moe_top_k=1,
+                     moe_ffn_dim=8, moe_layers=[1], moe_shared_ffn_dim=6, moe_shared_gate=True)
+    model = Transformer(args)
+    assert sum(p.numel() for p in model.parameters()) == args.num_params()
+    expert, shared, router, gate = 3 * 16 * 8, 3 * 16 * 6, 4 * 16, 16
+    assert args.num_params() - args.num_active_params() == 3 * expert  # 3 of the 4 experts idle per token
+    moe_layer = sum(p.numel() for p in model.layers[1].mlp.parameters())
+    assert moe_layer == 4 * expert + shared + router + gate
+
+
+def test_flops_per_token_counts_the_active_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch's FLOP counter does not see grouped GEMMs: run the per-expert loop, whose matmuls it counts
+    monkeypatch.setattr(model.moe, "_GROUPED_MM", None)
+    net = Transformer(ARGS)
+    x = torch.randint(0, 512, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        lm_loss(net(x), x).backward()
+    # every matmul forward and backward (the CPU attention kernel is not counted): top_k experts per token
+    assert counter.get_total_flops() == 6 * ARGS.matmul_params() * 64
+    assert ARGS.flops_per_token(32) == 6 * ARGS.matmul_params() + 12 * 4 * 4 * 32 * 32
+
+
+@pytest.mark.parametrize("ac", [pytest.param("none", marks=pytest.mark.slow), "full"])
+def test_estimate_is_within_10_percent_of_the_measured_moe_cpu_peak(ac: str) -> None:
+    data = torch.randint(0, ARGS.vocab_size, (2, 4, 129), generator=torch.Generator().manual_seed(0))
+    with LiveBytes() as mem:
+        model = Transformer(ARGS)
+        apply_activation_checkpointing(model, ac)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for x in data:
+            lm_loss(model(x[:, :-1]), x[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    est = estimate(ARGS, Layout(micro_batch=4, seq=128, ac=ac, dtype="fp32", fused=False))["peak"]
+    assert abs(est / mem.peak - 1) < 0.10, f"estimated {est:,} bytes, measured {mem.peak:,}"
+
+
+def test_estimate_reports_active_parameters_and_refuses_tp(capsys: pytest.CaptureFixture) -> None:
+    assert main(["--preset", "moe-tiny", "--device", "cpu", "--seq", "128"]) == 0
+    assert "active per token (MoE)" in capsys.readouterr().out
+    assert main(["--preset", "moe-tiny", "--gpus", "2", "--tp", "2"]) == 2
+    assert "parallel.tp=2 with MoE layers" in capsys.readouterr().err
