@@ -21,14 +21,20 @@ class ParallelDims:
 
     Rank order is Megatron's: tensor-parallel ranks are adjacent (they talk most, so they share a node),
     then data-parallel, then pipeline stages: ``rank = (pp_rank * dp + dp_rank) * tp + tp_rank``.
+
+    Expert parallelism is carved from the data-parallel group, as DeepSpeed-MoE's default (expert then data)
+    layout: ``ep`` adjacent data-parallel ranks split the experts between them (the expert-parallel group),
+    and the ranks at the same place of every such block hold the same experts (the expert-data-parallel
+    group, ``dp / ep`` ranks).
     """
 
     world_size: int
     tp: int = 1  # tensor-parallel degree: ranks that share each layer
     pp: int = 1  # pipeline-parallel degree: stages of the layer list
+    ep: int = 1  # expert-parallel degree: data-parallel ranks that split each MoE layer's experts
 
     def __post_init__(self) -> None:
-        for name in ("world_size", "tp", "pp"):
+        for name in ("world_size", "tp", "pp", "ep"):
             if getattr(self, name) < 1:
                 raise ParallelConfigError(f"parallel.{name}={getattr(self, name)}: must be >= 1.")
         if self.world_size % (self.tp * self.pp):
@@ -36,6 +42,11 @@ class ParallelDims:
                 f"world size {self.world_size} is not divisible by parallel.tp={self.tp} x parallel.pp={self.pp}: "
                 f"launch a multiple of {self.tp * self.pp} processes or change the degrees."
             )
+        if self.ep > 1 and self.dp % self.ep:
+            raise ParallelConfigError(
+                f"parallel.ep={self.ep} does not divide the data-parallel size {self.dp} (world {self.world_size} / "
+                f"(tp={self.tp} x pp={self.pp})): experts are split over data-parallel ranks; choose an ep that "
+                f"divides {self.dp}.")
 
     @property
     def dp(self) -> int:
@@ -64,6 +75,19 @@ class ParallelDims:
         """Ranks of every pipeline (same replica and TP slice, one rank per stage)."""
         return [[self.rank_of(p, d, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
 
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel degree: replicas of each expert (ranks that average its gradients)."""
+        return self.dp // self.ep
+
+    def ep_groups(self) -> list[list[int]]:
+        """Ranks of every expert-parallel group: ``ep`` adjacent data-parallel ranks (same stage and TP slice)."""
+        return [dp_ranks[i:i + self.ep] for dp_ranks in self.dp_groups() for i in range(0, self.dp, self.ep)]
+
+    def edp_groups(self) -> list[list[int]]:
+        """Ranks of every expert-data-parallel group: the same place in every expert-parallel block."""
+        return [dp_ranks[i::self.ep] for dp_ranks in self.dp_groups() for i in range(self.ep)]
+
     def mp_groups(self) -> list[list[int]]:
         """Ranks of every model-parallel group: one whole replica (all its stages and TP slices)."""
         return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
@@ -90,6 +114,28 @@ class ParallelDims:
             )
         if grad_accum < 1:
             raise ParallelConfigError(f"parallel.pp={self.pp} needs at least one micro-batch per step per replica.")
+
+    def check_experts(self, args: ModelArgs, *, zero_stage: int) -> None:
+        """Refuse an expert-parallel degree the model or the layout cannot run."""
+        if self.ep == 1:
+            return
+        if not args.n_moe_layers:
+            raise ParallelConfigError(
+                f"parallel.ep={self.ep} for a model without MoE layers (model.n_experts={args.n_experts}): expert "
+                f"parallelism splits experts; set parallel.ep=1 or give the model experts.")
+        if args.n_experts % self.ep:
+            raise ParallelConfigError(
+                f"parallel.ep={self.ep} does not divide the {args.n_experts} experts of each MoE layer "
+                f"(model.n_experts): every expert-parallel rank keeps n_experts / ep whole experts; choose an ep "
+                f"that divides {args.n_experts}.")
+        if self.pp > 1 or self.tp > 1:
+            raise ParallelConfigError(
+                f"parallel.ep={self.ep} with parallel.tp={self.tp} / parallel.pp={self.pp}: expert parallelism runs "
+                f"on data-parallel ranks only (tp=1, pp=1); keep ep and set tp=1, pp=1.")
+        if zero_stage not in (1, 2):
+            raise ParallelConfigError(
+                f"parallel.ep={self.ep} with a ZeRO-{zero_stage} DeepSpeed config: expert parallelism trains with "
+                f"DeepSpeed's MoE parameter groups under ZeRO-1 or ZeRO-2 only; use --ds_config zero1 or zero2.")
 
     def check_model(self, args: ModelArgs, *, seq_len: int, sequence_parallel: bool) -> None:
         """Refuse a tensor-parallel degree the model's shape (or the sequence length) cannot be split by."""

@@ -31,6 +31,8 @@ class ProcessGroups:
     dp_group: ProcessGroup  # ranks that hold the same shards of other replicas
     pp_group: ProcessGroup  # the stages of this rank's pipeline
     mp_group: ProcessGroup  # one whole model replica (pp x tp ranks)
+    ep_group: ProcessGroup = None  # data-parallel ranks that split the experts with this one (ep > 1)
+    edp_group: ProcessGroup = None  # ranks that hold this rank's experts too and average their gradients (ep > 1)
 
     @property
     def tp_rank(self) -> int:
@@ -43,6 +45,11 @@ class ProcessGroups:
     @property
     def pp_rank(self) -> int:
         return self.dims.coords(self.rank)[0]
+
+    @property
+    def ep_rank(self) -> int:
+        """This rank's place in its expert-parallel group (which E / ep experts it keeps)."""
+        return self.dp_rank % self.dims.ep
 
     @property
     def tp_size(self) -> int:
@@ -96,7 +103,8 @@ class ProcessGroups:
 
 
 def build_process_groups(dims: ParallelDims) -> ProcessGroups:
-    """Create every TP, DP, PP and model-parallel group (collective) and keep the ones this rank is in.
+    """Create every TP, DP, PP and model-parallel group, and with ep > 1 the expert-parallel and
+    expert-data-parallel ones (collective), and keep the ones this rank is in.
 
     Needs an initialised default group whose size is ``dims.world_size``. Every rank creates every group
     in the same order, as `torch.distributed.new_group` requires.
@@ -108,10 +116,12 @@ def build_process_groups(dims: ParallelDims) -> ProcessGroups:
         raise ValueError(f"ParallelDims was made for {dims.world_size} ranks but the job has {world}")
     mine: dict[str, ProcessGroup] = {}
     layouts = {"tp": dims.tp_groups(), "dp": dims.dp_groups(), "pp": dims.pp_groups(), "mp": dims.mp_groups()}
+    if dims.ep > 1:
+        layouts.update(ep=dims.ep_groups(), edp=dims.edp_groups())
     for kind, layout in layouts.items():
         for ranks in layout:
             group = dist.new_group(ranks)
             if rank in ranks:
                 mine[kind] = group
     return ProcessGroups(dims, rank, tp_group=mine["tp"], dp_group=mine["dp"], pp_group=mine["pp"],
-                         mp_group=mine["mp"])
+                         mp_group=mine["mp"], ep_group=mine.get("ep"), edp_group=mine.get("edp"))

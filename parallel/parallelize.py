@@ -11,6 +11,8 @@ the end:
 
 1. tensor parallelism: `apply_tp` with the plan (the native one, or the HF Llama one on ``tp_root``), with
    sequence parallelism when asked and the plan has sequence-parallel norms; nothing at tp = 1;
+1b. expert parallelism: `apply_ep` keeps each rank's E / ep experts of every MoE block and routes tokens by
+   all-to-all; `register_expert_groups` gives DeepSpeed the expert groups (ep > 1; nothing at ep = 1);
 2. activation checkpointing: `apply_activation_checkpointing`, rewinding the TP ranks' dropout generators;
 3. kernels: `model.kernels.resolve_kernels` + `apply_kernels` (fused ops, and a head that computes the
    loss itself when the fused linear cross-entropy is on);
@@ -40,6 +42,7 @@ from model.kernels import KernelChoice, LinearCrossEntropyHead, resolve_kernels
 from parallel.groups import ProcessGroups
 from parallel.layers import TPContext
 from parallel.loss import HeadLoss, LossFn, lm_loss
+from parallel.moe import apply_ep, register_expert_groups
 from parallel.perf import apply_activation_checkpointing, apply_compile, apply_kernels
 from parallel.pipeline import build_pipeline
 from parallel.tp import TRANSFORMER_TP_PLAN, apply_tp, tp_lm_loss
@@ -126,6 +129,7 @@ def parallelize(
     kernels = None
     if model is not None:
         tp_ctx = _tensor_parallel(model, groups, tp_plan, tp_root, parallel.sequence_parallel, seed, done)
+        _expert_parallel(model, groups, done)
         if perf is None:
             done("activation checkpointing, kernels, compile: none (no perf options: the model's own)")
         else:
@@ -165,6 +169,16 @@ def _tensor_parallel(model: nn.Module, groups: ProcessGroups, plan: Mapping[str,
     ctx = apply_tp(model.get_submodule(root), groups.tp_group, plan=plan, sequence_parallel=sp, seed=seed)
     done(f"tp={tp}" + (" (sequence parallel)" if ctx.sequence_parallel else ""))
     return ctx
+
+
+def _expert_parallel(model: nn.Module, groups: ProcessGroups, done: Callable[[str], None]) -> None:
+    """Step 1b: each MoE block's experts split over the expert-parallel group (ep > 1)."""
+    ep = groups.dims.ep
+    if ep == 1:
+        return
+    n = apply_ep(model, groups)
+    register_expert_groups(groups)
+    done(f"ep={ep}: {n} MoE blocks keep experts of expert-parallel rank {groups.ep_rank}, tokens by all-to-all")
 
 
 def _perf(model: nn.Module, perf: PerfOptions, tp_ctx: TPContext, device: torch.device, dtype: torch.dtype,

@@ -115,7 +115,7 @@ def plan(args: argparse.Namespace, cfg: JobConfig | None = None) -> Plan:
     cfg = cfg if cfg is not None else load_config(args.config, args.overrides)
     spec = OBJECTIVES[cfg.train.objective]
     env = read_env(args.local_rank)
-    dims = ParallelDims(env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    dims = ParallelDims(env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
     ds_name = args.ds_config or ("zero0" if torch.cuda.is_available() else "cpu")
     bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     ds_config = resolve_ds_config(load_ds_config(ds_name), cfg, dp_size=dims.dp, bf16_supported=bf16_ok)
@@ -198,6 +198,7 @@ def _native_model_args(cfg: JobConfig, dims: ParallelDims, ds_config: dict[str, 
     dims.check_model(model_args, seq_len=cfg.data.seq_len, sequence_parallel=cfg.parallel.sequence_parallel)
     dims.check_pipeline(model_args, zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)),
                         grad_accum=int(ds_config["gradient_accumulation_steps"]))
+    dims.check_experts(model_args, zero_stage=int(ds_config.get("zero_optimization", {}).get("stage", 0)))
     return model_args
 
 

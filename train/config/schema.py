@@ -246,6 +246,7 @@ class TrainSection:
 class ParallelSection:
     tp: int = _f(1, "Tensor-parallel degree (ranks that split each layer).")
     pp: int = _f(1, "Pipeline-parallel degree (stages the layer list is cut into).")
+    ep: int = _f(1, "Expert-parallel degree: data-parallel ranks that split each MoE layer's experts (divides dp).")
     sequence_parallel: bool = _f(
         False, "With tp > 1, split norms, dropout and residuals along the sequence (less activation memory)."
     )
@@ -260,6 +261,7 @@ class ParallelSection:
         """Degrees of at least 1, and a pipeline checkpoint interval >= 0."""
         _positive("parallel.tp", self.tp)
         _positive("parallel.pp", self.pp)
+        _positive("parallel.ep", self.ep)
         _positive("parallel.activation_checkpoint_interval", self.activation_checkpoint_interval,
                   allow_zero=True)
 

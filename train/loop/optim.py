@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from train.config.schema import TrainSection
@@ -20,7 +21,12 @@ def decays(p: torch.Tensor) -> bool:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Matrices and embeddings decay; vectors (norm weights, biases, sink logits) never do."""
+    """Matrices and embeddings decay; vectors (norm weights, biases, sink logits) never do.
+
+    Expert-parallel expert parameters (DeepSpeed's ``is_moe_param``: ``allreduce=False``, set by
+    `parallel.moe.apply_ep`) go into groups of their own marked ``'moe': True`` and named by their expert
+    group, by DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`: ZeRO partitions and reduces
+    those over the expert-data-parallel group."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -29,6 +35,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
+    if any(is_moe_param(p) for p in decay + no_decay):
+        for group, name in zip(groups, ("decay", "no_decay"), strict=False):
+            group["name"] = name
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
 
 

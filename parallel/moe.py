@@ -1,0 +1,166 @@
+"""Expert parallelism: each MoE layer's experts split over the ranks of an expert-parallel group.
+
+    groups = build_process_groups(ParallelDims(world, ep=2))
+    n = apply_ep(model, groups)                  # every MoEFeedForward keeps its E / ep experts
+    register_expert_groups(groups)               # DeepSpeed's expert groups := ours (before deepspeed.initialize)
+    engine = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd), mpu=groups, ...)
+
+What a block does under ``ep`` (the same numbers as one process running every expert, row by row):
+
+    route (local tokens) -> dispatch (sort the token copies by expert, capacity, counts (E,))
+      -> exchange_counts: (ep, E/ep) rows this rank sends to each expert of each rank -> rows it receives
+      -> all_to_all_rows: the rows travel to the ranks of their experts (grouped by source rank)
+      -> sort the received rows by local expert -> grouped GEMMs of the local experts -> unsort
+      -> all_to_all_rows back -> combine (weights, scatter-add to the tokens) (+ shared expert)
+
+The router, the shared expert and the routing statistics (aux / z losses, load, dropped) stay local, as
+they are without ``ep``: a data-parallel rank's losses are those of its own micro-batch either way.
+
+DeepSpeed's MoE machinery does the rest: the local expert parameters are marked as DeepSpeed's expert
+parameters (``allreduce=False``, ``group_name``), `param_groups` (train/loop/optim.py) splits them into
+parameter groups with ``'moe': True`` (DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`),
+ZeRO-1/2 then partitions and averages their gradients over the expert-data-parallel group (divided by the
+whole data-parallel size, so a gradient does not depend on ``ep``), and dense parameters over the whole
+data-parallel group. DeepSpeed recognises MoE models by its own `deepspeed.moe.layer.MoE` modules: each
+expert-parallel block carries a parameterless `ExpertGroupMarker` of that type, which names the group and
+makes the engine set up its expert groups (ours, registered by `register_expert_groups`) and the optimizer's
+MoE settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups as ds_groups
+from torch import nn
+
+from model.moe import MoEFeedForward
+from parallel.comm import all_to_all_rows, exchange_counts
+from parallel.groups import ProcessGroups
+
+
+def expert_group_name(ep: int) -> str:
+    """DeepSpeed's name of the expert-parallel group of size ``ep`` (its ``group_name`` of expert parameters)."""
+    return f"ep_size_{ep}"
+
+
+class ExpertGroupMarker(MoE):
+    """A parameterless `deepspeed.moe.layer.MoE` that tells DeepSpeed's engine the model has expert-parallel
+    layers, and of which group. It computes nothing: the block it sits in (`ExpertParallelMoE`) does.
+
+    ``num_local_experts`` is 0 for DeepSpeed's per-expert checkpoint files: the local experts are stacked
+    parameters that its file naming (``deepspeed_moe.experts.deepspeed_experts.<i>``) cannot address; they are
+    saved with the rank's ZeRO optimizer partition (its fp32 copy) and restored from it."""
+
+    def __init__(self, n_experts: int, ep: int) -> None:
+        nn.Module.__init__(self)  # none of MoE's own gate / experts: only the attributes the engine reads
+        self.ep_size, self.num_experts, self.num_local_experts = ep, n_experts, 0
+        self.expert_group_name = expert_group_name(ep)
+        self.enable_expert_tensor_parallelism, self.use_residual = False, False
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """The engine's hook: the groups exist already (`register_expert_groups`); check they are there."""
+        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
+            raise RuntimeError(f"expert group {self.expert_group_name} is not registered with DeepSpeed: call "
+                               f"parallel.moe.register_expert_groups(groups) before deepspeed.initialize")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("ExpertGroupMarker computes nothing; its block does")
+
+
+class ExpertParallelMoE(MoEFeedForward):
+    """An `MoEFeedForward` whose experts are this rank's E / ep, fed by all-to-all over ``ep_group``.
+
+    Made from a whole block by `apply_ep` (the class is swapped in place, so parameter names stay the
+    model's: ``mlp.experts.gate_up_proj`` is now (E / ep, 2I, dim))."""
+
+    ep_group: Any
+    ep_size: int
+    ep_rank: int
+    ep_marker: ExpertGroupMarker
+    received: int = 0  # token copies the last forward received for this rank's experts (all ranks' tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, dim)
+        logits, chosen, weights = self.gate(flat)
+        d = self.dispatch(chosen, weights)  # rows sorted by global expert: grouped by destination rank
+        local = self.n_experts // self.ep_size
+        send = d.counts.view(self.ep_size, local)  # (ep, E/ep): rows for each expert of each rank
+        recv = exchange_counts(send, self.ep_group)  # (ep, E/ep): rows from each rank for each local expert
+        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+        rows = all_to_all_rows(flat[d.token], send_splits, recv_splits, self.ep_group)  # (R, dim) by source
+        expert_of_row = torch.repeat_interleave(torch.arange(local, device=recv.device).repeat(self.ep_size),
+                                                recv.reshape(-1))  # (R,)
+        order = torch.argsort(expert_of_row, stable=True)  # by local expert, then source rank, then token
+        self.received = rows.shape[0]
+        out = self.experts(rows[order], recv.sum(0))  # (R, dim)
+        out = out[torch.argsort(order)]  # back to the received order
+        back = all_to_all_rows(out, recv_splits, send_splits, self.ep_group)  # (M, dim) in dispatch order
+        y = self.combine(back, d, flat.shape[0])  # (N, dim)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            y = y + shared
+        self.last = self._stats(logits, chosen)
+        self.last.dropped = d.dropped.detach()
+        return y.view(shape)
+
+
+def apply_ep(model: nn.Module, groups: ProcessGroups) -> int:
+    """Keep this rank's E / ep experts of every `MoEFeedForward` of ``model`` (in place) and route its tokens
+    by all-to-all over the expert-parallel group; mark the expert parameters for DeepSpeed. Returns the
+    number of blocks changed (0 at ep = 1: nothing is done)."""
+    ep = groups.dims.ep
+    if ep == 1:
+        return 0
+    n = 0
+    for block in model.modules():
+        if not isinstance(block, MoEFeedForward) or isinstance(block, ExpertParallelMoE):
+            continue
+        if block.n_experts % ep:
+            raise ValueError(f"parallel.ep={ep} does not divide a block's {block.n_experts} experts")
+        local = block.n_experts // ep
+        lo = groups.ep_rank * local
+        experts = block.experts
+        for name in ("gate_up_proj", "down_proj"):
+            full = getattr(experts, name)
+            part = nn.Parameter(full.detach()[lo:lo + local].clone(), requires_grad=full.requires_grad)
+            part.allreduce = False  # DeepSpeed's mark of an expert parameter (moe/utils.py is_moe_param)
+            part.group_name = expert_group_name(ep)
+            setattr(experts, name, part)
+        block.__class__ = ExpertParallelMoE
+        block.ep_group, block.ep_size, block.ep_rank = groups.ep_group, ep, groups.ep_rank
+        block.ep_marker = ExpertGroupMarker(block.n_experts, ep)
+        n += 1
+    return n
+
+
+def register_expert_groups(groups: ProcessGroups) -> None:
+    """Make DeepSpeed's expert-parallel and expert-data-parallel groups of size ``ep`` the ones in ``groups``
+    (DeepSpeed keeps them by name in `deepspeed.utils.groups`; its own `_create_expert_and_data_parallel` would
+    make the same layout at tp = pp = 1 as a second set of communicators)."""
+    dims = groups.dims
+    if dims.ep == 1:
+        return
+    name = expert_group_name(dims.ep)
+    ep_ranks = next(r for r in dims.ep_groups() if groups.rank in r)
+    edp_ranks = next(r for r in dims.edp_groups() if groups.rank in r)
+    known = ds_groups._get_expert_parallel_group_dict()
+    if name in known:
+        if list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name]) != ep_ranks:
+            raise RuntimeError(f"DeepSpeed already has an expert group {name} of other ranks")
+        return
+    ds_groups._EXPERT_PARALLEL_GROUP[name] = groups.ep_group
+    ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP[name] = groups.edp_group
+    ds_groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp_ranks
+
+
+def local_expert_slice(groups: ProcessGroups, n_experts: int) -> slice:
+    """The global expert ids this rank keeps at ``groups.dims.ep`` (all of them at ep = 1)."""
+    local = n_experts // groups.dims.ep
+    return slice(groups.ep_rank * local, (groups.ep_rank + 1) * local)
