@@ -12,7 +12,16 @@ from torch import nn
 
 from parallel.layers import TPContext, mark_sharded
 from slurm.plan import _check_resume_layout
-from train.checkpoint.reshard import Layout, _join, local_shard, needs_reshard, plain_name, refusal, resolve
+from train.checkpoint.reshard import (
+    Layout,
+    _join,
+    local_shard,
+    needs_reshard,
+    plain_name,
+    refusal,
+    resolve,
+    zero_family,
+)
 from train.checkpoint.writer import CheckpointError
 from train.config.fields import ConfigError
 from train.loop.optim import param_groups
@@ -71,6 +80,11 @@ def test_which_resumes_reshard_and_which_are_refused(tmp_path: Path) -> None:
     tag0, meta0 = _checkpoint(tmp_path / "zero0", zero=False)
     assert refusal(tag0, meta0, tp=2, pp=2) is None and not needs_reshard(tag0, meta0, Layout(2, 2, 8))
     assert "ZeRO-0 checkpoint of parallel.tp=2 parallel.pp=2" in refusal(tag0, meta0, tp=2, pp=1)
+    same = Layout(tp=2, pp=2, world_size=4)
+    assert needs_reshard(tag, meta, same, zero_family(3, bf16=False))  # ZeRO 1-2 -> 3: another format
+    assert not needs_reshard(tag, meta, same, zero_family(2, bf16=True))  # ZeRO 1 and 2 share one
+    with pytest.raises(CheckpointError, match="saved under ZeRO 0; this run uses another ZeRO stage"):
+        needs_reshard(tag0, meta0, same, zero_family(1, bf16=False))
 
 
 def test_a_tied_head_falls_back_on_the_embedding(tmp_path: Path) -> None:

@@ -79,13 +79,36 @@ def is_zero_partitioned(tag_dir: Path) -> bool:
     return any(tag_dir.glob(ZERO_OPTIM_GLOB))
 
 
-def needs_reshard(tag_dir: Path, meta: dict[str, Any], now: Layout) -> bool:
-    """Whether a resume on layout ``now`` goes through the layout-free copy: another tp or pp, or another
-    number of ranks for a tp / pp > 1 ZeRO 1-3 checkpoint (DeepSpeed's universal load alone would join its
-    tensor-parallel shards wrongly). Another DP size of a plain run goes through train/checkpoint/resize.py,
-    a ZeRO-0 checkpoint of the same tp and pp loads as saved."""
+def saved_zero_family(tag_dir: Path) -> str:
+    """How ``tag_dir`` keeps its optimizer state: "0" (whole, fp32 ZeRO 0), "bf16" (bf16 ZeRO 0 partitions),
+    "1-2" (ZeRO 1 and 2 share one format) or "3"."""
+    if any(tag_dir.glob("zero_pp_rank_*_mp_rank_*_model_states.pt")):
+        return "3"
+    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        return "1-2"
+    return "bf16" if any(tag_dir.glob("bf16_zero_pp_rank_*_optim_states.pt")) else "0"
+
+
+def zero_family(stage: int, *, bf16: bool) -> str:
+    """The format an engine of ZeRO ``stage`` loads natively (see saved_zero_family)."""
+    return "3" if stage == 3 else "1-2" if stage >= 1 else "bf16" if bf16 else "0"
+
+
+def needs_reshard(tag_dir: Path, meta: dict[str, Any], now: Layout, family: str | None = None) -> bool:
+    """Whether a resume on layout ``now`` (its engine loading ZeRO format ``family``) goes through the
+    layout-free copy: another tp or pp, another ZeRO format, or another number of ranks for a tp / pp > 1
+    ZeRO 1-3 checkpoint (DeepSpeed's universal load alone would join its tensor-parallel shards wrongly).
+    Another DP size of a plain run goes through train/checkpoint/resize.py; a ZeRO-0 checkpoint of the same tp,
+    pp and format loads as saved.
+
+    Raises CheckpointError for a fp32 ZeRO-0 checkpoint loaded under ZeRO 1-3 (its optimizer state would be
+    dropped)."""
     saved = saved_layout(meta)
-    if (saved.tp, saved.pp) != (now.tp, now.pp):
+    saved_family = saved_zero_family(tag_dir)
+    if saved_family == "0" and family not in (None, "0"):
+        raise CheckpointError(f"{tag_dir} was saved under ZeRO 0; this run uses another ZeRO stage, whose load "
+                              f"would drop its Adam state: resume it under ZeRO 0 (e.g. --ds_config cpu).")
+    if (saved.tp, saved.pp) != (now.tp, now.pp) or (family is not None and family != saved_family):
         return True
     return saved.tp * saved.pp > 1 and saved.world_size != now.world_size and is_zero_partitioned(tag_dir)
 

@@ -27,6 +27,8 @@ from train.checkpoint.reshard import (
     prepare,
     resolve,
     saved_layout,
+    saved_zero_family,
+    zero_family,
 )
 from train.checkpoint.resize import repair_universal_load, universal_switch
 from train.checkpoint.safe_load import load, weights_only_loads
@@ -118,8 +120,10 @@ def load_resharded(engine: Any, tag_dir: Path, meta: dict[str, Any], *, rank: in
     """Collective: load ``tag_dir`` (saved on another layout) into ``engine``; the path loaded from."""
     free = prepare(tag_dir, rank=rank)
     if rank == 0:
-        log.info("parallel layout changed from %s to %s: checkpoint %s loads from its layout-free copy %s",
-                 saved_layout(meta).describe(), run_layout(engine, tp_ctx).describe(), tag_dir.name, free)
+        family = zero_family(engine.zero_optimization_stage(), bf16=bool(engine.bfloat16_enabled()))
+        log.info("parallel layout changed from %s (ZeRO %s) to %s (ZeRO %s): checkpoint %s loads from its "
+                 "layout-free copy %s", saved_layout(meta).describe(), saved_zero_family(tag_dir),
+                 run_layout(engine, tp_ctx).describe(), family, tag_dir.name, free)
     if isinstance(engine.optimizer, torch.optim.Optimizer):
         _place_plain(engine, free, meta, tp_ctx)
         return str(free)

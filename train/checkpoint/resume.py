@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from parallel.layers import TPContext
-from train.checkpoint.reshard import needs_reshard
+from train.checkpoint.reshard import needs_reshard, zero_family
 from train.checkpoint.reshard_load import load_resharded, run_layout
 from train.checkpoint.resize import load_universal, resized_source
 from train.checkpoint.safe_load import UnreadableFile, load, probe, weights_only_loads
@@ -70,7 +70,8 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext 
     world_size = dist.get_world_size()
     preflight(tag_dir, rank=rank, world_size=world_size)  # before a resize converts the files
     layout = run_layout(engine, tp_ctx)
-    reshard = needs_reshard(tag_dir, meta, layout)
+    family = zero_family(engine.zero_optimization_stage(), bf16=bool(engine.bfloat16_enabled()))
+    reshard = needs_reshard(tag_dir, meta, layout, family)
     universal = None if reshard else resized_source(engine, tag_dir, meta, rank=rank)
     if universal is not None:
         preflight(tag_dir, rank=rank, world_size=world_size, root=universal)
