@@ -88,7 +88,9 @@ def features(args: ModelArgs) -> str:
              "q/k norm" if args.qk_norm else "", "q/k/v+o biases" if args.o_bias else
              ("q/k/v biases" if args.attn_bias else ""),
              f"window {args.sliding_window}" + (f" on layers {args.sliding_layers}" if args.sliding_layers else "")
-             if args.sliding_window else "", "tied" if args.tie_embeddings else ""]
+             if args.sliding_window else "", "tied" if args.tie_embeddings else "",
+             f"{args.n_experts} experts top-{args.moe_top_k} on {args.n_moe_layers}/{args.n_layers} layers"
+             + (" + shared expert" if args.moe_shared_ffn_dim else "") if args.n_moe_layers else ""]
     return ", ".join(p for p in parts if p) or "plain"
 
 
