@@ -164,3 +164,20 @@ def local_expert_slice(groups: ProcessGroups, n_experts: int) -> slice:
     """The global expert ids this rank keeps at ``groups.dims.ep`` (all of them at ep = 1)."""
     local = n_experts // groups.dims.ep
     return slice(groups.ep_rank * local, (groups.ep_rank + 1) * local)
+
+
+def restore_expert_weights(engine: Any) -> None:
+    """After ``engine.load_checkpoint`` of an expert-parallel run: put each rank's own experts back in the
+    model from its ZeRO optimizer partition (fp32).
+
+    DeepSpeed writes the model file once per data-parallel group (rank 0's module, so rank 0's experts), and
+    every rank loads it; the ZeRO-1/2 optimizer restores the rank's fp32 partition from its own file, which
+    for an expert group is this rank's experts. `update_lp_params` copies that partition to the model's
+    weights and gathers them over each group's ranks (the expert-data-parallel group for expert groups)."""
+    if not getattr(engine, "has_moe_layers", False):
+        return
+    update = getattr(engine.optimizer, "update_lp_params", None)
+    if update is None:
+        raise RuntimeError("an expert-parallel checkpoint is restored through the ZeRO-1/2 optimizer's fp32 "
+                           "partitions; this engine has none (ZeRO-1 or ZeRO-2 is required with parallel.ep > 1)")
+    update()
