@@ -128,6 +128,10 @@ def plan(args: argparse.Namespace, cfg: JobConfig | None = None) -> Plan:
             vocab = plan_vocab(cfg)  # the data are tokenized with the extended tokenizer
             cfg.data.tokenizer = str(vocab.tokenizer_dir)
     bundle = setup_data(cfg.data)
+    if cfg.hf.path is not None and dims.ep > 1:
+        raise ConfigError(f"parallel.ep={dims.ep} with hf.path={cfg.hf.path}: expert parallelism splits Tessera MoE "
+                          f"models; import the HF model (tools/import_hf.py) and train it as model.init_from, or set "
+                          f"parallel.ep=1.")
     hf = plan_hf(cfg, ds_config, dims, bundle.vocab_size, vocab) if cfg.hf.path is not None else None
     model_args = None if hf is not None else _native_model_args(cfg, dims, ds_config, bundle.vocab_size)
     research = None
@@ -212,6 +216,13 @@ def checkpoint_bytes(model_args: ModelArgs | None, hf: HFPlan | None) -> int:
 def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims) -> None:
     """Any tp, pp and DP size resume a ZeRO 1-3 checkpoint (train/checkpoint/reshard.py); a ZeRO-0 one keeps its
     tp and pp."""
+    saved_ep = int(meta.get("config", {}).get("parallel", {}).get("ep", 1))
+    saved_world = meta.get("world_size")
+    if saved_ep != dims.ep or (dims.ep > 1 and saved_world is not None and int(saved_world) != dims.world_size):
+        raise ConfigError(
+            f"--resume {tag_dir}: saved with parallel.ep={saved_ep} on {saved_world} ranks, this run has "
+            f"parallel.ep={dims.ep} on {dims.world_size}: an expert-parallel checkpoint keeps each rank's experts in "
+            f"its own files and resumes only with the same ep and number of ranks; resume with those.")
     problem = reshard_refusal(tag_dir, meta, tp=dims.tp, pp=dims.pp)
     if problem is not None:
         raise ConfigError(problem)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from parallel.layers import TPContext
+from parallel.moe import restore_expert_weights
 from train.checkpoint.reshard import needs_reshard, zero_family
 from train.checkpoint.reshard_load import load_resharded, run_layout
 from train.checkpoint.resize import load_universal, resized_source
@@ -85,6 +86,7 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext 
         path = _load_as_saved(engine, tag_dir, universal)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
+    restore_expert_weights(engine)  # expert parallelism: each rank's own experts, from its ZeRO partition
     if planned is not None:
         _resume_schedule(engine.lr_scheduler, planned, meta, rank=rank)
     rng_file = tag_dir / f"rng_rank{rank:05d}.pt"

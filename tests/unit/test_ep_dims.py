@@ -1,0 +1,45 @@
+"""Expert-parallel layout: the EP and expert-data-parallel groups (DeepSpeed's expert-then-data layout), and
+the one-line refusals of an ep the model, the world or the run cannot take."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.args import ModelArgs
+from parallel.dims import ParallelConfigError, ParallelDims
+
+MOE = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, n_experts=4, moe_ffn_dim=16)
+
+
+def test_ep_groups_are_blocks_of_the_dp_group_and_edp_strides() -> None:
+    dims = ParallelDims(8, ep=4)
+    assert dims.dp == 8 and dims.edp == 2
+    assert dims.ep_groups() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert dims.edp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    # as deepspeed.utils.groups._create_expert_and_data_parallel makes them at tp = pp = 1
+    full = ParallelDims(2, ep=2)
+    assert full.ep_groups() == [[0, 1]] and full.edp_groups() == [[0], [1]]
+    assert ParallelDims(4).ep_groups() == [[0], [1], [2], [3]]
+
+
+@pytest.mark.parametrize(("dims", "args", "zero", "words"), [
+    (lambda: ParallelDims(4, ep=2), ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64), 2,
+     ["parallel.ep=2", "without MoE layers"]),
+    (lambda: ParallelDims(6, ep=3), MOE, 2, ["parallel.ep=3", "4 experts", "model.n_experts"]),
+    (lambda: ParallelDims(4, tp=2, ep=2), MOE, 2, ["parallel.tp=2", "tp=1, pp=1"]),
+    (lambda: ParallelDims(4, pp=2, ep=2), MOE, 1, ["parallel.pp=2"]),
+    (lambda: ParallelDims(4, ep=2), MOE, 3, ["ZeRO-3", "zero1 or zero2"]),
+    (lambda: ParallelDims(4, ep=2), MOE, 0, ["ZeRO-0"]),
+])
+def test_ep_refusals_name_the_field_and_the_fix(dims, args: ModelArgs, zero: int, words: list[str]) -> None:
+    with pytest.raises(ParallelConfigError) as err:
+        dims().check_experts(args, zero_stage=zero)
+    assert all(w in str(err.value) for w in words), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_ep_must_divide_the_data_parallel_size() -> None:
+    with pytest.raises(ParallelConfigError, match=r"parallel.ep=3 does not divide the data-parallel size 4"):
+        ParallelDims(4, ep=3)
+    ParallelDims(4, ep=2).check_experts(MOE, zero_stage=2)  # accepted
+    ParallelDims(4).check_experts(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64), zero_stage=0)
