@@ -2,6 +2,7 @@
 
     python tools/bench.py checkpoint --preset llama3-1b --out /tmp/ckpt_bench [--async-save] [--json result.json]
     python tools/bench.py tp-comm --preset llama3-8b --set n_layers=2 --tp 4 --batch 1 --seq 512 [--sp]
+    python tools/bench.py ep-comm --preset moe-tiny --ep 2 --batch 4 --seq 128
     python tools/bench.py data-prepare --mb 64 --workers 2 --out /tmp/bench_prep
     python tools/bench.py data-loader --out /tmp/bench_loader
     python tools/bench.py data-index --tokens 1e9 --out /tmp/bench_index
@@ -15,7 +16,8 @@ engine. Reports seconds, bytes and GB/s. With ``--async-save`` the save is ``tra
 the snapshot to host memory, the total runs until the background write is complete (no load is timed).
 
 ``tp-comm``: the bytes each tensor-parallel rank sends in one training step, counted, against the analytic
-figure (see `tools/bench_tp.py`).
+figure (see `tools/bench_tp.py`). ``ep-comm``: the same for the all-to-all of expert parallelism
+(`tools/bench_ep.py`).
 
 The ``data-*`` subcommands are described in ``tools/bench_data.py``, ``train-step`` (step time, tokens/s,
 MFU, time shares, peak memory; ``--compare hf bare``) in ``tools/bench_step.py``.
@@ -40,6 +42,7 @@ import yaml
 from model import ModelConfigError, Transformer, get_preset
 from tools import ToolParser, bench_data, report_error
 from tools.bench_step import bench_train_step
+from tools.bench_ep import bench_ep_comm
 from tools.bench_tp import bench_tp_comm
 from train.checkpoint.resume import load_checkpoint
 from train.checkpoint.writer import CheckpointWriter, dir_bytes
@@ -134,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     tpc.add_argument("--seq", type=int, default=256, help="sequence length")
     tpc.add_argument("--sp", action="store_true", help="sequence parallelism")
     tpc.add_argument("--json", type=Path, help="also write the result here")
+    epc = sub.add_parser("ep-comm", help="expert-parallel all-to-all bytes sent per step, counted and analytic")
+    epc.add_argument("--preset", default="moe-tiny", help="MoE model preset (model/args.py)")
+    epc.add_argument("--set", nargs="*", default=[], metavar="FIELD=INT", help="integer ModelArgs overrides")
+    epc.add_argument("--ep", type=int, default=2, help="expert-parallel degree (gloo ranks on this machine)")
+    epc.add_argument("--batch", type=int, default=4, help="micro-batch size per rank")
+    epc.add_argument("--seq", type=int, default=128, help="sequence length")
+    epc.add_argument("--json", type=Path, help="also write the result here")
     dp = sub.add_parser("data-prepare", help="preparation tokens/s with 1 and N worker processes")
     dp.add_argument("--mb", type=float, default=64, help="synthetic corpus size in MB of JSONL")
     dp.add_argument("--workers", type=int, default=2, help="worker processes of the second measurement")
@@ -168,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "tp-comm":
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
         result = bench_tp_comm(args.preset, args.tp, args.batch, args.seq, args.sp, overrides)
+    elif args.what == "ep-comm":
+        overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
+        result = bench_ep_comm(args.preset, args.ep, args.batch, args.seq, overrides)
     elif args.what == "train-step":
         result = _train_step(args)
     elif args.what == "checkpoint":
