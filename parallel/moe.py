@@ -5,13 +5,14 @@
     register_expert_groups(groups)               # DeepSpeed's expert groups := ours (before deepspeed.initialize)
     engine = deepspeed.initialize(model=model, model_parameters=param_groups(model, wd), mpu=groups, ...)
 
-What a block does under ``ep`` (the same numbers as one process running every expert, row by row):
+What a block does under ``ep`` (the same numbers as one process running every expert, row by row): the
+block itself is unchanged, its experts module (`ExpertParallelExperts`) does the travelling:
 
-    route (local tokens) -> dispatch (sort the token copies by expert, capacity, counts (E,))
-      -> exchange_counts: (ep, E/ep) rows this rank sends to each expert of each rank -> rows it receives
+    route (local tokens) -> dispatch (sort the token copies by expert, capacity, counts (E,)) -> experts:
+      exchange_counts: (ep, E/ep) rows this rank sends to each expert of each rank -> rows it receives
       -> all_to_all_rows: the rows travel to the ranks of their experts (grouped by source rank)
       -> sort the received rows by local expert -> grouped GEMMs of the local experts -> unsort
-      -> all_to_all_rows back -> combine (weights, scatter-add to the tokens) (+ shared expert)
+      -> all_to_all_rows back; then the block's combine (weights, scatter-add to the tokens) (+ shared expert)
 
 The router, the shared expert and the routing statistics (aux / z losses, load, dropped) stay local, as
 they are without ``ep``: a data-parallel rank's losses are those of its own micro-batch either way.
@@ -22,7 +23,7 @@ parameter groups with ``'moe': True`` (DeepSpeed's `split_params_into_different_
 ZeRO-1/2 then partitions and averages their gradients over the expert-data-parallel group (divided by the
 whole data-parallel size, so a gradient does not depend on ``ep``), and dense parameters over the whole
 data-parallel group. DeepSpeed recognises MoE models by its own `deepspeed.moe.layer.MoE` modules: each
-expert-parallel block carries a parameterless `ExpertGroupMarker` of that type, which names the group and
+expert-parallel experts module carries a parameterless `ExpertGroupMarker` of that type, which names the group and
 makes the engine set up its expert groups (ours, registered by `register_expert_groups`) and the optimizer's
 MoE settings.
 """
@@ -36,7 +37,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
-from model.moe import MoEFeedForward
+from model.moe import GroupedExperts, MoEFeedForward
 from parallel.comm import all_to_all_rows, exchange_counts
 from parallel.groups import ProcessGroups
 
@@ -48,7 +49,7 @@ def expert_group_name(ep: int) -> str:
 
 class ExpertGroupMarker(MoE):
     """A parameterless `deepspeed.moe.layer.MoE` that tells DeepSpeed's engine the model has expert-parallel
-    layers, and of which group. It computes nothing: the block it sits in (`ExpertParallelMoE`) does.
+    layers, and of which group. It computes nothing: the experts it sits in (`ExpertParallelExperts`) do.
 
     ``num_local_experts`` is 0 for DeepSpeed's per-expert checkpoint files: the local experts are stacked
     parameters that its file naming (``deepspeed_moe.experts.deepspeed_experts.<i>``) cannot address; they are
@@ -70,11 +71,13 @@ class ExpertGroupMarker(MoE):
         raise RuntimeError("ExpertGroupMarker computes nothing; its block does")
 
 
-class ExpertParallelMoE(MoEFeedForward):
-    """An `MoEFeedForward` whose experts are this rank's E / ep, fed by all-to-all over ``ep_group``.
+class ExpertParallelExperts(GroupedExperts):
+    """`GroupedExperts` holding this rank's E / ep experts, fed by all-to-all over ``ep_group``.
 
-    Made from a whole block by `apply_ep` (the class is swapped in place, so parameter names stay the
-    model's: ``mlp.experts.gate_up_proj`` is now (E / ep, 2I, dim))."""
+    The block (`MoEFeedForward`) is unchanged: it routes, dispatches and combines as in one process, and hands
+    this module the rows sorted by global expert with the (E,) counts. Made from the whole experts by
+    `apply_ep` (the class is swapped in place, so parameter names stay the model's:
+    ``mlp.experts.gate_up_proj`` is now (E / ep, 2I, dim))."""
 
     ep_group: Any
     ep_size: int
@@ -82,32 +85,20 @@ class ExpertParallelMoE(MoEFeedForward):
     ep_marker: ExpertGroupMarker
     received: int = 0  # token copies the last forward received for this rank's experts (all ranks' tokens)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # (N, dim)
-        logits, chosen, weights = self.gate(flat)
-        d = self.dispatch(chosen, weights)  # rows sorted by global expert: grouped by destination rank
-        local = self.n_experts // self.ep_size
-        send = d.counts.view(self.ep_size, local)  # (ep, E/ep): rows for each expert of each rank
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, dim) sorted by global expert, ``counts`` (E,) -> (M, dim), each row through its expert."""
+        local = self.gate_up_proj.shape[0]
+        send = counts.view(self.ep_size, local)  # (ep, E/ep): rows for each expert of each rank
         recv = exchange_counts(send, self.ep_group)  # (ep, E/ep): rows from each rank for each local expert
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
-        rows = all_to_all_rows(flat[d.token], send_splits, recv_splits, self.ep_group)  # (R, dim) by source
+        rows = all_to_all_rows(x, send_splits, recv_splits, self.ep_group)  # (R, dim) by source rank
         expert_of_row = torch.repeat_interleave(torch.arange(local, device=recv.device).repeat(self.ep_size),
                                                 recv.reshape(-1))  # (R,)
         order = torch.argsort(expert_of_row, stable=True)  # by local expert, then source rank, then token
         self.received = rows.shape[0]
-        out = self.experts(rows[order], recv.sum(0))  # (R, dim)
+        out = super().forward(rows[order], recv.sum(0))  # (R, dim): the local experts' grouped GEMMs
         out = out[torch.argsort(order)]  # back to the received order
-        back = all_to_all_rows(out, recv_splits, send_splits, self.ep_group)  # (M, dim) in dispatch order
-        y = self.combine(back, d, flat.shape[0])  # (N, dim)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-            y = y + shared
-        self.last = self._stats(logits, chosen)
-        self.last.dropped = d.dropped.detach()
-        return y.view(shape)
+        return all_to_all_rows(out, recv_splits, send_splits, self.ep_group)  # (M, dim) in x's order
 
 
 def apply_ep(model: nn.Module, groups: ProcessGroups) -> int:
@@ -119,7 +110,7 @@ def apply_ep(model: nn.Module, groups: ProcessGroups) -> int:
         return 0
     n = 0
     for block in model.modules():
-        if not isinstance(block, MoEFeedForward) or isinstance(block, ExpertParallelMoE):
+        if not isinstance(block, MoEFeedForward) or isinstance(block.experts, ExpertParallelExperts):
             continue
         if block.n_experts % ep:
             raise ValueError(f"parallel.ep={ep} does not divide a block's {block.n_experts} experts")
@@ -132,9 +123,9 @@ def apply_ep(model: nn.Module, groups: ProcessGroups) -> int:
             part.allreduce = False  # DeepSpeed's mark of an expert parameter (moe/utils.py is_moe_param)
             part.group_name = expert_group_name(ep)
             setattr(experts, name, part)
-        block.__class__ = ExpertParallelMoE
-        block.ep_group, block.ep_size, block.ep_rank = groups.ep_group, ep, groups.ep_rank
-        block.ep_marker = ExpertGroupMarker(block.n_experts, ep)
+        experts.__class__ = ExpertParallelExperts
+        experts.ep_group, experts.ep_size, experts.ep_rank = groups.ep_group, ep, groups.ep_rank
+        experts.ep_marker = ExpertGroupMarker(block.n_experts, ep)
         n += 1
     return n
 

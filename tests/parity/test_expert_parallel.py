@@ -114,7 +114,7 @@ def check_ep(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from model.model import build_model
-    from parallel.moe import ExpertParallelMoE, local_expert_slice, restore_expert_weights
+    from parallel.moe import ExpertParallelExperts, local_expert_slice, restore_expert_weights
 
     base = build_model(_args(), torch.device("cpu"), seed=3)
     xs, ys = _data(world, STEPS + 2)
@@ -139,8 +139,8 @@ def check_ep(rank: int, world: int, out_dir: str) -> dict[str, Any]:
         assert g.shape == want.shape, name
         worst = max(worst, ((g - want).abs().max() / want.abs().max().clamp_min(1e-12)).item())
     out["grad_rel"] = worst
-    blocks = [m for m in model.modules() if isinstance(m, ExpertParallelMoE)]
-    counts = torch.tensor([[b.received, b.last.routed] for b in blocks], dtype=torch.float64)
+    blocks = [m for m in model.modules() if isinstance(getattr(m, "experts", None), ExpertParallelExperts)]
+    counts = torch.tensor([[b.experts.received, b.last.routed] for b in blocks], dtype=torch.float64)
     dist.all_reduce(counts)
     out["received_routed"] = counts.tolist()
 
