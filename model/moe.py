@@ -219,11 +219,11 @@ class MoEFeedForward(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
             out = out + shared
-        self.last = self._stats(logits, chosen)
-        self.last.dropped = d.dropped.detach()
+        self.last = self._stats(logits, chosen, d.dropped.detach())
         return out.view(shape)
 
-    def _stats(self, logits: torch.Tensor, chosen: torch.Tensor) -> RoutingStats:
+    def _stats(self, logits: torch.Tensor, chosen: torch.Tensor, dropped: torch.Tensor) -> RoutingStats:
+        """This forward's routing statistics: switch aux loss and z-loss (when asked for), load, drops."""
         n = logits.shape[0]
         load = torch.bincount(chosen.reshape(-1), minlength=self.n_experts).detach()
         aux = z = None
@@ -232,7 +232,7 @@ class MoEFeedForward(nn.Module):
             aux = self.n_experts * torch.sum(load.float() / n * probs.mean(dim=0))
         if self.want_z:
             z = torch.logsumexp(logits.float(), dim=-1).square().mean()
-        return RoutingStats(aux_loss=aux, z_loss=z, load=load, dropped=load.new_zeros(()), routed=n * self.top_k)
+        return RoutingStats(aux_loss=aux, z_loss=z, load=load, dropped=dropped, routed=n * self.top_k)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, rate: float) -> None:
