@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from tests.conftest import REPO, child_env
 from tools.gpu.check import Check, table
 
-STAGES = ["install", "env", "gpu_tests", "smoke", "bench", "memory", "nccl", "compile"]
+STAGES = ["install", "env", "gpu_tests", "smoke", "configs", "qlora", "bench", "memory", "nccl", "compile"]
 
 
 @pytest.mark.slow
@@ -37,6 +38,17 @@ def test_dry_run_runs_every_stage_and_reports(tmp_path: Path, data_cache: Path) 
     smoke = stages["smoke"]["variants"]
     assert len(smoke) == 2 and all(v["max_rel_diff"] <= 1e-4 and v["last_loss"] < v["first_loss"]
                                    for v in smoke.values())
+    configs = stages["configs"]["runs"]
+    assert [n for n, r in configs.items() if r["status"] == "pass"] == ["rtx3060", "h100"], configs
+    assert all(configs[n]["last_loss"] < configs[n]["first_loss"] and configs[n]["skipped_steps"] == 0
+               for n in ("rtx3060", "h100"))
+    assert configs["rtx3060"]["ops"] and all(o["seconds"] >= 0 for o in configs["rtx3060"]["ops"])  # timed loads
+    assert configs["fp16"]["status"] == "skip" and "CUDA" in configs["fp16"]["why"]
+    fp16 = json.loads((out / "work" / "ds_fp16.json").read_text())
+    assert fp16["fp16"] == {"enabled": True} and "bf16" not in fp16
+    qlora = stages["qlora"]
+    assert qlora["lora_b_matrices"] == 14 and qlora["lora_b_zero"] == [] and qlora["evaluations"] >= 1
+    assert all(n > 0 for n in qlora["grad_norms"]) and qlora["losses"][-1] < qlora["losses"][0]
     bench = stages["bench"]["figures"]
     assert set(bench) >= {"tessera", "hf", "bare", "tessera_speed_over_hf_min", "tessera_overhead_over_bare_min"}
     assert bench["tessera"]["first_step_loss"] == pytest.approx(bench["hf"]["first_step_loss"], rel=1e-5)
@@ -61,3 +73,25 @@ def test_a_failed_stage_fails_the_check_and_a_used_folder_is_refused(tmp_path: P
     proc = subprocess.run([str(REPO / "tools" / "gpu" / "check.sh"), "--dry-run", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("tessera: error: ") and "not empty" in proc.stderr
+
+
+def test_gpu_configs_are_the_shipped_files_and_fp16_is_a_valid_config(tmp_path: Path) -> None:
+    from train.config.deepspeed import load_ds_config
+
+    check = Check(tmp_path, tmp_path / "bundle", None, dry_run=False)
+    check.work.mkdir(parents=True)
+    variants = check.ds_variants()
+    assert list(variants) == ["rtx3060", "rtx4090", "h100", "fp16"]
+    assert all(variants[n][0] == REPO / "ds_configs" / f"{n}.json" for n in ("rtx3060", "rtx4090", "h100"))
+    fp16 = load_ds_config(str(variants["fp16"][0]))  # Tessera's own key and type checks
+    assert fp16["fp16"] == {"enabled": True} and "bf16" not in fp16
+    assert fp16["zero_optimization"] == {"stage": 0}
+
+
+def test_qlora_is_skipped_with_a_reason_without_bitsandbytes(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tools.gpu.probes import run_qlora
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec then answers None: not installed
+    result = run_qlora(tmp_path, 2)
+    assert result["status"] == "skip" and "bitsandbytes" in result["why"] and not any(tmp_path.iterdir())

@@ -12,13 +12,33 @@ Stages, in order, each a subprocess with its own timeout (never more than what i
 4. ``smoke``: the smoke recipe trained in bf16 with each available attention kernel (SDPA math as the reference,
    SDPA flash / memory-efficient / cuDNN, flash-attn when installed) and with the fused liger kernels on (plus the
    fused linear cross-entropy), each loss curve against the reference's within a bf16 tolerance.
-5. ``bench``: ``tools/bench.py train-step`` on ``llama3-1b`` at sequence 2048 in bf16 ``--compare hf bare``
+5. ``configs``: the smoke recipe trained with each shipped GPU DeepSpeed config (``rtx3060``: bf16, ZeRO-2, the
+   optimizer offloaded to CPU, whose CPU Adam op compiles at first use since the bundle's deepspeed has no ops;
+   ``rtx4090``: bf16, ZeRO-0; ``h100``: bf16, ZeRO-3) and in fp16 (Tessera's fp16 path is a DeepSpeed config
+   with ``fp16.enabled``; none ships, so ``rtx4090.json`` with fp16 instead of bf16, dynamic loss scaling, is
+   written to ``OUTDIR/work/ds_fp16.json``): each must give finite losses, the last below the first; the ops each
+   run built or loaded are reported with their seconds.
+6. ``qlora``: a few QLoRA SFT steps (`train/configs/sft_lora.yaml` with ``hf.quantization=4bit``) on a tiny random
+   Llama built from a config, with an evaluation halfway: the loss finite and falling, the gradient norm (only
+   the adapters train) non-zero at every step, every ``lora_B`` moved from zero. Skipped when bitsandbytes is not
+   installed (the bundle carries it when it fits).
+7. ``bench``: ``tools/bench.py train-step`` on ``llama3-1b`` at sequence 2048 in bf16 ``--compare hf bare``
    (tokens/s, MFU, time shares, peak memory).
-6. ``memory``: the same model alone with no / full / selective activation checkpointing: tokens/s, MFU, and
+8. ``memory``: the same model alone with no / full / selective activation checkpointing: tokens/s, MFU, and
    the measured peak against `tools/estimate_memory.py`'s estimate (a correctness check: within 25%).
-7. ``nccl``: with two or more GPUs, the smoke recipe on 2 processes (torchrun, nccl, ZeRO-2); its loss curve
+9. ``nccl``: with two or more GPUs, the smoke recipe on 2 processes (torchrun, nccl, ZeRO-2); its loss curve
    against the one-process run's.
-8. ``compile``: ``train-step`` with ``perf.compile=true`` against HF eager and compiled.
+10. ``compile``: ``train-step`` with ``perf.compile=true`` against HF eager and compiled.
+
+The correctness stages come first, the figures after, so a spent budget costs figures, not checks. Expected
+seconds on one H100 (estimates: no GPU has run this yet; each tiny training costs ~8-10 s of start-up, imports and
+data, and a few seconds of steps) against each stage's own timeout: install 15 (90), env 10 (45), gpu_tests 40
+(90), smoke 7 runs x 10 = 70 (120), configs 4 x 10 + ~35 for the CPU Adam build on 16 cores = 75 (150), qlora 20
+(60), bench 50 (100), memory 30 (90), nccl skipped on one GPU (60), compile 80 (120): about 390 of the 480 s
+budget. Should a stage overrun, the later ones get what is left and are reported as skipped once it is gone.
+In the dry run (2 CPU cores, quiet), configs trains 2 fp32 stand-ins (the rtx3060 one offloads torch AdamW
+instead of compiling CPU Adam, ~45 s here; rtx4090 in fp32 is the smoke stage's run; fp16 needs CUDA) in ~20 s and
+qlora takes ~15 s (bitsandbytes' CPU backend).
 
 Writes ``OUTDIR/report.json`` (every stage's status, seconds, figures and checks), ``OUTDIR/report.txt`` (the
 table it prints) and ``OUTDIR/check.log`` (every stage's output, one after the other). Exits 1 when a correctness
@@ -30,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import socket
@@ -46,6 +67,8 @@ BF16_TOLERANCE = 0.05  # |loss - reference| / reference per logged step, bf16 wi
 FP32_TOLERANCE = 1e-4  # the same on CPU (dry run), where every variant runs the same math
 ESTIMATE_RANGE = (0.75, 1.25)  # estimate / measured peak accepted as correct
 PLAIN = "sdpa (torch's choice)"  # the smoke variant the 2-process run is compared with
+GPU_CONFIGS = {"rtx3060": "bf16, ZeRO-2, optimizer offloaded to CPU (DeepSpeed's CPU Adam, compiled at first use)",
+               "rtx4090": "bf16, ZeRO-0", "h100": "bf16, ZeRO-3"}  # ds_configs/ each stage `configs` trains with
 TARGETS = {"mfu": 0.50, "tessera_speed_over_hf_min": 1.2}  # figures reported against, never failing the check
 
 
@@ -59,7 +82,8 @@ class Shapes:
     seq: int
     bench_steps: int
     bench_warmup: int
-    smoke_steps: int
+    smoke_steps: int  # the smoke and configs stages' runs
+    qlora_steps: int
     memory_batch: int
     memory_seq: int
     compile_compare: list[str]
@@ -67,13 +91,13 @@ class Shapes:
     timeouts: dict[str, float] = field(default_factory=dict)
 
 
-GPU = Shapes("llama3-1b", [], 2, 2048, 10, 3, 20, 2, 2048, ["hf"], 480,
-             {"install": 90, "env": 45, "gpu_tests": 90, "smoke": 150, "bench": 120, "memory": 120, "nccl": 60,
-              "compile": 150})
+GPU = Shapes("llama3-1b", [], 2, 2048, 10, 3, 16, 8, 2, 2048, ["hf"], 480,
+             {"install": 90, "env": 45, "gpu_tests": 90, "smoke": 120, "configs": 150, "qlora": 60, "bench": 100,
+              "memory": 90, "nccl": 60, "compile": 120})
 # the dry run proves the script, not the figures: the fewest steps and blocks that still run every code path
-DRY = Shapes("test-1m", ["n_layers=2"], 2, 32, 2, 1, 6, 4, 128, [], 400,
-             {"install": 60, "env": 60, "gpu_tests": 90, "smoke": 150, "bench": 90, "memory": 90, "nccl": 90,
-              "compile": 120})
+DRY = Shapes("test-1m", ["n_layers=2"], 2, 32, 2, 1, 6, 6, 4, 128, [], 480,
+             {"install": 60, "env": 60, "gpu_tests": 90, "smoke": 150, "configs": 120, "qlora": 90, "bench": 90,
+              "memory": 90, "nccl": 90, "compile": 120})
 
 
 class Check:
@@ -206,8 +230,11 @@ class Check:
                 **({} if ok else {"why": f"pytest exit {code}: {counts.get('failures', 0)} failed, "
                                          f"{counts.get('errors', 0)} errors (see check.log)"})}
 
-    def _train(self, stage: str, name: str, sdpa: str, overrides: list[str], nproc: int = 1) -> list[float]:
-        """The smoke recipe's logged training losses for one variant."""
+    def _train(self, stage: str, name: str, sdpa: str, overrides: list[str], nproc: int = 1,
+               ds_config: str | None = None, ops_json: Path | None = None) -> list[float]:
+        """The smoke recipe's logged training losses for one variant (``ds_config``: a DeepSpeed config to train
+        with instead of zero0 / zero2 on a GPU and cpu in the dry run; ``ops_json``: where the DeepSpeed ops the
+        run loads are noted with their seconds)."""
         out_dir = self.work / "runs" / name
         shutil.rmtree(out_dir, ignore_errors=True)
         args = ["--config", "train/configs/smoke.yaml", f"train.out_dir={out_dir}",
@@ -216,20 +243,21 @@ class Check:
                 "log.progress=false", *overrides]
         if self.data_cache is not None:
             args.append(f"data.cache_dir={self.data_cache}")
-        if not self.dry:
+        if ds_config is not None:
+            args += ["--ds_config", ds_config]
+        elif not self.dry:
             args += ["--ds_config", "zero2" if nproc > 1 else "zero0"]
+        probe = ["train", "--sdpa", sdpa, *(["--ops-json", str(ops_json)] if ops_json else []), "--"]
         if nproc > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", str(_free_port()), "tools/gpu/probes.py", "train", "--sdpa", sdpa, "--", *args]
+                   "--master_port", str(_free_port()), "tools/gpu/probes.py", *probe, *args]
             code, text = self.run(stage, cmd)
         else:
-            code, text = self.run(stage, [sys.executable, "-m", "tools.gpu.probes", "train", "--sdpa", sdpa, "--",
-                                          *args])
+            code, text = self.run(stage, [sys.executable, "-m", "tools.gpu.probes", *probe, *args])
         if code != 0:
             tail = text.strip().splitlines()[-1] if text.strip() else ""
             raise StageFailed(f"{name}: exit {code}: {tail[:300]}", timed_out=code == 124)
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        return [r["loss"] for r in rows if "loss" in r and "event" not in r and "val_loss" not in r]
+        return [r["loss"] for r in _rows(out_dir) if "loss" in r and "event" not in r and "val_loss" not in r]
 
     def smoke(self) -> dict[str, Any]:
         cuda = bool(getattr(self, "gpus", 0))
@@ -266,6 +294,81 @@ class Check:
             failed += [] if ok else [name]
         return {"status": "fail" if failed else "pass", "tolerance": tol, "variants": curves,
                 **({"why": f"differs from the reference or did not train: {', '.join(failed)}"} if failed else {})}
+
+    def ds_variants(self) -> dict[str, tuple[Path | None, str]]:
+        """Each shipped GPU config and an fp16 one: the DeepSpeed JSON to train with (None: skipped) and what it
+        checks (or why it is skipped). On a GPU the shipped files as they are; in the dry run fp32 copies where
+        DeepSpeed on CPU runs them."""
+        fp16 = _ds_json("rtx4090")
+        fp16.pop("bf16")
+        fp16["fp16"] = {"enabled": True}  # DeepSpeed's dynamic loss scaling, its defaults
+        fp16["_comment"] = "ds_configs/rtx4090.json in fp16 instead of bf16 (tools/gpu/check.py)"
+        paths = {"fp16": _write_json(self.work / "ds_fp16.json", fp16)}
+        if not self.dry:
+            paths.update({name: REPO / "ds_configs" / f"{name}.json" for name in GPU_CONFIGS})
+            return {name: (paths[name], GPU_CONFIGS.get(name, "fp16 with dynamic loss scaling, ZeRO-0"))
+                    for name in (*GPU_CONFIGS, "fp16")}
+        h100, rtx3060 = _ds_json("h100"), _ds_json("rtx3060")
+        for cfg in (h100, rtx3060):
+            cfg["bf16"] = {"enabled": "auto"}  # fp32 on CPU, where Tessera refuses bf16.enabled=true
+        rtx3060.pop("optimizer")  # DeepSpeed's CPU Adam would compile (~45 s on 2 cores): torch AdamW offloaded
+        rtx3060["zero_force_ds_cpu_optimizer"] = False
+        offload = "ZeRO-2, optimizer state offloaded to CPU (fp32, torch AdamW instead of DeepSpeed's CPU Adam)"
+        fp16_why = f"fp16 needs CUDA (Tessera refuses fp16.enabled on CPU); {paths['fp16'].name} is written"
+        return {"rtx3060": (_write_json(self.work / "ds_rtx3060_cpu.json", rtx3060), offload),
+                "rtx4090": (None, "on CPU it is ZeRO-0 in fp32, as ds_configs/cpu.json, which the smoke stage trains"),
+                "h100": (_write_json(self.work / "ds_h100_cpu.json", h100), "ZeRO-3 (fp32)"),
+                "fp16": (None, fp16_why)}
+
+    def configs(self) -> dict[str, Any]:
+        """The smoke recipe trained with each shipped GPU DeepSpeed config and in fp16: finite losses that fall,
+        and the DeepSpeed ops each run built (or loaded) with their seconds."""
+        runs: dict[str, Any] = {}
+        failed: list[str] = []
+        for name, (path, what) in self.ds_variants().items():
+            if path is None:
+                runs[name] = {"status": "skip", "why": what}
+                continue
+            ops_json = self.work / "runs" / f"cfg_{name}_ops.json"
+            try:
+                losses = self._train("configs", f"cfg_{name}", "default", [], ds_config=str(path), ops_json=ops_json)
+            except StageFailed as e:
+                runs[name] = {"status": "fail", "config": str(path), "why": str(e)}
+                failed.append(name)
+                continue
+            ops = json.loads(ops_json.read_text()) if ops_json.exists() else []
+            skipped = sum(1 for r in _rows(self.work / "runs" / f"cfg_{name}") if r.get("event") == "skipped")
+            ok = bool(losses) and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+            shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+            runs[name] = {"status": "pass" if ok else "fail",
+                          **({} if ok else {"why": "losses not finite and falling"}), "config": str(shown),
+                          "what": what, "first_loss": losses[0] if losses else None,
+                          "last_loss": losses[-1] if losses else None, "steps": len(losses), "skipped_steps": skipped,
+                          "ops": ops, "op_seconds": round(sum(o["seconds"] for o in ops), 1)}
+            failed += [] if ok else [name]
+        return {"status": "fail" if failed else "pass", "runs": runs,
+                **({"why": "; ".join(f"{n}: {runs[n]['why']}" for n in failed)} if failed else {})}
+
+    def qlora(self) -> dict[str, Any]:
+        """A few QLoRA SFT steps (4-bit base, bitsandbytes) on a tiny random Llama: LoRA gradients non-zero, the
+        loss finite and falling; skipped when bitsandbytes is not there."""
+        path = self.work / "qlora.json"
+        self.python("qlora", "-m", "tools.gpu.probes", "qlora", "--out", str(self.work / "qlora"), "--steps",
+                    str(self.shapes.qlora_steps), "--json", str(path))
+        r = json.loads(path.read_text())
+        if r.get("status") == "skip":
+            return r
+        losses, norms = r["losses"], r["grad_norms"]
+        problems = []
+        if not losses or not all(math.isfinite(x) for x in losses) or not losses[-1] < losses[0]:
+            problems.append(f"losses not finite and falling: {losses}")
+        if not norms or not all(n is not None and n > 0 for n in norms):
+            problems.append(f"a step had no LoRA gradient (grad norms {norms})")
+        if not r["lora_b_matrices"] or r["lora_b_zero"]:
+            problems.append(f"{len(r['lora_b_zero'])} of {r['lora_b_matrices']} lora_B matrices never moved from zero")
+        if not r["evaluations"]:
+            problems.append("no evaluation ran halfway")
+        return {"status": "fail" if problems else "pass", **r, **({"why": "; ".join(problems)} if problems else {})}
 
     def _bench(self, stage: str, perf: list[str], compare: list[str]) -> dict[str, Any]:
         s = self.shapes
@@ -353,6 +456,20 @@ class StageFailed(RuntimeError):
         self.timed_out = timed_out
 
 
+def _ds_json(name: str) -> dict[str, Any]:
+    return json.loads((REPO / "ds_configs" / f"{name}.json").read_text())
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl rows."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _text(b: bytes | str | None) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
@@ -407,6 +524,13 @@ def _detail(name: str, r: dict[str, Any]) -> str:
         return f"{r.get('tests', 0)} tests, {r.get('failures', 0)} failed, {r.get('skipped', 0)} skipped"
     if name == "smoke":
         return "; ".join(f"{k}: {v['status']} ({v.get('max_rel_diff', '-')})" for k, v in r["variants"].items())
+    if name == "configs":
+        return "; ".join(f"{k}: {v['status']}" + (f" ({v['first_loss']:.3f} -> {v['last_loss']:.3f}"
+                                                   f"{', ops ' + str(v['op_seconds']) + ' s' if v['ops'] else ''})"
+                                                   if v["status"] == "pass" else "") for k, v in r["runs"].items())
+    if name == "qlora":
+        return (f"{r['device']}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, grad norm >= "
+                f"{min(r['grad_norms']):.3g}, {r['lora_b_matrices']} lora_B moved")
     if name == "memory":
         return "estimate / measured peak: " + ", ".join(f"{ac} {m['estimate_over_measured']}"
                                                           for ac, m in r["modes"].items())
@@ -427,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, default=REPO / ".gpu-bundle", help="what tools/gpu/bundle.sh made")
     parser.add_argument("--data-cache", type=Path, default=None,
                         help="a data.cache_dir holding the smoke corpus (default: the bundle's, else the recipe's)")
-    parser.add_argument("--budget-s", type=float, default=None, help="total seconds (default 480; dry run 400)")
+    parser.add_argument("--budget-s", type=float, default=None, help="total seconds (default 480, also in the dry run)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these stages (install and env always run)")
     ns = parser.parse_args(argv)
     if ns.out.exists() and any(ns.out.iterdir()):
@@ -439,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         check.shapes.budget_s = ns.budget_s
     check.work.mkdir(parents=True, exist_ok=True)
     order = {"install": check.install, "env": check.probe_env, "gpu_tests": check.gpu_tests, "smoke": check.smoke,
-             "bench": check.bench, "memory": check.memory, "nccl": check.nccl, "compile": check.compile}
+             "configs": check.configs, "qlora": check.qlora, "bench": check.bench, "memory": check.memory,
+             "nccl": check.nccl, "compile": check.compile}
     unknown = sorted(set(ns.only or []) - set(order))
     if unknown:
         print(f"tessera: error: --only {unknown[0]}: use some of {', '.join(order)}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
     python -m tools.gpu.probes memory --preset llama3-1b --batch 2 --seq 2048 --json out.json
     python -m tools.gpu.probes env --json out.json
-    python -m tools.gpu.probes train --sdpa math -- --config train/configs/smoke.yaml ...
+    python -m tools.gpu.probes train --sdpa math [--ops-json ops.json] -- --config train/configs/smoke.yaml ...
+    python -m tools.gpu.probes qlora --out DIR --steps 8 --json out.json
 
 ``memory``: for each activation-checkpointing mode (none, full, selective), Tessera's training step (the
 DeepSpeed engine `train/main.py` builds, ZeRO-0, bf16 on CUDA) run for a few steps, alone in the process: its
@@ -13,7 +14,16 @@ bytes that `tools/live_memory.py` counts) against `tools/estimate_memory.py`'s e
 and which attention backend and fused kernels a bf16 run chooses.
 
 ``train``: `train/main.py` with SDPA restricted to one backend (``math``, ``flash``, ``efficient``, ``cudnn``,
-or ``default``: torch's own choice), so the smoke trainings compare attention kernels on the same recipe.
+or ``default``: torch's own choice), so the smoke trainings compare attention kernels on the same recipe. With
+``--ops-json``, every DeepSpeed op the run loads (e.g. the CPU Adam of an offloaded optimizer, compiled at its first
+use where deepspeed was installed without ops) is written there with the seconds its build or load took.
+
+``qlora``: the LoRA SFT recipe (`train/configs/sft_lora.yaml`) with ``hf.quantization=4bit`` on a tiny random
+Llama built from a config (`tools/tiny_hf_models.py`) and a short instruction set, through `train/main.py`, with an
+evaluation halfway (after an evaluation's no-grad forward, bitsandbytes' CPU backend can repack the 4-bit weights
+and silently zero the LoRA gradients). Reports the losses, the gradient norms (only the adapters train, so a
+non-zero norm is theirs) and, from the last checkpoint's adapter, how many ``lora_B`` matrices are still zero (they
+start at zero and move only when their gradients are non-zero).
 """
 
 from __future__ import annotations
@@ -41,8 +51,10 @@ from model.attention import describe_attention
 from tools import bench_step
 from tools.estimate_memory import Layout, estimate
 from tools.live_memory import LiveBytes
+from tools.tiny_hf_models import write_model
 from train.distributed import device_for, init_distributed, read_env
 from train.main import main as train_main
+from train.research.qa_data import synthetic_qa
 
 AC = ("none", "full", "selective")
 PACKAGES = ("deepspeed", "transformers", "peft", "datasets", "liger_kernel", "flash_attn", "flash_attn_interface",
@@ -82,13 +94,67 @@ def _sdpa_backends(name: str) -> list[Any] | None:
     return table[name]
 
 
-def run_train(sdpa: str, argv: list[str]) -> int:
+def _record_op_loads(path: Path) -> None:
+    """Time every DeepSpeed op load from now on (a JIT build on first use, a cached load after); each one is
+    written to ``path`` as it finishes, so a run that fails later still reports its builds."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    loads: list[dict[str, Any]] = []
+    original = OpBuilder.jit_load
+
+    def timed(self: Any, verbose: bool = True) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, verbose)
+        finally:
+            loads.append({"op": self.name, "seconds": round(time.perf_counter() - start, 2)})
+            path.write_text(json.dumps(loads, indent=2) + "\n")
+
+    OpBuilder.jit_load = timed
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("[]\n")
+
+
+def run_train(sdpa: str, argv: list[str], ops_json: Path | None = None) -> int:
     """`train.main.main(argv)` with SDPA limited to one backend (forward and the backward it implies)."""
+    if ops_json is not None:
+        _record_op_loads(ops_json)
     backends = _sdpa_backends(sdpa)
     if backends is None:
         return train_main(argv)
     with sdpa_kernel(backends):
         return train_main(argv)
+
+
+def run_qlora(out: Path, steps: int) -> dict[str, Any]:
+    """A few QLoRA SFT steps on a tiny random Llama; losses, gradient norms and the adapters' ``lora_B``."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"status": "skip", "why": "bitsandbytes is not installed (the bundle carries it only when it fits: "
+                                         "see left_out in bundle.json)"}
+    from safetensors.torch import load_file
+
+    model = write_model(out / "models", "llama", 300)
+    sft = out / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"{e.prompt}\nAnswer:", "response": f" {e.answers[0]}."})
+                           + "\n" for e in synthetic_qa(64)))
+    run = out / "run"
+    code = train_main(["--config", "train/configs/sft_lora.yaml", f"hf.path={model}", "hf.quantization=4bit",
+                       f"data.files=[{sft}]", "data.seq_len=192", "data.val_fraction=0.25", f"train.steps={steps}",
+                       "train.global_batch_size=8", "train.micro_batch_size=4", "train.lr=3e-3",
+                       "train.warmup_steps=1", "train.log_interval=1", f"train.eval_interval={max(1, steps // 2)}",
+                       "train.eval_batches=2", f"train.save_interval={steps}", f"train.out_dir={run}",
+                       "lora.dropout=0", "log.wandb=disabled", "log.progress=false", "sample.max_new_tokens=0"])
+    if code != 0:
+        raise SystemExit(code)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps_rows = [r for r in rows if "loss" in r and "event" not in r and "val_loss" not in r]
+    adapters = sorted(run.glob("checkpoints/step_*/adapter/adapter_model.safetensors"))
+    lora_b = {k: v for k, v in load_file(str(adapters[-1])).items() if "lora_B" in k} if adapters else {}
+    return {"device": "cuda" if torch.cuda.is_available() else "cpu",
+            "losses": [r["loss"] for r in steps_rows], "grad_norms": [r.get("grad_norm") for r in steps_rows],
+            "evaluations": sum(1 for r in rows if "val_loss" in r), "skipped_steps": sum(1 for r in rows
+                                                                                        if r.get("event") == "skipped"),
+            "lora_b_matrices": len(lora_b), "lora_b_zero": sorted(k for k, v in lora_b.items() if not v.any())}
 
 
 def probe_memory(preset: str, overrides: dict[str, Any], batch: int, seq: int, steps: int) -> dict[str, Any]:
@@ -156,12 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     mem.add_argument("--json", type=Path, required=True)
     tr = sub.add_parser("train", help="train/main.py with SDPA limited to one backend")
     tr.add_argument("--sdpa", default="default", help="math | flash | efficient | cudnn | default")
+    tr.add_argument("--ops-json", type=Path, default=None, help="write the DeepSpeed ops loaded and their seconds")
     tr.add_argument("rest", nargs=argparse.REMAINDER, help="-- then train/main.py's arguments")
+    ql = sub.add_parser("qlora", help="a few QLoRA SFT steps on a tiny random Llama")
+    ql.add_argument("--out", type=Path, required=True, help="a folder for the model, the data and the run")
+    ql.add_argument("--steps", type=int, default=8)
+    ql.add_argument("--json", type=Path, required=True)
     ns = parser.parse_args(argv)
     if ns.what == "train":
-        return run_train(ns.sdpa, ns.rest[1:] if ns.rest[:1] == ["--"] else ns.rest)
+        return run_train(ns.sdpa, ns.rest[1:] if ns.rest[:1] == ["--"] else ns.rest, ns.ops_json)
     if ns.what == "env":
         result = probe_env()
+    elif ns.what == "qlora":
+        result = run_qlora(ns.out, ns.steps)
     else:
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in ns.set)}
         result = probe_memory(ns.preset, overrides, ns.batch, ns.seq, ns.steps)
