@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import model.moe
 from model import ModelArgs, Transformer
+from parallel.dims import ParallelConfigError, ParallelDims
 from parallel.perf import apply_activation_checkpointing
 from tools.estimate_memory import Layout, estimate, main
 from tools.live_memory import LiveBytes
@@ -62,3 +63,12 @@ def test_estimate_reports_active_parameters_and_refuses_tp(capsys: pytest.Captur
     assert "active per token (MoE)" in capsys.readouterr().out
     assert main(["--preset", "moe-tiny", "--gpus", "2", "--tp", "2"]) == 2
     assert "parallel.tp=2 with MoE layers" in capsys.readouterr().err
+
+
+def test_pipeline_and_tensor_parallel_with_moe_refused_in_one_line() -> None:
+    with pytest.raises(ParallelConfigError, match=r"parallel.pp=2 with MoE layers .*parallel.pp=1"):
+        ParallelDims(2, pp=2).check_pipeline(ARGS, zero_stage=1, grad_accum=2)
+    with pytest.raises(ParallelConfigError, match=r"parallel.tp=2 with MoE layers .*parallel.tp=1"):
+        ParallelDims(2, tp=2).check_model(ARGS, seq_len=64, sequence_parallel=False)
+    dense = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, n_experts=8, moe_layers=[])
+    ParallelDims(2, tp=2).check_model(dense, seq_len=64, sequence_parallel=False)  # no MoE layer: as before
