@@ -34,12 +34,8 @@ from parallel.groups import build_process_groups
 from parallel.loss import lm_loss
 from parallel.parallelize import parallelize
 from train.config.schema import ParallelSection
+from tools.estimate_memory import analytic_ep_bytes
 from train.objectives.moe import MoETerms
-
-
-def analytic_ep_bytes(args: ModelArgs, ep: int, tokens: int, elem: int = 4) -> float:
-    """Bytes one rank sends by all-to-all in a step of ``tokens`` tokens per rank (balanced routing)."""
-    return args.n_moe_layers * 4 * tokens * args.moe_top_k * (ep - 1) / ep * args.dim * elem
 
 
 def _rank(rank: int, ep: int, init_file: str, args: ModelArgs, batch: int, seq: int, queue: Any) -> None:

@@ -27,7 +27,8 @@ Four parts, in bytes, on the most loaded device (the first pipeline stage):
   keeps up to ``pp`` micro-batches in flight (DeepSpeed's 1F1B schedule).
   A MoE layer (model/moe.py) keeps, per token, its fp32 router logits and probabilities and, per routed copy
   (top_k), the gathered input, the experts' gate_up output, silu(gate), the product and the expert output;
-  every expert's weights count in the model states (all experts live on every rank: no expert parallelism).
+  every expert's weights count in the model states on every rank, or with `--ep N` its E / N experts, ZeRO-sharded
+  over the dp / N ranks that hold the same experts; `--ep` also reports the all-to-all bytes sent per micro-batch.
 - **logits**: the head's output and the cross-entropy's log-softmax, (B, T, V / tp) each in fp32 (plus the
   bf16 logits under bf16); the fused linear cross-entropy never holds them (0 here).
 
@@ -77,6 +78,7 @@ class Layout:
     gpus: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert-parallel degree (parallel.ep): experts split over ep data-parallel ranks
     zero: int = 0
     offload: str = "none"  # none | optimizer | all (optimizer and parameters, ZeRO-3)
     micro_batch: int = 1
@@ -97,9 +99,10 @@ class Layout:
 def check(args: ModelArgs, lay: Layout) -> None:
     """Refuse what Tessera would refuse (the same checks as the entry point), in one line."""
     try:
-        dims = ParallelDims(lay.gpus, tp=lay.tp, pp=lay.pp)
+        dims = ParallelDims(lay.gpus, tp=lay.tp, pp=lay.pp, ep=lay.ep)
         dims.check_model(args, seq_len=lay.seq, sequence_parallel=lay.sequence_parallel)
         dims.check_pipeline(args, zero_stage=lay.zero, grad_accum=max(1, lay.pp))
+        dims.check_experts(args, zero_stage=lay.zero)
     except ParallelConfigError as e:
         raise EstimateError(str(e)) from None
     if lay.zero not in (0, 1, 2, 3):
@@ -148,8 +151,38 @@ def _tp_params(args: ModelArgs, params: int, tp: int) -> int:
     return (params - norms) // tp + norms
 
 
+def analytic_ep_bytes(args: ModelArgs, ep: int, tokens: int, elem: int = 4) -> float:
+    """All-to-all bytes one expert-parallel rank sends in a forward + backward of ``tokens`` tokens, balanced
+    routing: per MoE layer tokens * top_k copies, (ep - 1) / ep of them to other ranks, four times (dispatch and
+    return, forward and backward) as (dim,) rows (`tools/bench.py ep-comm` counts them)."""
+    return args.n_moe_layers * 4 * tokens * args.moe_top_k * (ep - 1) / ep * args.dim * elem
+
+
+def _ep_model_states(args: ModelArgs, lay: Layout) -> dict[str, float]:
+    """`model_states` under expert parallelism (tp = pp = 1, ZeRO 1-2): the dense parameters as usual over the
+    dp ranks, each rank's E / ep experts sharded by ZeRO over the dp / ep ranks that hold the same experts."""
+    experts = args.n_moe_layers * args.n_experts * 3 * args.expert_dim * args.dim  # gate_up_proj + down_proj
+    parts = ((args.num_params() - experts, lay.dp), (experts / lay.ep, lay.dp // lay.ep))
+    out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "host": 0.0, "grads_transient": lay.dtype == "fp32"}
+    for p, dp in parts:
+        if lay.dtype == "fp32":
+            weights, grads, optim = 4 * p, 4 * p / (dp if lay.zero >= 2 else 1), 12 * p / dp
+        else:
+            weights, grads, optim = 2 * p, 2 * p / (dp if lay.zero == 2 else 1), 16 * p / dp
+        if lay.offload != "none":
+            out["host"] += optim
+            optim = 0.0
+            grads = 0.0 if lay.dtype != "fp32" else grads
+        out["params"] += weights
+        out["grads"] += grads
+        out["optimizer"] += optim
+    return out
+
+
 def model_states(args: ModelArgs, lay: Layout) -> dict[str, float]:
     """Bytes of weights, gradients and optimizer states per device (and in host memory with offload)."""
+    if lay.ep > 1:
+        return _ep_model_states(args, lay)
     staged, _ = _stage_params(args, lay.pp)
     p = _tp_params(args, staged, lay.tp)
     dp = lay.dp
@@ -240,9 +273,11 @@ def estimate(args: ModelArgs, lay: Layout) -> dict[str, float]:
     # fp32: gradients exist from backward on; at the first block's backward they are all there, beside that
     # block's activations (recomputed or kept)
     transient = max(acts + logits, states["grads"] + block) if states["grads_transient"] else acts + logits
+    elem = 4 if lay.dtype == "fp32" else 2
     return {"params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
             "buckets": buckets, "activations": acts, "logits": logits, "peak": static + transient,
-            "host": states["host"]}
+            "host": states["host"],
+            "all_to_all_sent": analytic_ep_bytes(args, lay.ep, lay.micro_batch * lay.seq, elem) if lay.ep > 1 else 0.0}
 
 
 def suggest(args: ModelArgs, device_gb: float, *, gpus: int, seq: int, reduce_bucket: int = 500_000_000
@@ -275,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=1, help="devices in the job (world size)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (parallel.ep; MoE, ZeRO 1-2)")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
     p.add_argument("--offload", default="none", help="none | optimizer | all (optimizer and parameters, ZeRO-3)")
     p.add_argument("--micro-batch", type=int, default=1)
@@ -323,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             result["suggestions"] = [{**dataclasses.asdict(lay), **est} for lay, est in fits[:5]]
         else:
             dtype = ns.dtype or ("bf16" if ns.device == "cuda" else "fp32")
-            lay = Layout(gpus=ns.gpus, tp=ns.tp, pp=ns.pp, zero=ns.zero, offload=ns.offload,
+            lay = Layout(gpus=ns.gpus, tp=ns.tp, pp=ns.pp, ep=ns.ep, zero=ns.zero, offload=ns.offload,
                          micro_batch=ns.micro_batch, seq=ns.seq, ac=ns.ac, ac_every=ns.ac_every, dtype=dtype,
                          fused=ns.device == "cuda", fused_ce=ns.fused_ce, sequence_parallel=ns.sp,
                          reduce_bucket=int(ns.reduce_bucket))
@@ -333,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{lay.seq}, checkpointing {lay.ac}")
             for key in ("params", "grads", "optimizer", "buckets", "activations", "logits", "peak", "host"):
                 print(f"  {key:<12}{_fmt(est[key])}")
+            if lay.ep > 1:
+                print(f"  all-to-all sent per rank and micro-batch (ep {lay.ep}, balanced routing): "
+                      f"{_fmt(est['all_to_all_sent']).strip()}")
             result.update(layout=dataclasses.asdict(lay), estimate=est)
     except EstimateError as e:
         return report_error(e)

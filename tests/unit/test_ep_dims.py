@@ -43,3 +43,18 @@ def test_ep_must_divide_the_data_parallel_size() -> None:
         ParallelDims(4, ep=3)
     ParallelDims(4, ep=2).check_experts(MOE, zero_stage=2)  # accepted
     ParallelDims(4).check_experts(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64), zero_stage=0)
+
+
+def test_estimate_memory_splits_experts_and_counts_all_to_all() -> None:
+    from tools.estimate_memory import Layout, analytic_ep_bytes, estimate
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64, n_experts=8,
+                     moe_top_k=2, moe_ffn_dim=32).validate()
+    experts = 2 * 8 * 3 * 32 * 64
+    whole = estimate(args, Layout(gpus=4, zero=2, seq=64, dtype="fp32", fused=False))
+    split = estimate(args, Layout(gpus=4, ep=4, zero=2, seq=64, dtype="fp32", fused=False))
+    assert whole["params"] - split["params"] == pytest.approx(4 * experts * 3 / 4)  # 3 of 4 experts' weights gone
+    # optimizer: dense 12 B / dp; experts 12 B x E/ep / (dp/ep) = the same per-expert share as without ep
+    assert split["optimizer"] == pytest.approx(whole["optimizer"])
+    assert whole["all_to_all_sent"] == 0.0
+    assert split["all_to_all_sent"] == analytic_ep_bytes(args, 4, 64) == 2 * 4 * 64 * 2 * 3 / 4 * 64 * 4
