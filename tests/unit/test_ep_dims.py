@@ -58,3 +58,15 @@ def test_estimate_memory_splits_experts_and_counts_all_to_all() -> None:
     assert split["optimizer"] == pytest.approx(whole["optimizer"])
     assert whole["all_to_all_sent"] == 0.0
     assert split["all_to_all_sent"] == analytic_ep_bytes(args, 4, 64) == 2 * 4 * 64 * 2 * 3 / 4 * 64 * 4
+
+
+def test_export_refuses_an_expert_parallel_checkpoint(tmp_path) -> None:
+    import json
+
+    from train.export.consolidate import ExportError, consolidated_state_dict
+
+    tag = tmp_path / "step_00000004"
+    tag.mkdir()
+    (tag / "tessera.json").write_text(json.dumps({"config": {"parallel": {"ep": 2}}}))
+    with pytest.raises(ExportError, match=r"parallel.ep=2.*parallel.ep=1"):
+        consolidated_state_dict(tag)

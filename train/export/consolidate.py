@@ -132,6 +132,11 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     checkpoint is read from its per-piece files. A tied head appears under both of its names.
     """
     tag = Path(tag_dir)
+    ep = int(read_meta(tag).get("config", {}).get("parallel", {}).get("ep", 1)) if (tag / META_FILE).is_file() else 1
+    if ep > 1:
+        raise ExportError(f"{tag}: saved with parallel.ep={ep}; each rank's experts live only in its own ZeRO "
+                          f"partition, which consolidation cannot join yet: export a checkpoint of a run with "
+                          f"parallel.ep=1.")
     if any(tag.glob("layer_*-model_states.pt")):
         return _pipeline_state_dict(tag)
     mp_ranks = _model_parallel_ranks(tag)
