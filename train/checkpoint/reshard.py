@@ -152,10 +152,12 @@ def tp_layout(meta: dict[str, Any], tp: int) -> dict[str, tuple[int, int | None]
     return {prefix + name: spec for name, spec in layout.items()}
 
 
-def plain_shapes(meta: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Per plain name, the full (unsplit, unpadded) shape of the parameter."""
+def plain_shapes(meta: dict[str, Any]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Per plain name, the full (unsplit, unpadded) shape of the parameter; and the names that are another
+    name's tensor (a tied head), which the copy keeps once, under the first name."""
     model, prefix, _ = _plain_model(meta)
-    return {prefix + name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    every = {prefix + name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    return every, set(every) - {prefix + name for name, _ in model.named_parameters()}
 
 
 def n_layers_of(meta: dict[str, Any]) -> int:
@@ -223,7 +225,8 @@ def consolidate(tag_dir: Path) -> Path:
         return final
     universal = convert(tag_dir)
     saved = saved_layout(meta)
-    layout, shapes, n_layers = tp_layout(meta, saved.tp), plain_shapes(meta), n_layers_of(meta)
+    layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
+    shapes, aliases = plain_shapes(meta)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
@@ -233,6 +236,8 @@ def consolidate(tag_dir: Path) -> Path:
         groups = optim.get("param_groups") or optim.get("optimizer_state_dict", {}).get("param_groups")
         for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
             name = plain_name(param_dir.name, n_layers)
+            if name in aliases:  # DeepSpeed wrote one TP rank's module copy of a tied head: the embedding holds it
+                continue
             if name not in layout:
                 raise CheckpointError(f"{universal}: parameter {param_dir.name} ({name}) is not in the model "
                                       f"the checkpoint records")
