@@ -14,7 +14,9 @@ The data position (consumed samples) does not depend on the number of ranks; the
   load in the same run (a rollback) or a later resume reads the run's own checkpoints natively.
 
 ``train.checkpoint.resume.load_checkpoint`` goes through ``resized_source`` for every load, so a resume and a
-rollback to a checkpoint of the old world size take the same path.
+rollback to a checkpoint of the old world size take the same path. A checkpoint of another tp or pp, of a
+tp / pp > 1 run at another world size, or of another ZeRO format goes through train/checkpoint/reshard.py instead
+(which builds on this universal copy).
 
 DeepSpeed 0.19.8's universal load under ZeRO 3 gives every parameter group the hyper-parameters of the first
 one and lets all groups share one Adam ``step`` tensor; ``repair_universal_load`` undoes both.
