@@ -68,6 +68,21 @@ def write_view(engine: Any, free: Path, meta: dict[str, Any], tp_ctx: TPContext 
 
     layout = run_layout(engine, tp_ctx)
     view = free / VIEWS / f"tp{layout.tp}-pp{layout.pp}" / f"tp{tp_ctx.rank if tp_ctx is not None else 0}"
+    error = None
+    try:
+        _write_shards(engine, free, view, meta, tp_ctx)
+    except (CheckpointError, OSError) as err:  # every rank stops with the first rank's line, none waits
+        error = f"could not write the layout-free view {view}: {err}"
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, error)
+    failed = [e for e in gathered if e is not None]
+    if failed:
+        raise CheckpointError(failed[0])
+    return view
+
+
+def _write_shards(engine: Any, free: Path, view: Path, meta: dict[str, Any], tp_ctx: TPContext | None) -> None:
+    """This rank's part of a view: its shards (one replica per data-parallel group) and the engine state."""
     n_layers = int((meta.get("model_args") or {}).get("n_layers", 0))
     if _first_of_replicas(engine):
         for name, param in named_engine_params(engine):
@@ -80,8 +95,6 @@ def write_view(engine: Any, free: Path, meta: dict[str, Any], tp_ctx: TPContext 
     # the engine-state file (step, samples, LR scheduler): one per view, which every rank's engine finds
     states = {**load(free / MODEL_STATES), "mp_world_size": 1}
     _save(states, Path(engine._get_ckpt_name(str(view.parent), view.name, mp_placeholder="00", pp_placeholder="0")))
-    dist.barrier()
-    return view
 
 
 def _place_plain(engine: Any, free: Path, meta: dict[str, Any], tp_ctx: TPContext | None) -> None:
