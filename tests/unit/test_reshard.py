@@ -12,6 +12,7 @@ from torch import nn
 
 from parallel.layers import TPContext, mark_sharded
 from slurm.plan import _check_resume_layout
+from tools.reshard import main as reshard_main
 from train.checkpoint.reshard import (
     Layout,
     _join,
@@ -114,3 +115,17 @@ def test_slurm_submission_refuses_only_a_zero0_checkpoint_of_another_layout(tmp_
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     _check_resume_layout(cfg, tmp_path, "auto")
     _check_resume_layout(cfg, tmp_path, str(tag))
+
+
+def test_reshard_tool_reports_bad_targets_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tag, meta = _checkpoint(tmp_path, zero=True)
+    meta["model_args"] = {"dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 513}
+    (tag / "tessera.json").write_text(json.dumps(meta))
+    assert reshard_main([str(tag), "--tp", "3"]) == 2
+    assert capsys.readouterr().err.strip().endswith("choose a tp that divides 4.")
+    assert reshard_main([str(tag), "--tp", "1", "--pp", "3"]) == 2
+    assert "--pp 3: the model has 2 layers" in capsys.readouterr().err
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert reshard_main([str(tag), "--tp", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tessera: error: ") and err.count("\n") == 1 and "ZeRO-0 checkpoint" in err
