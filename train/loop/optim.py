@@ -7,7 +7,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
 from train.config.schema import TrainSection
@@ -35,7 +34,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    if any(is_moe_param(p) for p in decay + no_decay):
+    if any(getattr(p, "allreduce", True) is False for p in decay + no_decay):  # DeepSpeed's is_moe_param
+        # deepspeed is imported here, not with the module: the config checks import this module without it
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
         for group, name in zip(groups, ("decay", "no_decay"), strict=False):
             group["name"] = name
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
