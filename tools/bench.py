@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ts.add_argument("--seq", type=int, default=256, help="sequence length")
     ts.add_argument("--steps", type=int, default=20, help="measured steps per variant")
     ts.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant first")
-    ts.add_argument("--compare", nargs="*", default=[], choices=["hf", "bare"],
-                    help="also run transformers' LlamaForCausalLM / a bare PyTorch loop, same shape and batches")
+    ts.add_argument("--compare", nargs="*", default=[], choices=["hf", "bare", "dense"],
+                    help="also run transformers' LlamaForCausalLM / a bare PyTorch loop, same shape and batches; "
+                         "dense (a MoE model): Tessera's step on the dense model of the same active parameters")
     ts.add_argument("--ds-config", default=None, help="DeepSpeed config name or path (default: cpu / zero0)")
     ts.add_argument("--perf", nargs="*", default=[], metavar="KEY=VALUE",
                     help="perf section settings, e.g. activation_checkpointing=full compile=true")

@@ -17,6 +17,9 @@ it is the loop's own. All see the same batches, in the
 same process; variants take turns step by step, so a machine whose speed drifts (shared, throttled) affects
 each alike.
 
+**dense** (``--compare dense``, a MoE model) is Tessera's step on the dense model whose FFNs are as wide as the
+MoE layers' active experts (`dense_equivalent`): MoE against dense at the same active parameters.
+
 Reported per variant: median and fastest step time, tokens/s (per device and in total, with the data-parallel size, here 1),
 MFU, the time shares of data / forward (with the loss) / backward / optimizer (the rest is the loss read-back
 and bookkeeping), peak memory. MFU = ``flops_per_token(T) * tokens/s / peak`` with
@@ -29,6 +32,7 @@ process's peak resident set is reported (all variants together).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -282,6 +286,11 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
             runners["hf_compiled"] = _hf(args, pool, device, state, dtype, compiled=True)
     if "bare" in compare:
         runners["bare"] = _bare(args, pool, device, state, dtype, perf_cfg)
+    fpts = {name: args.flops_per_token(seq) for name in runners}
+    if "dense" in compare and args.n_moe_layers:  # the dense model of the MoE model's active parameters
+        dense = dense_equivalent(args)
+        runners["dense"] = _tessera(dense, batch, seq, pool, device, ds_name, perf, _reference_state(dense))
+        fpts["dense"] = dense.flops_per_token(seq)
     first_losses = {name: run()["loss"] for name, run in runners.items()}  # same weights, same first batch
     for run in runners.values():
         for _ in range(warmup - 1):
@@ -297,8 +306,8 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
                 peaks[name] = round(max(peaks.get(name) or 0, torch.cuda.max_memory_allocated(device) / 1e9), 3)
     peak, peak_source = peak_flops(device, peak_tflops)
     tokens, fpt = batch * seq, args.flops_per_token(seq)
-    results = {name: {**_summary(s, tokens, fpt, peak, peaks.get(name)), "first_step_loss": round(first_losses[name], 6)}
-               for name, s in samples.items()}
+    results = {name: {**_summary(s, tokens, fpts[name], peak, peaks.get(name)),
+                      "first_step_loss": round(first_losses[name], 6)} for name, s in samples.items()}
     out: dict[str, Any] = {
         "what": "train-step", "device": str(device), "device_name": _device_name(device), "dtype": str(dtype),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "ds_config": ds_name, "perf": perf,
@@ -314,9 +323,20 @@ def bench_train_step(args: ModelArgs, *, batch: int, seq: int, steps: int, warmu
         for hf in ("hf", "hf_compiled"):
             if hf in results:
                 out[f"tessera_speed_over_{hf}_{stat}"] = round(results[hf][f"step_s_{stat}"] / base, 4)
+        if "dense" in results:
+            out[f"moe_speed_over_dense_{stat}"] = round(results["dense"][f"step_s_{stat}"] / base, 4)
+            out["dense_params"] = dense_equivalent(args).num_params()
         if "bare" in results:
             out[f"tessera_overhead_over_bare_{stat}"] = round(base / results["bare"][f"step_s_{stat}"] - 1, 4)
     return out
+
+
+def dense_equivalent(args: ModelArgs) -> ModelArgs:
+    """The dense model a MoE model's token sees as many weights of: every FFN as wide as top_k experts plus the
+    shared expert (the router's dim x E weights aside)."""
+    width = args.moe_top_k * args.expert_dim + (args.moe_shared_ffn_dim or 0)
+    return dataclasses.replace(args, n_experts=0, ffn_hidden_dim=width, moe_shared_ffn_dim=None,
+                               moe_shared_gate=False, moe_bias_update_rate=0.0)
 
 
 def _reference_state(args: ModelArgs) -> dict[str, torch.Tensor]:

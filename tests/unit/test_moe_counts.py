@@ -72,3 +72,15 @@ def test_pipeline_and_tensor_parallel_with_moe_refused_in_one_line() -> None:
         ParallelDims(2, tp=2).check_model(ARGS, seq_len=64, sequence_parallel=False)
     dense = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, n_experts=8, moe_layers=[])
     ParallelDims(2, tp=2).check_model(dense, seq_len=64, sequence_parallel=False)  # no MoE layer: as before
+
+
+def test_dense_equivalent_has_the_active_parameters() -> None:
+    from model import get_preset
+    from tools.bench_step import dense_equivalent
+
+    moe = get_preset("moe-tiny")
+    dense = dense_equivalent(moe)
+    assert dense.n_moe_layers == 0 and dense.ffn_dim == 2 * 256
+    router = moe.n_layers * moe.n_experts * moe.dim
+    assert dense.num_params() == moe.num_active_params() - router
+    assert dense.matmul_params() == moe.matmul_params() - router
