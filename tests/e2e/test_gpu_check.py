@@ -1,9 +1,11 @@
 """tools/gpu/check.sh: its dry run on CPU (tiny shapes, gloo) runs every stage of the GPU check and writes a
 report that says what passed; a failed correctness stage makes the exit status non-zero.
 
-The dry run took 94 s on a 2-core machine at load average 4-7, and 269 s at load average 7-14 (other test runs and a benchmark beside it):
-env 18 s, gpu tests 15 s, two smoke trainings 57 + 65 s, bench 36 s, memory 48 s, 2-process gloo run 11 s,
-compile 19 s.
+The dry run took 94 s on a 2-core machine at load average 4-7, and 269 s at load average 7-14 (other test runs and
+a benchmark beside it): env 18 s, gpu tests 15 s, two smoke trainings 57 + 65 s, bench 36 s, memory 48 s, 2-process
+gloo run 11 s, compile 19 s. With the configs and qlora stages, 404 s at load average 11-12: env 20 s, gpu tests
+32 s, smoke 67 + 28 s, configs 32 + 17 s (rtx3060 and h100 stand-ins), qlora 37 s, bench 27 s, memory 82 s, gloo
+32 s, compile 32 s.
 """
 
 from __future__ import annotations

@@ -60,7 +60,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[2])
+
+from tools.gpu.results import TARGETS, below_targets, bench_figures, junit_counts, run_rows, table
 
 REPO = Path(__file__).resolve().parents[2]
 BF16_TOLERANCE = 0.05  # |loss - reference| / reference per logged step, bf16 with different kernels
@@ -69,7 +73,6 @@ ESTIMATE_RANGE = (0.75, 1.25)  # estimate / measured peak accepted as correct
 PLAIN = "sdpa (torch's choice)"  # the smoke variant the 2-process run is compared with
 GPU_CONFIGS = {"rtx3060": "bf16, ZeRO-2, optimizer offloaded to CPU (DeepSpeed's CPU Adam, compiled at first use)",
                "rtx4090": "bf16, ZeRO-0", "h100": "bf16, ZeRO-3"}  # ds_configs/ each stage `configs` trains with
-TARGETS = {"mfu": 0.50, "tessera_speed_over_hf_min": 1.2}  # figures reported against, never failing the check
 
 
 @dataclass
@@ -221,7 +224,7 @@ class Check:
         junit = self.work / "gpu_tests.xml"
         code, text = self.run("gpu_tests", [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
                                             "no:cacheprovider", "-rs", f"--junitxml={junit}", "tests/unit"])
-        counts = _junit_counts(junit)
+        counts = junit_counts(junit)
         if code == 124:
             raise StageFailed("pytest timed out", timed_out=True)
         ok = code == 0 or (code == 5 and self.dry)  # 5: nothing collected/selected
@@ -257,7 +260,7 @@ class Check:
         if code != 0:
             tail = text.strip().splitlines()[-1] if text.strip() else ""
             raise StageFailed(f"{name}: exit {code}: {tail[:300]}", timed_out=code == 124)
-        return [r["loss"] for r in _rows(out_dir) if "loss" in r and "event" not in r and "val_loss" not in r]
+        return [r["loss"] for r in run_rows(out_dir) if "loss" in r and "event" not in r and "val_loss" not in r]
 
     def smoke(self) -> dict[str, Any]:
         cuda = bool(getattr(self, "gpus", 0))
@@ -337,7 +340,7 @@ class Check:
                 failed.append(name)
                 continue
             ops = json.loads(ops_json.read_text()) if ops_json.exists() else []
-            skipped = sum(1 for r in _rows(self.work / "runs" / f"cfg_{name}") if r.get("event") == "skipped")
+            skipped = sum(1 for r in run_rows(self.work / "runs" / f"cfg_{name}") if r.get("event") == "skipped")
             ok = bool(losses) and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
             shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
             runs[name] = {"status": "pass" if ok else "fail",
@@ -379,27 +382,10 @@ class Check:
         args += ["--compare", *compare] if compare else []
         self.python(stage, *args)
         result = json.loads(path.read_text())
-        figures = {k: v for k, v in result.items() if k.startswith("tessera_")}
-        for name in ("tessera", "hf", "hf_compiled", "bare"):
-            if name in result:
-                r = result[name]
-                figures[name] = {k: r[k] for k in ("step_s_min", "step_s_median", "tokens_per_s", "mfu", "time_share",
-                                                   "peak_memory_gb", "first_step_loss")}
-        below = self._targets(figures)
+        figures = bench_figures(result)
+        below = [] if self.dry else below_targets(figures)
         return {"status": "pass", "device_name": result["device_name"], "dtype": result["dtype"],
                 "peak_source": result["peak_source"], "figures": figures, "below_target": below}
-
-    def _targets(self, figures: dict[str, Any]) -> list[str]:
-        if self.dry:
-            return []
-        below = []
-        mfu = figures.get("tessera", {}).get("mfu")
-        if mfu is not None and mfu < TARGETS["mfu"]:
-            below.append(f"MFU {mfu:.1%} < {TARGETS['mfu']:.0%}")
-        speed = figures.get("tessera_speed_over_hf_min")
-        if speed is not None and speed < TARGETS["tessera_speed_over_hf_min"]:
-            below.append(f"{speed:.2f}x HF < {TARGETS['tessera_speed_over_hf_min']}x")
-        return below
 
     def bench(self) -> dict[str, Any]:
         return self._bench("bench", [], ["hf", "bare"])
@@ -465,11 +451,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> Path:
     return path
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    """A run's metrics.jsonl rows."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def _text(b: bytes | str | None) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
@@ -478,70 +459,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _junit_counts(path: Path) -> dict[str, int]:
-    if not path.exists():
-        return {}
-    root = ElementTree.parse(path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")} if suite is not None else {}
-
-
-def table(report: dict[str, Any]) -> str:
-    """The report as lines a person reads: one per stage, then the figures."""
-    verdict = f"FAILED: {', '.join(report['failed'])}" if report["failed"] else "all checks passed"
-    where = " (dry run on CPU)" if report["dry_run"] else ""
-    lines = [f"Tessera GPU check{where}: {report['seconds']} s, {verdict}", "",
-             f"{'stage':<11} {'status':<8} {'s':>6}  detail"]
-    for name, r in report["stages"].items():
-        lines.append(f"{name:<11} {r['status']:<8} {r['seconds']:>6}  {_detail(name, r)}")
-    for name in ("bench", "compile"):
-        figures = report["stages"].get(name, {}).get("figures", {})
-        if figures:
-            lines += ["", f"{name}: variant      step (min)   tokens/s    MFU    peak GB  fwd/bwd/opt"]
-            for v in ("tessera", "hf", "hf_compiled", "bare"):
-                if v in figures:
-                    f = figures[v]
-                    share = "/".join(f"{f['time_share'][k]:.0%}" for k in ("forward", "backward", "optimizer"))
-                    lines.append(f"  {v:<18} {f['step_s_min']:>9.4f} {f['tokens_per_s']:>10,.0f} {f['mfu']:>6.1%} "
-                                 f"{f['peak_memory_gb'] if f['peak_memory_gb'] is not None else '-':>8}  {share}")
-    mem = report["stages"].get("memory", {}).get("modes", {})
-    if mem:
-        lines += ["", "memory: checkpointing  tokens/s    MFU    measured GB  estimated GB  est/meas"]
-        for ac, r in mem.items():
-            lines.append(f"  {ac:<20} {r['tokens_per_s']:>9,.0f} {r['mfu']:>6.1%} {r['measured_peak_gb']:>12} "
-                         f"{r['estimated_peak_gb']:>13} {r['estimate_over_measured']:>9}")
-    return "\n".join(lines)
-
-
-def _detail(name: str, r: dict[str, Any]) -> str:
-    if r.get("why") and r["status"] != "pass":
-        return r["why"]
-    if name == "env":
-        return f"{r.get('device_name')}, torch {r.get('torch')}, attention {r.get('attention_bf16')}"
-    if name == "gpu_tests":
-        return f"{r.get('tests', 0)} tests, {r.get('failures', 0)} failed, {r.get('skipped', 0)} skipped"
-    if name == "smoke":
-        return "; ".join(f"{k}: {v['status']} ({v.get('max_rel_diff', '-')})" for k, v in r["variants"].items())
-    if name == "configs":
-        return "; ".join(f"{k}: {v['status']}" + (f" ({v['first_loss']:.3f} -> {v['last_loss']:.3f}"
-                                                   f"{', ops ' + str(v['op_seconds']) + ' s' if v['ops'] else ''})"
-                                                   if v["status"] == "pass" else "") for k, v in r["runs"].items())
-    if name == "qlora":
-        return (f"{r['device']}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, grad norm >= "
-                f"{min(r['grad_norms']):.3g}, {r['lora_b_matrices']} lora_B moved")
-    if name == "memory":
-        return "estimate / measured peak: " + ", ".join(f"{ac} {m['estimate_over_measured']}"
-                                                          for ac, m in r["modes"].items())
-    if name in ("bench", "compile"):
-        f = r["figures"]
-        ratios = ", ".join(f"{k.removeprefix('tessera_')} {v}" for k, v in f.items() if k.startswith("tessera_")
-                           and k.endswith("_min")) or f"tessera {f['tessera']['tokens_per_s']:,.0f} tokens/s"
-        return ratios + (f"  below target: {'; '.join(r['below_target'])}" if r.get("below_target") else "")
-    if name == "nccl":
-        return f"{r['backend']}: max rel. diff {r['max_rel_diff']} (tolerance {r['tolerance']})"
-    return r.get("why", "")
 
 
 def main(argv: list[str] | None = None) -> int:
