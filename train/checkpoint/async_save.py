@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
 from train.checkpoint.files import describe_files
 from train.loop.faults import failpoint_hit
@@ -70,18 +69,21 @@ def _copy_tensor(t: torch.Tensor, memo: dict[tuple[str, int], torch.Tensor]) -> 
     return out
 
 
-class SnapshotEngine(CheckpointEngine):
-    """A DeepSpeed checkpoint engine whose ``save`` only snapshots: the files are written later, by ``inner``
-    (DeepSpeed's engine of the run), in ``BackgroundWrite``."""
+class SnapshotEngine:
+    """A DeepSpeed checkpoint engine (the methods of ``deepspeed.runtime.checkpoint_engine.CheckpointEngine``,
+    not imported so that importing the writer does not import DeepSpeed) whose ``save`` only snapshots: the files
+    are written later, by ``inner`` (DeepSpeed's engine of the run), in ``BackgroundWrite``."""
 
-    def __init__(self, inner: CheckpointEngine) -> None:
-        super().__init__()
+    def __init__(self, inner: Any) -> None:
         self.name = "TesseraSnapshotEngine"
         self.inner = inner
         self.queue: list[Item] = []  # (host copy of a state dict, its path, how to write it), in save order
 
-    def create(self, info: CheckpointCommitInfo) -> None:
+    def create(self, info: Any) -> None:
         pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
 
     def save(self, state_dict: Any, path: str) -> None:
         self.queue.append((snapshot(state_dict), path, self.inner.save))
@@ -89,8 +91,20 @@ class SnapshotEngine(CheckpointEngine):
     def load(self, path: str, map_location: Any = None) -> Any:
         return self.inner.load(path, map_location=map_location)
 
-    def commit(self, info: CheckpointCommitInfo) -> bool:
+    def commit(self, info: Any) -> bool:
         return True  # complete only once the writer has verified and renamed the directory
+
+    def is_decoupled(self) -> bool:
+        return False  # DeepSpeed's save ends with its barrier, as with its own engine
+
+    def set_commit_info(self, info: Any) -> None:
+        pass
+
+    def get_commit_info(self) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        pass
 
     def is_data_parallel_writer(self, dp_rank: int) -> bool:
         return self.inner.is_data_parallel_writer(dp_rank)
