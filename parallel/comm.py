@@ -1,4 +1,4 @@
-"""Tensor- and expert-parallel communication as autograd functions: each forward has its dual as backward.
+"""Tensor-parallel communication as autograd functions: each forward has its dual as backward.
 
 | function                     | forward                          | backward                        |
 |------------------------------|----------------------------------|---------------------------------|
@@ -9,7 +9,6 @@
 | `gather_seq`                 | all-gather along dim 1 (sequence)| reduce-scatter along dim 1      |
 | `reduce_scatter_seq`         | reduce-scatter along dim 1       | all-gather along dim 1          |
 | `scatter_seq`                | keep this rank's slice (dim 1)   | all-gather along dim 1          |
-| `all_to_all_rows`            | rows to their ranks (all-to-all) | the reverse all-to-all          |
 
 Activations are (B, T, ...) throughout, so the sequence dimension is dim 1. A group of one makes every
 function the identity. The group is always passed in: there is no module-level process-group state.
@@ -150,46 +149,3 @@ def scatter_seq(x: torch.Tensor, group: Any) -> torch.Tensor:
     """Enter the sequence-parallel region with a replicated (B, T, ...): keep this rank's (B, T/tp, ...)."""
     return _Dual.apply(x, group, _split_seq, _gather_seq)
 
-
-# ---- expert parallelism: rows of uneven counts travel between the ranks of an expert-parallel group ----
-
-def exchange_counts(send: torch.Tensor, group: Any) -> torch.Tensor:
-    """(ep, n) counts, row r for rank r -> (ep, n): row r is what rank r sends to this one (not differentiable).
-
-    The first half of every token all-to-all: each rank learns how many rows it will receive before the rows
-    travel (``all_to_all_single`` with split sizes needs both sides' sizes)."""
-    if _size(group) == 1:
-        return send
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send.contiguous(), group=group)
-    return recv
-
-
-def _all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
-    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits,
-                           group=group)
-    return out
-
-
-class _AllToAllRows(torch.autograd.Function):
-    """Rows ``send_splits[r]`` to rank r forward; the gradient of the received rows goes back the same way."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any
-                ) -> torch.Tensor:
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        return _all_to_all_rows(x, send_splits, recv_splits, group)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _all_to_all_rows(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
-
-
-def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
-    """(sum(send_splits), ...) rows, the first ``send_splits[0]`` to rank 0 of ``group`` and so on ->
-    (sum(recv_splits), ...) rows received, by source rank. The backward is the reverse all-to-all.
-    ``recv_splits`` comes from `exchange_counts`."""
-    if _size(group) == 1:
-        return x
-    return _AllToAllRows.apply(x, send_splits, recv_splits, group)

@@ -33,13 +33,61 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from model.moe import GroupedExperts, MoEFeedForward
-from parallel.comm import all_to_all_rows, exchange_counts
 from parallel.groups import ProcessGroups
+
+
+# ---- the all-to-all of expert parallelism (parallel/comm.py style: the backward is the forward's dual) ----
+
+def exchange_counts(send: torch.Tensor, group: Any) -> torch.Tensor:
+    """(ep, n) counts, row r for rank r -> (ep, n): row r is what rank r sends to this one (not differentiable).
+
+    The first half of every token all-to-all: each rank learns how many rows it will receive before the rows
+    travel (``all_to_all_single`` with split sizes needs both sides' sizes)."""
+    if _group_size(group) == 1:
+        return send
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    return recv
+
+
+def _all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
+    out = x.new_empty((sum(recv_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv_splits, input_split_sizes=send_splits,
+                           group=group)
+    return out
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Rows ``send_splits[r]`` to rank r forward; the gradient of the received rows goes back the same way."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any
+                ) -> torch.Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        return _all_to_all_rows(x, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        return _all_to_all_rows(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+
+
+def all_to_all_rows(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> torch.Tensor:
+    """(sum(send_splits), ...) rows, the first ``send_splits[0]`` to rank 0 of ``group`` and so on ->
+    (sum(recv_splits), ...) rows received, by source rank. The backward is the reverse all-to-all.
+    ``recv_splits`` comes from `exchange_counts`."""
+    if _group_size(group) == 1:
+        return x
+    return _AllToAllRows.apply(x, send_splits, recv_splits, group)
+
+
+def _group_size(group: Any) -> int:
+    return 1 if group is None else dist.get_world_size(group)
 
 
 def expert_group_name(ep: int) -> str:

@@ -1,6 +1,7 @@
 """Expert parallelism on 2 gloo ranks (ep=2): each rank keeps half the experts and trades tokens by all-to-all.
 
-One launch checks, against one process that runs every expert on both ranks' micro-batches:
+One launch checks the all-to-all autograd function (uneven splits arrive by source rank; gradients go back),
+and, against one process that runs every expert on both ranks' micro-batches:
 - the gradients of every expert (each rank's local ones) and of the dense parameters, and that dropless
   routing loses no token copy (rows received over the group == copies routed);
 - a ZeRO-1 and a ZeRO-2 DeepSpeed run with the optimizer's MoE parameter groups (expert gradients averaged
@@ -114,7 +115,22 @@ def check_ep(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from model.model import build_model
-    from parallel.moe import ExpertParallelExperts, local_expert_slice, restore_expert_weights
+    from parallel.moe import (ExpertParallelExperts, all_to_all_rows, exchange_counts, local_expert_slice,
+                              restore_expert_weights)
+
+    # the all-to-all itself: rank r sends d + r + 1 rows to rank d; the backward brings each row's gradient home
+    send = torch.tensor([[d + rank + 1] for d in range(world)])  # (ep, 1)
+    recv = exchange_counts(send, dist.group.WORLD)
+    assert recv.reshape(-1).tolist() == [rank + s + 1 for s in range(world)]
+    x = (100.0 * rank + torch.arange(int(send.sum()), dtype=torch.float32)).unsqueeze(1).repeat(1, 3)
+    x.requires_grad_(True)
+    got = all_to_all_rows(x, send.sum(1).tolist(), recv.sum(1).tolist(), dist.group.WORLD)
+    offsets = [sum(d + s + 1 for d in range(rank)) for s in range(world)]  # where rank s's rows for me start
+    want = torch.cat([100.0 * s + torch.arange(offsets[s], offsets[s] + rank + s + 1, dtype=torch.float32)
+                      for s in range(world)]).unsqueeze(1).repeat(1, 3)
+    assert torch.equal(got.detach(), want)
+    got.square().sum().backward()
+    assert torch.equal(x.grad, 2 * x.detach())
 
     base = build_model(_args(), torch.device("cpu"), seed=3)
     xs, ys = _data(world, STEPS + 2)
