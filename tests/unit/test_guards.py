@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from train.loop.faults import failpoint_hit
 from train.loop.guards import BadStepCounter, SpikeDetector, TrainingDiverged
+from train.loop.trainer import loss_scale_overflow
 
 
 def test_spike_detector_flags_a_jump_not_a_falling_or_noisy_loss() -> None:
@@ -52,3 +55,15 @@ def test_failpoints(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not failpoint_hit("spike_batch", 12)
     monkeypatch.setenv("TESSERA_FAILPOINT", "before_rename@20")
     assert failpoint_hit("before_rename", 20) and not failpoint_hit("before_rename", 10)
+
+
+def test_an_fp16_loss_scale_overflow_is_not_a_bad_step() -> None:
+    """fp16 with a dynamic scale skips steps while the scale is found; only then is a finite-loss skip benign."""
+
+    def engine(fp16: bool, dynamic: bool) -> SimpleNamespace:
+        return SimpleNamespace(fp16_enabled=lambda: fp16, dynamic_loss_scale=lambda: dynamic)
+
+    assert loss_scale_overflow(engine(True, True), 2.5)
+    assert not loss_scale_overflow(engine(True, True), float("nan"))  # a non-finite loss is bad in any precision
+    assert not loss_scale_overflow(engine(True, False), 2.5)  # a static scale that overflows is a bad step
+    assert not loss_scale_overflow(engine(False, False), 2.5)  # bf16 / fp32: a skip means non-finite gradients

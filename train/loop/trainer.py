@@ -67,6 +67,13 @@ def _read_step_means(sums: dict[str, torch.Tensor], n: int, device: torch.device
     return dict(zip(names, (t / dist.get_world_size()).tolist(), strict=True))
 
 
+def loss_scale_overflow(engine: Any, loss_avg: float) -> bool:
+    """A skipped step of fp16 with a dynamic loss scale whose loss is finite: the scaler overflowed and halves
+    its scale (DeepSpeed's protocol; it raises itself when the scale reaches its minimum). Not a bad step: the
+    first steps of an fp16 run skip this way while the scale is found."""
+    return math.isfinite(loss_avg) and bool(engine.fp16_enabled()) and bool(engine.dynamic_loss_scale())
+
+
 def _engine_skips_grad_norm(engine: Any) -> bool:
     """DeepSpeed computes and keeps the global grad norm except for fp32 without ZeRO; there we do."""
     return engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
@@ -146,7 +153,10 @@ class Trainer:
             state.consumed_samples += t.global_batch_size
             window_steps += 1
             if not (self.engine.was_step_applied() and math.isfinite(loss_avg)):
-                self._bad_step(loss_avg)
+                if loss_scale_overflow(self.engine, loss_avg):
+                    self._overflow(loss_avg)
+                else:
+                    self._bad_step(loss_avg)
                 continue
             self.bad_steps.good()
             z = self.spikes.update(loss_avg)
@@ -234,6 +244,15 @@ class Trainer:
                           f"every rank ({self.bad_steps.streak} in a row)")
         if rollback:
             self._rollback(f"{self.bad_steps.streak} bad steps in a row")
+
+    def _overflow(self, loss_avg: float) -> None:
+        """fp16's loss scaler skipped this step (gradients overflowed at the current scale) and lowered the scale."""
+        self.bad_steps.skipped_total += 1
+        scale = float(self.engine.loss_scale())
+        self.logger.log({"step": self.state.step, "event": "loss_scale", "loss": loss_avg, "loss_scale": scale,
+                         "skipped_steps": self.bad_steps.skipped_total})
+        self.logger.write(f"step {self.state.step}: fp16 gradients overflowed; update skipped, loss scale now "
+                          f"{scale:g}")
 
     def _spike(self, loss_avg: float, z: float) -> bool:
         """Report a loss spike; True when it rolled the run back."""
