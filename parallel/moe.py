@@ -30,17 +30,15 @@ MoE settings.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups as ds_groups
 from torch import nn
 
 from model.moe import GroupedExperts, MoEFeedForward
 from parallel.groups import ProcessGroups
-
 
 # ---- the all-to-all of expert parallelism (parallel/comm.py style: the backward is the forward's dual) ----
 
@@ -95,28 +93,48 @@ def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"
 
 
-class ExpertGroupMarker(MoE):
-    """A parameterless `deepspeed.moe.layer.MoE` that tells DeepSpeed's engine the model has expert-parallel
-    layers, and of which group. It computes nothing: the experts it sits in (`ExpertParallelExperts`) do.
+@functools.cache
+def _marker_class() -> type[nn.Module]:
+    """The marker type, a subclass of `deepspeed.moe.layer.MoE`: made on first use, so that importing this
+    module (every run imports `parallel`) does not import DeepSpeed before a recipe is validated."""
+    from deepspeed.moe.layer import MoE  # DeepSpeed is imported once a run is being built
 
-    ``num_local_experts`` is 0 for DeepSpeed's per-expert checkpoint files: the local experts are stacked
-    parameters that its file naming (``deepspeed_moe.experts.deepspeed_experts.<i>``) cannot address; they are
-    saved with the rank's ZeRO optimizer partition (its fp32 copy) and restored from it."""
+    class ExpertGroupMarker(MoE):
+        """A parameterless `deepspeed.moe.layer.MoE` that tells DeepSpeed's engine the model has expert-parallel
+        layers, and of which group. It computes nothing: the experts it sits in (`ExpertParallelExperts`) do.
 
-    def __init__(self, n_experts: int, ep: int) -> None:
-        nn.Module.__init__(self)  # none of MoE's own gate / experts: only the attributes the engine reads
-        self.ep_size, self.num_experts, self.num_local_experts = ep, n_experts, 0
-        self.expert_group_name = expert_group_name(ep)
-        self.enable_expert_tensor_parallelism, self.use_residual = False, False
+        ``num_local_experts`` is 0 for DeepSpeed's per-expert checkpoint files: the local experts are stacked
+        parameters that its file naming (``deepspeed_moe.experts.deepspeed_experts.<i>``) cannot address; they
+        are saved with the rank's ZeRO optimizer partition (its fp32 copy) and restored from it."""
 
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        """The engine's hook: the groups exist already (`register_expert_groups`); check they are there."""
-        if self.expert_group_name not in ds_groups._get_expert_parallel_group_dict():
-            raise RuntimeError(f"expert group {self.expert_group_name} is not registered with DeepSpeed: call "
-                               f"parallel.moe.register_expert_groups(groups) before deepspeed.initialize")
+        def __init__(self, n_experts: int, ep: int) -> None:
+            nn.Module.__init__(self)  # none of MoE's own gate / experts: only the attributes the engine reads
+            self.ep_size, self.num_experts, self.num_local_experts = ep, n_experts, 0
+            self.expert_group_name = expert_group_name(ep)
+            self.enable_expert_tensor_parallelism, self.use_residual = False, False
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("ExpertGroupMarker computes nothing; its block does")
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            """The engine's hook: the groups exist already (`register_expert_groups`); check they are there."""
+            if self.expert_group_name not in _ds_groups()._get_expert_parallel_group_dict():
+                raise RuntimeError(f"expert group {self.expert_group_name} is not registered with DeepSpeed: "
+                                   f"call parallel.moe.register_expert_groups(groups) before deepspeed.initialize")
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("ExpertGroupMarker computes nothing; its block does")
+
+    return ExpertGroupMarker
+
+
+def expert_group_marker(n_experts: int, ep: int) -> nn.Module:
+    """A parameterless module by which DeepSpeed's engine recognises an expert-parallel layer and its group."""
+    return _marker_class()(n_experts, ep)
+
+
+def _ds_groups() -> Any:
+    """DeepSpeed's registry of expert groups (`deepspeed.utils.groups`)."""
+    from deepspeed.utils import groups  # DeepSpeed is imported once a run is being built
+
+    return groups
 
 
 class ExpertParallelExperts(GroupedExperts):
@@ -130,7 +148,7 @@ class ExpertParallelExperts(GroupedExperts):
     ep_group: Any
     ep_size: int
     ep_rank: int
-    ep_marker: ExpertGroupMarker
+    ep_marker: nn.Module
     received: int = 0  # token copies the last forward received for this rank's experts (all ranks' tokens)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -173,7 +191,7 @@ def apply_ep(model: nn.Module, groups: ProcessGroups) -> int:
             setattr(experts, name, part)
         experts.__class__ = ExpertParallelExperts
         experts.ep_group, experts.ep_size, experts.ep_rank = groups.ep_group, ep, groups.ep_rank
-        experts.ep_marker = ExpertGroupMarker(block.n_experts, ep)
+        experts.ep_marker = expert_group_marker(block.n_experts, ep)
         n += 1
     return n
 
@@ -188,6 +206,7 @@ def register_expert_groups(groups: ProcessGroups) -> None:
     name = expert_group_name(dims.ep)
     ep_ranks = next(r for r in dims.ep_groups() if groups.rank in r)
     edp_ranks = next(r for r in dims.edp_groups() if groups.rank in r)
+    ds_groups = _ds_groups()
     known = ds_groups._get_expert_parallel_group_dict()
     if name in known:
         if list(ds_groups._EXPERT_PARALLEL_GROUP_RANKS[name]) != ep_ranks:
