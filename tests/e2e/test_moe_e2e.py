@@ -30,9 +30,14 @@ def _bias(run: Path, step: int) -> torch.Tensor:
 
 
 def test_moe_two_ranks_logs_load_and_resumes_exactly(tmp_path: Path, data_cache: Path) -> None:
+    train_and_resume(tmp_path, data_cache, "zero2")  # ZeRO 0 (cpu) and 1 pass too; one launch pair keeps it cheap
+
+
+def train_and_resume(tmp_path: Path, data_cache: Path, ds: str) -> None:
+    """Two ranks under DeepSpeed config ``ds``: terms and load logged, resumed at step 4 exactly."""
     extra = (*MOE, "model.moe_bias_update_rate=0.001")
     full = tmp_path / "full"
-    run_job(_deepspeed(2, *_common(full, data_cache, *extra), "--ds_config", "zero2"), tmp_path)
+    run_job(_deepspeed(2, *_common(full, data_cache, *extra), "--ds_config", ds), tmp_path)
     rows = [r for r in read_rows(full) if "loss" in r]
     assert len(rows) == 8
     for row in rows:  # router terms and the load of every layer and expert
@@ -46,8 +51,7 @@ def test_moe_two_ranks_logs_load_and_resumes_exactly(tmp_path: Path, data_cache:
     assert bias.abs().sum() > 0  # the balancing bias moved, and is saved with the model
 
     resumed = copy_run_until(full, 4, tmp_path / "resumed")
-    run_job(_deepspeed(2, *_common(resumed, data_cache, *extra), "--ds_config", "zero2", "--resume", "auto"),
-            tmp_path)
+    run_job(_deepspeed(2, *_common(resumed, data_cache, *extra), "--ds_config", ds, "--resume", "auto"), tmp_path)
     want, got = train_losses(full), train_losses(resumed)
     for step in range(5, 9):
         assert got[step] == pytest.approx(want[step], abs=1e-6), (step, got[step], want[step])
