@@ -278,22 +278,13 @@ class SequenceParallelRMSNorm(nn.Module):
         return self.norm_fn(x, w, self.eps)
 
 
-class HeadSharedRMSNorm(nn.Module):
+class HeadSharedRMSNorm(SequenceParallelRMSNorm):
     """An RMSNorm over each head's width whose one weight serves every head (Qwen3's q_norm / k_norm).
 
     Under tensor parallelism each rank normalises its own heads, so the weight's gradient is a partial sum over
     them; `copy_to_tp` sums it over the TP group in backward (with or without sequence parallelism, the heads are
     split either way). The weight stays whole on every rank.
     """
-
-    def __init__(self, norm: nn.Module, ctx: TPContext) -> None:
-        super().__init__()
-        self.ctx, self.eps = ctx, norm.eps
-        self.weight = norm.weight
-        self.norm_fn = getattr(norm, "norm_fn", rms_norm)  # `apply_kernels` may swap in a fused kernel
-
-    def init_weights(self) -> None:
-        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm_fn(x, copy_to_tp(self.weight, self.ctx.group), self.eps)  # (B, T, H/tp, D)
