@@ -43,9 +43,9 @@ MAX_RANKS = 4
 """The most processes one launch may start here (2 cores); larger launches are skipped."""
 TIMEOUT_S = 420
 """Per command; a hang is a failure."""
-BUDGET_S = 900
-"""The whole run; over it the test fails. Measured: 578 s and 520 s on the 2-core machine while other test runs
-shared it (README.md, Tests)."""
+RUN_TIMEOUT_S = 1800
+"""pytest-timeout for the whole run (a hang guard, not a speed target). Measured: 578 s and 520 s on the 2-core
+machine while other test runs shared it (README.md, Tests)."""
 SKIP_REASONS = {
     "synopsis": "a usage synopsis ([optional] parts, placeholders), not a command",
     "install": "installs or downloads packages: CI's environment step, not repeatable offline",
@@ -268,6 +268,7 @@ def test_readme_parsing_and_classification() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_readme_commands_run(workdir: Path, tmp_path: Path) -> None:
     env = child_env(tmp_path)
     env["PYTHONPATH"] = str(REPO)
@@ -301,5 +302,4 @@ def test_readme_commands_run(workdir: Path, tmp_path: Path) -> None:
     elapsed = time.monotonic() - began
     print("\n".join(report) + f"\ntotal {elapsed:.0f} s")
     assert not failures, f"{len(failures)} README commands fail:\n" + "\n".join(failures)
-    assert elapsed < BUDGET_S, f"the README's commands took {elapsed:.0f} s, over the budget of {BUDGET_S} s"
 
