@@ -6,6 +6,11 @@ rendezvous is the first node of the allocation, on a port derived from the job i
 every task computes the same one without talking to the others, and a requeued job does not reuse the port
 its previous run may still hold.
 
+``MASTER_ADDR`` is the first node's name as SLURM lists it: every task resolves it as its own node does (DNS,
+/etc/hosts), which is the address that node's rank 0 serves the rendezvous store on. A task's node is
+``SLURMD_NODENAME`` (the name slurmd was started as), not ``hostname``: several slurmd on one machine (SLURM's
+multiple-slurmd mode) share a host name, and a node's name need not be its host name.
+
     RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT
 """
 
@@ -38,6 +43,7 @@ class DistVars:
     num_nodes: int
     master_addr: str  # first host of the allocation
     master_port: int
+    node_name: str  # this task's node: SLURMD_NODENAME, else the node list's entry SLURM_NODEID
 
     def as_env(self) -> dict[str, str]:
         return {
@@ -88,5 +94,9 @@ def dist_vars(job_env: submitit.JobEnvironment, environ: Mapping[str, str] | Non
         port = int(raw)
     else:
         port = rendezvous_port(job_env.job_id, int(environ.get("SLURM_RESTART_COUNT", "0") or 0))
+    node_name = environ.get("SLURMD_NODENAME") or hosts[node]
+    if node_name != hosts[node]:
+        raise SlurmEnvError(f"SLURMD_NODENAME={node_name} but SLURM_NODEID={node} names {hosts[node]} in the node "
+                            f"list {','.join(hosts)}: the task's variables come from different jobs or steps.")
     return DistVars(rank=rank, local_rank=local_rank, world_size=world, local_world_size=per_node,
-                    node_rank=node, num_nodes=nodes, master_addr=hosts[0], master_port=port)
+                    node_rank=node, num_nodes=nodes, master_addr=hosts[0], master_port=port, node_name=node_name)

@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, from Debian's packages, for trying Tessera's SLURM path.
+# A real SLURM cluster on this machine, from Debian's packages, for trying Tessera's SLURM path: one node by
+# default, or N compute nodes (each its own slurmd) for multi-node jobs.
 #
 #   sudo slurm/local_cluster.sh start     install what is missing, then start munged, MariaDB, slurmdbd,
 #                                         slurmctld and slurmd (each only if it is not already running)
-#   sudo slurm/local_cluster.sh status    one line per daemon, then sinfo; exit 0 only when all are up
+#   sudo slurm/local_cluster.sh start --nodes N
+#                                         N compute nodes tessera-n1..N (N = 2 or 3): one slurmd each
+#                                         (SLURM's multiple-slurmd mode: `slurmd -N NAME`), each with its own
+#                                         address 127.0.77.K, port, spool and log, and, in a UTS namespace of
+#                                         its own, its own host name (tasks see `hostname` = their node).
+#                                         A running cluster of another size is refused: stop it first.
+#   sudo slurm/local_cluster.sh status    one line per daemon (every node's slurmd), then sinfo -N; exit 0
+#                                         only when all are up
 #   sudo slurm/local_cluster.sh stop      cancel the cluster's jobs, stop the daemons this script started
 #                                         (and only those), remove the config links it made
 #   sudo slurm/local_cluster.sh stop --wipe   also delete the cluster's state (jobs, accounting database)
 #
 # Settings (environment):
 #   TESSERA_SLURM_DIR   where config, state, logs and PID files live (default /tmp/tessera-slurm)
-#   TESSERA_SLURM_CPUS  CPUs the node declares (default: nproc; more than the machine has is allowed)
+#   TESSERA_SLURM_CPUS  CPUs each node declares (default: nproc; more than the machine has is allowed)
 #   TESSERA_SLURM_GPUS  fake GPUs declared as gres (default 0); slurm then sets CUDA_VISIBLE_DEVICES for jobs
 #                       that ask for them, though no CUDA device exists behind them
 #   TESSERA_SLURM_DB_PORT  TCP port of the accounting database on 127.0.0.1 (default 3307)
@@ -24,6 +32,11 @@ CPUS=${TESSERA_SLURM_CPUS:-$(nproc)}
 GPUS=${TESSERA_SLURM_GPUS:-0}
 DB_PORT=${TESSERA_SLURM_DB_PORT:-3307}
 NODE=$(hostname -s)
+NODES=1            # compute nodes (start --nodes N)
+NODE_PREFIX=tessera-n  # multi-node names: tessera-n1, tessera-n2, ...
+NODE_NET=127.0.77      # multi-node addresses: 127.0.77.K for node K (nothing else on this machine uses them)
+NODE_PORT0=6830        # multi-node slurmd ports: 6830 + K
+MAX_NODES=3
 PACKAGES=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server)
 MANIFEST="$BASE/run/created"  # files outside $BASE this script created (removed again by stop)
 
@@ -72,6 +85,20 @@ link_config() {
   echo "$target" >> "$MANIFEST"
 }
 
+# node_names: the compute nodes of this start (one per line)
+node_names() {
+  if ((NODES == 1)); then echo "$NODE"; else for ((k = 1; k <= NODES; k++)); do echo "$NODE_PREFIX$k"; done; fi
+}
+
+# running_nodes: the nodes of the cluster described by $BASE's config (empty when none was written)
+running_nodes() {
+  [[ -s $BASE/etc/slurm.conf ]] || return 0
+  sed -n 's/^NodeName=\([^ ]*\) .*/\1/p' "$BASE/etc/slurm.conf"
+}
+
+# slurmd_pid_file NAME: where the slurmd of node NAME writes its PID
+slurmd_pid_file() { if ((NODES == 1)); then echo "$BASE/run/slurmd.pid"; else echo "$BASE/run/slurmd-$1.pid"; fi; }
+
 write_configs() {
   local mem gres_line=""
   mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # MiB, leaving room for the OS
@@ -79,8 +106,11 @@ write_configs() {
   if ((GPUS > 0)); then
     # gres File= entries must be character devices: each fake GPU is a link to /dev/null
     for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$BASE/fakedev/gpu$i"; done
-    printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/fakedev/gpu[0-%d]\n' "$NODE" "$BASE" $((GPUS - 1)) \
-      > "$BASE/etc/gres.conf"
+    local name
+    echo AutoDetect=off > "$BASE/etc/gres.conf"
+    for name in $(node_names); do
+      printf 'NodeName=%s Name=gpu File=%s/fakedev/gpu[0-%d]\n' "$name" "$BASE" $((GPUS - 1)) >> "$BASE/etc/gres.conf"
+    done
     gres_line="Gres=gpu:$GPUS"
   fi
   cat > "$BASE/etc/slurm.conf" <<EOF
@@ -93,11 +123,9 @@ AuthType=auth/munge
 AuthInfo=cred_expire=10
 SchedulerParameters=sched_interval=5,bf_interval=5
 StateSaveLocation=$BASE/state
-SlurmdSpoolDir=$BASE/spool
 SlurmctldPidFile=$BASE/run/slurmctld.pid
-SlurmdPidFile=$BASE/run/slurmd.pid
 SlurmctldLogFile=$BASE/log/slurmctld.log
-SlurmdLogFile=$BASE/log/slurmd.log
+$(node_daemon_lines)
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -114,8 +142,8 @@ ReturnToService=2
 # The node may declare more CPUs than the machine has (TESSERA_SLURM_CPUS).
 SlurmdParameters=config_overrides
 KillWait=5
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem $gres_line State=UNKNOWN
-PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$(node_lines "$mem" "$gres_line")
+PartitionName=local Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP
 EOF
   cat > "$BASE/etc/slurmdbd.conf" <<EOF
 DbdHost=localhost
@@ -129,6 +157,44 @@ StorageUser=slurm
 StoragePass=slurm
 EOF
   chmod 600 "$BASE/etc/slurmdbd.conf"  # slurmdbd refuses a config others can read
+}
+
+# node_daemon_lines: slurmd's files (one node: as always; several: one of each per node, %n = node name)
+node_daemon_lines() {
+  if ((NODES == 1)); then
+    printf 'SlurmdSpoolDir=%s\nSlurmdPidFile=%s\nSlurmdLogFile=%s' \
+      "$BASE/spool" "$BASE/run/slurmd.pid" "$BASE/log/slurmd.log"
+  else
+    printf 'SlurmdSpoolDir=%s\nSlurmdPidFile=%s\nSlurmdLogFile=%s' \
+      "$BASE/spool/%n" "$BASE/run/slurmd-%n.pid" "$BASE/log/slurmd-%n.log"
+  fi
+}
+
+# node_lines MEM GRES: one NodeName line per node; several nodes each get an address, a port, and a short
+# SlurmdTimeout so a node whose slurmd died is DOWN (and its job requeued) within seconds, not minutes
+node_lines() {
+  if ((NODES == 1)); then
+    echo "NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$1 $2 State=UNKNOWN"
+    return 0
+  fi
+  echo "SlurmdTimeout=10"
+  local k
+  for ((k = 1; k <= NODES; k++)); do
+    echo "NodeName=$NODE_PREFIX$k NodeAddr=$NODE_NET.$k NodeHostname=$NODE_PREFIX$k Port=$((NODE_PORT0 + k))" \
+      "CPUs=$CPUS RealMemory=$1 $2 State=UNKNOWN"
+  done
+}
+
+# start_slurmd NAME: the node's slurmd (several nodes: in a UTS namespace whose host name is NAME, so the
+# node's tasks see their own host name, as on separate machines; gloo binds to the address it resolves to)
+start_slurmd() {
+  pid_alive "$(slurmd_pid_file "$1")" && return 0
+  if ((NODES == 1)); then
+    slurmd </dev/null >>"$BASE/log/daemons.out" 2>&1
+  else
+    mkdir -p "$BASE/spool/$1"
+    unshare --uts sh -c 'hostname "$1" && exec slurmd -N "$1"' sh "$1" </dev/null >>"$BASE/log/daemons.out" 2>&1
+  fi
 }
 
 start_munge() {
@@ -160,14 +226,36 @@ start_database() {
     GRANT ALL ON slurm_acct_db.* TO slurm@'127.0.0.1';"
 }
 
-node_ready() { sinfo -h -n "$NODE" -o %t | grep -Eqx 'idle|mix|alloc|comp'; }
+node_ready() { [[ $(sinfo -h -N -o %t | grep -Ecx 'idle|mix|alloc|comp') -eq $NODES ]]; }
 cluster_registered() { sacctmgr -n -P list cluster tessera format=ControlPort | grep -q '[0-9]'; }
 
 start() {
   require_root start
+  while (($#)); do
+    case $1 in
+      --nodes) NODES=${2:-}; shift 2 || die "--nodes needs a number (1 to $MAX_NODES)" ;;
+      --nodes=*) NODES=${1#--nodes=}; shift ;;
+      *) die "start: unknown argument $1 (usage: start [--nodes N])" ;;
+    esac
+  done
+  [[ $NODES =~ ^[1-9][0-9]*$ ]] && ((NODES <= MAX_NODES)) || die "--nodes $NODES: give a number of nodes from 1 to $MAX_NODES"
+  local running name k
+  running=$(running_nodes | paste -sd,)
+  if [[ -n $running ]] && pid_alive "$BASE/run/slurmctld.pid" && [[ $running != "$(node_names | paste -sd,)" ]]; then
+    die "a cluster of $(running_nodes | wc -l) node(s) ($running) is running from $BASE; stop it first (sudo $0 stop), then start --nodes $NODES"
+  fi
   install_packages
   trap 'echo "local_cluster: start failed; undoing it" >&2; stop >&2' EXIT  # a failed start leaves nothing
-  getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE  # tessera-local-slurm" >> /etc/hosts
+  if ((NODES == 1)); then
+    getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE  # tessera-local-slurm" >> /etc/hosts
+  else
+    for ((k = 1; k <= NODES; k++)); do
+      name=$NODE_PREFIX$k
+      getent hosts "$name" >/dev/null && [[ $(getent hosts "$name" | awk '{print $1}') != "$NODE_NET.$k" ]] \
+        && die "host name $name resolves to $(getent hosts "$name" | awk '{print $1}'), not $NODE_NET.$k; remove that entry"
+      getent hosts "$name" >/dev/null || echo "$NODE_NET.$k $name  # tessera-local-slurm" >> /etc/hosts
+    done
+  fi
   mkdir -p "$BASE"/{etc,state,spool,log,run,fakedev}
   touch "$MANIFEST"
   write_configs
@@ -177,8 +265,8 @@ start() {
   pid_alive "$BASE/run/slurmdbd.pid" || slurmdbd </dev/null >>"$BASE/log/daemons.out" 2>&1
   wait_until 60 slurmdbd sacctmgr -n list cluster
   pid_alive "$BASE/run/slurmctld.pid" || slurmctld </dev/null >>"$BASE/log/daemons.out" 2>&1
-  pid_alive "$BASE/run/slurmd.pid" || slurmd </dev/null >>"$BASE/log/daemons.out" 2>&1
-  if ! wait_until 120 "node $NODE" node_ready; then
+  for name in $(node_names); do start_slurmd "$name"; done
+  if ! wait_until 120 "node(s) $(node_names | paste -sd,)" node_ready; then
     sinfo -N -l || true
     tail -n 20 "$BASE"/log/slurm*.log >&2 || true
     exit 1
@@ -186,16 +274,23 @@ start() {
   # slurmctld registers the cluster with slurmdbd on its own; jobs finish without accounting until it has.
   wait_until 60 "accounting for cluster tessera" cluster_registered
   trap - EXIT
-  say "up: partition local on $NODE, $CPUS CPUs, $GPUS fake GPUs; state and logs in $BASE"
+  say "up: partition local on $(node_names | paste -sd,), $CPUS CPUs and $GPUS fake GPUs each; state and logs in $BASE"
 }
 
 status() {
-  local down=0 d
-  for d in munge/munged mysqld slurmdbd slurmctld slurmd; do
+  local down=0 d name file
+  for d in munge/munged mysqld slurmdbd slurmctld; do
     if pid_alive "$BASE/run/$d.pid"; then echo "${d#*/}: running (pid $(cat "$BASE/run/$d.pid"))"
     else echo "${d#*/}: not running (from $BASE)"; down=1; fi
   done
-  if command -v sinfo >/dev/null && ((down == 0)); then sinfo; fi
+  NODES=$(running_nodes | wc -l)
+  ((NODES > 0)) || { NODES=1; echo "slurmd: not running (no configuration in $BASE)"; return 3; }
+  for name in $(running_nodes); do
+    file=$(slurmd_pid_file "$name")
+    if pid_alive "$file"; then echo "slurmd $name: running (pid $(cat "$file"))"
+    else echo "slurmd $name: not running (from $BASE)"; down=1; fi
+  done
+  if command -v sinfo >/dev/null && ((down == 0)); then sinfo -N; fi
   return $((down ? 3 : 0))
 }
 
@@ -217,6 +312,8 @@ stop() {
     scancel --user="$(id -un)" 2>/dev/null || true
     for _ in $(seq 40); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.5; done
   fi
+  local file
+  for file in "$BASE"/run/slurmd-*.pid; do [[ -e $file ]] && { file=${file##*/}; stop_daemon "${file%.pid}"; }; done
   for d in slurmd slurmctld slurmdbd mysqld munge/munged; do stop_daemon "$d"; done
   if [[ -s $MANIFEST ]]; then
     while read -r made; do [[ -L $made ]] && rm -f "$made"; done < "$MANIFEST"
@@ -230,8 +327,8 @@ stop() {
 }
 
 case ${1:-} in
-  start) start ;;
+  start) shift; start "$@" ;;
   stop) shift; stop "$@" ;;
   status) status ;;
-  *) echo "usage: $0 start|stop [--wipe]|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N]|stop [--wipe]|status" >&2; exit 2 ;;
 esac

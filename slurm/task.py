@@ -14,7 +14,9 @@ and continues from that checkpoint. The other ranks wait for the requeue to end 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,14 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _resolve(host: str) -> str:
+    """The address this node resolves ``host`` to (as torch's rendezvous will), or why it cannot."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError as e:
+        return f"does not resolve: {e}"
+
+
 class TrainTask(submitit.helpers.Checkpointable):
     """submitit callable: ``executor.submit(TrainTask(needs), run)`` or ``executor.map_array(task, runs)``."""
 
@@ -80,7 +90,7 @@ class TrainTask(submitit.helpers.Checkpointable):
 
     def __call__(self, run: RunSpec) -> dict[str, Any]:
         job_env = submitit.JobEnvironment()
-        where = f"{job_env.hostname} task {job_env.global_rank}"
+        where = f"{os.environ.get('SLURMD_NODENAME') or job_env.hostname} task {job_env.global_rank}"
         try:
             dist = dist_vars(job_env)
             cfg = load_config(run.config, list(run.overrides))
@@ -88,6 +98,9 @@ class TrainTask(submitit.helpers.Checkpointable):
             _say(f"tessera: error: {where}: {e}")
             sys.exit(EXIT_USAGE)
         dist.export()
+        _say(f"tessera: task {dist.rank} on node {dist.node_name} ({dist.node_rank} of {dist.num_nodes}): "
+             f"RANK={dist.rank} LOCAL_RANK={dist.local_rank} WORLD_SIZE={dist.world_size} "
+             f"MASTER_ADDR={dist.master_addr} ({_resolve(dist.master_addr)})")
 
         problems = run_preflight(cfg, gpus_per_node=self.needs.gpus_per_node, mps=self.needs.mps,
                                  checkpoint_bytes=2 * self.needs.checkpoint_bytes)

@@ -10,7 +10,7 @@ from slurm.env import PORT_RANGE, DistVars, SlurmEnvError, dist_vars, rendezvous
 
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_JOB_NODELIST",
               "SLURM_PROCID", "SLURM_LOCALID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-              "SLURM_RESTART_COUNT", "TESSERA_MASTER_PORT")
+              "SLURM_RESTART_COUNT", "TESSERA_MASTER_PORT", "SLURMD_NODENAME")
 
 
 @pytest.fixture
@@ -62,7 +62,28 @@ def test_multi_node_shapes(slurm_task, nodelist: str, nodes: int, per_node: int,
     v = dist_vars(slurm_task("7", nodes=nodes, tasks=nodes * per_node, nodelist=nodelist, proc=proc,
                              local=local, node=node))
     assert v == DistVars(rank=proc, local_rank=local, world_size=nodes * per_node, local_world_size=per_node,
-                         node_rank=node, num_nodes=nodes, master_addr=master, master_port=v.master_port)
+                         node_rank=node, num_nodes=nodes, master_addr=master, master_port=v.master_port,
+                         node_name=v.node_name)
+    first = dist_vars(slurm_task("7", nodes=nodes, tasks=nodes * per_node, nodelist=nodelist, proc=0, local=0,
+                                 node=0))
+    assert first.node_name == master and (v.node_name == master) == (node == 0)
+
+
+def test_second_node_of_a_multi_slurmd_cluster(slurm_task) -> None:
+    """Several slurmd on one machine share its host name: the node is SLURMD_NODENAME, ranks come from the
+    node's place in the node list, and MASTER_ADDR is the first node's name (resolved as each node does)."""
+    seen = [dist_vars(slurm_task("12", nodes=2, tasks=4, nodelist="tessera-n[1-2]", proc=r, local=r % 2,
+                                 node=r // 2, SLURMD_NODENAME=f"tessera-n{r // 2 + 1}")) for r in range(4)]
+    assert [(v.rank, v.local_rank, v.node_rank, v.node_name) for v in seen] == [
+        (0, 0, 0, "tessera-n1"), (1, 1, 0, "tessera-n1"), (2, 0, 1, "tessera-n2"), (3, 1, 1, "tessera-n2")]
+    assert {v.master_addr for v in seen} == {"tessera-n1"} and {v.world_size for v in seen} == {4}
+    assert {v.local_world_size for v in seen} == {2}
+
+
+def test_a_node_name_the_node_list_does_not_place_there_is_refused(slurm_task) -> None:
+    with pytest.raises(SlurmEnvError, match=r"SLURMD_NODENAME=tessera-n1 but SLURM_NODEID=1 names tessera-n2"):
+        dist_vars(slurm_task("12", nodes=2, tasks=4, nodelist="tessera-n[1-2]", proc=2, local=0, node=1,
+                             SLURMD_NODENAME="tessera-n1"))
 
 
 def test_every_task_of_a_run_derives_the_same_port_and_a_requeue_another(slurm_task) -> None:
