@@ -18,7 +18,10 @@ from slurm.script import SlurmConfigError, check_key, check_setup_line, check_va
 PROFILE_OPTIONS = {"nodes": "nodes", "partition": "partition", "account": "account", "qos": "qos",
                    "constraint": "constraint", "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb_per_task",
                    "time": "time_min", "signal_delay_s": "signal_delay_s",
-                   "checkpoint_every_min": "checkpoint_every_min", "max_requeues": "max_requeues"}
+                   "checkpoint_every_min": "checkpoint_every_min", "max_requeues": "max_requeues",
+                   "exclude": "exclude", "exclusive": "exclusive", "gpus_per_task": "gpus_per_task",
+                   "cpu_bind": "cpu_bind", "nccl_socket_ifname": "nccl_socket_ifname",
+                   "gloo_socket_ifname": "gloo_socket_ifname"}
 
 
 def add_job_options(p: argparse.ArgumentParser, *, profile_required: bool = True) -> None:
@@ -28,9 +31,19 @@ def add_job_options(p: argparse.ArgumentParser, *, profile_required: bool = True
     g.add_argument("--profile", required=profile_required,
                    help=f"a name in {PROFILE_DIR} or a YAML path"
                    + ("" if profile_required else " (default: local when the local cluster is up)"))
-    g.add_argument("--nodes", type=int)
+    g.add_argument("--nodes", metavar="N|MIN-MAX",
+                   help="nodes, or a range: the job starts on as many as are free (at least MIN)")
+    g.add_argument("--exclude", metavar="HOSTS", help="nodes never to run on, e.g. node3,node[5-6]")
+    g.add_argument("--exclusive", action=argparse.BooleanOptionalAction, default=None,
+                   help="whole nodes, shared with no other job")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node; one task per GPU")
-    g.add_argument("--tasks-per-node", type=int, help="CPU tasks per node (jobs without GPUs)")
+    g.add_argument("--ntasks-per-node", "--tasks-per-node", dest="tasks_per_node", type=int,
+                   help="tasks per node (a GPU job: one per GPU, so the GPUs it uses per node)")
+    g.add_argument("--gpus-per-task", type=int, choices=(0, 1),
+                   help="1: bind each task to its own GPU; 0: the tasks of a node share its GPUs")
+    g.add_argument("--cpu-bind", metavar="TYPE", help="srun --cpu-bind of every task (cores, sockets, none, ...)")
+    g.add_argument("--nccl-socket-ifname", metavar="IFNAMES", help="NCCL_SOCKET_IFNAME in the job (e.g. ib0)")
+    g.add_argument("--gloo-socket-ifname", metavar="IFNAMES", help="GLOO_SOCKET_IFNAME in the job (e.g. eth0)")
     g.add_argument("--cpus-per-task", type=int)
     g.add_argument("--mem-gb", type=float, help="memory per task in GB")
     g.add_argument("--time", type=int, help="time limit in minutes")

@@ -89,16 +89,28 @@ class Submission:
         return records
 
 
-def cluster_partitions() -> list[str] | None:
-    """Partitions the reachable cluster has (sinfo), or None when this machine has no SLURM client."""
+def cluster_partitions() -> dict[str, int] | None:
+    """The reachable cluster's partitions and the nodes each has, in any state (sinfo), or None when this
+    machine has no SLURM client."""
     if shutil.which("sinfo") is None:
         return None
-    out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True, timeout=30, check=False)
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%R %N"], capture_output=True, text=True, timeout=30,
+                         check=False)
     if out.returncode != 0:
         raise SlurmConfigError(f"sinfo failed ({out.stderr.strip() or out.returncode}): the cluster's "
                                f"controller is not reachable; start it (slurm/local_cluster.sh start) or use "
                                f"--dry-run.")
-    return sorted({line.strip() for line in out.stdout.splitlines() if line.strip()})
+    return partition_nodes(out.stdout)
+
+
+def partition_nodes(sinfo_lines: str) -> dict[str, int]:
+    """``sinfo -h -N -o "%R %N"`` output (a line per node and partition) as partition -> node count."""
+    nodes: dict[str, set[str]] = {}
+    for line in sinfo_lines.splitlines():
+        part, _, node = line.strip().partition(" ")
+        if part:
+            nodes.setdefault(part, set()).add(node.strip())
+    return {part: len(names) for part, names in sorted(nodes.items())}
 
 
 def _check_research(cfg: JobConfig, dim: int, n_layers: int, *, vocab_size: int) -> None:
@@ -109,8 +121,22 @@ def _check_research(cfg: JobConfig, dim: int, n_layers: int, *, vocab_size: int)
 
 
 def _check_recipe(cfg: JobConfig, shape: JobShape, ds_config: str) -> int:
-    """Raise on what the job would refuse at start-up; return the bytes one checkpoint needs."""
-    dims = ParallelDims(shape.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    """Raise on what the job would refuse at start-up, on each node count it may start with; return the
+    bytes one checkpoint needs."""
+    counts = shape.node_counts
+    for nodes in counts[:-1]:  # a range: the job (and its requeues) may start on fewer nodes
+        try:
+            _check_recipe_at(cfg, shape, ds_config, nodes * shape.tasks_per_node)
+        except (ConfigError, ValueError) as e:
+            raise SlurmConfigError(f"--nodes {shape.nodes_parameter}: on {nodes} node(s) "
+                                   f"({nodes * shape.tasks_per_node} tasks) the job would stop: {str(e).rstrip('.')}; narrow "
+                                   f"the range or change the recipe.") from None
+    return _check_recipe_at(cfg, shape, ds_config, shape.world_size)
+
+
+def _check_recipe_at(cfg: JobConfig, shape: JobShape, ds_config: str, world_size: int) -> int:
+    """``_check_recipe`` for a job of ``world_size`` tasks."""
+    dims = ParallelDims(world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     ds = resolve_ds_config(load_ds_config(ds_config), cfg, dp_size=dims.dp,
                            bf16_supported=shape.gpus_per_node > 0)
     # an HF model: its directory, LoRA targets and TP layout (its vocabulary is checked in the job)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,16 @@ SUBMITIT_ENTRY = "-u -m submitit.core._submit"
 LOCAL_CLUSTER_MARK = "# Written by Tessera's slurm/local_cluster.sh"
 LOCAL_PARTITION = "local"
 # profile fields written into the sbatch script as they are (each checked by slurm/script.py)
-SCRIPT_FIELDS = ("partition", "account", "qos", "constraint")
+SCRIPT_FIELDS = ("partition", "account", "qos", "constraint", "exclude", "cpu_bind", "nccl_socket_ifname",
+                 "gloo_socket_ifname")
+NODE_RANGE = re.compile(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?")  # --nodes 2 or --nodes 1-2
+HOST_LIST = re.compile(r"[A-Za-z0-9_.-]+(?:\[[0-9,-]+\])?(?:,[A-Za-z0-9_.-]+(?:\[[0-9,-]+\])?)*")
+# srun --cpu-bind: an optional "verbose," then a type, the map/mask types with their list
+CPU_BIND = re.compile(r"(?:verbose,)?(?:none|no|cores|threads|sockets|ldoms|rank|rank_ldom|"
+                      r"(?:map|mask)_(?:cpu|ldom):[0-9A-Fa-fx,*]+)")
+# a network interface list: NCCL takes a "^" (all but these) and "=" (exact names) prefix, gloo names only
+IFNAMES = {"nccl_socket_ifname": re.compile(r"\^?=?[A-Za-z0-9_.:@-]{1,15}(?:,[A-Za-z0-9_.:@-]{1,15})*"),
+           "gloo_socket_ifname": re.compile(r"[A-Za-z0-9_.:@-]{1,15}(?:,[A-Za-z0-9_.:@-]{1,15})*")}
 
 
 @dataclass
@@ -51,10 +62,17 @@ class Profile:
     account: str | None = None  # --account
     qos: str | None = None  # --qos
     constraint: str | None = None  # --constraint (node features, e.g. h100)
-    nodes: int = 1  # nodes per job
-    max_nodes: int | None = None  # the most nodes a job of this profile may ask for
+    nodes: int = 1  # nodes per job (with min_nodes: the most it may get); `nodes: MIN-MAX` sets both
+    min_nodes: int | None = None  # fewest nodes the job may start on (sbatch --nodes=MIN-MAX); None: = nodes
+    max_nodes: int | None = None  # the most nodes a job of this profile may ask for (None: the cluster's)
+    exclude: str | None = None  # nodes never to run on, a Slurm host list (sbatch --exclude), e.g. n[3-4]
+    exclusive: bool = False  # whole nodes, shared with no other job (sbatch --exclusive)
     gpus_per_node: int = 0  # GPUs a node has; a job uses this many (or fewer) with one task per GPU
+    gpus_per_task: int = 0  # 1: each task bound to its own GPU (--gpus-per-task=1); 0: --gpus-per-node
     tasks_per_node: int = 1  # processes per node when the job uses no GPU (CPU training over gloo)
+    cpu_bind: str | None = None  # srun --cpu-bind for every task (cores, sockets, none, map_cpu:0,8, ...)
+    nccl_socket_ifname: str | None = None  # NCCL_SOCKET_IFNAME exported in the job (e.g. ib0 or ^docker,lo)
+    gloo_socket_ifname: str | None = None  # GLOO_SOCKET_IFNAME exported in the job (e.g. eth0 or lo)
     cpus_per_task: int = 1  # --cpus-per-task
     mem_gb_per_task: float = 4.0  # memory per task; sbatch gets --mem = this x tasks per node
     time_min: int = 60  # time limit in minutes
@@ -78,8 +96,27 @@ class JobShape:
     signal_delay_s: int  # warning signal this long before the time limit
 
     @property
+    def node_counts(self) -> range:
+        """The node counts the job may start with: ``nodes``, or ``min_nodes`` to ``nodes``."""
+        p = self.profile
+        return range(p.nodes if p.min_nodes is None else p.min_nodes, p.nodes + 1)
+
+    @property
+    def nodes_parameter(self) -> int | str:
+        """sbatch --nodes: a count, or MIN-MAX."""
+        counts = self.node_counts
+        return counts[0] if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+    @property
     def world_size(self) -> int:
+        """Tasks of the job on its most nodes."""
         return self.profile.nodes * self.tasks_per_node
+
+    def env_lines(self) -> list[str]:
+        """The ``export`` lines the job runs after the profile's setup lines (interface choices)."""
+        p = self.profile
+        return [f"export {name.upper()}={shlex.quote(getattr(p, name))}" for name in IFNAMES
+                if getattr(p, name) is not None]
 
     @property
     def mem_gb(self) -> float:
@@ -92,22 +129,26 @@ class JobShape:
         params: dict[str, Any] = {
             "job_name": self.name,
             "time": p.time_min,
-            "nodes": p.nodes,
+            "nodes": self.nodes_parameter,
             "ntasks_per_node": self.tasks_per_node,
             "cpus_per_task": p.cpus_per_task,
             "mem": _mem_string(self.mem_gb),
             "signal_delay_s": self.signal_delay_s,
             # One task failing (preflight, a crash) ends the others at once instead of leaving them in a
             # collective until its timeout.
-            "srun_args": ["--kill-on-bad-exit=1"],
+            "srun_args": ["--kill-on-bad-exit=1", *([f"--cpu-bind={p.cpu_bind}"] if p.cpu_bind else [])],
         }
-        if self.gpus_per_node:
+        if self.gpus_per_node and p.gpus_per_task:
+            params["gpus_per_task"] = p.gpus_per_task
+        elif self.gpus_per_node:
             params["gpus_per_node"] = self.gpus_per_node
-        for key in ("partition", "account", "qos", "constraint"):
+        for key in ("partition", "account", "qos", "constraint", "exclude"):
             if getattr(p, key):
                 params[key] = getattr(p, key)
-        if p.setup:
-            params["setup"] = list(p.setup)
+        if p.exclusive:
+            params["exclusive"] = True
+        if p.setup or self.env_lines():
+            params["setup"] = [*p.setup, *self.env_lines()]
         if p.sbatch:
             params["additional_parameters"] = {str(k): v for k, v in p.sbatch.items()}
         return params
@@ -118,6 +159,8 @@ class JobShape:
         p.update(name=self.name, profile=self.profile.name, tasks_per_node=self.tasks_per_node,
                  gpus_per_node=self.gpus_per_node, signal_delay_s=self.signal_delay_s,
                  world_size=self.world_size, mem_gb_per_node=self.mem_gb)
+        if len(self.node_counts) > 1:
+            p["world_size"] = f"{self.node_counts[0] * self.tasks_per_node}-{self.world_size}"
         p.pop("description", None)
         return p
 
@@ -189,23 +232,56 @@ def with_values(profile: Profile, values: dict[str, Any], where: str) -> Profile
     hints = typing.get_type_hints(Profile)
     known = [f.name for f in dataclasses.fields(Profile)]
     changes: dict[str, Any] = {}
+    if "nodes" in values and values["nodes"] is not None:
+        values = {**values, **_node_range(where, values["nodes"], values.get("min_nodes"))}
     for key, value in values.items():
         if key not in known:
             raise SlurmConfigError(f"{where}: unknown field '{key}'; known fields: {', '.join(known)}.")
         if value is not None:
             changes[key] = _check_script_field(where, key, _check_type(f"{where}: {key}", value, hints[key]))
+    if "nodes" in changes and "min_nodes" not in changes:  # an exact count replaces an earlier range
+        changes["min_nodes"] = None
     return dataclasses.replace(profile, **changes)
+
+
+def _node_range(where: str, nodes: Any, min_nodes: Any) -> dict[str, Any]:
+    """``nodes`` as a count (``2``) or a range (``"1-2"``: ``min_nodes`` 1, ``nodes`` 2)."""
+    if isinstance(nodes, bool) or not isinstance(nodes, (int, str)):
+        return {"nodes": nodes}  # the type check names it
+    match = NODE_RANGE.fullmatch(str(nodes))
+    if match is None:
+        raise SlurmConfigError(f"{where}: nodes={nodes!r}: expected int nodes or a range MIN-MAX (e.g. 2 or "
+                               f"1-2: the job starts on as many as are free, at least MIN).")
+    low, high = match.group(1), match.group(2)
+    if high is None:
+        return {"nodes": int(low), "min_nodes": min_nodes}
+    if min_nodes is not None:
+        raise SlurmConfigError(f"{where}: nodes={nodes!r} with min_nodes={min_nodes!r}: give the range once "
+                               f"(nodes: MIN-MAX, or nodes and min_nodes).")
+    return {"nodes": int(high), "min_nodes": int(low)}
 
 
 def _check_script_field(where: str, key: str, value: Any) -> Any:
     """A field that reaches the sbatch script, checked as slurm/script.py says (returned as it is written)."""
     if key in SCRIPT_FIELDS:
         check_value(f"{where}: {key}", value)
-    elif key == "setup":
+    if key == "setup":
         for line in value:
             check_setup_line(f"{where}: setup line", line)
     elif key == "sbatch":
         return check_sbatch(f"{where}: sbatch", value)
+    elif key == "exclude" and not HOST_LIST.fullmatch(value):
+        raise SlurmConfigError(f"{where}: exclude={value!r}: not a Slurm host list; name the nodes as sinfo "
+                               f"does, joined by commas, e.g. node3,node[5-7].")
+    elif key == "cpu_bind" and not CPU_BIND.fullmatch(value):
+        raise SlurmConfigError(f"{where}: cpu_bind={value!r}: not an srun --cpu-bind type; use none, cores, "
+                               f"threads, sockets, ldoms, rank, map_cpu:LIST or mask_cpu:LIST (man srun).")
+    elif key in IFNAMES and not IFNAMES[key].fullmatch(value):
+        nccl = key == "nccl_socket_ifname"
+        fix = "interface names joined by commas" + \
+            (", optionally after ^ (all but these) or = (exact names), e.g. ^docker0,lo" if nccl else ", e.g. eth0")
+        raise SlurmConfigError(f"{where}: {key}={value!r}: not a network interface list; give {fix} (`ip link` "
+                               f"lists a node's interfaces).")
     elif key == "partitions" and not all(isinstance(v, str) for v in value):
         raise SlurmConfigError(f"{where}: partitions={value!r}: expected a list of partition names.")
     return value
@@ -234,35 +310,54 @@ def choose_signal_delay(time_min: int) -> int:
 
 
 def resolve(profile: Profile, *, gpus_per_node: int | None = None, tasks_per_node: int | None = None,
-            name: str = "", live_partitions: list[str] | None = None) -> JobShape:
+            name: str = "", live_partitions: Mapping[str, int] | list[str] | None = None) -> JobShape:
     """Check the merged profile and derive the job shape; ``live_partitions``: what the cluster has, if
-    known."""
+    known (a mapping: each partition's node count, slurm/plan.py's ``cluster_partitions``)."""
     p = profile
     for key in ("nodes", "cpus_per_task", "time_min"):
         if getattr(p, key) < 1:
             raise SlurmConfigError(f"{key}={getattr(p, key)}: must be at least 1.")
     if p.mem_gb_per_task <= 0:
         raise SlurmConfigError(f"mem_gb_per_task={p.mem_gb_per_task}: must be positive (GB per task).")
+    shown = str(p.nodes) if p.min_nodes is None else f"{p.min_nodes}-{p.nodes}"
+    if p.min_nodes is not None and not 1 <= p.min_nodes <= p.nodes:
+        raise SlurmConfigError(f"--nodes {shown}: a range MIN-MAX needs 1 <= MIN <= MAX; e.g. --nodes "
+                               f"1-{p.nodes} (start on as many as are free, at least 1).")
     if p.max_nodes is not None and p.nodes > p.max_nodes:
-        raise SlurmConfigError(f"--nodes {p.nodes}: profile {p.name} allows at most {p.max_nodes} nodes; "
+        raise SlurmConfigError(f"--nodes {shown}: profile {p.name} allows at most {p.max_nodes} nodes; "
                                f"ask for fewer or use another profile.")
     _check_partition(p, live_partitions)
+    if isinstance(live_partitions, Mapping) and p.partition in live_partitions \
+            and p.nodes > live_partitions[p.partition]:
+        have = live_partitions[p.partition]
+        raise SlurmConfigError(f"--nodes {shown}: partition {p.partition} has {have} node(s) (sinfo); ask for "
+                               f"at most {have}, or a range such as --nodes 1-{have}.")
 
     gpus = p.gpus_per_node if gpus_per_node is None else gpus_per_node
+    asked, per_gpu = "--gpus-per-node", ""
+    if p.gpus_per_node and gpus_per_node is None and tasks_per_node is not None:
+        gpus, asked, per_gpu = tasks_per_node, "--ntasks-per-node", " (a GPU job runs one task per GPU)"
     if gpus < 0 or gpus > p.gpus_per_node:
         raise SlurmConfigError(
-            f"--gpus-per-node {gpus}: profile {p.name} nodes have {p.gpus_per_node} GPUs; ask for at most "
+            f"{asked} {gpus}: profile {p.name} nodes have {p.gpus_per_node} GPUs{per_gpu}; ask for at most "
             f"{p.gpus_per_node} per node (and more nodes with --nodes) or use another profile."
         )
     if gpus > 0:
         if tasks_per_node is not None and tasks_per_node != gpus:
-            raise SlurmConfigError(f"--tasks-per-node {tasks_per_node}: a GPU job runs one task per GPU; "
-                                   f"leave it out (it is --gpus-per-node, {gpus}).")
+            raise SlurmConfigError(f"--ntasks-per-node {tasks_per_node}: a GPU job runs one task per GPU and "
+                                   f"uses {gpus} per node (--gpus-per-node); give one of the two, or equal "
+                                   f"values.")
         tasks = gpus
     else:
         tasks = p.tasks_per_node if tasks_per_node is None else tasks_per_node
         if tasks < 1:
-            raise SlurmConfigError(f"--tasks-per-node {tasks}: must be at least 1.")
+            raise SlurmConfigError(f"--ntasks-per-node {tasks}: must be at least 1.")
+    if p.gpus_per_task not in (0, 1):
+        raise SlurmConfigError(f"--gpus-per-task {p.gpus_per_task}: Tessera runs one rank per GPU; use 1 (each "
+                               f"task bound to its own GPU) or 0 (the tasks of a node share its GPUs).")
+    if p.gpus_per_task and gpus == 0:
+        raise SlurmConfigError(f"--gpus-per-task {p.gpus_per_task}: this job uses no GPU (profile {p.name}, "
+                               f"--gpus-per-node 0); leave it out or ask for GPUs.")
 
     delay = p.signal_delay_s if p.signal_delay_s is not None else choose_signal_delay(p.time_min)
     earliest_signal_s = p.time_min * 60 - delay - SIGNAL_RESOLUTION_S

@@ -37,11 +37,13 @@ class SlurmConfigError(ValueError):
 SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_][A-Za-z0-9]+)*")
 # sbatch options Tessera writes itself (submitit's names, underscores as dashes) -> the way to set them
 RESERVED = {
-    "job-name": "--name", "time": "--time", "nodes": "--nodes", "ntasks-per-node": "--tasks-per-node",
+    "job-name": "--name", "time": "--time", "nodes": "--nodes", "ntasks-per-node": "--ntasks-per-node",
     "gpus-per-node": "--gpus-per-node", "cpus-per-task": "--cpus-per-task", "mem": "--mem-gb",
     "partition": "--partition", "account": "--account", "qos": "--qos", "constraint": "--constraint",
     "signal": "--signal-delay-s", "array": "--sweep", "output": "--folder", "error": "--folder",
     "open-mode": "nothing (the logs are appended to across requeues)", "no-requeue": "--max-requeues",
+    "exclude": "--exclude", "exclusive": "--exclusive", "gpus-per-task": "--gpus-per-task",
+    "ntasks": "--nodes and --ntasks-per-node (Tessera runs the same number of tasks on every node)",
 }
 DIRECTIVE = re.compile(r"#\s*SBATCH", re.IGNORECASE)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")

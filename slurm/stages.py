@@ -93,7 +93,7 @@ class StageTask(TrainTask):
 
 
 def plan_jobs(chain: StageChain, profile: Profile, *, cli: argparse.Namespace | None = None,
-              live_partitions: list[str] | None = None) -> list[StageJob]:
+              live_partitions: dict[str, int] | None = None) -> list[StageJob]:
     """Check every stage as a job of ``profile`` (with its ``slurm:`` fields and the command line's
     options)."""
 

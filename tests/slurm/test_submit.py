@@ -194,7 +194,7 @@ def test_what_reaches_the_script_is_checked(tmp_path: Path, capsys: pytest.Captu
         (f"account: \"a {SMUGGLED}\"", "profile mine: account='a #SBATCH --time=525600': the value holds"),
         (f"sbatch: {{\"mail-type\\n{SMUGGLED}\": END}}", "profile mine: sbatch 'mail-type\\n#SBATCH"),
         (f"sbatch: {{mail-type: \"END\\n{SMUGGLED}\"}}", "profile mine: sbatch mail-type='END\\n#SBATCH"),
-        ("sbatch: {exclusive: false}", "sbatch exclusive=False: not an sbatch value; leave the key out"),
+        ("sbatch: {requeue: false}", "sbatch requeue=False: not an sbatch value; leave the key out"),
         ("sbatch: {job_name: x}", "sbatch 'job_name': Tessera sets --job-name itself (use --name)"),
         ("sbatch: [exclusive]", "profile mine: sbatch=['exclusive']: expected dict"),
         ("setup: [\"if true; then\"]", "profile mine: setup line 'if true; then': bash cannot run it"),
@@ -292,11 +292,12 @@ def test_a_used_run_directory_needs_resume(tmp_path: Path) -> None:
 def test_profile_from_a_path_and_its_type_errors(tmp_path: Path) -> None:
     good = tmp_path / "mine.yaml"
     good.write_text("partition: batch\nnodes: 2\ngpus_per_node: 4\ncpus_per_task: 6\nmem_gb_per_task: 30\n"
-                    "time_min: 240\nsbatch: {exclusive: true, reservation: big}\n")
+                    "time_min: 240\nexclusive: true\nsbatch: {requeue: true, reservation: big}\n")
     shape: JobShape = resolve(load_profile(str(good)))
     params = shape.slurm_parameters()
     assert params["gpus_per_node"] == 4 and params["ntasks_per_node"] == 4 and params["nodes"] == 2
-    assert params["additional_parameters"] == {"exclusive": True, "reservation": "big"}
+    assert params["additional_parameters"] == {"requeue": True, "reservation": "big"}
+    assert params["exclusive"] is True
     assert shape.profile.name == "mine" and PROFILE_DIR.is_dir()
     bad = tmp_path / "bad.yaml"
     bad.write_text("time_min: soon\n")
