@@ -202,25 +202,43 @@ class MoEFeedForward(nn.Module):
         return Dispatch(token=order // self.top_k, weight=weights.reshape(-1)[order], counts=counts,
                         dropped=dropped)
 
-    def combine(self, rows: torch.Tensor, d: Dispatch, n_tokens: int) -> torch.Tensor:
-        """Weighted expert outputs (M, dim) added back to their tokens -> (N, dim)."""
+    def combine(self, rows: torch.Tensor, d: Dispatch, n_tokens: int, weight: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Weighted expert outputs (M, dim) added back to their tokens -> (N, dim) (``weight``: d.weight)."""
+        w = d.weight if weight is None else weight
         out = rows.new_zeros(n_tokens, rows.shape[-1])
-        return out.index_add(0, d.token, rows * d.weight.unsqueeze(-1).to(rows.dtype))
+        return out.index_add(0, d.token, rows * w.unsqueeze(-1).to(rows.dtype))
+
+    # The seams of tensor parallelism: identities here. `parallel.moe_tp.TensorParallelMoE` puts its communication
+    # in them (its experts and shared expert hold a slice of every FFN's hidden units and give partial sums).
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's input -> every token of the micro-batch, as the router sees it."""
+        return x
+
+    def into_experts(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor the router side made (tokens, routing weights, shared gate) as the experts' side uses it."""
+        return t
+
+    def leave(self, out: torch.Tensor) -> torch.Tensor:
+        """The experts' (B, T, dim) output -> the block's output."""
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, dim)
         logits, chosen, weights = self.gate(flat)
         d = self.dispatch(chosen, weights)
-        rows = self.experts(flat[d.token], d.counts)  # (M, dim)
-        out = self.combine(rows, d, flat.shape[0])  # (N, dim)
+        inner = self.into_experts(flat)  # (N, dim)
+        rows = self.experts(inner[d.token], d.counts)  # (M, dim)
+        out = self.combine(rows, d, flat.shape[0], self.into_experts(d.weight))  # (N, dim)
         if self.shared_expert is not None:
-            shared = self.shared_expert(flat)
+            shared = self.shared_expert(inner)
             if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+                shared = self.into_experts(torch.sigmoid(self.shared_expert_gate(flat))) * shared
             out = out + shared
         self.last = self._stats(logits, chosen, d.dropped.detach())
-        return out.view(shape)
+        return self.leave(out.view(shape))
 
     def _stats(self, logits: torch.Tensor, chosen: torch.Tensor, dropped: torch.Tensor) -> RoutingStats:
         """This forward's routing statistics: switch aux loss and z-loss (when asked for), load, drops."""

@@ -128,10 +128,10 @@ class ParallelDims:
                 f"parallel.ep={self.ep} does not divide the {args.n_experts} experts of each MoE layer "
                 f"(model.n_experts): every expert-parallel rank keeps n_experts / ep whole experts; choose an ep "
                 f"that divides {args.n_experts}.")
-        if self.pp > 1 or self.tp > 1:
+        if self.pp > 1:
             raise ParallelConfigError(
-                f"parallel.ep={self.ep} with parallel.tp={self.tp} / parallel.pp={self.pp}: expert parallelism runs "
-                f"on data-parallel ranks only (tp=1, pp=1); keep ep and set tp=1, pp=1.")
+                f"parallel.ep={self.ep} with parallel.pp={self.pp}: expert parallelism runs without pipeline stages "
+                f"(the stages do not carry the router losses); keep ep and set parallel.pp=1.")
         if zero_stage not in (1, 2):
             raise ParallelConfigError(
                 f"parallel.ep={self.ep} with a ZeRO-{zero_stage} DeepSpeed config: expert parallelism trains with "
@@ -141,15 +141,15 @@ class ParallelDims:
         """Refuse a tensor-parallel degree the model's shape (or the sequence length) cannot be split by."""
         if self.tp == 1:
             return
-        if args.n_moe_layers:
-            raise ParallelConfigError(
-                f"parallel.tp={self.tp} with MoE layers (model.n_experts={args.n_experts}): experts are not split "
-                f"over tensor-parallel ranks yet; train MoE models with parallel.tp=1 (data parallel with ZeRO 0-2).")
-        checks = (
+        checks = [
             ("n_heads", args.n_heads, "query heads"),
             ("n_kv_heads", args.kv_heads, "key/value heads"),
             ("ffn_hidden_dim", args.ffn_dim, "SwiGLU hidden units"),
-        )
+        ]
+        if args.n_moe_layers:  # every expert's FFN (and the shared expert) is split like a dense MLP
+            checks.append(("moe_ffn_dim", args.expert_dim, "hidden units of each expert"))
+            if args.moe_shared_ffn_dim:
+                checks.append(("moe_shared_ffn_dim", args.moe_shared_ffn_dim, "hidden units of the shared expert"))
         for field_name, value, what in checks:
             if value % self.tp:
                 raise ParallelConfigError(

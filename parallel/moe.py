@@ -107,11 +107,11 @@ def _marker_class() -> type[nn.Module]:
         parameters that its file naming (``deepspeed_moe.experts.deepspeed_experts.<i>``) cannot address; they
         are saved with the rank's ZeRO optimizer partition (its fp32 copy) and restored from it."""
 
-        def __init__(self, n_experts: int, ep: int) -> None:
+        def __init__(self, n_experts: int, ep: int, tp: int) -> None:
             nn.Module.__init__(self)  # none of MoE's own gate / experts: only the attributes the engine reads
             self.ep_size, self.num_experts, self.num_local_experts = ep, n_experts, 0
             self.expert_group_name = expert_group_name(ep)
-            self.enable_expert_tensor_parallelism, self.use_residual = False, False
+            self.enable_expert_tensor_parallelism, self.use_residual = tp > 1, False
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             """The engine's hook: the groups exist already (`register_expert_groups`); check they are there."""
@@ -125,9 +125,10 @@ def _marker_class() -> type[nn.Module]:
     return ExpertGroupMarker
 
 
-def expert_group_marker(n_experts: int, ep: int) -> nn.Module:
-    """A parameterless module by which DeepSpeed's engine recognises an expert-parallel layer and its group."""
-    return _marker_class()(n_experts, ep)
+def expert_group_marker(n_experts: int, ep: int, tp: int = 1) -> nn.Module:
+    """A parameterless module by which DeepSpeed's engine recognises an expert-parallel layer and its group
+    (``tp``: the experts are split over tensor-parallel ranks too)."""
+    return _marker_class()(n_experts, ep, tp)
 
 
 def _ds_groups() -> Any:
@@ -186,12 +187,15 @@ def apply_ep(model: nn.Module, groups: ProcessGroups) -> int:
         for name in ("gate_up_proj", "down_proj"):
             full = getattr(experts, name)
             part = nn.Parameter(full.detach()[lo:lo + local].clone(), requires_grad=full.requires_grad)
+            for mark in ("tensor_model_parallel", "partition_dim", "partition_stride"):  # split over TP too
+                if hasattr(full, mark):
+                    setattr(part, mark, getattr(full, mark))
             part.allreduce = False  # DeepSpeed's mark of an expert parameter (moe/utils.py is_moe_param)
             part.group_name = expert_group_name(ep)
             setattr(experts, name, part)
         experts.__class__ = ExpertParallelExperts
         experts.ep_group, experts.ep_size, experts.ep_rank = groups.ep_group, ep, groups.ep_rank
-        experts.ep_marker = expert_group_marker(block.n_experts, ep)
+        experts.ep_marker = expert_group_marker(block.n_experts, ep, tp=groups.dims.tp)
         n += 1
     return n
 

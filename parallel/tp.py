@@ -15,7 +15,9 @@ A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_pro
 - ``vocab``: `nn.Embedding` split by token rows; ``vocab_head``: the output head split by token rows, the
   logits stay split (see `parallel.loss`); the vocabulary is padded to a multiple of tp;
 - ``region``: a module whose input enters the TP region once (one all-gather / all-reduce for all the
-  column layers under it, as Megatron's fused QKV and gate/up projections have);
+  column layers under it, as Megatron's fused QKV and gate/up projections have); on an MoE block
+  (`model.moe.MoEFeedForward`) it splits every expert's FFN and the shared expert inside the block and keeps
+  the router whole (`parallel.moe_tp`): the block's own layers need no entries;
 - ``heads``: an attention module: a ``region`` whose per-head parameters (sinks) are sliced and whose
   attention dropout draws per-rank masks;
 - ``norm``: an RMSNorm whose weight gradient is summed over the group under sequence parallelism;
@@ -26,6 +28,10 @@ A plan maps module-name patterns (`fnmatch`, on names like ``layers.3.mlp.up_pro
 Every `nn.Linear` and `nn.Embedding` of the model must be matched, or `apply_tp` refuses the model
 (a layer silently left whole would be computed on replicated inputs and be wrong or wasteful).
 A materialised model keeps its values (each rank copies its slice); a meta model gets meta shards.
+
+Most split tensors are one contiguous slice per rank along their ``partition_dim``; the experts' fused
+``gate_up_proj`` is two (``partition_stride = 2``: its gate rows and its up rows are each split). `tp_shard_layout`
+says which, and `tp_split` / `tp_join` cut and join a tensor by its layout entry.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.cache import KVCache
 from model.model import Transformer
+from model.moe import MoEFeedForward
 from parallel.comm import _gather, scatter_seq
 from parallel.dims import ParallelDims, padded_vocab_size
 from parallel.layers import (
@@ -55,6 +62,7 @@ from parallel.layers import (
     region_input_hook,
 )
 from parallel.loss import gather_logits, vocab_parallel_cross_entropy
+from parallel.moe_tp import shard_moe, tp_slice, tp_unslice
 
 TRANSFORMER_TP_PLAN: Mapping[str, str] = {
     "embed_tokens": "vocab",
@@ -98,12 +106,20 @@ def match_plan(model: nn.Module, plan: Mapping[str, str]) -> dict[str, str]:
         if style not in STYLES:
             raise TPPlanError(f"TP plan entry {pattern!r}: unknown style {style!r}; use one of {', '.join(STYLES)}")
     matched: dict[str, str] = {}
+    moe_blocks: list[str] = []  # MoE blocks split as a whole: their layers are theirs, not the plan's
     for name, module in model.named_modules():
+        if any(name.startswith(block + ".") for block in moe_blocks):
+            continue
         styles = {style for pattern, style in plan.items() if fnmatch.fnmatchcase(name, pattern)}
         if len(styles) > 1:
             raise TPPlanError(f"module {name!r} matches TP plan entries of several styles: {sorted(styles)}")
         if styles:
             matched[name] = styles.pop()
+            if isinstance(module, MoEFeedForward):
+                if matched[name] != "region":
+                    raise TPPlanError(f"MoE block {name!r} has the TP style {matched[name]!r}; an MoE block is split "
+                                      f"as a 'region' (its experts' FFNs column / row, the router whole)")
+                moe_blocks.append(name)
         elif isinstance(module, nn.Linear | nn.Embedding):
             raise TPPlanError(
                 f"module {name!r} ({type(module).__name__}) is not covered by the TP plan: add a pattern for it "
@@ -158,6 +174,9 @@ def shard_model(model: nn.Module, ctx: TPContext, plan: Mapping[str, str] = TRAN
     regions = [name for name, style in matched.items() if style in ("region", "heads")]
     for name, style in matched.items():
         module = model.get_submodule(name)
+        if isinstance(module, MoEFeedForward):
+            shard_moe(module, ctx, name)  # the block enters and leaves the TP region itself
+            continue
         if style in ("region", "heads"):
             module.register_forward_pre_hook(region_input_hook(ctx), with_kwargs=True)
         if style == "column":
@@ -204,12 +223,42 @@ def _split_inputs_embeds(ctx: TPContext) -> Any:
     return hook
 
 
+TPSplit = tuple[int, int | None] | tuple[int, int | None, int]
+"""How one tensor is split over TP ranks: (partition_dim, rows of the unpadded tensor or None), and a third
+element, the stride, only for a tensor whose rank shard is ``stride`` pieces (the experts' ``gate_up_proj``:
+(1, None, 2)). Cut and join with `tp_split` / `tp_join`."""
+
+
+def split_spec(spec: TPSplit) -> tuple[int, int | None, int]:
+    """(partition_dim, unpadded rows or None, stride) of a layout entry."""
+    return (spec[0], spec[1], spec[2]) if len(spec) == 3 else (spec[0], spec[1], 1)
+
+
+def tp_split(full: torch.Tensor, spec: TPSplit, tp: int, rank: int) -> torch.Tensor:
+    """TP rank ``rank``'s shard of the plain tensor ``full`` under layout entry ``spec`` (vocabulary rows
+    zero-padded to a multiple of ``tp``)."""
+    dim, rows, stride = split_spec(spec)
+    if rows is not None and full.shape[dim] % tp:
+        pad = list(full.shape)
+        pad[dim] = padded_vocab_size(full.shape[dim], tp) - full.shape[dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=dim)
+    return tp_slice(full, dim, stride, tp, rank)
+
+
+def tp_join(parts: Sequence[torch.Tensor], spec: TPSplit) -> torch.Tensor:
+    """The plain tensor from the shards of TP ranks 0..tp-1 under layout entry ``spec`` (padding cut off)."""
+    dim, rows, stride = split_spec(spec)
+    full = tp_unslice(list(parts), dim, stride)
+    return full.narrow(dim, 0, rows) if rows is not None else full
+
+
 def tp_shard_layout(args: ModelArgs | nn.Module, tp: int, plan: Mapping[str, str] = TRANSFORMER_TP_PLAN
-                    ) -> dict[str, tuple[int, int | None] | None]:
+                    ) -> dict[str, TPSplit | None]:
     """How a tp-way checkpoint of ``Transformer(args)`` (or of a given meta-device model) is split, per
     state-dict key (no process group needed).
 
-    name -> (partition_dim, rows of the unpadded tensor or None) for split tensors, None for replicated ones.
+    name -> (partition_dim, rows of the unpadded tensor or None[, stride when > 1]) for split tensors (see
+    `TPSplit`), None for replicated ones.
     """
     if isinstance(args, nn.Module):
         model = args
@@ -222,13 +271,15 @@ def tp_shard_layout(args: ModelArgs | nn.Module, tp: int, plan: Mapping[str, str
         if getattr(param, "tensor_model_parallel", False):
             owner = model.get_submodule(name.rpartition(".")[0])
             rows = getattr(owner, "vocab_size", None) or getattr(owner, "num_embeddings", None)
-            layout[name] = (param.partition_dim, rows if param.partition_dim == 0 else None)
+            spec = (param.partition_dim, rows if param.partition_dim == 0 else None)
+            stride = getattr(param, "partition_stride", 1)
+            layout[name] = (*spec, stride) if stride > 1 else spec
         else:
             layout[name] = None
     return layout
 
 
-def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mapping[str, tuple[int, int | None] | None]
+def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mapping[str, TPSplit | None]
                     ) -> dict[str, torch.Tensor]:
     """The plain model's state dict from the state dicts of TP ranks 0..tp-1 (as saved per model-parallel rank)."""
     merged: dict[str, torch.Tensor] = {}
@@ -240,9 +291,7 @@ def merge_tp_shards(shards: Sequence[Mapping[str, torch.Tensor]], layout: Mappin
         if spec is None:
             merged[name] = tensor
             continue
-        dim, rows = spec
-        full = torch.cat([s[name] for s in shards], dim=dim)
-        merged[name] = full[:rows] if rows is not None else full
+        merged[name] = tp_join([s[name] for s in shards], spec)
     return merged
 
 
@@ -323,7 +372,10 @@ def _gather_named(model: nn.Module, named: Mapping[str, torch.Tensor]) -> dict[s
     for name, tensor in named.items():
         param = params.get(name)
         if ctx is not None and ctx.size > 1 and getattr(param, "tensor_model_parallel", False):
-            full = _gather(tensor.detach(), param.partition_dim, ctx.group)
+            dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+            full = _gather(tensor.detach(), dim, ctx.group)
+            if stride > 1:
+                full = tp_unslice(list(full.chunk(ctx.size, dim=dim)), dim, stride)
             owner = model.get_submodule(name.rpartition(".")[0])
             full_rows = getattr(owner, "vocab_size", None) or getattr(owner, "num_embeddings", None)
             if param.partition_dim == 0 and full_rows is not None:

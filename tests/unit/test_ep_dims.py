@@ -26,8 +26,7 @@ def test_ep_groups_are_blocks_of_the_dp_group_and_edp_strides() -> None:
     (lambda: ParallelDims(4, ep=2), ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64), 2,
      ["parallel.ep=2", "without MoE layers"]),
     (lambda: ParallelDims(6, ep=3), MOE, 2, ["parallel.ep=3", "4 experts", "model.n_experts"]),
-    (lambda: ParallelDims(4, tp=2, ep=2), MOE, 2, ["parallel.tp=2", "tp=1, pp=1"]),
-    (lambda: ParallelDims(4, pp=2, ep=2), MOE, 1, ["parallel.pp=2"]),
+    (lambda: ParallelDims(4, pp=2, ep=2), MOE, 1, ["parallel.pp=2", "parallel.pp=1"]),
     (lambda: ParallelDims(4, ep=2), MOE, 3, ["ZeRO-3", "zero1 or zero2"]),
     (lambda: ParallelDims(4, ep=2), MOE, 0, ["ZeRO-0"]),
 ])
@@ -42,6 +41,7 @@ def test_ep_must_divide_the_data_parallel_size() -> None:
     with pytest.raises(ParallelConfigError, match=r"parallel.ep=3 does not divide the data-parallel size 4"):
         ParallelDims(4, ep=3)
     ParallelDims(4, ep=2).check_experts(MOE, zero_stage=2)  # accepted
+    ParallelDims(8, tp=2, ep=2).check_experts(MOE, zero_stage=1)  # with tensor parallelism too
     ParallelDims(4).check_experts(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=64), zero_stage=0)
 
 

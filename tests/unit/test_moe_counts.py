@@ -1,6 +1,6 @@
 """MoE parameter and FLOP counts (ModelArgs) and tools/estimate_memory.py on a MoE model: total vs active
 parameters by hand, FLOPs per token from the active experts as torch's FLOP counter sees them, the estimated CPU
-peak against the measured one, TP with MoE refused in one line."""
+peak against the measured one, the TP split of the experts (per-rank bytes, all-reduce and all-to-all bytes)."""
 
 from __future__ import annotations
 
@@ -58,20 +58,25 @@ def test_estimate_is_within_10_percent_of_the_measured_moe_cpu_peak(ac: str) -> 
     assert abs(est / mem.peak - 1) < 0.10, f"estimated {est:,} bytes, measured {mem.peak:,}"
 
 
-def test_estimate_reports_active_parameters_and_refuses_tp(capsys: pytest.CaptureFixture) -> None:
+def test_estimate_reports_active_parameters_and_takes_tp(capsys: pytest.CaptureFixture) -> None:
     assert main(["--preset", "moe-tiny", "--device", "cpu", "--seq", "128"]) == 0
     assert "active per token (MoE)" in capsys.readouterr().out
-    assert main(["--preset", "moe-tiny", "--gpus", "2", "--tp", "2"]) == 2
-    assert "parallel.tp=2 with MoE layers" in capsys.readouterr().err
+    assert main(["--preset", "moe-tiny", "--gpus", "2", "--tp", "2", "--seq", "128"]) == 0
 
 
-def test_pipeline_and_tensor_parallel_with_moe_refused_in_one_line() -> None:
+def test_pipeline_with_moe_refused_and_tp_needs_whole_expert_units() -> None:
     with pytest.raises(ParallelConfigError, match=r"parallel.pp=2 with MoE layers .*parallel.pp=1"):
         ParallelDims(2, pp=2).check_pipeline(ARGS, zero_stage=1, grad_accum=2)
-    with pytest.raises(ParallelConfigError, match=r"parallel.tp=2 with MoE layers .*parallel.tp=1"):
-        ParallelDims(2, tp=2).check_model(ARGS, seq_len=64, sequence_parallel=False)
-    dense = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, n_experts=8, moe_layers=[])
-    ParallelDims(2, tp=2).check_model(dense, seq_len=64, sequence_parallel=False)  # no MoE layer: as before
+    ParallelDims(2, tp=2).check_model(ARGS, seq_len=64, sequence_parallel=True)  # experts split over TP ranks
+    odd = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, ffn_hidden_dim=256, n_experts=8, moe_ffn_dim=90,
+                    moe_shared_ffn_dim=64)
+    with pytest.raises(ParallelConfigError, match=r"parallel.tp=4 does not divide the model's 90 hidden units of "
+                                                  r"each expert \(model.moe_ffn_dim\)"):
+        ParallelDims(4, tp=4).check_model(odd, seq_len=64, sequence_parallel=False)
+    shared = ModelArgs(dim=128, n_layers=4, n_heads=4, vocab_size=512, ffn_hidden_dim=256, n_experts=8,
+                       moe_ffn_dim=96, moe_shared_ffn_dim=66)
+    with pytest.raises(ParallelConfigError, match=r"66 hidden units of the shared expert \(model.moe_shared_ffn_dim"):
+        ParallelDims(4, tp=4).check_model(shared, seq_len=64, sequence_parallel=False)
 
 
 def test_dense_equivalent_has_the_active_parameters() -> None:
