@@ -214,15 +214,8 @@ def checkpoint_bytes(model_args: ModelArgs | None, hf: HFPlan | None) -> int:
 
 
 def _check_resume_layout(meta: dict[str, Any], tag_dir: Path, dims: ParallelDims) -> None:
-    """Any tp, pp and DP size resume a ZeRO 1-3 checkpoint (train/checkpoint/reshard.py); a ZeRO-0 one keeps its
-    tp and pp."""
-    saved_ep = int(meta.get("config", {}).get("parallel", {}).get("ep", 1))
-    saved_world = meta.get("world_size")
-    if saved_ep != dims.ep or (dims.ep > 1 and saved_world is not None and int(saved_world) != dims.world_size):
-        raise ConfigError(
-            f"--resume {tag_dir}: saved with parallel.ep={saved_ep} on {saved_world} ranks, this run has "
-            f"parallel.ep={dims.ep} on {dims.world_size}: an expert-parallel checkpoint keeps each rank's experts in "
-            f"its own files and resumes only with the same ep and number of ranks; resume with those.")
+    """Any tp, pp, ep and DP size resume a ZeRO 1-3 checkpoint (train/checkpoint/reshard.py; an expert-parallel
+    one is joined from every rank's files); a ZeRO-0 one keeps its tp and pp."""
     problem = reshard_refusal(tag_dir, meta, tp=dims.tp, pp=dims.pp)
     if problem is not None:
         raise ConfigError(problem)

@@ -10,6 +10,7 @@ layout) slices that copy::
         zero/<name>/fp32.pt, exp_avg.pt, exp_avg_sq.pt, step.pt    fp32 master weight and Adam moments
         zero/optimizer_state.pt                                   parameter groups, Adam step, loss scaler
         model_states.pt                                           step, samples, LR scheduler (DeepSpeed's)
+        buffers.pt                                                persistent module buffers (a router's bias)
         views/tp2-pp1/tp0/ ...                                    one TP rank's shards, for DeepSpeed to place
 
 DeepSpeed's converter (``ds_to_universal``) joins the ZeRO partitions of every rank; without parameter
@@ -43,14 +44,16 @@ from model.hf_causal import causal_lm_config, meta_model
 from model.model import Transformer
 from parallel.layers import TPContext
 from parallel.pipeline import pipe_to_plain_key
-from parallel.tp import HF_LLAMA_TP_PLAN, tp_shard_layout
-from train.checkpoint.resize import convert, is_current, universal_dir
+from parallel.tp import HF_LLAMA_TP_PLAN, TPSplit, merge_tp_shards, split_spec, tp_join, tp_shard_layout, tp_split
+from train.checkpoint.resize import convert, is_current, mark_current, start_copy, universal_dir
 from train.checkpoint.safe_load import load
 from train.checkpoint.writer import TMP_SUFFIX, CheckpointError, read_meta
+from train.checkpoint.zero_files import module_buffers, optim_files, read_zero12, saved_ep
 
 FREE_DIR = "layout_free"  # inside the universal copy: removed with it when the checkpoint is rotated out
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 MODEL_STATES = "model_states.pt"
+BUFFERS = "buffers.pt"  # persistent module buffers by plain name
 ZERO_OPTIM_GLOB = "*zero_pp_rank_*_optim_states.pt"
 log = logging.getLogger("tessera")
 
@@ -62,16 +65,17 @@ class Layout:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1  # expert-parallel degree (MoE experts split over data-parallel ranks)
 
     def describe(self) -> str:
-        return f"tp={self.tp}, pp={self.pp}, {self.world_size} ranks"
+        return f"tp={self.tp}, pp={self.pp}{f', ep={self.ep}' if self.ep > 1 else ''}, {self.world_size} ranks"
 
 
 def saved_layout(meta: dict[str, Any]) -> Layout:
     """The layout recorded in a checkpoint's tessera.json (a field it lacks counts as 1)."""
     parallel = meta.get("config", {}).get("parallel", {})
     return Layout(tp=int(parallel.get("tp", 1)), pp=int(parallel.get("pp", 1)),
-                  world_size=int(meta.get("world_size") or 1))
+                  world_size=int(meta.get("world_size") or 1), ep=saved_ep(meta))
 
 
 def is_zero_partitioned(tag_dir: Path) -> bool:
@@ -108,7 +112,9 @@ def needs_reshard(tag_dir: Path, meta: dict[str, Any], now: Layout, family: str 
     if saved_family == "0" and family not in (None, "0"):
         raise CheckpointError(f"{tag_dir} was saved under ZeRO 0; this run uses another ZeRO stage, whose load "
                               f"would drop its Adam state: resume it under ZeRO 0 (e.g. --ds_config cpu).")
-    if (saved.tp, saved.pp) != (now.tp, now.pp) or (family is not None and family != saved_family):
+    if (saved.tp, saved.pp, saved.ep) != (now.tp, now.pp, now.ep) or (family is not None and family != saved_family):
+        return True
+    if saved.ep > 1 and saved.world_size != now.world_size:  # each rank's experts live in its own files
         return True
     return saved.tp * saved.pp > 1 and saved.world_size != now.world_size and is_zero_partitioned(tag_dir)
 
@@ -145,7 +151,7 @@ def _plain_model(meta: dict[str, Any]) -> tuple[torch.nn.Module, str, dict[str, 
     return meta_model(causal_lm_config(hf["path"], where="the checkpoint's base model")), "model.", HF_LLAMA_TP_PLAN
 
 
-def tp_layout(meta: dict[str, Any], tp: int) -> dict[str, tuple[int, int | None] | None]:
+def tp_layout(meta: dict[str, Any], tp: int) -> dict[str, TPSplit | None]:
     """Per plain name, how a ``tp``-way run splits it: (dim, unpadded rows or None), None when replicated."""
     model, prefix, plan = _plain_model(meta)
     layout = tp_shard_layout(model, tp, plan) if plan is not None else tp_shard_layout(model, tp)
@@ -164,7 +170,7 @@ def n_layers_of(meta: dict[str, Any]) -> int:
     return int((meta.get("model_args") or {}).get("n_layers", 0))
 
 
-def _join(saved: dict[str, Any] | torch.Tensor, spec: tuple[int, int | None] | None, tp: int, name: str,
+def _join(saved: dict[str, Any] | torch.Tensor, spec: TPSplit | None, tp: int, name: str,
           shape: tuple[int, ...] | None = None) -> torch.Tensor:
     """The full tensor of one state from DeepSpeed's universal file of a ``tp``-way run (a ZeRO-3 run of tp=1
     saves the bare tensor, flattened: ``shape`` restores it)."""
@@ -175,7 +181,7 @@ def _join(saved: dict[str, Any] | torch.Tensor, spec: tuple[int, int | None] | N
         return saved.reshape(shape)
     tensor = saved["param"]
     if tp == 1:
-        return tensor[: spec[1]] if spec is not None and spec[1] is not None else tensor
+        return tensor[: split_spec(spec)[1]] if spec is not None and split_spec(spec)[1] is not None else tensor
     cat_dim = int(saved.get("cat_dim", 0))
     if tensor.shape[cat_dim] % tp:
         raise CheckpointError(f"universal copy: {name} has {tensor.shape[cat_dim]} rows along dim {cat_dim}, not "
@@ -183,9 +189,7 @@ def _join(saved: dict[str, Any] | torch.Tensor, spec: tuple[int, int | None] | N
     shards = tensor.chunk(tp, cat_dim)
     if spec is None:
         return shards[0].clone()
-    dim, rows = spec
-    full = torch.cat(shards, dim=dim)
-    return (full[:rows] if rows is not None else full).clone()
+    return tp_join(shards, spec).clone()
 
 
 # ----------------------------------------------------------------------------- the layout-free copy
@@ -217,50 +221,110 @@ def _adam_step(optim: dict[str, Any], universal: Path) -> Any:
 def consolidate(tag_dir: Path) -> Path:
     """Write the layout-free copy of a ZeRO 1-3 checkpoint (reused when current) and return it.
 
-    Runs on one process; the universal copy is made first when it is missing or stale.
+    Runs on one process; the universal copy is made first when it is missing or stale. An expert-parallel
+    checkpoint (ep > 1), which DeepSpeed's converter cannot join, is read from its ZeRO 1/2 files directly
+    (train/checkpoint/zero_files.py).
     """
     meta = read_meta(tag_dir)
     final = free_dir(tag_dir)
     if is_current(tag_dir) and (final / MODEL_STATES).is_file():
         return final
-    universal = convert(tag_dir)
-    saved = saved_layout(meta)
-    layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
-    shapes, aliases = plain_shapes(meta)
+    from_zero_files = saved_ep(meta) > 1
+    if from_zero_files:
+        start_copy(tag_dir)
+    else:
+        convert(tag_dir)
     tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(final, ignore_errors=True)
     try:
-        optim = load(universal / "zero" / "optimizer_state.pt")
-        step = _adam_step(optim, universal)
-        groups = optim.get("param_groups") or optim.get("optimizer_state_dict", {}).get("param_groups")
-        for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
-            name = plain_name(param_dir.name, n_layers)
-            if name in aliases:  # DeepSpeed wrote one TP rank's module copy of a tied head: the embedding holds it
-                continue
-            if name not in layout:
-                raise CheckpointError(f"{universal}: parameter {param_dir.name} ({name}) is not in the model "
-                                      f"the checkpoint records")
-            out = tmp / "zero" / name
-            out.mkdir(parents=True, exist_ok=True)
-            for state in STATES:
-                full = _join(load(param_dir / f"{state}.pt"), layout[name], saved.tp, name, shapes.get(name))
-                torch.save({"param": full}, out / f"{state}.pt")
-            torch.save(step, out / "step.pt")
-        global_state = {k: v for k, v in optim.items() if k not in ("optimizer_state_dict", "param_groups")}
-        model_states = load(_model_states_file(tag_dir))
-        global_state.setdefault("ds_version", model_states.get("ds_version"))  # a ZeRO-3 copy lacks it
-        torch.save({**global_state, "param_groups": groups,
-                    "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
-                   tmp / "zero" / "optimizer_state.pt")
-        torch.save(model_states, tmp / MODEL_STATES)
-        (tmp / "layout.json").write_text(json.dumps(dataclasses.asdict(saved)))
+        if from_zero_files:
+            _free_from_zero_files(tag_dir, meta, tmp)
+        else:
+            _free_from_universal(tag_dir, meta, tmp)
+        torch.save(persistent_buffers(tag_dir, meta), tmp / BUFFERS)
+        torch.save(load(_model_states_file(tag_dir)), tmp / MODEL_STATES)
+        (tmp / "layout.json").write_text(json.dumps(dataclasses.asdict(saved_layout(meta))))
         os.replace(tmp, final)
+        if from_zero_files:
+            mark_current(tag_dir)
     except OSError as e:
         raise CheckpointError(f"could not write the layout-free copy of {tag_dir} to {final}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _save_state(tmp: Path, name: str, state: str, tensor: torch.Tensor) -> None:
+    out = tmp / "zero" / name
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"param": tensor}, out / f"{state}.pt")
+
+
+def _save_optimizer_state(tmp: Path, global_state: dict[str, Any], groups: Any, step: Any) -> None:
+    torch.save({**global_state, "param_groups": groups,
+                "optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": groups}},
+               tmp / "zero" / "optimizer_state.pt")
+
+
+def _free_from_universal(tag_dir: Path, meta: dict[str, Any], tmp: Path) -> None:
+    """The layout-free tensors from DeepSpeed's universal copy: TP shards split again and joined by Tessera's
+    plan, pipeline names made plain."""
+    universal = universal_dir(tag_dir)
+    saved = saved_layout(meta)
+    layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
+    shapes, aliases = plain_shapes(meta)
+    buffers = persistent_buffers(tag_dir, meta)  # DeepSpeed's converter writes them as parameters too
+    optim = load(universal / "zero" / "optimizer_state.pt")
+    step = _adam_step(optim, universal)
+    groups = optim.get("param_groups") or optim.get("optimizer_state_dict", {}).get("param_groups")
+    for param_dir in sorted(p for p in (universal / "zero").iterdir() if p.is_dir()):
+        name = plain_name(param_dir.name, n_layers)
+        if name in aliases or name in buffers:  # a tied head is the embedding; buffers go to buffers.pt
+            continue
+        if name not in layout:
+            raise CheckpointError(f"{universal}: parameter {param_dir.name} ({name}) is not in the model "
+                                  f"the checkpoint records")
+        for state in STATES:
+            _save_state(tmp, name, state, _join(load(param_dir / f"{state}.pt"), layout[name], saved.tp, name,
+                                                shapes.get(name)))
+        torch.save(step, tmp / "zero" / name / "step.pt")
+    global_state = {k: v for k, v in optim.items() if k not in ("optimizer_state_dict", "param_groups")}
+    global_state.setdefault("ds_version", load(_model_states_file(tag_dir)).get("ds_version"))  # ZeRO-3 lacks it
+    _save_optimizer_state(tmp, global_state, groups, step)
+
+
+def _free_from_zero_files(tag_dir: Path, meta: dict[str, Any], tmp: Path) -> None:
+    """The layout-free tensors of an expert-parallel ZeRO 1/2 checkpoint: every rank's partitions joined, the
+    experts of every expert-parallel rank joined along the expert dimension, TP shards joined by the plan."""
+    files = optim_files(tag_dir)
+    saved = saved_layout(meta)
+    if len(files) != saved.tp:
+        raise CheckpointError(f"{tag_dir}: optimizer files of {len(files)} model-parallel ranks, its tessera.json "
+                              f"records tp={saved.tp}")
+    per_tp = [read_zero12(tag_dir, mp, files[mp], ep=saved.ep) for mp in range(len(files))]
+    layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
+    _, aliases = plain_shapes(meta)
+    names = [plain_name(name, n_layers) for name in per_tp[0].states]
+    for name in names:
+        if name not in layout and name not in aliases:
+            raise CheckpointError(f"{tag_dir}: parameter {name} is not in the model the checkpoint records")
+    for state in STATES:
+        shards = [{plain_name(n, n_layers): s[state] for n, s in part.states.items()} for part in per_tp]
+        for name, full in merge_tp_shards(shards, layout).items():
+            if name not in aliases:
+                _save_state(tmp, name, state, full.clone())
+    for name in names:
+        if name not in aliases:
+            torch.save(per_tp[0].step, tmp / "zero" / name / "step.pt")
+    _save_optimizer_state(tmp, per_tp[0].global_state, per_tp[0].param_groups, per_tp[0].step)
+
+
+def persistent_buffers(tag_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers by plain name (e.g. the router's aux-loss-free bias), from the model-states
+    file when the checkpoint has one (a universal load restores parameters only)."""
+    n_layers = n_layers_of(meta)
+    return {plain_name(name, n_layers): t for name, t in module_buffers(_model_states_file(tag_dir)).items()}
 
 
 def prepare(tag_dir: Path, *, rank: int) -> Path:
@@ -300,7 +364,8 @@ def local_shard(full: torch.Tensor, param: torch.nn.Parameter, tp_ctx: TPContext
         pad = list(full.shape)
         pad[dim] = local * size - full.shape[dim]
         full = torch.cat([full, full.new_zeros(pad)], dim=dim)
-    return full.narrow(dim, tp_ctx.rank * local, local).contiguous()
+    stride = int(getattr(param, "partition_stride", 1))  # the experts' gate_up_proj: gate and up rows per rank
+    return tp_split(full, (dim, None, stride), size, tp_ctx.rank).contiguous()
 
 
 def named_engine_params(engine: Any) -> list[tuple[str, torch.nn.Parameter]]:

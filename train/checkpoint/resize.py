@@ -95,6 +95,24 @@ def is_current(tag_dir: Path) -> bool:
         return False
 
 
+def start_copy(tag_dir: Path) -> Path:
+    """An empty universal directory for ``tag_dir`` without DeepSpeed's files (a stale copy removed), for a
+    layout-free copy made from the checkpoint's own files (train/checkpoint/reshard.py); ``mark_current``
+    stamps it once that copy is complete."""
+    final = universal_dir(tag_dir)
+    try:
+        shutil.rmtree(final, ignore_errors=False) if final.exists() else None
+        final.mkdir(parents=True)
+    except OSError as e:
+        raise CheckpointError(f"could not make {final} for the layout-free copy of {tag_dir}: {e}") from None
+    return final
+
+
+def mark_current(tag_dir: Path) -> None:
+    """Record that the copy beside ``tag_dir`` was made from this very save of it (see ``is_current``)."""
+    (universal_dir(tag_dir) / SOURCE_FILE).write_text(json.dumps(_source_stamp(tag_dir)))
+
+
 def convert(tag_dir: Path) -> Path:
     """Write the universal copy of ``tag_dir`` (atomically: a ``.tmp`` directory renamed) and return it.
 

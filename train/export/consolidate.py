@@ -27,6 +27,7 @@ from parallel.tp import HF_LLAMA_TP_PLAN, merge_tp_shards, tp_shard_layout
 from train.checkpoint.safe_load import load, weights_only_loads
 from train.checkpoint.verify import newest_verified, verified
 from train.checkpoint.writer import CKPT_DIR, META_FILE, CheckpointError, complete_checkpoints, read_meta
+from train.checkpoint.zero_files import module_buffers, optim_files, read_zero12
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,7 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
     tag = Path(tag_dir)
     ep = int(read_meta(tag).get("config", {}).get("parallel", {}).get("ep", 1)) if (tag / META_FILE).is_file() else 1
     if ep > 1:
-        raise ExportError(f"{tag}: saved with parallel.ep={ep}; each rank's experts live only in its own ZeRO "
-                          f"partition, which consolidation cannot join yet: export a checkpoint of a run with "
-                          f"parallel.ep=1.")
+        return _expert_parallel_state_dict(tag, ep)
     if any(tag.glob("layer_*-model_states.pt")):
         return _pipeline_state_dict(tag)
     mp_ranks = _model_parallel_ranks(tag)
@@ -157,6 +156,26 @@ def consolidated_state_dict(tag_dir: str | Path) -> dict[str, torch.Tensor]:
             shards.append(_consolidate_one(view))
     # the merged vocabulary is a slice of the padded concatenation: each tensor gets its own storage
     state = {name: _own_storage(tensor) for name, tensor in merge_tp_shards(shards, layout).items()}
+    if tied is not None and tied[0] in state:
+        state[tied[1]] = state[tied[0]]
+    return state
+
+
+def _expert_parallel_state_dict(tag: Path, ep: int) -> dict[str, torch.Tensor]:
+    """The full state dict of an expert-parallel (ZeRO 1/2) checkpoint: every rank's fp32 partitions joined, the
+    experts of every expert-parallel rank joined along the expert dimension (train/checkpoint/zero_files.py), TP
+    shards joined by the plan; buffers from the model-states file."""
+    meta = read_meta(tag)
+    try:
+        files = optim_files(tag)
+        shards = [{name: s["fp32"] for name, s in read_zero12(tag, mp, files[mp], ep=ep, keys=("fp32",)).states.items()}
+                  for mp in range(len(files))]
+        buffers = module_buffers(tag / _STAGE0_FILE)
+    except CheckpointError as err:
+        raise ExportError(f"{err} Export another checkpoint.") from None
+    layout, tied = _tp_layout(meta, tag, len(shards))
+    state = {name: _own_storage(t) for name, t in merge_tp_shards(shards, layout).items()}
+    state.update(buffers)
     if tied is not None and tied[0] in state:
         state[tied[1]] = state[tied[0]]
     return state

@@ -1,0 +1,152 @@
+"""Full per-parameter optimizer states read straight from DeepSpeed's ZeRO 1/2 files, for checkpoints DeepSpeed's
+universal converter cannot join: those of an expert-parallel run (``parallel.ep > 1``).
+
+Under ZeRO 1/2 each data-parallel rank ``d`` writes ``zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt``: per
+parameter group its partition of the flat fp32 master weights and of the Adam moments, and in
+``param_slice_mappings`` where each parameter's fragment lies in that partition. A dense group is partitioned
+over the whole data-parallel group (partition ``d``). An expert group (DeepSpeed's ``'moe': True`` group) holds
+only the rank's own experts and is partitioned over its expert-data-parallel group: with Tessera's layout
+(parallel/dims.py, ``ep`` adjacent data-parallel ranks split the experts) rank ``d`` keeps the experts of
+expert-parallel rank ``d % ep`` and is partition ``d // ep`` of them. Joining the fragments in partition order
+rebuilds each parameter of one expert-parallel rank; joining those along dim 0 (the expert index) over the
+expert-parallel ranks rebuilds all experts::
+
+    layers.0.mlp.experts.gate_up_proj    ep rank 0: experts 0..E/ep-1   ep rank 1: E/ep..2E/ep-1   ...
+
+The result is one state dict per model-parallel (TP) rank, by engine parameter name, which
+train/checkpoint/reshard.py joins over TP like every other checkpoint. The module's persistent buffers (the
+router's aux-loss-free bias) come from the model-states file; they are the same on every rank.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.checkpoint.safe_load import load
+from train.checkpoint.writer import CheckpointError
+
+OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+MODEL_FILE = "mp_rank_{:02d}_model_states.pt"
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+# what optimizer_state.pt of a universal copy keeps from a rank's optimizer file (its global state)
+PARTITION_KEYS = ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings",
+                  "group_paddings", "param_alignment_paddings", "partition_count")
+
+
+def saved_ep(meta: dict[str, Any]) -> int:
+    """The expert-parallel degree a checkpoint was saved with (1 when its tessera.json has none)."""
+    return int(meta.get("config", {}).get("parallel", {}).get("ep", 1) or 1)
+
+
+def optim_files(tag_dir: Path) -> dict[int, dict[int, Path]]:
+    """Per model-parallel rank, per data-parallel rank, its ZeRO 1/2 optimizer file (CheckpointError if a rank's
+    file is missing)."""
+    found: dict[int, dict[int, Path]] = defaultdict(dict)
+    for path in tag_dir.iterdir():
+        m = OPTIM_FILE.match(path.name)
+        if m:
+            found[int(m.group(2))][int(m.group(1))] = path
+    if not found:
+        raise CheckpointError(f"{tag_dir}: no ZeRO 1/2 optimizer files (zero_pp_rank_*_optim_states.pt) in it")
+    for mp, by_dp in found.items():
+        if sorted(by_dp) != list(range(len(by_dp))):
+            raise CheckpointError(f"{tag_dir}: optimizer files of data-parallel ranks {sorted(by_dp)} for "
+                                  f"model-parallel rank {mp}; some are missing")
+    if sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{tag_dir}: optimizer files of model-parallel ranks {sorted(found)}; some are missing")
+    return dict(found)
+
+
+def _group_states(sd: dict[str, Any], group: int) -> dict[str, torch.Tensor]:
+    """The flat partition of each state of one parameter group in one rank's optimizer state."""
+    base = sd["base_optimizer_state"]
+    adam = base["state"][group] if isinstance(base, dict) else base[group]  # torch's state dict, or elastic
+    return {"fp32": sd["single_partition_of_fp32_groups"][group], "exp_avg": adam["exp_avg"],
+            "exp_avg_sq": adam["exp_avg_sq"]}
+
+
+def _is_expert_group(sd: dict[str, Any], group: int, dp: int, ep: int) -> bool:
+    base = sd["base_optimizer_state"]
+    if isinstance(base, dict) and "param_groups" in base:
+        return bool(base["param_groups"][group].get("moe", False))
+    return ep > 1 and int(sd["partition_count"][group]) == dp // ep
+
+
+class Zero12States:
+    """The full optimizer states of one model-parallel rank's files: ``states[name][key]`` (key in STATE_KEYS,
+    all experts joined), plus the Adam step, the parameter groups and the optimizer's global state."""
+
+    def __init__(self, states: dict[str, dict[str, torch.Tensor]], step: Any, param_groups: list[dict[str, Any]],
+                 global_state: dict[str, Any]) -> None:
+        self.states, self.step, self.param_groups, self.global_state = states, step, param_groups, global_state
+
+
+def read_zero12(tag_dir: Path, mp_rank: int, files: dict[int, Path], *, ep: int,
+                keys: tuple[str, ...] = STATE_KEYS) -> Zero12States:
+    """Join model-parallel rank ``mp_rank``'s optimizer files (by data-parallel rank) of a run of expert-parallel
+    degree ``ep`` into full tensors per engine parameter name."""
+    dp = len(files)
+    if dp % ep:
+        raise CheckpointError(f"{tag_dir}: {dp} data-parallel optimizer files do not split into parallel.ep={ep}")
+    model_file = tag_dir / MODEL_FILE.format(mp_rank)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for group in load(model_file).get("param_shapes") or []:
+        shapes.update({name: tuple(shape) for name, shape in group.items()})
+    # name -> key -> (ep rank, partition) -> fragment
+    pieces: dict[str, dict[str, dict[tuple[int, int], torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    experts: set[str] = set()
+    first: dict[str, Any] = {}
+    for d in range(dp):
+        sd = load(files[d])["optimizer_state_dict"]
+        first = first or sd
+        for group, mapping in enumerate(sd["param_slice_mappings"]):
+            expert = _is_expert_group(sd, group, dp, ep)
+            where = (d % ep, d // ep) if expert else (0, d)
+            flat = _group_states(sd, group)
+            for name, frag in mapping.items():
+                if expert:
+                    experts.add(name)
+                for key in keys:
+                    pieces[name][key][where] = flat[key].narrow(0, frag.start, frag.numel)
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for name, by_key in pieces.items():
+        if name not in shapes:
+            raise CheckpointError(f"{model_file}: no shape recorded for parameter {name}")
+        shape, states[name] = shapes[name], {}
+        for key, frags in by_key.items():
+            per_ep = []
+            for e in range(ep if name in experts else 1):
+                flat = torch.cat([t for (er, _), t in sorted(frags.items()) if er == e])
+                if flat.numel() != torch.Size(shape).numel():
+                    raise CheckpointError(f"{tag_dir}: the fragments of {name} hold {flat.numel()} values, its "
+                                          f"shape {shape} {torch.Size(shape).numel()}; the checkpoint is incomplete")
+                per_ep.append(flat.reshape(shape))
+            states[name][key] = (torch.cat(per_ep) if len(per_ep) > 1 else per_ep[0]).detach().clone()
+    base = first["base_optimizer_state"]
+    groups = base.get("param_groups", []) if isinstance(base, dict) else []
+    step = _group_states_step(first)
+    global_state = {k: v for k, v in first.items() if k not in PARTITION_KEYS}
+    return Zero12States(states, step, groups, global_state)
+
+
+def _group_states_step(sd: dict[str, Any]) -> Any:
+    base = sd["base_optimizer_state"]
+    if isinstance(base, dict):
+        state = base.get("state", {})
+        if state and "step" in state.get(0, {}):
+            return state[0]["step"]
+    if "base_optimizer_state_step" in sd:
+        return sd["base_optimizer_state_step"]
+    raise CheckpointError("a ZeRO 1/2 optimizer file holds no Adam step")
+
+
+def module_buffers(model_states: Path) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers (engine names) in a DeepSpeed model-states file (none for a pipeline)."""
+    saved = load(model_states)
+    module = saved.get("module") or {}
+    return {name: module[name].clone() for name in saved.get("buffer_names") or [] if name in module}
