@@ -3,7 +3,8 @@
 ``submit.py`` appends one line per job to an index (``~/.cache/tessera/slurm_jobs.jsonl``, or
 ``$TESSERA_SLURM_JOBS``): job id, submitit folder, run directory. ``status``, ``cancel`` and ``tail`` find a
 job there by its id (the newest entry wins: a wiped test cluster numbers its jobs from 1 again), or take a run
-directory. States come from ``sacct``, which needs the cluster's accounting (slurmdbd).
+directory. States come from ``sacct``, which needs the cluster's accounting (slurmdbd); a job's nodes, its
+tasks' places and its restarts are read from what it left behind (slurm/runlog.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 import submitit
 import yaml
 from submitit.core.utils import JobPaths
+
+from slurm.runlog import JobHistory, NodeView, accounted_runs, job_history, node_states, node_views
 
 INDEX_VARIABLE = "TESSERA_SLURM_JOBS"
 RECORD_FILE = "slurm_job.json"  # in each run directory: the job that runs it
@@ -144,6 +147,59 @@ def log_tail(record: JobRecord, task: int = 0, lines: int = 30) -> str:
         else:
             parts.append(f"==> {path} ({label}): not written yet <==")
     return "\n".join(parts)
+
+
+def node_status(record: JobRecord) -> list[NodeView]:
+    """The nodes of the job's latest run: name, state (sinfo), tasks, the log of its first task; [] until a
+    task has started."""
+    views = node_views(record.folder, record.job_id)
+    states = node_states([v.name for v in views])
+    return [dataclasses.replace(v, state=states.get(v.name, v.state)) for v in views]
+
+
+def history(record: JobRecord) -> JobHistory:
+    """Every run of the job (restarts after a requeue) with the time each restart lost (slurm/runlog.py)."""
+    return job_history(record.folder, record.job_id, accounted_runs(record.job_id))
+
+
+def node_tails(record: JobRecord, node: str, lines: int = 30) -> str:
+    """``log_tail`` of the first task of one node (its name or index in the job) or of every node
+    (``all``)."""
+    views = node_views(record.folder, record.job_id)
+    if not views:
+        raise JobLookupError(f"job {record.job_id}: no task has started yet (no node in its logs in "
+                             f"{record.folder}); try again once it runs, or use --task.")
+    chosen = views if node == "all" else [v for v in views if node in (v.name, str(v.index))]
+    if not chosen:
+        names = ", ".join(f"{v.index} ({v.name})" for v in views)
+        raise JobLookupError(f"--node {node}: not a node of job {record.job_id}; its nodes are {names}, or give "
+                             f"all.")
+    return "\n".join(f"=== {v.line()} ===\n{log_tail(record, task=v.tasks[0], lines=lines)}" for v in chosen)
+
+
+def status_text(record: JobRecord, state: JobState | None, nodes: list[NodeView], past: JobHistory) -> str:
+    """``submit.py status``: the state line, each node of the latest run, the restarts, the paths."""
+    restarts = max(past.restarts, state.restarts if state else 0)
+    shown = "not in accounting yet" if state is None else \
+        f"{state.state}  exit {state.exit_code}  elapsed {state.elapsed}  restarts {restarts}"
+    lines = [f"{record.job_id}  {record.name}  {shown}  {progress(record.out_dir)}"]
+    lines += [f"  {v.line()}" for v in nodes] or ["  nodes: none yet (no task has started)"]
+    if past.restarts:
+        lines.append(f"  restarts: {past.restarts}, lost {past.lost_words()} (details: python slurm/submit.py "
+                     f"summary {record.out_dir})")
+    return "\n".join([*lines, f"  run: {record.out_dir}", f"  logs: {record.folder}"])
+
+
+def summary_text(record: JobRecord, state: JobState | None, past: JobHistory) -> str:
+    """``submit.py summary RUN_DIR``: the result, the restarts and what each lost."""
+    result_file = Path(record.out_dir) / "summary.json"
+    result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    shown = "not in accounting yet" if state is None else f"{state.state} (exit {state.exit_code})"
+    head = f"{record.job_id}  {record.name}  {shown}  {progress(record.out_dir)}"
+    if isinstance(result.get("val_loss"), (int, float)):
+        head += f"  val_loss {result['val_loss']:.4f}"
+    lines = [head, f"restarts: {past.restarts}, lost {past.lost_words()}"]
+    return "\n".join([*lines, *(f"  {line}" for line in past.lines())])
 
 
 def cancel(record: JobRecord) -> None:

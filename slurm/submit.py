@@ -1,6 +1,6 @@
 """Submit Tessera training to SLURM through submitit, and follow it up.
 
-    python slurm/submit.py [--profile NAME] [--nodes N] [--gpus-per-node G] [--time MIN] ... \\
+    python slurm/submit.py [--profile NAME] [--nodes N|MIN-MAX] [--gpus-per-node G] [--time MIN] ... \\
         [--config RECIPE.yaml] [--ds_config NAME|PATH] [--resume auto] [--sweep GRID.yaml] [--dry-run] \\
         [--wait SECONDS] [section.key=value ...]
 
@@ -11,9 +11,12 @@ on this machine; elsewhere it lists the profiles and asks for one (exit code 2).
 Commands after a submission (JOB is the id printed at submission, e.g. 12 or 12_3 in a sweep, or the run
 directory):
 
-    python slurm/submit.py status 12                   state, exit code, restarts, last step, log path
+    python slurm/submit.py status 12                   state, exit code, restarts, last step, each node's
+                                                       state, tasks and log
     python slurm/submit.py tail 12 --task 1            the end of task 1's log
+    python slurm/submit.py tail 12 --node all          the end of each node's first task's log (or --node n2)
     python slurm/submit.py cancel runs/smoke           scancel the job of a run directory
+    python slurm/submit.py summary runs/smoke          a run's result, restarts and the time they lost
     python slurm/submit.py summary runs/sweeps/lr      a sweep's results, best validation loss first
     python slurm/submit.py profiles                    the profiles in slurm/profiles/
     python slurm/submit.py stages train/configs/stages_cpu.yaml --profile local [--dry-run] [--wait SECONDS]
@@ -48,7 +51,7 @@ from slurm.plan import cluster_partitions, plan_submission
 from slurm.profile import choose_profile, known_profiles, load_profile, resolve
 from slurm.script import SlurmConfigError, check_value
 from slurm.stages import cmd_stages
-from slurm.sweep import format_table, load_sweep, summarize
+from slurm.sweep import SWEEP_FILE, format_table, load_sweep, summarize
 from train.cli_errors import ToolParser, report_error
 from train.plan import USER_ERRORS
 
@@ -85,8 +88,11 @@ def followup_parser() -> argparse.ArgumentParser:
                        help="job id as printed at submission (123, or 123_4 in an array), or run directory")
         if name == "tail":
             s.add_argument("--task", type=int, default=0, help="task (rank) whose log to show (default 0)")
+            s.add_argument("--node", default=None,
+                           help="instead: the log of the first task of this node (name or index), or of all")
             s.add_argument("--lines", type=int, default=30)
-    sub.add_parser("summary", help="a sweep's results").add_argument("sweep_dir")
+    sub.add_parser("summary", help="a run's restarts and lost time, or a sweep's results").add_argument(
+        "run_dir", metavar="RUN_OR_SWEEP_DIR")
     sub.add_parser("profiles", help="list the profiles")
     return p
 
@@ -154,23 +160,34 @@ def cmd_followup(argv: list[str]) -> int:
                 print(f"{name:12s} {p.description}")
             return 0
         if args.command == "summary":
-            print(format_table(summarize(args.sweep_dir)))
+            print(_summary(Path(args.run_dir)))
             return 0
         record = jobs.find_job(args.job)
-        if args.command == "tail":
+        if args.command == "tail" and args.node is not None:
+            print(jobs.node_tails(record, args.node, lines=args.lines))
+        elif args.command == "tail":
             print(jobs.log_tail(record, task=args.task, lines=args.lines))
         elif args.command == "cancel":
             jobs.cancel(record)
             print(f"cancelled {record.job_id} ({record.name})")
         else:
-            state = jobs.job_state(record.job_id)
-            shown = "not in accounting yet" if state is None else \
-                f"{state.state}  exit {state.exit_code}  elapsed {state.elapsed}  restarts {state.restarts}"
-            print(f"{record.job_id}  {record.name}  {shown}  {jobs.progress(record.out_dir)}")
-            print(f"  run: {record.out_dir}\n  logs: {record.folder}")
+            print(_status(record))
     except (jobs.JobLookupError, SlurmConfigError, RuntimeError) as e:
         return report_error(e)
     return 0
+
+
+def _status(record: jobs.JobRecord) -> str:
+    """The job's state, each node of its latest run, its restarts and their lost time, its paths."""
+    return jobs.status_text(record, jobs.job_state(record.job_id), jobs.node_status(record), jobs.history(record))
+
+
+def _summary(path: Path) -> str:
+    """A sweep's table (sweep.json), or one run's result, restarts and lost time (slurm_job.json)."""
+    if (path / SWEEP_FILE).is_file() or not (path / jobs.RECORD_FILE).is_file():
+        return format_table(summarize(path))
+    record = jobs.find_job(str(path))
+    return jobs.summary_text(record, jobs.job_state(record.job_id), jobs.history(record))
 
 
 def main(argv: list[str] | None = None) -> int:

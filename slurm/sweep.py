@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from slurm.jobs import job_state
+from slurm.jobs import RECORD_FILE, JobRecord, history, job_state
 from slurm.profile import SlurmConfigError
 
 SWEEP_FILE = "sweep.json"  # in the sweep directory: points, run directories, job ids
@@ -92,7 +92,8 @@ def write_sweep_record(sweep: Sweep, rows: list[dict[str, Any]]) -> Path:
 
 
 def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """One row per point: its values, job state, last step, final validation loss and perplexity.
+    """One row per point: its values, job state, restarts and the time they lost (slurm/runlog.py), last step,
+    final validation loss and perplexity.
 
     Writes ``summary.json`` beside ``sweep.json``. Rows of points without a result have None there.
     """
@@ -106,8 +107,12 @@ def summarize(sweep_dir: str | Path) -> list[dict[str, Any]]:
         state = job_state(p["job_id"])
         summary_file = Path(p["out_dir"]) / "summary.json"
         result = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        run_record = Path(p["out_dir"]) / RECORD_FILE
+        past = history(JobRecord(**json.loads(run_record.read_text()))) if run_record.is_file() else None
         rows.append({"name": p["name"], **p["point"], "job_id": p["job_id"],
-                     "state": state.state if state else "UNKNOWN", "steps": result.get("steps"),
+                     "state": state.state if state else "UNKNOWN",
+                     "restarts": past.restarts if past else None, "lost": past.lost_text() if past else None,
+                     "steps": result.get("steps"),
                      "val_loss": result.get("val_loss"), "val_ppl": result.get("val_ppl")})
     (sweep_dir / SUMMARY_FILE).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

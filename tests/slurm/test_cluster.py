@@ -272,7 +272,8 @@ def test_sweep_is_one_job_array_with_a_summary(runs: dict[str, Any], job_env: di
     proc = submit(job_env, "summary", str(sweep))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["name", "train.lr", "job_id", "state", "steps", "val_loss", "val_ppl"]
+    assert lines[0].split() == ["name", "train.lr", "job_id", "state", "restarts", "lost", "steps", "val_loss",
+                                "val_ppl"]
     assert len(lines) == 4 and all(" COMPLETED " in line for line in lines[1:])
     rows = json.loads((sweep / "summary.json").read_text())
     assert {r["train.lr"] for r in rows} == {1e-3, 3e-3, 1e-2} and all(r["steps"] == 12 for r in rows)

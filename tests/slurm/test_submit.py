@@ -236,8 +236,8 @@ def test_a_valid_script_is_rendered_as_before(tmp_path: Path, capsys: pytest.Cap
         "#SBATCH --signal=USR2@180", "#SBATCH --time=30", "#SBATCH --wckey=submitit", "", "# setup",
         "export OMP_NUM_THREADS=1", "echo hello && echo 'a b'", "", "# command",
         "export SUBMITIT_EXECUTOR=slurm",
-        f"srun --unbuffered --output {logs}_%t_log.out --error {logs}_%t_log.err --kill-on-bad-exit=1 "
-        f"{sys.executable} -u -m submitit.core._submit {run}/slurm", "", ""])
+        (f"srun --unbuffered --output {logs}_%t_log.out --error {logs}_%t_log.err --kill-on-bad-exit=1 "
+        f"{sys.executable} -u -m submitit.core._submit {run}/slurm"), "", ""])
 
 
 @pytest.mark.parametrize(
@@ -264,8 +264,8 @@ def test_a_smuggled_directive_from_the_real_command_line(tmp_path: Path) -> None
                    f"mail-type=END\n{SMUGGLED}", f"train.out_dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "# sbatch script" not in proc.stdout
     assert proc.stderr.splitlines() == [
-        "tessera: error: --sbatch mail-type='END\\n#SBATCH --time=525600': the value holds a newline; an "
-        "sbatch value must be one line without it."]
+        ("tessera: error: --sbatch mail-type='END\\n#SBATCH --time=525600': the value holds a newline; an "
+        "sbatch value must be one line without it.")]
     assert not (tmp_path / "run").exists()
 
 
