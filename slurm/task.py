@@ -9,6 +9,15 @@ stop request (train/loop/preempt.py); the training loop agrees on it across rank
 current step and returns. Rank 0 then hands the signal to submitit's own handler, which records this callable
 for the next run and requeues the job (``scontrol requeue``); the requeued job starts with ``--resume auto``
 and continues from that checkpoint. The other ranks wait for the requeue to end them.
+
+A lost task (killed by a signal, its node gone): srun (``--kill-on-bad-exit``) ends the job step, so every
+surviving task gets ``SIGTERM`` while the job itself is still RUNNING (a cancel, a time limit, a node failure
+or a requeue change the job's state first). ``LostTaskRequeue`` turns that into ``scontrol requeue`` while the
+job has been restarted fewer than ``max_requeues`` times (every restart counts, ``SLURM_RESTART_COUNT``); the
+requeued job resumes from the last checkpoint, on the nodes SLURM gives it then (a job submitted with
+``--nodes MIN-MAX`` starts without a node that stays down or drained, at the smaller data-parallel size). A
+task that fails on its own (bad recipe, preflight, a training error) first leaves a mark in the submitit
+folder, so its job is not requeued only to fail again.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,11 +35,12 @@ from typing import Any
 
 import submitit
 
-from slurm.env import SlurmEnvError, dist_vars
+from slurm.env import DistVars, SlurmEnvError, dist_vars
 from slurm.preflight import EXIT_PREFLIGHT, run_preflight
 from train.checkpoint.writer import latest_complete
 from train.config.fields import ConfigError
 from train.config.load import load_config
+from train.config.schema import JobConfig
 from train.loop.preempt import RunControl
 from train.main import main as train_main
 
@@ -68,6 +79,7 @@ class NodeNeeds:
     mps: bool = False
     checkpoint_bytes: int = 0  # room one checkpoint needs (twice this must be free: old + new)
     checkpoint_every_s: float = 0.0
+    max_requeues: int = 0  # a job that lost a task is requeued while it has restarted fewer times than this
 
 
 def _say(line: str) -> None:
@@ -80,6 +92,68 @@ def _resolve(host: str) -> str:
         return socket.gethostbyname(host)
     except OSError as e:
         return f"does not resolve: {e}"
+
+
+def _scontrol(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
+
+
+class LostTaskRequeue:
+    """Requeue a multi-task job whose step srun ended because a task was lost (``SIGTERM`` while the job runs).
+
+    ``install`` replaces submitit's SIGTERM handler (which only logs it); ``mark_own_failure`` records that
+    this task is failing by itself, before it exits, so that the others do not requeue."""
+
+    def __init__(self, job_env: submitit.JobEnvironment, node: str, max_requeues: int) -> None:
+        self.job_id, self.rank, self.node = job_env.job_id, job_env.global_rank, node
+        self.restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        self.max_requeues = max_requeues
+        self.marks = Path(job_env.paths.folder)
+        self.terminated = False  # SIGTERM came: this task is being ended, not failing by itself
+        self._previous: Any = None
+
+    def _mark(self, rank: int) -> Path:
+        return self.marks / f"{self.job_id}_restart{self.restarts}_task{rank}.failed"
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._on_term)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def mark_own_failure(self) -> None:
+        if not self.terminated:
+            self._mark(self.rank).touch()
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        if self.terminated:
+            return
+        self.terminated = True
+        line = self.decide()
+        if line:
+            _say(line)
+
+    def decide(self) -> str:
+        """Requeue the job if it lost a task; the line to log (empty: the job is ending for another reason)."""
+        out = _scontrol("-o", "show", "job", self.job_id)
+        fields = dict(t.split("=", 1) for t in out.stdout.split() if "=" in t)
+        if fields.get("JobState") != "RUNNING":
+            return ""  # cancelled, timed out, node failure, or a requeue already under way
+        me = f"tessera: task {self.rank} on {self.node}"
+        failed = sorted(self.marks.glob(f"{self.job_id}_restart{self.restarts}_task*.failed"))
+        if failed:
+            who = ", ".join(f.name.rsplit("_task", 1)[1].removesuffix(".failed") for f in failed)
+            return f"{me}: the job step ends after task {who} failed by itself (see its log); not requeued"
+        if self.restarts >= self.max_requeues:
+            return (f"{me}: a task of this job was lost; the job has restarted {self.restarts} times "
+                    f"(max_requeues {self.max_requeues}), so it is not requeued; resubmit it with --resume auto")
+        done = _scontrol("requeue", self.job_id)
+        if done.returncode != 0:  # another survivor requeued it first
+            return ""
+        return (f"{me}: a task of this job was lost (the job step ended while the job runs); requeued the job "
+                f"(restart {self.restarts + 1} of at most {self.max_requeues}): it resumes from the last "
+                f"checkpoint on the nodes it gets")
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -97,6 +171,21 @@ class TrainTask(submitit.helpers.Checkpointable):
         except (SlurmEnvError, ConfigError) as e:
             _say(f"tessera: error: {where}: {e}")
             sys.exit(EXIT_USAGE)
+        if dist.world_size == 1:
+            return self._run(run, job_env, dist, cfg, where, None)
+        lost = LostTaskRequeue(job_env, dist.node_name, self.needs.max_requeues)
+        lost.install()
+        try:
+            return self._run(run, job_env, dist, cfg, where, lost)
+        except BaseException as e:
+            if not (isinstance(e, SystemExit) and e.code in (0, None)):
+                lost.mark_own_failure()
+            raise
+        finally:
+            lost.uninstall()
+
+    def _run(self, run: RunSpec, job_env: submitit.JobEnvironment, dist: DistVars, cfg: JobConfig, where: str,
+             lost: LostTaskRequeue | None) -> dict[str, Any]:
         dist.export()
         _say(f"tessera: task {dist.rank} on node {dist.node_name} ({dist.node_rank} of {dist.num_nodes}): "
              f"RANK={dist.rank} LOCAL_RANK={dist.local_rank} WORLD_SIZE={dist.world_size} "
@@ -120,6 +209,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         finally:
             control.uninstall()
         if control.stopped:
+            if lost is not None:
+                lost.terminated = True  # the USR2 requeue ends every task; nothing failed
             self._requeue(dist.rank, usr_sig, control)
         if code != 0:
             sys.exit(code)  # the entry point printed its one-line error; the job is FAILED with this code
