@@ -227,6 +227,10 @@ def plan_submission(shape: JobShape, *, config: str, overrides: list[str], ds_co
         default = sweep.name if sweep is not None else runs[0].name
         shape = dataclasses.replace(shape, name=f"tessera-{default}")
     check_parameters(shape.slurm_parameters())
-    needs = NodeNeeds(gpus_per_node=shape.gpus_per_node, mps=shape.profile.mps, checkpoint_bytes=biggest,
-                      checkpoint_every_s=shape.profile.checkpoint_every_min * 60)
+    # what each task sees: the node's GPUs, or its own one when they are bound to tasks (--gpus-per-task)
+    visible = shape.profile.gpus_per_task if shape.gpus_per_node and shape.profile.gpus_per_task else \
+        shape.gpus_per_node
+    needs = NodeNeeds(gpus_per_node=visible, mps=shape.profile.mps, checkpoint_bytes=biggest,
+                      checkpoint_every_s=shape.profile.checkpoint_every_min * 60,
+                      max_requeues=shape.profile.max_requeues)
     return Submission(shape=shape, runs=runs, recipes=recipes, folder=job_folder, needs=needs, sweep=sweep)

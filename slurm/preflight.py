@@ -1,8 +1,9 @@
 """Checks a job runs on its node before training: each failure is one line in the log and a non-zero exit.
 
 A job that starts on a node without the GPUs it asked for, with a dead CUDA MPS daemon (CUDA error 805 at the
-first kernel), a TMPDIR it cannot write, a disk without room for a checkpoint, or without its data, should say
-so in its first seconds, not as a stack trace after the model is built. Every check returns the problems it
+first kernel), a TMPDIR it cannot write, a disk without room for a checkpoint, without its data, or without the
+network interface its profile names for NCCL or gloo, should say so in its first seconds, not as a stack trace
+(or a rendezvous timeout) after the model is built. Every check returns the problems it
 found as lines; ``run_preflight`` gathers all of them from the real node.
 """
 
@@ -30,15 +31,16 @@ MPS_DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"
 class Problem:
     """One failed check: what, and how to fix it."""
 
-    check: str  # gpus | mps | tmpdir | disk | data
+    check: str  # gpus | mps | tmpdir | disk | data | network
     message: str  # what is wrong and the fix, one line
 
     def line(self, where: str) -> str:
         return f"tessera: preflight: {where}: {self.check}: {self.message}"
 
 
-def check_gpus(requested: int, visible: int, cuda_visible_devices: str | None) -> list[Problem]:
-    """The job asked for ``requested`` GPUs per node; torch sees ``visible``."""
+def check_gpus(requested: int, visible: int, cuda_visible_devices: str | None, per: str = "node") -> list[Problem]:
+    """The job asked for ``requested`` GPUs per node (``per="task"``: bound to each task, --gpus-per-task);
+    torch sees ``visible``."""
     if requested == 0 or visible == requested:
         return []
     shown = f"CUDA_VISIBLE_DEVICES={cuda_visible_devices}" if cuda_visible_devices is not None else \
@@ -46,9 +48,43 @@ def check_gpus(requested: int, visible: int, cuda_visible_devices: str | None) -
     if visible == 0:
         fix = "check the node's driver (nvidia-smi) and that this Python's torch is a CUDA build"
     else:
-        fix = "submit with --gpus-per-node matching what the node gives, or check the partition's gres"
+        fix = f"submit with --gpus-per-{per} matching what the node gives, or check the partition's gres"
     asked = f"{requested} GPU{'s' if requested > 1 else ''}"
-    return [Problem("gpus", f"the job asked for {asked} per node but torch sees {visible} ({shown}); {fix}.")]
+    return [Problem("gpus", f"the job asked for {asked} per {per} but torch sees {visible} ({shown}); {fix}.")]
+
+
+def check_interfaces(environ: dict[str, str] | os._Environ[str], present: list[str]) -> list[Problem]:
+    """The interfaces ``NCCL_SOCKET_IFNAME`` / ``GLOO_SOCKET_IFNAME`` name exist on this node (``present``).
+
+    gloo needs each named interface; NCCL takes names as prefixes (``=``: exact names), at least one must
+    match, and a list after ``^`` excludes interfaces (nothing to check)."""
+    problems = []
+    gloo = environ.get("GLOO_SOCKET_IFNAME")
+    if gloo:
+        missing = [n for n in gloo.split(",") if n and n not in present]
+        if missing:
+            problems.append(Problem("network", f"GLOO_SOCKET_IFNAME={gloo}: no interface {', '.join(missing)} "
+                                               f"on this node (it has {', '.join(present) or 'none'}); set "
+                                               f"gloo_socket_ifname (--gloo-socket-ifname) to one every node "
+                                               f"has."))
+    nccl = environ.get("NCCL_SOCKET_IFNAME")
+    if nccl and not nccl.startswith("^"):
+        exact = nccl.startswith("=")
+        names = [n for n in nccl.lstrip("=").split(",") if n]
+        if not any(p == n or (not exact and p.startswith(n)) for n in names for p in present):
+            problems.append(Problem("network", f"NCCL_SOCKET_IFNAME={nccl}: no interface of this node matches "
+                                               f"(it has {', '.join(present) or 'none'}); set "
+                                               f"nccl_socket_ifname (--nccl-socket-ifname) to one every node "
+                                               f"has."))
+    return problems
+
+
+def network_interfaces(sys_net: Path = Path("/sys/class/net")) -> list[str]:
+    """This node's network interfaces."""
+    try:
+        return sorted(p.name for p in sys_net.iterdir())
+    except OSError:
+        return []
 
 
 def check_mps(required: bool, environ: dict[str, str] | os._Environ[str]) -> list[Problem]:
@@ -152,9 +188,11 @@ def _visible(entry: str) -> bool:
 def run_preflight(cfg: JobConfig, *, gpus_per_node: int, mps: bool, checkpoint_bytes: int) -> list[Problem]:
     """Every check against this node; an empty list means the job may start training."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    problems = check_gpus(gpus_per_node, visible, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    per = "task" if "SLURM_GPUS_PER_TASK" in os.environ else "node"  # --gpus-per-task: each task sees its own
+    problems = check_gpus(gpus_per_node, visible, os.environ.get("CUDA_VISIBLE_DEVICES"), per)
     problems += check_mps(mps, os.environ)
     problems += check_tmpdir(os.environ)
     problems += check_disk(Path(cfg.train.out_dir), checkpoint_bytes)
     problems += check_data(cfg)
+    problems += check_interfaces(os.environ, network_interfaces())
     return problems

@@ -195,14 +195,17 @@ def node_views(folder: str | Path, job_id: str, states: dict[str, str] | None = 
 
 
 def node_states(names: list[str]) -> dict[str, str]:
-    """sinfo's state of each named node ({} without a reachable cluster)."""
+    """sinfo's state of each named node ({} without a reachable cluster); a host name that is longer than its
+    node's name (``n1.cluster.org`` for ``n1``) is matched by its first label."""
     if not names or shutil.which("sinfo") is None:
         return {}
-    out = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(names), "-o", "%N %T"], capture_output=True,
-                         text=True, timeout=30, check=False)
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=30,
+                         check=False)
     if out.returncode != 0:
         return {}
-    return dict(line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    known = dict(line.split(None, 1) for line in out.stdout.splitlines() if len(line.split(None, 1)) == 2)
+    found = {name: known.get(name) or known.get(name.split(".")[0]) for name in names}
+    return {name: state.strip() for name, state in found.items() if state}
 
 
 def accounted_runs(job_id: str) -> list[str]:

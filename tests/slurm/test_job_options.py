@@ -100,3 +100,48 @@ def test_the_live_cluster_bounds_the_node_count() -> None:
                                                r"at most 2, or a range such as --nodes 1-2"):
         _shape(["--nodes", "3"], profile="local", live=live)
     assert load_profile("local").max_nodes is None  # the local profile takes what the running cluster has
+
+
+def test_bindings_exclusive_nodes_and_interfaces_in_the_script(tmp_path: Path) -> None:
+    default = _script(_shape([]), tmp_path / "a")  # h100x8's own choices
+    assert "#SBATCH --exclusive" in default and "#SBATCH --gpus-per-node=8" in default
+    assert "export NCCL_SOCKET_IFNAME='^docker,lo'" in default
+    assert not any("GLOO_SOCKET_IFNAME" in line for line in default)
+    (srun,) = [line for line in default if line.startswith("srun ")]
+    assert " --kill-on-bad-exit=1 --cpu-bind=cores " in srun
+    shape = _shape(["--gpus-per-task", "1", "--ntasks-per-node", "4", "--no-exclusive", "--cpu-bind", "none",
+                    "--nccl-socket-ifname", "ib0,ib1", "--gloo-socket-ifname", "eth0", "--nodes", "2"])
+    assert (shape.tasks_per_node, shape.world_size) == (4, 8)
+    lines = _script(shape, tmp_path / "b")
+    assert "#SBATCH --gpus-per-task=1" in lines and "#SBATCH --ntasks-per-node=4" in lines
+    assert not any(line.startswith(("#SBATCH --gpus-per-node", "#SBATCH --exclusive")) for line in lines)
+    setup = lines[lines.index("# setup") + 1:lines.index("# command") - 1]
+    assert setup[-2:] == ["export NCCL_SOCKET_IFNAME=ib0,ib1", "export GLOO_SOCKET_IFNAME=eth0"]  # last: they win
+    assert "--cpu-bind=none" in next(line for line in lines if line.startswith("srun "))
+    # each bound task checks it sees one GPU (not the node's four)
+    sub = plan_submission(shape, config=str(SMOKE), overrides=[*BATCH, f"train.out_dir={tmp_path / 'c'}"],
+                          ds_config="cpu")
+    assert sub.needs.gpus_per_node == 1
+    assert plan_submission(_shape(["--ntasks-per-node", "4"]), config=str(SMOKE), ds_config="cpu",
+                           overrides=[*BATCH, f"train.out_dir={tmp_path / 'd'}"]).needs.gpus_per_node == 4
+
+
+def test_an_option_tessera_sets_is_refused_as_sbatch_extra(capsys: pytest.CaptureFixture[str]) -> None:
+    for key, option in (("exclusive", "--exclusive"), ("exclude", "--exclude"), ("gpus-per-task", "--gpus-per-task"),
+                        ("ntasks", "--nodes and --ntasks-per-node")):
+        assert submit_main(["--profile", "local", "--sbatch", f"{key}=x", "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"Tessera sets --{key} itself (use {option}" in err, err
+
+
+def test_dry_run_shows_the_multi_node_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = submit_main(["--profile", "local", "--nodes", "1-2", "--exclude", "tessera-n3", "--config", str(SMOKE),
+                        "--gloo-socket-ifname", "lo", "--dry-run", "train.global_batch_size=8",
+                        f"train.out_dir={tmp_path / 'run'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and not (tmp_path / "run").exists()
+    job = out[:out.index("\n# run ")]
+    assert "\nnodes: 2\nmin_nodes: 1\n" in job and "\nworld_size: 2-4\n" in job
+    script = out[out.index("# sbatch script\n"):].splitlines()
+    assert "#SBATCH --nodes=1-2" in script and "#SBATCH --exclude=tessera-n3" in script
+    assert "export GLOO_SOCKET_IFNAME=lo" in script

@@ -12,7 +12,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from slurm.preflight import check_data, check_disk, check_gpus, check_mps, check_tmpdir, run_preflight
+from slurm.preflight import (
+    check_data,
+    check_disk,
+    check_gpus,
+    check_interfaces,
+    check_mps,
+    check_tmpdir,
+    network_interfaces,
+    run_preflight,
+)
 from tests.conftest import SMOKE
 from train.config.load import load_config
 from train.loop.preempt import Action, RunControl
@@ -27,6 +36,22 @@ def test_gpus_requested_but_not_visible() -> None:
     assert "--gpus-per-node" in p.message
     line = p.line("vm task 3")
     assert line.startswith("tessera: preflight: vm task 3: gpus: ") and "\n" not in line
+    (p,) = check_gpus(1, 2, "0,1", per="task")  # --gpus-per-task 1: each task should see its own GPU alone
+    assert "asked for 1 GPU per task but torch sees 2" in p.message and "--gpus-per-task" in p.message
+
+
+def test_named_network_interfaces_exist_on_the_node() -> None:
+    present = ["eth0", "ib0", "lo"]
+    assert check_interfaces({}, present) == []
+    ok = {"GLOO_SOCKET_IFNAME": "eth0,lo", "NCCL_SOCKET_IFNAME": "ib"}  # NCCL: a prefix matches ib0
+    assert check_interfaces(ok, present) == []
+    assert check_interfaces({"NCCL_SOCKET_IFNAME": "^docker,lo"}, present) == []  # exclusions: nothing to find
+    (gloo, nccl) = check_interfaces({"GLOO_SOCKET_IFNAME": "eth0,bond0", "NCCL_SOCKET_IFNAME": "=ib"}, present)
+    assert gloo.check == nccl.check == "network"
+    assert gloo.message.startswith("GLOO_SOCKET_IFNAME=eth0,bond0: no interface bond0 on this node (it has "
+                                   "eth0, ib0, lo); set gloo_socket_ifname (--gloo-socket-ifname)")
+    assert nccl.message.startswith("NCCL_SOCKET_IFNAME==ib: no interface of this node matches")
+    assert "lo" in network_interfaces()  # this machine's, from /sys/class/net
 
 
 def test_mps_configured_but_daemon_missing(tmp_path: Path) -> None:
