@@ -184,8 +184,12 @@ def _status(record: jobs.JobRecord) -> str:
 
 def _summary(path: Path) -> str:
     """A sweep's table (sweep.json), or one run's result, restarts and lost time (slurm_job.json)."""
-    if (path / SWEEP_FILE).is_file() or not (path / jobs.RECORD_FILE).is_file():
+    if (path / SWEEP_FILE).is_file():
         return format_table(summarize(path))
+    if not (path / jobs.RECORD_FILE).is_file():
+        raise SlurmConfigError(f"summary {path}: neither a sweep ({SWEEP_FILE}) nor a submitted run "
+                               f"({jobs.RECORD_FILE}); give the out_dir of a run or sweep slurm/submit.py "
+                               f"submitted.")
     record = jobs.find_job(str(path))
     return jobs.summary_text(record, jobs.job_state(record.job_id), jobs.history(record))
 

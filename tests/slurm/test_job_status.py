@@ -126,3 +126,11 @@ def test_tail_by_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [(f"tessera: error: --node n9: not a node of job {JOB}; its nodes are 0 (n1), 1 (n2), or "
                     "give all.")]
+
+
+def test_summary_of_a_directory_that_is_neither_run_nor_sweep(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert submit_main(["summary", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"tessera: error: summary {tmp_path}: neither a sweep (sweep.json) nor a submitted run "
+        f"(slurm_job.json); give the out_dir of a run or sweep slurm/submit.py submitted.")
