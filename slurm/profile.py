@@ -129,7 +129,9 @@ class JobShape:
         params: dict[str, Any] = {
             "job_name": self.name,
             "time": p.time_min,
-            "nodes": self.nodes_parameter,
+            # submitit counts the tasks as nodes x ntasks_per_node, so it gets the most nodes; a range reaches
+            # sbatch as an extra parameter, which replaces that --nodes line
+            "nodes": self.profile.nodes,
             "ntasks_per_node": self.tasks_per_node,
             "cpus_per_task": p.cpus_per_task,
             "mem": _mem_string(self.mem_gb),
@@ -149,8 +151,11 @@ class JobShape:
             params["exclusive"] = True
         if p.setup or self.env_lines():
             params["setup"] = [*p.setup, *self.env_lines()]
-        if p.sbatch:
-            params["additional_parameters"] = {str(k): v for k, v in p.sbatch.items()}
+        extras = {str(k): v for k, v in p.sbatch.items()}
+        if len(self.node_counts) > 1:
+            extras["nodes"] = self.nodes_parameter
+        if extras:
+            params["additional_parameters"] = extras
         return params
 
     def as_dict(self) -> dict[str, Any]:

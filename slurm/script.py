@@ -45,6 +45,9 @@ RESERVED = {
     "exclude": "--exclude", "exclusive": "--exclusive", "gpus-per-task": "--gpus-per-task",
     "ntasks": "--nodes and --ntasks-per-node (Tessera runs the same number of tasks on every node)",
 }
+# sbatch options Tessera itself passes as submitit's extra parameters: a node range (MIN-MAX), which submitit's
+# own integer `nodes` cannot hold
+OWN_EXTRAS = {"nodes"}
 DIRECTIVE = re.compile(r"#\s*SBATCH", re.IGNORECASE)
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -127,7 +130,9 @@ def check_parameters(params: dict[str, Any]) -> None:
             for line in value:
                 check_setup_line("setup line", line)
         elif key == "additional_parameters":
-            check_sbatch("sbatch", value)
+            check_sbatch("sbatch", {k: v for k, v in value.items() if k not in OWN_EXTRAS})
+            for k in OWN_EXTRAS & set(value):
+                check_value(f"--{k}", value[k])
         elif key == "srun_args":
             for arg in value:
                 check_value("srun argument", arg)

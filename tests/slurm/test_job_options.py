@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import submitit
 
 from slurm.options import add_job_options, with_command_line
 from slurm.plan import partition_nodes, plan_submission
@@ -39,6 +40,13 @@ def test_a_node_range_and_an_exclusion_reach_sbatch(tmp_path: Path) -> None:
     assert shape.world_size == 6 and shape.as_dict()["world_size"] == "2-6"
     lines = _script(shape, tmp_path)
     assert "#SBATCH --nodes=1-3" in lines and "#SBATCH --exclude='node[2-3],node7'" in lines
+    assert sum(line.startswith("#SBATCH --nodes") for line in lines) == 1
+    # submitit's own executor takes the parameters and counts the tasks of the most nodes (its task ids)
+    params = shape.slurm_parameters()
+    assert params["nodes"] == 3 and params["additional_parameters"] == {"nodes": "1-3"}
+    executor = submitit.SlurmExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(**params)
+    assert executor._num_tasks() == 6
     exact = _shape(["--nodes", "2"], profile="local")
     assert exact.slurm_parameters()["nodes"] == 2 and "exclude" not in exact.slurm_parameters()
     # a profile's range, then an exact count on the command line: the count wins
