@@ -154,15 +154,20 @@ class DPOObjective(Objective):
         self.reference, self.beta, self.label_smoothing = reference, beta, label_smoothing
 
     def _pair_loss(self, engine: Any, batch: Any, device: torch.device
-                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(DPO loss with the policy's router losses, per-pair terms, MoE terms)."""
         pairs = _pairs(batch, device)
         policy = sequence_logps(_forward(engine, pairs), pairs["labels"])
-        return dpo_loss(policy, self.reference.logps(engine, pairs), self.beta, self.label_smoothing)
+        # the router losses of the policy's forward, read before the reference runs (the 'adapters' reference is
+        # the same module, whose forward would leave its own routing statistics)
+        router, moe_terms = self.moe.add(engine, policy.new_zeros(()))
+        loss, terms = dpo_loss(policy, self.reference.logps(engine, pairs), self.beta, self.label_smoothing)
+        return loss + router, terms, moe_terms
 
     def loss(self, engine: Any, batch: Any,
              device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss, terms = self._pair_loss(engine, batch, device)
-        return loss, {k: v.mean() for k, v in terms.items()}
+        loss, terms, moe_terms = self._pair_loss(engine, batch, device)
+        return loss, {k: v.mean() for k, v in terms.items()} | moe_terms
 
     @torch.no_grad()
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,

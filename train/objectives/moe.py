@@ -1,5 +1,7 @@
 """The MoE side of an objective: router losses into the training loss, expert load into the logged terms, and
-the auxiliary-loss-free bias update after each optimizer step.
+the auxiliary-loss-free bias update after each optimizer step. Every objective that trains a native MoE model uses
+it the same way (`Objective.moe`): the LM objective (pretraining and SFT), DPO, reward / classifier heads, and
+seq2seq (whose HF encoder-decoders have no native MoE layers: nothing to add there).
 
 Each MoE forward leaves its `model.moe.RoutingStats` on its block; `MoETerms.add` reads them right after the
 model's forward (before backward, so an activation-checkpointing recompute cannot count twice) and returns:
@@ -28,12 +30,18 @@ _LOAD_TERMS_UP_TO = 16  # experts per layer up to which each expert's share is a
 
 
 def moe_blocks(engine: Any) -> tuple[ModelArgs | None, list[tuple[int, MoEFeedForward]]]:
-    """The model's args and its (layer, MoE block) pairs; (None, []) for a model without MoE layers."""
+    """The model's args and its (layer, MoE block) pairs; (None, []) for a model without MoE layers.
+
+    The model is the engine's module or the first module inside it that has MoE blocks (a sequence head's or a
+    research recipe's wrapped Transformer)."""
     module = getattr(engine, "module", engine)
-    find = getattr(module, "moe_blocks", None)
-    if find is None:
-        return None, []
-    return module.args, find()
+    for inner in module.modules():
+        find = getattr(inner, "moe_blocks", None)
+        if callable(find) and isinstance(getattr(inner, "args", None), ModelArgs):
+            blocks = find()
+            if blocks:
+                return inner.args, blocks
+    return None, []
 
 
 class MoETerms:

@@ -67,7 +67,8 @@ class ScoreObjective(Objective):
             terms = {"accuracy": pred.float().mean().detach(), "margin": target.mean().detach()}
         else:
             terms = {"accuracy": (pred == target).float().mean().detach()}
-        return losses.mean(), terms
+        loss, moe_terms = self.moe.add(engine, losses.mean())  # router losses of an MoE body
+        return loss, terms | moe_terms
 
     @torch.no_grad()
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,

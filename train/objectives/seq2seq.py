@@ -41,7 +41,7 @@ class Seq2SeqObjective(Objective):
     def loss(self, engine: Any, batch: Any,
              device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, n = _token_losses(engine, _on(batch, device))
-        return total / n.clamp(min=1), {}
+        return self.moe.add(engine, total / n.clamp(min=1))  # (no native MoE layers in an HF encoder-decoder)
 
     @torch.no_grad()
     def evaluate(self, engine: Any, batches: Callable[[], Iterator[Any]], device: torch.device,
