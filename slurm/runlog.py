@@ -173,13 +173,11 @@ def task_logs(folder: str | Path, job_id: str) -> dict[int, JobPaths]:
 def latest_starts(folder: str | Path, job_id: str) -> list[TaskStart]:
     """Each task's start in the job's latest run (a task of an earlier, larger run is left out)."""
     logs = task_logs(folder, job_id)
-    last = {t: (task_starts(_read(p.stdout), t) or [None])[-1] for t, p in logs.items()}
-    first = last.get(0)
-    if first is None:
+    runs = [s.time for s in task_starts(_read(logs[0].stdout), 0)] if 0 in logs else []
+    if not runs:
         return []
-    return [s for t, s in last.items()
-            if s is not None and t < first.world_size and s.world_size == first.world_size
-            and s.time >= first.time - timedelta(minutes=10)]
+    last = {t: (task_starts(_read(p.stdout), t) or [None])[-1] for t, p in logs.items()}
+    return [s for s in last.values() if s is not None and _run_index(runs, s.time) == len(runs) - 1]
 
 
 def node_views(folder: str | Path, job_id: str, states: dict[str, str] | None = None) -> list[NodeView]:
@@ -254,12 +252,13 @@ def _hosts_by_run(folder: str | Path, job_id: str, run_starts: list[datetime]) -
 
 
 def _run_index(run_starts: list[datetime], t: datetime) -> int | None:
-    """The run a time falls in (tasks of one run start within seconds of task 0; a minute of slack)."""
-    slack = timedelta(minutes=1)
-    for i in range(len(run_starts) - 1, -1, -1):
-        if t >= run_starts[i] - slack:
-            return i
-    return None
+    """The run a task's start belongs to: the run whose task 0 started nearest to it (srun starts the tasks of
+    one run within seconds; runs are at least a requeue apart). None: more than 5 minutes from any."""
+    if not run_starts:
+        return None
+    gaps = [abs((t - start).total_seconds()) for start in run_starts]
+    best = min(range(len(gaps)), key=gaps.__getitem__)
+    return best if gaps[best] <= 300 else None
 
 
 def _resumed_lines(text: str, run_starts: list[datetime]) -> dict[int, tuple[int, str, datetime]]:

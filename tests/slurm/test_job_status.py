@@ -23,7 +23,8 @@ def _start(when: str, host: str, local: int, node: int, nodes: int, rank: int, w
             f"submitit INFO (2026-12-07 {when},897) - Loading pickle: /x/{JOB}_submitted.pkl\n")
 
 
-def _recorded_job(tmp_path: Path, *, requeued: bool = True, keep_checkpoint: bool = True) -> jobs.JobRecord:
+def _recorded_job(tmp_path: Path, *, requeued: bool = True, keep_checkpoint: bool = True,
+                  restart_at: str = "13:03:20") -> jobs.JobRecord:
     """Run 1 on n1 + n2 (2 tasks each) saved step 50 at 13:02:40 and lost n2; run 2, on n1 alone, resumed
     step 50 at 13:03:31."""
     out, folder = tmp_path / "run", tmp_path / "run" / "slurm"
@@ -37,7 +38,7 @@ def _recorded_job(tmp_path: Path, *, requeued: bool = True, keep_checkpoint: boo
         node, host = divmod(rank, 2)[0], f"n{rank // 2 + 1}"
         text = _start("13:02:17", host, rank % 2, node, 2, rank, 4)
         if requeued and rank < 2:
-            text += _start("13:03:20", "n1", rank, 0, 1, rank, 2)
+            text += _start(restart_at, "n1", rank, 0, 1, rank, 2)
         (folder / f"{JOB}_{rank}_log.out").write_text(text)
         err = f"13:02:30 tessera: world 4 (dp 4 x tp 1 x pp 1)\nstep 50: checkpoint saved to {ckpt}\n" \
             if rank == 0 else ""
@@ -82,6 +83,10 @@ def test_restarts_and_lost_time(tmp_path: Path) -> None:
     assert gone.restarts == 1 and gone.runs[1].lost_s is None and gone.unknown == 1
     assert gone.lost_text() == "0s+1?" and "whose checkpoint is gone" in gone.lost_words()
     assert "lost time not known" in gone.lines()[1]
+    # a requeue that starts again 20 s later: each task's start still goes with its own run
+    fast = _recorded_job(tmp_path / "fast", restart_at="13:02:37")
+    assert [r.hosts for r in job_history(fast.folder, JOB).runs] == [["n1", "n2"], ["n1"]]
+    assert [v.name for v in node_views(fast.folder, JOB)] == ["n1"]
 
 
 def test_a_resumed_line_after_midnight_belongs_to_its_run(tmp_path: Path) -> None:
