@@ -78,14 +78,25 @@ def test_which_resumes_reshard_and_which_are_refused(tmp_path: Path) -> None:
     assert not needs_reshard(tag, meta, Layout(tp=2, pp=2, world_size=4))
     assert refusal(tag, meta, tp=1, pp=4) is None
     (tmp_path / "zero0").mkdir()
-    tag0, meta0 = _checkpoint(tmp_path / "zero0", zero=False)
+    tag0, meta0 = _checkpoint(tmp_path / "zero0", zero=False)  # a ZeRO-0 pipeline checkpoint: keeps its layout
     assert refusal(tag0, meta0, tp=2, pp=2) is None and not needs_reshard(tag0, meta0, Layout(2, 2, 8))
-    assert "ZeRO-0 checkpoint of parallel.tp=2 parallel.pp=2" in refusal(tag0, meta0, tp=2, pp=1)
+    assert "ZeRO-0 pipeline checkpoint of parallel.tp=2 parallel.pp=2" in refusal(tag0, meta0, tp=2, pp=1)
     same = Layout(tp=2, pp=2, world_size=4)
     assert needs_reshard(tag, meta, same, zero_family(3, bf16=False))  # ZeRO 1-2 -> 3: another format
     assert not needs_reshard(tag, meta, same, zero_family(2, bf16=True))  # ZeRO 1 and 2 share one
-    with pytest.raises(CheckpointError, match="saved under ZeRO 0; this run uses another ZeRO stage"):
-        needs_reshard(tag0, meta0, same, zero_family(1, bf16=False))
+    assert needs_reshard(tag0, meta0, same, zero_family(1, bf16=False))  # ZeRO 0 -> 1: through the copy
+    meta0["config"]["parallel"] = {"tp": 2, "pp": 1}  # fp32 ZeRO-0 of pp=1: any tp and pp
+    assert refusal(tag0, meta0, tp=1, pp=2) is None and needs_reshard(tag0, meta0, Layout(1, 2, 4))
+
+
+def test_expert_parallel_resumes_reshard_on_another_ep_or_world(tmp_path: Path) -> None:
+    tag, meta = _checkpoint(tmp_path, zero=True)
+    meta["config"]["parallel"] = {"tp": 1, "pp": 1, "ep": 2}
+    meta["world_size"] = 2
+    assert not needs_reshard(tag, meta, Layout(tp=1, pp=1, world_size=2, ep=2))  # as saved: native load
+    assert needs_reshard(tag, meta, Layout(tp=1, pp=1, world_size=2))  # ep 2 -> 1
+    assert needs_reshard(tag, meta, Layout(tp=1, pp=1, world_size=4, ep=2))  # each rank's experts in its files
+    assert Layout(tp=1, pp=1, world_size=4, ep=2).describe() == "tp=1, pp=1, ep=2, 4 ranks"
 
 
 def test_a_tied_head_falls_back_on_the_embedding(tmp_path: Path) -> None:
@@ -105,11 +116,11 @@ def test_a_parameter_partitioned_at_construction_decays_by_its_full_shape() -> N
     assert decay["params"] == [matrix] and no_decay["params"] == [vector]
 
 
-def test_slurm_submission_refuses_only_a_zero0_checkpoint_of_another_layout(tmp_path: Path) -> None:
+def test_slurm_submission_refuses_only_a_zero0_pipeline_checkpoint_of_another_layout(tmp_path: Path) -> None:
     (tmp_path / "checkpoints").mkdir()
     tag, _ = _checkpoint(tmp_path / "checkpoints", zero=False)
     cfg = SimpleNamespace(parallel=SimpleNamespace(tp=1, pp=1))
-    with pytest.raises(ConfigError, match=r"ZeRO-0 checkpoint .* \(nothing was queued\)"):
+    with pytest.raises(ConfigError, match=r"ZeRO-0 pipeline checkpoint .* \(nothing was queued\)"):
         _check_resume_layout(cfg, tmp_path, "auto")
     _check_resume_layout(cfg, tmp_path, "never")
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
@@ -128,4 +139,8 @@ def test_reshard_tool_reports_bad_targets_in_one_line(tmp_path: Path, capsys: py
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     assert reshard_main([str(tag), "--tp", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tessera: error: ") and err.count("\n") == 1 and "ZeRO-0 checkpoint" in err
+    assert err.startswith("tessera: error: ") and err.count("\n") == 1 and "ZeRO-0 pipeline checkpoint" in err
+    meta["model_args"]["n_experts"], meta["model_args"]["moe_ffn_dim"] = 4, 64
+    (tag / "tessera.json").write_text(json.dumps(meta))
+    assert reshard_main([str(tag), "--tp", "2", "--pp", "2", "--ep", "3"]) == 2
+    assert "--ep 3 does not divide the 4 experts" in capsys.readouterr().err

@@ -1,8 +1,8 @@
-"""Resuming on another parallel layout: another tensor-parallel (tp) or pipeline (pp) degree, data-parallel
-size or ZeRO stage.
+"""Resuming on another parallel layout: another tensor-parallel (tp), pipeline (pp) or expert-parallel (ep)
+degree, data-parallel size or ZeRO stage.
 
-A checkpoint saved under ZeRO 1-3 is made layout-free once, beside it, and every later resume from it (on any
-layout) slices that copy::
+A checkpoint is made layout-free once, beside it, and every later resume from it (on any layout) slices that
+copy::
 
     checkpoints/step_00000100/                         the checkpoint as saved (the one that counts)
     checkpoints/step_00000100.universal/               DeepSpeed's universal copy (train/checkpoint/resize.py)
@@ -12,13 +12,18 @@ layout) slices that copy::
         model_states.pt                                           step, samples, LR scheduler (DeepSpeed's)
         buffers.pt                                                persistent module buffers (a router's bias)
         views/tp2-pp1/tp0/ ...                                    one TP rank's shards, for DeepSpeed to place
+        views/tp2-pp1-ep2/tp0-ep1/ ...                            ... and, under ep, one expert-parallel rank's
 
 DeepSpeed's converter (``ds_to_universal``) joins the ZeRO partitions of every rank; without parameter
 patterns it joins tensor-parallel shards along dim 0, and Tessera splits them again and joins each along the
 dimension its own TP plan split it on (column: rows, row: columns, vocabulary: rows with the padding cut off,
 norms: replicated), then renames pipeline pieces (``3.layer.mlp...``, ``tied_modules.embed...``) to the plain
-names. A new layout loads a *view*: per TP rank, a universal-format directory holding that rank's shard of
-every tensor (vocabulary rows padded for the new tp) under the new engine's parameter names. DeepSpeed's own
+names. DeepSpeed's converter cannot read two kinds of checkpoint, which Tessera reads from their own files
+(train/checkpoint/zero_files.py): an expert-parallel one (each rank's experts live only in its own ZeRO 1/2
+partition: joined along the expert dimension) and an fp32 ZeRO-0 one (whole weights and the torch optimizer's
+Adam state per TP rank). A new layout loads a *view*: per TP rank, a universal-format directory holding that rank's shard of
+every tensor (vocabulary rows padded for the new tp; under ep only its own experts) under the new engine's
+parameter names. DeepSpeed's own
 universal load then splits it over the new ZeRO partition (ZeRO 1-3) and rebuilds the 16/32-bit weights; under
 ZeRO 0 Tessera writes weights and Adam state into the module and the torch optimizer itself.
 
@@ -48,7 +53,8 @@ from parallel.tp import HF_LLAMA_TP_PLAN, TPSplit, merge_tp_shards, split_spec, 
 from train.checkpoint.resize import convert, is_current, mark_current, start_copy, universal_dir
 from train.checkpoint.safe_load import load
 from train.checkpoint.writer import TMP_SUFFIX, CheckpointError, read_meta
-from train.checkpoint.zero_files import module_buffers, optim_files, read_zero12, saved_ep
+from train.checkpoint.zero_files import module_buffers, optim_files, read_zero0, read_zero12, saved_ep
+from train.loop.optim import decays
 
 FREE_DIR = "layout_free"  # inside the universal copy: removed with it when the checkpoint is rotated out
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -103,15 +109,10 @@ def needs_reshard(tag_dir: Path, meta: dict[str, Any], now: Layout, family: str 
     layout-free copy: another tp or pp, another ZeRO format, or another number of ranks for a tp / pp > 1
     ZeRO 1-3 checkpoint (DeepSpeed's universal load alone would join its tensor-parallel shards wrongly).
     Another DP size of a plain run goes through train/checkpoint/resize.py; a ZeRO-0 checkpoint of the same tp,
-    pp and format loads as saved.
-
-    Raises CheckpointError for a fp32 ZeRO-0 checkpoint loaded under ZeRO 1-3 (its optimizer state would be
-    dropped)."""
+    pp and format loads as saved (an fp32 ZeRO-0 one under ZeRO 1-3 goes through the copy, which keeps its Adam
+    state)."""
     saved = saved_layout(meta)
     saved_family = saved_zero_family(tag_dir)
-    if saved_family == "0" and family not in (None, "0"):
-        raise CheckpointError(f"{tag_dir} was saved under ZeRO 0; this run uses another ZeRO stage, whose load "
-                              f"would drop its Adam state: resume it under ZeRO 0 (e.g. --ds_config cpu).")
     if (saved.tp, saved.pp, saved.ep) != (now.tp, now.pp, now.ep) or (family is not None and family != saved_family):
         return True
     if saved.ep > 1 and saved.world_size != now.world_size:  # each rank's experts live in its own files
@@ -120,13 +121,15 @@ def needs_reshard(tag_dir: Path, meta: dict[str, Any], now: Layout, family: str 
 
 
 def refusal(tag_dir: Path, meta: dict[str, Any], *, tp: int, pp: int) -> str | None:
-    """Why ``tag_dir`` cannot be resumed with ``tp`` and ``pp``, or None when it can."""
+    """Why ``tag_dir`` cannot be resumed with ``tp`` and ``pp``, or None when it can: every layout loads a ZeRO 1-3
+    checkpoint and an fp32 ZeRO-0 one of pp=1 (its weights and torch Adam state per TP rank); a ZeRO-0 pipeline
+    checkpoint (written before the pipeline required ZeRO-1) keeps its layout."""
     saved = saved_layout(meta)
-    if (saved.tp, saved.pp) == (tp, pp) or is_zero_partitioned(tag_dir):
+    if (saved.tp, saved.pp) == (tp, pp) or is_zero_partitioned(tag_dir) or saved.pp == 1:
         return None
-    return (f"--resume: {tag_dir} is a ZeRO-0 checkpoint of parallel.tp={saved.tp} parallel.pp={saved.pp}; its "
-            f"optimizer state cannot be re-split for tp={tp}, pp={pp}: resume it with tp={saved.tp} pp={saved.pp} "
-            f"(its data-parallel size may change), or train under ZeRO 1-3 to change the layout later.")
+    return (f"--resume: {tag_dir} is a ZeRO-0 pipeline checkpoint of parallel.tp={saved.tp} parallel.pp={saved.pp}; "
+            f"its optimizer state cannot be re-split for tp={tp}, pp={pp}: resume it with tp={saved.tp} "
+            f"pp={saved.pp} (its data-parallel size may change).")
 
 
 # ----------------------------------------------------------------------------- names and splits of the saved run
@@ -229,7 +232,7 @@ def consolidate(tag_dir: Path) -> Path:
     final = free_dir(tag_dir)
     if is_current(tag_dir) and (final / MODEL_STATES).is_file():
         return final
-    from_zero_files = saved_ep(meta) > 1
+    from_zero_files = saved_ep(meta) > 1 or saved_zero_family(tag_dir) == "0"
     if from_zero_files:
         start_copy(tag_dir)
     else:
@@ -295,14 +298,23 @@ def _free_from_universal(tag_dir: Path, meta: dict[str, Any], tmp: Path) -> None
 
 
 def _free_from_zero_files(tag_dir: Path, meta: dict[str, Any], tmp: Path) -> None:
-    """The layout-free tensors of an expert-parallel ZeRO 1/2 checkpoint: every rank's partitions joined, the
-    experts of every expert-parallel rank joined along the expert dimension, TP shards joined by the plan."""
-    files = optim_files(tag_dir)
+    """The layout-free tensors read from the checkpoint's own files (train/checkpoint/zero_files.py): an
+    expert-parallel ZeRO 1/2 checkpoint (every rank's partitions joined, the experts of every expert-parallel rank
+    along the expert dimension) or an fp32 ZeRO-0 one (weights and torch Adam state per TP rank); TP shards joined
+    by the plan."""
     saved = saved_layout(meta)
-    if len(files) != saved.tp:
-        raise CheckpointError(f"{tag_dir}: optimizer files of {len(files)} model-parallel ranks, its tessera.json "
-                              f"records tp={saved.tp}")
-    per_tp = [read_zero12(tag_dir, mp, files[mp], ep=saved.ep) for mp in range(len(files))]
+    if saved_zero_family(tag_dir) == "0":
+        if saved.pp > 1:
+            raise CheckpointError(f"{tag_dir}: a ZeRO-0 pipeline checkpoint (pp={saved.pp}); resume it with "
+                                  f"tp={saved.tp} pp={saved.pp}")
+        names = optimizer_names(meta)
+        per_tp = [read_zero0(tag_dir, mp, names) for mp in range(saved.tp)]
+    else:
+        files = optim_files(tag_dir)
+        if len(files) != saved.tp:
+            raise CheckpointError(f"{tag_dir}: optimizer files of {len(files)} model-parallel ranks, its "
+                                  f"tessera.json records tp={saved.tp}")
+        per_tp = [read_zero12(tag_dir, mp, files[mp], ep=saved.ep) for mp in range(len(files))]
     layout, n_layers = tp_layout(meta, saved.tp), n_layers_of(meta)
     _, aliases = plain_shapes(meta)
     names = [plain_name(name, n_layers) for name in per_tp[0].states]
@@ -318,6 +330,16 @@ def _free_from_zero_files(tag_dir: Path, meta: dict[str, Any], tmp: Path) -> Non
         if name not in aliases:
             torch.save(per_tp[0].step, tmp / "zero" / name / "step.pt")
     _save_optimizer_state(tmp, per_tp[0].global_state, per_tp[0].param_groups, per_tp[0].step)
+
+
+def optimizer_names(meta: dict[str, Any]) -> list[list[str]]:
+    """The parameter names of each group of the run's torch optimizer, in its order: `param_groups` of the
+    checkpoint's model (matrices and embeddings decay, vectors do not; a tied head counted once)."""
+    model, prefix, _ = _plain_model(meta)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if decays(param) else no_decay).append(prefix + name)
+    return [decay, no_decay] if no_decay else [decay]
 
 
 def persistent_buffers(tag_dir: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:

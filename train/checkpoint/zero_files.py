@@ -1,5 +1,5 @@
-"""Full per-parameter optimizer states read straight from DeepSpeed's ZeRO 1/2 files, for checkpoints DeepSpeed's
-universal converter cannot join: those of an expert-parallel run (``parallel.ep > 1``).
+"""Full per-parameter optimizer states read straight from DeepSpeed's files, for checkpoints DeepSpeed's universal
+converter cannot read: those of an expert-parallel run (``parallel.ep > 1``, ZeRO 1/2) and fp32 ZeRO-0 ones.
 
 Under ZeRO 1/2 each data-parallel rank ``d`` writes ``zero_pp_rank_<d>_mp_rank_<m>_optim_states.pt``: per
 parameter group its partition of the flat fp32 master weights and of the Adam moments, and in
@@ -13,7 +13,13 @@ expert-parallel ranks rebuilds all experts::
 
     layers.0.mlp.experts.gate_up_proj    ep rank 0: experts 0..E/ep-1   ep rank 1: E/ep..2E/ep-1   ...
 
-The result is one state dict per model-parallel (TP) rank, by engine parameter name, which
+An fp32 ZeRO-0 run keeps its optimizer whole, a plain torch AdamW, in each TP rank's
+``mp_rank_<m>_model_states.pt``: ``module`` holds the rank's (fp32) weights by name, ``optimizer`` the Adam
+moments by parameter index in the order of the optimizer's groups. That order is the one `param_groups`
+(train/loop/optim.py) gives the model: ``read_zero0`` takes the names per group, and checks every count and shape
+against the file before trusting it.
+
+Either way the result is one state dict per model-parallel (TP) rank, by engine parameter name, which
 train/checkpoint/reshard.py joins over TP like every other checkpoint. The module's persistent buffers (the
 router's aux-loss-free bias) come from the model-states file; they are the same on every rank.
 """
@@ -150,3 +156,34 @@ def module_buffers(model_states: Path) -> dict[str, torch.Tensor]:
     saved = load(model_states)
     module = saved.get("module") or {}
     return {name: module[name].clone() for name in saved.get("buffer_names") or [] if name in module}
+
+
+def read_zero0(tag_dir: Path, mp_rank: int, names: list[list[str]]) -> Zero12States:
+    """Model-parallel rank ``mp_rank``'s weights and Adam state of an fp32 ZeRO-0 checkpoint; ``names``: the
+    parameter names of each optimizer group, in the optimizer's order."""
+    path = tag_dir / MODEL_FILE.format(mp_rank)
+    saved = load(path)
+    module, optim = saved.get("module") or {}, saved.get("optimizer")
+    if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
+        raise CheckpointError(f"{path}: no torch optimizer state in it; only an fp32 ZeRO-0 checkpoint keeps its "
+                              f"Adam state there")
+    groups = optim["param_groups"]
+    counts, expected = [len(g["params"]) for g in groups], [len(n) for n in names]
+    if counts != expected:
+        raise CheckpointError(f"{path}: the optimizer's parameter groups hold {counts} parameters, the model the "
+                              f"checkpoint records {expected}; its Adam state cannot be matched to names (a recipe "
+                              f"with its own parameter groups): resume it with the layout it was saved with.")
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    step: Any = None
+    for group, group_names in zip(groups, names, strict=True):
+        for index, name in zip(group["params"], group_names, strict=True):
+            weight, adam = module.get(name), optim["state"].get(index)
+            if weight is None or adam is None or tuple(adam["exp_avg"].shape) != tuple(weight.shape):
+                raise CheckpointError(f"{path}: parameter {name} (optimizer index {index}) has no weight or Adam "
+                                      f"state of its shape; resume it with the layout it was saved with.")
+            states[name] = {"fp32": weight.detach().float().clone(), "exp_avg": adam["exp_avg"].float().clone(),
+                            "exp_avg_sq": adam["exp_avg_sq"].float().clone()}
+            step = adam["step"] if step is None else step
+    if step is None:
+        raise CheckpointError(f"{path}: the optimizer holds no parameter")
+    return Zero12States(states, step, groups, {"ds_version": saved.get("ds_version")})
