@@ -7,17 +7,17 @@ Sources, all written by the job itself or by SLURM (nothing extra is recorded at
   ``submitit INFO (2026-12-07 13:02:17,896) - Starting with JobEnvironment(job_id=3, hostname=n1,
   local_rank=0(2), node=0(2), global_rank=0(4))``: the task's node, its ranks, and when it started; a requeued
   job appends a new such line to the same file;
-- task 0's stderr holds the trainer's ``13:02:37 tessera: resumed from DIR at step K (...)`` after each start
-  that resumed;
-- the checkpoint it resumed from records when it was saved (``saved_at`` in ``DIR/tessera.json``);
+- task 0's stderr holds the trainer's ``13:02:37 tessera: resumed from DIR at step K (...), saved DATE TIME``
+  after each start that resumed: the checkpoint it loaded and when that checkpoint was saved (the ``saved_at``
+  of its ``tessera.json``, also read from the checkpoint itself while it exists);
 - accounting (``sacct --duplicates``) keeps one row per run of the job: how each run ended and on which nodes.
 
 Lost time of a restart: the wall time from the save of the checkpoint the restart resumed from to the moment
 the restarted job had loaded it. It holds the steps computed after that checkpoint and thrown away by the stop,
 the wait in the queue, and the restart (start-up, model build, checkpoint load): everything between the last
 progress kept and progress made again. A preemption saves the current step before it stops, so its lost time
-is the wait and the restart alone. A restart whose checkpoint was since removed (``train.keep_last``) has no
-known lost time and is shown as such.
+is the wait and the restart alone. A restart whose save time is in neither place (a log from before the trainer
+wrote it, the checkpoint since removed by ``train.keep_last``) has no known lost time and is shown as such.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from submitit.core.utils import JobPaths
 START = re.compile(r"submitit \w+ \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)[,.]\d+\) - Starting with JobEnvironment\("
                    r"job_id=([^,]+), hostname=([^,]+), local_rank=(\d+)\((\d+)\), node=(\d+)\((\d+)\), "
                    r"global_rank=(\d+)\((\d+)\)\)")
-RESUMED = re.compile(r"^(\d\d:\d\d:\d\d) [\w.]+: resumed from (.+) at step (\d+) \(", re.MULTILINE)
+RESUMED = re.compile(r"^(\d\d:\d\d:\d\d) [\w.]+: resumed from (.+) at step (\d+) \([^)\n]*\)"
+                     r"(?:, saved (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d))?", re.MULTILINE)
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 CHECKPOINT_META = "tessera.json"  # train/checkpoint/writer.py's META_FILE: holds saved_at
 
@@ -233,10 +234,10 @@ def job_history(folder: str | Path, job_id: str, ended: list[str] | None = None)
     resumed = _resumed_lines(_read(paths.stderr), [s.time for s in starts])
     runs = []
     for i, start in enumerate(starts):
-        step, ckpt, at = resumed.get(i, (None, None, None))
+        step, ckpt, at, saved = resumed.get(i, (None, None, None, None))
         state = ended[i] if ended is not None and i < len(ended) and i < len(starts) - 1 else None
         runs.append(JobRun(started=start.time, hosts=hosts[i], resumed_step=step, checkpoint=ckpt,
-                           checkpoint_saved=_saved_at(ckpt), resumed_at=at, ended_as=state))
+                           checkpoint_saved=saved or _saved_at(ckpt), resumed_at=at, ended_as=state))
     return JobHistory(runs=runs)
 
 
@@ -261,9 +262,10 @@ def _run_index(run_starts: list[datetime], t: datetime) -> int | None:
     return best if gaps[best] <= 300 else None
 
 
-def _resumed_lines(text: str, run_starts: list[datetime]) -> dict[int, tuple[int, str, datetime]]:
-    """The resumed-from line of each run (its time of day placed after the run's start)."""
-    found: dict[int, tuple[int, str, datetime]] = {}
+def _resumed_lines(text: str, run_starts: list[datetime]) -> dict[int, tuple[int, str, datetime, datetime | None]]:
+    """The resumed-from line of each run (its time of day placed after the run's start): step, checkpoint,
+    when it was resumed, when the checkpoint was saved (None: the line does not say)."""
+    found: dict[int, tuple[int, str, datetime, datetime | None]] = {}
     for m in RESUMED.finditer(text):
         clock = datetime.strptime(m.group(1), "%H:%M:%S").time()
         for i, start in enumerate(run_starts):
@@ -272,7 +274,8 @@ def _resumed_lines(text: str, run_starts: list[datetime]) -> dict[int, tuple[int
                 t += timedelta(days=1)
             following = run_starts[i + 1] if i + 1 < len(run_starts) else None
             if i not in found and (following is None or t < following):
-                found[i] = (int(m.group(3)), m.group(2).strip(), t)
+                saved = datetime.strptime(m.group(4), TIME_FORMAT) if m.group(4) else None
+                found[i] = (int(m.group(3)), m.group(2).strip(), t, saved)
                 break
     return found
 

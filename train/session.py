@@ -127,9 +127,12 @@ def _write_run_files(p: Plan, built: Built, state: TrainState) -> None:
     log.info("world %d (dp %d x tp %d%s x pp %d), ZeRO stage %d, grad accumulation %d, %s", p.env.world_size,
              p.dims.dp, p.dims.tp, ", sequence parallel" if built.tp_ctx.sequence_parallel else "", p.dims.pp,
              engine.zero_optimization_stage(), engine.gradient_accumulation_steps(), engine.device)
-    if p.resume_from is not None:
-        log.info("resumed from %s at step %d (%d samples consumed)", p.resume_from, state.step,
-                 state.consumed_samples)
+    if p.resume_from is not None:  # the save time lets slurm/submit.py summary tell what a restart lost
+        saved = read_meta(Path(p.resume_from)).get("saved_at")
+        when = f", saved {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(saved))}" \
+            if isinstance(saved, (int, float)) else ""
+        log.info("resumed from %s at step %d (%d samples consumed)%s", p.resume_from, state.step,
+                 state.consumed_samples, when)
 
 
 def _report(out_dir: Path, summary: dict[str, Any], result: dict[str, Any], sample: str | None) -> None:

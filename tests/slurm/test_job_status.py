@@ -24,7 +24,7 @@ def _start(when: str, host: str, local: int, node: int, nodes: int, rank: int, w
 
 
 def _recorded_job(tmp_path: Path, *, requeued: bool = True, keep_checkpoint: bool = True,
-                  restart_at: str = "13:03:20") -> jobs.JobRecord:
+                  restart_at: str = "13:03:20", saved_in_log: bool = False) -> jobs.JobRecord:
     """Run 1 on n1 + n2 (2 tasks each) saved step 50 at 13:02:40 and lost n2; run 2, on n1 alone, resumed
     step 50 at 13:03:31."""
     out, folder = tmp_path / "run", tmp_path / "run" / "slurm"
@@ -44,7 +44,8 @@ def _recorded_job(tmp_path: Path, *, requeued: bool = True, keep_checkpoint: boo
             if rank == 0 else ""
         if requeued and rank == 0:
             err += "srun: error: n2: tasks 2-3: Killed\n" \
-                   f"13:03:31 tessera: resumed from {ckpt} at step 50 (400 samples consumed)\n"
+                   f"13:03:31 tessera: resumed from {ckpt} at step 50 (400 samples consumed)" + \
+                   (", saved 2026-12-07 13:02:40\n" if saved_in_log else "\n")
         (folder / f"{JOB}_{rank}_log.err").write_text(err + f"task {rank} last line\n")
     (out / "metrics.jsonl").write_text(json.dumps({"step": 60, "loss": 2.0}) + "\n")
     record = jobs.JobRecord(job_id=JOB, folder=str(folder), out_dir=str(out), tasks=4, name="run")
@@ -83,6 +84,9 @@ def test_restarts_and_lost_time(tmp_path: Path) -> None:
     assert gone.restarts == 1 and gone.runs[1].lost_s is None and gone.unknown == 1
     assert gone.lost_text() == "0s+1?" and "whose checkpoint is gone" in gone.lost_words()
     assert "lost time not known" in gone.lines()[1]
+    # the trainer's line says when the checkpoint was saved: known without the checkpoint
+    said = _recorded_job(tmp_path / "said", keep_checkpoint=False, saved_in_log=True)
+    assert job_history(said.folder, JOB).runs[1].lost_s == 51.0
     # a requeue that starts again 20 s later: each task's start still goes with its own run
     fast = _recorded_job(tmp_path / "fast", restart_at="13:02:37")
     assert [r.hosts for r in job_history(fast.folder, JOB).runs] == [["n1", "n2"], ["n1"]]
