@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     epc.add_argument("--ep", type=int, default=2, help="expert-parallel degree (gloo ranks on this machine)")
     epc.add_argument("--batch", type=int, default=4, help="micro-batch size per rank")
     epc.add_argument("--seq", type=int, default=128, help="sequence length")
+    epc.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (ep x tp gloo ranks)")
+    epc.add_argument("--sp", action="store_true", help="sequence parallelism (with --tp > 1)")
     epc.add_argument("--json", type=Path, help="also write the result here")
     dp = sub.add_parser("data-prepare", help="preparation tokens/s with 1 and N worker processes")
     dp.add_argument("--mb", type=float, default=64, help="synthetic corpus size in MB of JSONL")
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         result = bench_tp_comm(args.preset, args.tp, args.batch, args.seq, args.sp, overrides)
     elif args.what == "ep-comm":
         overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
-        result = bench_ep_comm(args.preset, args.ep, args.batch, args.seq, overrides)
+        result = bench_ep_comm(args.preset, args.ep, args.batch, args.seq, overrides, tp=args.tp, sp=args.sp)
     elif args.what == "train-step":
         result = _train_step(args)
     elif args.what == "checkpoint":

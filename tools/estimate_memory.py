@@ -29,6 +29,10 @@ Four parts, in bytes, on the most loaded device (the first pipeline stage):
   (top_k), the gathered input, the experts' gate_up output, silu(gate), the product and the expert output;
   every expert's weights count in the model states on every rank, or with `--ep N` its E / N experts, ZeRO-sharded
   over the dp / N ranks that hold the same experts; `--ep` also reports the all-to-all bytes sent per micro-batch.
+  With `--tp T` every expert's FFN and the shared expert are split over the T ranks (the router stays whole):
+  the expert bytes per rank are E / (ep T) experts' weights, the per-copy hidden-unit activations divide by T, and
+  the tensor-parallel bytes an MoE layer sends per micro-batch (`analytic_moe_tp_bytes`) are reported beside the
+  all-to-all (which, under TP, each rank sends for the whole micro-batch: TP ranks route the same tokens).
 - **logits**: the head's output and the cross-entropy's log-softmax, (B, T, V / tp) each in fp32 (plus the
   bf16 logits under bf16); the fused linear cross-entropy never holds them (0 here).
 
@@ -144,11 +148,34 @@ def _stage_params(args: ModelArgs, pp: int) -> tuple[int, int]:
 
 
 def _tp_params(args: ModelArgs, params: int, tp: int) -> int:
-    """Parameters per TP rank: every matrix (and the vocabulary) split, the norms replicated."""
+    """Parameters per TP rank: every matrix (and the vocabulary) split, the norms, MoE routers and shared-expert
+    gates replicated."""
     if tp == 1:
         return params
-    norms = (2 * args.n_layers + 1) * args.dim
-    return (params - norms) // tp + norms
+    whole = (2 * args.n_layers + 1) * args.dim
+    whole += args.n_moe_layers * (args.n_experts + int(args.moe_shared_gate)) * args.dim
+    return (params - whole) // tp + whole
+
+
+def expert_params(args: ModelArgs) -> int:
+    """Routed experts' parameters of the model (gate_up_proj + down_proj of every MoE layer)."""
+    return args.n_moe_layers * args.n_experts * 3 * args.expert_dim * args.dim
+
+
+def analytic_moe_tp_bytes(args: ModelArgs, tp: int, tokens: int, sp: bool, elem: int = 4) -> float:
+    """Tensor-parallel bytes one rank sends in a forward + backward of ``tokens`` tokens for its MoE layers
+    (`parallel.moe_tp`), ring-counted as `tools/bench.py tp-comm` counts them: per MoE layer the output all-reduce
+    forward and the experts' input all-reduce backward (as a dense MLP), the backward all-reduces of the routing
+    weights (tokens x top_k) and of the shared-expert gate (tokens, when gated); under sequence parallelism the
+    output is reduce-scattered (all-gathered back in backward) and the input all-gathered before routing, one
+    (tokens, dim) all-gather more than a dense MLP's."""
+    if tp == 1 or not args.n_moe_layers:
+        return 0.0
+    ring = (tp - 1) / tp
+    act = tokens * args.dim * elem
+    small = 2 * ring * tokens * (args.moe_top_k + int(args.moe_shared_gate)) * elem
+    per_layer = (2 * ring * act + 3 * ring * act if sp else 4 * ring * act) + small
+    return args.n_moe_layers * per_layer
 
 
 def analytic_ep_bytes(args: ModelArgs, ep: int, tokens: int, elem: int = 4) -> float:
@@ -159,10 +186,12 @@ def analytic_ep_bytes(args: ModelArgs, ep: int, tokens: int, elem: int = 4) -> f
 
 
 def _ep_model_states(args: ModelArgs, lay: Layout) -> dict[str, float]:
-    """`model_states` under expert parallelism (tp = pp = 1, ZeRO 1-2): the dense parameters as usual over the
-    dp ranks, each rank's E / ep experts sharded by ZeRO over the dp / ep ranks that hold the same experts."""
-    experts = args.n_moe_layers * args.n_experts * 3 * args.expert_dim * args.dim  # gate_up_proj + down_proj
-    parts = ((args.num_params() - experts, lay.dp), (experts / lay.ep, lay.dp // lay.ep))
+    """`model_states` under expert parallelism (pp = 1, ZeRO 1-2): the dense parameters as usual over the dp ranks
+    (split over tp), each rank's E / ep experts (E / ep experts' 1 / tp slices under TP) sharded by ZeRO over the
+    dp / ep ranks that hold the same experts."""
+    experts = expert_params(args)
+    dense = _tp_params(args, args.num_params() - experts, lay.tp)
+    parts = ((dense, lay.dp), (experts / (lay.ep * lay.tp), lay.dp // lay.ep))
     out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "host": 0.0, "grads_transient": lay.dtype == "fp32"}
     for p, dp in parts:
         if lay.dtype == "fp32":
@@ -229,7 +258,8 @@ def activation_bytes(args: ModelArgs, lay: Layout) -> tuple[float, float, float]
     else:  # bf16 reference: norms keep an fp32 copy of their input, their bf16 output and normalised value
         resid, attn, mlp = 16 * D / split_d, (2 * D + 2 * Dkv) * 2 / t, 8 * F_ / t
     if args.n_moe_layers:  # the mean FFN part over the layers, MoE layers counted per token as below
-        mlp = (args.n_moe_layers * _moe_mlp_bytes(args, b) + (args.n_layers - args.n_moe_layers) * mlp) / args.n_layers
+        moe = _moe_mlp_bytes(args, b, t)
+        mlp = (args.n_moe_layers * moe + (args.n_layers - args.n_moe_layers) * mlp) / args.n_layers
     full = resid + attn + mlp  # per token per layer
     inp = D * b / split_d  # a fully checkpointed block keeps its input only
     _, first_blocks = _stage_params(args, lay.pp)
@@ -253,12 +283,13 @@ def activation_bytes(args: ModelArgs, lay: Layout) -> tuple[float, float, float]
     return acts, logits, full * tokens
 
 
-def _moe_mlp_bytes(args: ModelArgs, b: int) -> float:
+def _moe_mlp_bytes(args: ModelArgs, b: int, tp: int = 1) -> float:
     """Saved activations of one MoE FFN per token (reference ops): fp32 router logits and probabilities (2 E x 4),
     and per routed copy (top_k of them) its gathered input, gate_up output, silu(gate), product and expert
-    output (3 D + 4 I) b; a shared expert keeps what a dense SwiGLU keeps (4 F_shared b)."""
-    routed = args.moe_top_k * (3 * args.dim + 4 * args.expert_dim) * b
-    return 8 * args.n_experts + routed + 4 * (args.moe_shared_ffn_dim or 0) * b
+    output (3 D + 4 I) b; a shared expert keeps what a dense SwiGLU keeps (4 F_shared b). Under TP the router
+    and the (D) rows are whole on every rank (all tokens: under sequence parallelism too), the hidden units split."""
+    routed = args.moe_top_k * (3 * args.dim + 4 * args.expert_dim / tp) * b
+    return 8 * args.n_experts + routed + 4 * (args.moe_shared_ffn_dim or 0) * b / tp
 
 
 def estimate(args: ModelArgs, lay: Layout) -> dict[str, float]:
@@ -274,10 +305,13 @@ def estimate(args: ModelArgs, lay: Layout) -> dict[str, float]:
     # block's activations (recomputed or kept)
     transient = max(acts + logits, states["grads"] + block) if states["grads_transient"] else acts + logits
     elem = 4 if lay.dtype == "fp32" else 2
+    tokens = lay.micro_batch * lay.seq
+    expert_bytes = expert_params(args) / (lay.ep * lay.tp) * elem  # this rank's expert weights
     return {"params": states["params"], "grads": states["grads"], "optimizer": states["optimizer"],
             "buckets": buckets, "activations": acts, "logits": logits, "peak": static + transient,
-            "host": states["host"],
-            "all_to_all_sent": analytic_ep_bytes(args, lay.ep, lay.micro_batch * lay.seq, elem) if lay.ep > 1 else 0.0}
+            "host": states["host"], "expert_weights": expert_bytes,
+            "all_to_all_sent": analytic_ep_bytes(args, lay.ep, tokens, elem) if lay.ep > 1 else 0.0,
+            "moe_tp_sent": analytic_moe_tp_bytes(args, lay.tp, tokens, lay.sequence_parallel, elem)}
 
 
 def suggest(args: ModelArgs, device_gb: float, *, gpus: int, seq: int, reduce_bucket: int = 500_000_000
@@ -369,9 +403,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{lay.seq}, checkpointing {lay.ac}")
             for key in ("params", "grads", "optimizer", "buckets", "activations", "logits", "peak", "host"):
                 print(f"  {key:<12}{_fmt(est[key])}")
+            if args.n_moe_layers:
+                print(f"  expert weights on each rank ({args.n_experts // lay.ep} of {args.n_experts} experts per "
+                      f"layer, 1/{lay.tp} of each): {_fmt(est['expert_weights']).strip()}")
             if lay.ep > 1:
                 print(f"  all-to-all sent per rank and micro-batch (ep {lay.ep}, balanced routing): "
                       f"{_fmt(est['all_to_all_sent']).strip()}")
+            if args.n_moe_layers and lay.tp > 1:
+                print(f"  MoE layers' tensor-parallel bytes sent per rank and micro-batch (tp {lay.tp}"
+                      f"{', sequence parallel' if lay.sequence_parallel else ''}): {_fmt(est['moe_tp_sent']).strip()}")
             result.update(layout=dataclasses.asdict(lay), estimate=est)
     except EstimateError as e:
         return report_error(e)

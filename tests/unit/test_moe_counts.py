@@ -89,3 +89,26 @@ def test_dense_equivalent_has_the_active_parameters() -> None:
     router = moe.n_layers * moe.n_experts * moe.dim
     assert dense.num_params() == moe.num_active_params() - router
     assert dense.matmul_params() == moe.matmul_params() - router
+
+
+def test_estimate_splits_experts_over_tp_and_counts_its_bytes() -> None:
+    from tools.estimate_memory import analytic_moe_tp_bytes
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, max_seq_len=64, n_experts=8,
+                     moe_top_k=2, moe_ffn_dim=32, moe_shared_ffn_dim=16).validate()
+    common = {"zero": 2, "seq": 64, "dtype": "fp32", "fused": False}
+    ep = estimate(args, Layout(gpus=4, ep=2, **common))
+    ep_tp = estimate(args, Layout(gpus=8, tp=2, ep=2, **common))
+    experts = 2 * 8 * 3 * 32 * 64  # gate_up_proj + down_proj of both MoE layers
+    assert ep["expert_weights"] == experts / 2 * 4 and ep_tp["expert_weights"] == experts / 4 * 4
+    routers_norms = 2 * 8 * 64 + 5 * 64  # replicated on every TP rank
+    dense = args.num_params() - experts
+    assert ep_tp["params"] == pytest.approx(4 * ((dense - routers_norms) // 2 + routers_norms + experts / 4))
+    assert ep_tp["all_to_all_sent"] == ep["all_to_all_sent"] > 0  # every TP rank sends its micro-batch's rows
+    # per MoE layer: the output all-reduce and the input's backward all-reduce ((64, 64) fp32 each, ring over 2
+    # ranks: half of 2 x the bytes), the routing weights' (64 x 2) and no shared gate
+    act, ring = 64 * 64 * 4, 0.5
+    assert ep["moe_tp_sent"] == 0.0
+    assert ep_tp["moe_tp_sent"] == 2 * (2 * 2 * ring * act + 2 * ring * 64 * 2 * 4)
+    sp = analytic_moe_tp_bytes(args, 2, 64, sp=True)
+    assert sp - ep_tp["moe_tp_sent"] == 2 * ring * act  # the all-gather before routing, per layer
