@@ -1,8 +1,9 @@
 """Resuming on another parallel layout (tp, pp, DP size, ZeRO stage) through the layout-free copy.
 
-Four uninterrupted 20-step reference runs (checkpoints at 10 and 20) of the smoke recipe cut to 2 layers and
-32 tokens, with an odd vocabulary (513 rows, padded under tp=2): (tp2, pp2, dp1, ZeRO-1), (tp1, dp4, ZeRO-3)
-and (tp2, dp1, ZeRO-2); and the tiny HF Llama (hf.path) under (tp2, ZeRO-1). Each step-10 checkpoint is copied into a fresh run directory and resumed on another
+Five uninterrupted 20-step reference runs (checkpoints at 10 and 20) of the smoke recipe cut to 2 layers and
+32 tokens, with an odd vocabulary (513 rows, padded under tp=2): (tp2, pp2, dp1, ZeRO-1), (tp1, dp4, ZeRO-3),
+(tp2, dp1, ZeRO-2) and (tp2, dp1, fp32 ZeRO-0, whose Adam state is the torch optimizer's); and the tiny HF
+Llama (hf.path) under (tp2, ZeRO-1). Changes of ep are in test_resume_ep.py. Each step-10 checkpoint is copied into a fresh run directory and resumed on another
 layout; steps 11-20 must follow the reference (relative 1e-5) and the step-20 weights match it.
 """
 
@@ -38,6 +39,7 @@ REFERENCES = {  # name -> ranks, ds config (zero3: the test config), layout over
     "tp2_pp2_zero1": (4, "zero1", ("parallel.tp=2", "parallel.pp=2")),
     "dp4_zero3": (4, "zero3", ()),
     "tp2_zero2": (2, "zero2", ("parallel.tp=2",)),
+    "tp2_zero0": (2, "cpu", ("parallel.tp=2",)),  # fp32 ZeRO 0
     "hf_tp2_zero1": (2, "zero1", ("parallel.tp=2",)),  # the tiny HF Llama (tools/tiny_hf_models.py)
 }
 
@@ -130,3 +132,12 @@ def test_hf_tp2_zero1_to_zero3(references, tmp_path: Path, data_cache: Path, zer
     out = _resume(reference, tmp_path, data_cache, 2, str(zero3_test_config), "parallel.tp=1",
                   f"hf.path={tiny_bases / 'llama'}")
     _check_same_run(reference, out)
+
+
+def test_tp2_zero0_to_pp2_zero1(references, tmp_path: Path, data_cache: Path) -> None:
+    """fp32 ZeRO 0 (weights and torch Adam state per TP rank) -> another tp and pp under ZeRO-1, Adam state kept."""
+    reference = references("tp2_zero0")
+    out = _resume(reference, tmp_path, data_cache, 4, "zero1", "parallel.tp=1", "parallel.pp=2")
+    _check_same_run(reference, out)
+    free = out / "checkpoints" / f"{TAG}.universal" / "layout_free" / "zero"
+    assert torch.load(free / "layers.0.mlp.up_proj.weight" / "exp_avg_sq.pt")["param"].abs().sum() > 0
