@@ -25,7 +25,8 @@ class ParallelDims:
     Expert parallelism is carved from the data-parallel group, as DeepSpeed-MoE's default (expert then data)
     layout: ``ep`` adjacent data-parallel ranks split the experts between them (the expert-parallel group),
     and the ranks at the same place of every such block hold the same experts (the expert-data-parallel
-    group, ``dp / ep`` ranks).
+    group, ``dp / ep`` ranks). Both are carved from a data-parallel group, so their ranks share a TP rank (and a
+    pipeline stage): under tensor parallelism each expert-parallel group trades the same TP slice of the experts.
     """
 
     world_size: int
@@ -116,7 +117,8 @@ class ParallelDims:
             raise ParallelConfigError(f"parallel.pp={self.pp} needs at least one micro-batch per step per replica.")
 
     def check_experts(self, args: ModelArgs, *, zero_stage: int) -> None:
-        """Refuse an expert-parallel degree the model or the layout cannot run."""
+        """Refuse an expert-parallel degree the model or the layout cannot run (tp > 1 is fine: `check_model`
+        checks that it splits every expert's hidden units)."""
         if self.ep == 1:
             return
         if not args.n_moe_layers:

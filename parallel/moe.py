@@ -17,6 +17,11 @@ block itself is unchanged, its experts module (`ExpertParallelExperts`) does the
 The router, the shared expert and the routing statistics (aux / z losses, load, dropped) stay local, as
 they are without ``ep``: a data-parallel rank's losses are those of its own micro-batch either way.
 
+With tensor parallelism too (`parallel.moe_tp`, applied first), the local experts hold this TP rank's slice of
+their hidden units (`apply_ep` keeps the TP marks when it cuts the expert dimension), every TP rank routes the
+micro-batch's tokens, and the all-to-all runs over the expert-parallel group of ranks of equal TP rank (see
+`parallel.dims.ParallelDims.ep_groups`); the rows that come back are partial sums, reduced by the block.
+
 DeepSpeed's MoE machinery does the rest: the local expert parameters are marked as DeepSpeed's expert
 parameters (``allreduce=False``, ``group_name``), `param_groups` (train/loop/optim.py) splits them into
 parameter groups with ``'moe': True`` (DeepSpeed's `split_params_into_different_moe_groups_for_optimizer`),
