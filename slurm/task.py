@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +46,7 @@ from train.loop.preempt import RunControl
 from train.main import main as train_main
 
 REQUEUE_WAIT_S = 300  # how long ranks other than 0 wait for the requeue to end them
+NODE_RANGE = re.compile(r"^#SBATCH --nodes=(\d+)-(\d+)$", re.MULTILINE)  # a job's node range, in its script
 EXIT_USAGE = 2  # the task could not read its recipe or SLURM environment (as train/main.py's user errors)
 
 
@@ -104,8 +106,9 @@ class LostTaskRequeue:
     ``install`` replaces submitit's SIGTERM handler (which only logs it); ``mark_own_failure`` records that
     this task is failing by itself, before it exits, so that the others do not requeue."""
 
-    def __init__(self, job_env: submitit.JobEnvironment, node: str, max_requeues: int) -> None:
+    def __init__(self, job_env: submitit.JobEnvironment, node: str, max_requeues: int, tasks_per_node: int) -> None:
         self.job_id, self.rank, self.node = job_env.job_id, job_env.global_rank, node
+        self.tasks_per_node = tasks_per_node
         self.restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         self.max_requeues = max_requeues
         self.marks = Path(job_env.paths.folder)
@@ -151,9 +154,25 @@ class LostTaskRequeue:
         done = _scontrol("requeue", self.job_id)
         if done.returncode != 0:  # another survivor requeued it first
             return ""
+        self._restore_node_range(fields.get("Command", ""))
         return (f"{me}: a task of this job was lost (the job step ended while the job runs); requeued the job "
                 f"(restart {self.restarts + 1} of at most {self.max_requeues}): it resumes from the last "
                 f"checkpoint on the nodes it gets")
+
+
+    def _restore_node_range(self, script: str) -> None:
+        """A requeued job keeps the node and task counts of its last run; a job submitted with a node range
+        (``#SBATCH --nodes=MIN-MAX`` in its script) gets the range back, so it can start without a lost node."""
+        # the script as sbatch got it, or submitit's copy under the job's id (an array's under the array's)
+        candidates = [Path(script)] if script else []
+        candidates += [self.marks / f"{self.job_id}_submission.sh",
+                       self.marks / f"{self.job_id.split('_')[0]}_submission.sh"]
+        text = next((c.read_text() for c in candidates if c.is_file()), "")
+        found = NODE_RANGE.search(text)
+        if found is not None:
+            low, high = int(found.group(1)), int(found.group(2))
+            _scontrol("update", f"JobId={self.job_id}", f"NumNodes={low}-{high}",
+                      f"NumTasks={low * self.tasks_per_node}")
 
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -173,7 +192,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             sys.exit(EXIT_USAGE)
         if dist.world_size == 1:
             return self._run(run, job_env, dist, cfg, where, None)
-        lost = LostTaskRequeue(job_env, dist.node_name, self.needs.max_requeues)
+        lost = LostTaskRequeue(job_env, dist.node_name, self.needs.max_requeues, dist.local_world_size)
         lost.install()
         try:
             return self._run(run, job_env, dist, cfg, where, lost)
