@@ -20,6 +20,11 @@ def test_ep_groups_are_blocks_of_the_dp_group_and_edp_strides() -> None:
     full = ParallelDims(2, ep=2)
     assert full.ep_groups() == [[0, 1]] and full.edp_groups() == [[0], [1]]
     assert ParallelDims(4).ep_groups() == [[0], [1], [2], [3]]
+    # with tp = 2 the groups are carved from each TP rank's data-parallel group: ranks of equal TP rank
+    with_tp = ParallelDims(8, tp=2, ep=2)
+    assert with_tp.ep_groups() == [[0, 2], [4, 6], [1, 3], [5, 7]]
+    assert with_tp.edp_groups() == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    assert all(len({with_tp.coords(r)[2] for r in g}) == 1 for g in with_tp.ep_groups() + with_tp.edp_groups())
 
 
 @pytest.mark.parametrize(("dims", "args", "zero", "words"), [
