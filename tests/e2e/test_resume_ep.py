@@ -6,9 +6,10 @@ experts, an odd vocabulary (513 rows, padded under tp=2), the aux-loss-free rout
 ranks (ZeRO-2). From it, each resumed run must follow the reference's losses (relative 1e-5) with no sample lost or
 repeated, and end on its step-20 weights:
 
-    reference step 5  (tp2 ep2, 4 ranks, ZeRO-2) -> tp1 ep1, 2 ranks, ZeRO-1     (experts joined from 4 ranks)
-    that run's step 10 (tp1 ep1, ZeRO-1)         -> tp1 ep2, 4 ranks, ZeRO-2     (tools/reshard.py --ep 2 first)
-    reference step 10                            -> one process, ZeRO-0          (weights and Adam into torch)
+    reference step 5  (tp2 ep2, 4 ranks, ZeRO-2) -> tp1 ep1, 2 ranks, ZeRO-1   (experts joined from 4 ranks)
+    that run's step 10 (ep1, 2 ranks, ZeRO-1)    -> ep2, 2 ranks, ZeRO-2       (tools/reshard.py --ep 2 first)
+    that run's step 15 (ep2, 2 ranks, ZeRO-2)    -> ep2, 4 ranks, ZeRO-1
+    the ep1 run's step 15 (2 ranks, ZeRO-1)      -> one process, ZeRO-1        (a DP resize: universal copy)
 
 An expert-parallel checkpoint (ep=2 on 2 ranks) exports to HF Qwen3-MoE, and transformers gives the logits of
 the checkpoint's model.
@@ -66,10 +67,11 @@ def _stopped_at(source: Path, step: int, out: Path) -> Path:
     return out
 
 
-def _resume(out: Path, cache: Path, step: int, n: int, ds_config: str, *layout: str) -> None:
+def _resume(out: Path, cache: Path, step: int, n: int, ds_config: str, *layout: str,
+            changed: str = "parallel layout changed from") -> None:
     proc = run_job([*_launch(n, out, cache, ds_config, *layout), "--resume", "auto"], out.parent)
     assert f"at step {step} ({8 * step} samples consumed)" in proc.stderr, proc.stderr[-3000:]
-    assert "parallel layout changed from" in proc.stderr
+    assert changed in proc.stderr
 
 
 def _check_same_run(reference: Path, out: Path, first: int) -> None:
@@ -100,13 +102,17 @@ def test_ep_changes_on_resume(reference: Path, tmp_path: Path, data_cache: Path)
     tag = to_ep2 / "checkpoints" / "step_00000010"
     assert reshard_main([str(tag), "--tp", "1", "--ep", "2"]) == 0  # prepared offline, reused by the job
     stamp = (tag.parent / "step_00000010.universal" / "tessera_source.json").stat().st_mtime_ns
-    _resume(to_ep2, data_cache, 10, 4, "zero2", "parallel.ep=2")
+    _resume(to_ep2, data_cache, 10, 2, "zero2", "parallel.ep=2")
     assert (tag.parent / "step_00000010.universal" / "tessera_source.json").stat().st_mtime_ns == stamp
     _check_same_run(reference, to_ep2, 11)
 
-    to_zero0 = _stopped_at(reference, 10, tmp_path / "zero0" / "run")
-    _resume(to_zero0, data_cache, 10, 1, "cpu")
-    _check_same_run(reference, to_zero0, 11)
+    more_ranks = _stopped_at(to_ep2, 15, tmp_path / "ep2_4ranks" / "run")  # ep=2 on 2 ranks -> on 4
+    _resume(more_ranks, data_cache, 15, 4, "zero1", "parallel.ep=2")
+    _check_same_run(reference, more_ranks, 16)
+
+    one_rank = _stopped_at(to_ep1, 15, tmp_path / "one_rank" / "run")  # ep=1: DeepSpeed's universal copy (DP size)
+    _resume(one_rank, data_cache, 15, 1, "zero1", changed="world size changed from 2 to 1")
+    _check_same_run(reference, one_rank, 16)  # the router bias (a buffer) carried, which that load does not
 
 
 def test_expert_parallel_checkpoint_exports_to_qwen3_moe(tmp_path: Path, data_cache: Path) -> None:

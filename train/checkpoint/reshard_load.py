@@ -220,9 +220,13 @@ def load_resharded(engine: Any, tag_dir: Path, meta: dict[str, Any], *, rank: in
 
 
 def _place_buffers(engine: Any, free: Path, meta: dict[str, Any]) -> None:
-    """The module's persistent buffers as saved (a universal load restores parameters only)."""
     path = free / BUFFERS
-    saved = load(path) if path.is_file() else {}
+    place_buffers(engine, load(path) if path.is_file() else {}, meta)
+
+
+def place_buffers(engine: Any, saved: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """The module's persistent buffers as saved, by plain name (DeepSpeed's universal load restores parameters
+    only: an MoE router's aux-loss-free bias would restart from zero)."""
     n_layers = int((meta.get("model_args") or {}).get("n_layers", 0))
     with torch.no_grad():
         for name, buffer in engine.module.named_buffers():

@@ -16,8 +16,8 @@ from typing import Any
 
 from parallel.layers import TPContext
 from parallel.moe import restore_expert_weights
-from train.checkpoint.reshard import needs_reshard, zero_family
-from train.checkpoint.reshard_load import load_resharded, run_layout
+from train.checkpoint.reshard import needs_reshard, persistent_buffers, zero_family
+from train.checkpoint.reshard_load import load_resharded, place_buffers, run_layout
 from train.checkpoint.resize import load_universal, resized_source
 from train.checkpoint.safe_load import UnreadableFile, load, probe, weights_only_loads
 from train.checkpoint.verify import damage_report, load_meta
@@ -84,6 +84,8 @@ def load_checkpoint(engine: Any, tag_dir: Path, *, rank: int, tp_ctx: TPContext 
         path: str | None = load_resharded(engine, tag_dir, meta, rank=rank, tp_ctx=tp_ctx)
     else:
         path = _load_as_saved(engine, tag_dir, universal)
+        if universal is not None and path is not None:  # the universal load restores parameters only
+            place_buffers(engine, persistent_buffers(tag_dir, meta), meta)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint in {universal or tag_dir}.")
     restore_expert_weights(engine)  # expert parallelism: each rank's own experts, from its ZeRO partition
