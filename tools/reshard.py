@@ -6,16 +6,16 @@ Examples:
     python tools/reshard.py runs/moe --tp 1 --ep 4                          # an MoE run: experts over 4 ranks
 
 CKPT is a run directory (its newest complete, verified checkpoint is used), its checkpoints/ directory, or one
-checkpoint (checkpoints/step_N). The checkpoint must have been saved under ZeRO 1-3 (a ZeRO-0 checkpoint keeps
-its tp and pp; only its data-parallel size may change). The tool writes the checkpoint's layout-free copy (full
-fp32 weights and Adam moments per parameter, every expert of an expert-parallel run joined from the files of
-all its ranks, train/checkpoint/reshard.py) in
+checkpoint (checkpoints/step_N), saved under any ZeRO stage (only a ZeRO-0 pipeline checkpoint keeps its tp and
+pp). The tool writes the checkpoint's layout-free copy (full fp32 weights and Adam moments per parameter, every
+expert of an expert-parallel run joined from the files of all its ranks, train/checkpoint/reshard.py) in
 ``checkpoints/step_N.universal/layout_free``, exactly as a resuming job would, so the job only slices it. With
 --out the checkpoint is first copied into the run directory DIR (``DIR/checkpoints/step_N`` and ``latest``):
 resume there with ``train.out_dir=DIR --resume auto``. The target layout is checked against the model (tp must
 divide the heads, key/value heads and SwiGLU width; pp at most the number of layers; ep must divide the experts
-and runs with pp=1). Any world size of that tp, pp and ep resumes from it. The prepared directory is printed on success; bad input is one line
-``tessera: error: ...`` with exit code 2, a failure to read or write files the same with exit code 1.
+and runs with pp=1). Any world size of that tp, pp and ep resumes from it. The prepared directory is printed on
+success; bad input is one line ``tessera: error: ...`` with exit code 2, a failure to read or write files the
+same with exit code 1.
 """
 
 from __future__ import annotations
