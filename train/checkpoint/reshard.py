@@ -49,7 +49,15 @@ from model.hf_causal import causal_lm_config, meta_model
 from model.model import Transformer
 from parallel.layers import TPContext
 from parallel.pipeline import pipe_to_plain_key
-from parallel.tp import HF_LLAMA_TP_PLAN, TPSplit, merge_tp_shards, split_spec, tp_join, tp_shard_layout, tp_split
+from parallel.tp import (
+    HF_LLAMA_TP_PLAN,
+    TPSplit,
+    merge_tp_shards,
+    split_spec,
+    tp_join,
+    tp_shard_layout,
+    tp_split,
+)
 from train.checkpoint.resize import convert, is_current, mark_current, start_copy, universal_dir
 from train.checkpoint.safe_load import load
 from train.checkpoint.writer import TMP_SUFFIX, CheckpointError, read_meta
