@@ -20,6 +20,8 @@ all-to-all between them: `route` (router: choices and weights per token), `dispa
 by expert, apply the capacity limit, count), `experts(...)` on the sorted rows (one grouped GEMM per
 projection: `torch.nn.functional.grouped_mm` / `torch._grouped_mm` where this torch has it, else a loop over
 experts on contiguous slices with the same result) and `combine` (weight and scatter-add back to tokens).
+Three identity seams (`enter`, `into_experts`, `leave`) are where tensor parallelism puts its communication
+(`parallel.moe_tp`): the block's code is the same whether its experts hold all or a slice of their hidden units.
 
 Routing matches transformers: softmax over all experts in float32, top-k of the probabilities, then either
 renormalised over the k (`moe_norm_topk_prob=True`: Mixtral, Qwen3-MoE `norm_topk_prob: true`; the same as a

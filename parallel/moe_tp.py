@@ -32,6 +32,8 @@ are means and counts over the micro-batch.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ from parallel.layers import TPContext, mark_sharded
 GATE_UP_STRIDE = 2  # gate_up_proj holds two row blocks (gate, up), each split over the TP ranks
 
 
-def gather_seq_replicated(x: torch.Tensor, group: object) -> torch.Tensor:
+def gather_seq_replicated(x: torch.Tensor, group: Any) -> torch.Tensor:
     """(B, T/tp, ...) -> (B, T, ...) for a consumer computed alike on every TP rank: the backward keeps this
     rank's slice of the (identical) gradient instead of summing the ranks' copies."""
     return _Dual.apply(x, group, _gather_seq, _split_seq)
