@@ -15,7 +15,8 @@ surviving task gets ``SIGTERM`` while the job itself is still RUNNING (a cancel,
 or a requeue change the job's state first). ``LostTaskRequeue`` turns that into ``scontrol requeue`` while the
 job has been restarted fewer than ``max_requeues`` times (every restart counts, ``SLURM_RESTART_COUNT``); the
 requeued job resumes from the last checkpoint, on the nodes SLURM gives it then (a job submitted with
-``--nodes MIN-MAX`` starts without a node that stays down or drained, at the smaller data-parallel size). A
+``--nodes MIN-MAX`` starts without a node that stays down or drained, at the smaller data-parallel size:
+SLURM would keep the last run's node and task counts, so the requeueing task sets the range again). A
 task that fails on its own (bad recipe, preflight, a training error) first leaves a mark in the submitit
 folder, so its job is not requeued only to fail again.
 """
@@ -47,6 +48,7 @@ from train.main import main as train_main
 
 REQUEUE_WAIT_S = 300  # how long ranks other than 0 wait for the requeue to end them
 NODE_RANGE = re.compile(r"^#SBATCH --nodes=(\d+)-(\d+)$", re.MULTILINE)  # a job's node range, in its script
+REQUEUED_STATES = ("PENDING", "REQUEUED", "REQUEUE_FED")  # a job being requeued (by a survivor or USR2)
 EXIT_USAGE = 2  # the task could not read its recipe or SLURM environment (as train/main.py's user errors)
 
 
@@ -104,7 +106,8 @@ class LostTaskRequeue:
     """Requeue a multi-task job whose step srun ended because a task was lost (``SIGTERM`` while the job runs).
 
     ``install`` replaces submitit's SIGTERM handler (which only logs it); ``mark_own_failure`` records that
-    this task is failing by itself, before it exits, so that the others do not requeue."""
+    this task is failing by itself, before it exits, so that the others do not requeue. Whoever requeued it,
+    a job submitted with a node range gets its range back once it is pending again."""
 
     def __init__(self, job_env: submitit.JobEnvironment, node: str, max_requeues: int, tasks_per_node: int) -> None:
         self.job_id, self.rank, self.node = job_env.job_id, job_env.global_rank, node
@@ -113,6 +116,7 @@ class LostTaskRequeue:
         self.max_requeues = max_requeues
         self.marks = Path(job_env.paths.folder)
         self.terminated = False  # SIGTERM came: this task is being ended, not failing by itself
+        self.stopping = False  # a USR2 stop: the job requeues itself, no task was lost
         self._previous: Any = None
 
     def _mark(self, rank: int) -> Path:
@@ -126,7 +130,7 @@ class LostTaskRequeue:
             signal.signal(signal.SIGTERM, self._previous)
 
     def mark_own_failure(self) -> None:
-        if not self.terminated:
+        if not (self.terminated or self.stopping):
             self._mark(self.rank).touch()
 
     def _on_term(self, signum: int, frame: Any) -> None:
@@ -141,9 +145,13 @@ class LostTaskRequeue:
         """Requeue the job if it lost a task; the line to log (empty: the job is ending for another reason)."""
         out = _scontrol("-o", "show", "job", self.job_id)
         fields = dict(t.split("=", 1) for t in out.stdout.split() if "=" in t)
-        if fields.get("JobState") != "RUNNING":
-            return ""  # cancelled, timed out, node failure, or a requeue already under way
         me = f"tessera: task {self.rank} on {self.node}"
+        state = fields.get("JobState")
+        if state in REQUEUED_STATES:  # another survivor, or rank 0 after USR2, requeued it
+            self._restore_node_range(fields.get("Command", ""))
+            return f"{me}: the job was requeued ({state}); it resumes from the last checkpoint"
+        if state != "RUNNING" or self.stopping:
+            return ""  # cancelled or timed out, or the USR2 requeue is under way
         failed = sorted(self.marks.glob(f"{self.job_id}_restart{self.restarts}_task*.failed"))
         if failed:
             who = ", ".join(f.name.rsplit("_task", 1)[1].removesuffix(".failed") for f in failed)
@@ -158,7 +166,6 @@ class LostTaskRequeue:
         return (f"{me}: a task of this job was lost (the job step ended while the job runs); requeued the job "
                 f"(restart {self.restarts + 1} of at most {self.max_requeues}): it resumes from the last "
                 f"checkpoint on the nodes it gets")
-
 
     def _restore_node_range(self, script: str) -> None:
         """A requeued job keeps the node and task counts of its last run; a job submitted with a node range
@@ -229,7 +236,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             control.uninstall()
         if control.stopped:
             if lost is not None:
-                lost.terminated = True  # the USR2 requeue ends every task; nothing failed
+                lost.stopping = True  # the USR2 requeue ends every task; nothing failed
             self._requeue(dist.rank, usr_sig, control)
         if code != 0:
             sys.exit(code)  # the entry point printed its one-line error; the job is FAILED with this code

@@ -59,6 +59,11 @@ def cluster() -> Iterator[None]:
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
         pytest.skip("no SLURM client and no apt-get to install Debian's slurm packages")
     if _controller_up():
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30,
+                               check=False).stdout.split()
+        if len(set(nodes)) > 1:  # tests/slurm/test_multinode.py's kind: host names and node names differ there
+            pytest.skip(f"a cluster of nodes {','.join(sorted(set(nodes)))} is up; these tests run on the "
+                        f"single-node one: stop it (slurm/local_cluster.sh stop)")
         yield
         return
     # Not under pytest's private temporary root: munged runs as user munge and must reach its PID directory.

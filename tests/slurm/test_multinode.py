@@ -273,7 +273,8 @@ def test_a_lost_node_ends_the_job_everywhere_and_it_resumes_on_the_node_left(
     resumed = re.search(rf"resumed from {re.escape(str(out))}/checkpoints/step_(\d+) at step (\d+)", log)
     assert resumed is not None, log[-3000:]
     k = int(resumed.group(2))
-    assert k % 4 == 0 and 4 <= k <= interventions["killed_at_step"], (k, interventions["killed_at_step"])
+    # the last checkpoint before the kill (metrics may trail the ranks by a step when it comes)
+    assert k % 4 == 0 and 4 <= k <= interventions["killed_at_step"] + 1, (k, interventions["killed_at_step"])
     history = _sh("sacct", "-j", record.job_id, "-X", "-D", "-n", "-P", "-o", "State,NNodes")
     assert history.split() == ["REQUEUED|2", "COMPLETED|1"], history
     # no sample lost or trained twice: the curve is the one-process curve, across the resize
