@@ -175,17 +175,18 @@ def test_parallel_layout_errors_before_any_process_group(clean_env: pytest.Monke
     assert isinstance(err.value, USER_ERRORS) and not (tmp_path / "run").exists()
 
 
-def test_resume_of_a_zero0_checkpoint_with_another_tensor_parallel_layout_is_refused(
+def test_resume_of_a_zero0_pipeline_checkpoint_with_another_layout_is_refused(
         clean_env: pytest.MonkeyPatch, corpus: dict, tmp_path: Path) -> None:
-    """A ZeRO-0 checkpoint (no per-rank optimizer partitions) keeps its tp and pp; ZeRO 1-3 ones are re-split."""
+    """A ZeRO-0 pipeline checkpoint (no per-rank optimizer partitions, per-stage files) keeps its tp and pp; other
+    checkpoints are re-split."""
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000005"
     ckpt.mkdir(parents=True)
-    meta = {"step": 5, "model_args": {}, "world_size": 4, "config": {"parallel": {"tp": 2}}}
+    meta = {"step": 5, "model_args": {}, "world_size": 4, "config": {"parallel": {"tp": 2, "pp": 2}}}
     (ckpt / "tessera.json").write_text(json.dumps(meta))
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000005")
     before = _snapshot(tmp_path / "run")
     resume = [*_files_args(corpus, tmp_path), "--resume", "auto"]
-    with pytest.raises(ConfigError, match=r"ZeRO-0 checkpoint of parallel.tp=2 parallel.pp=1; its optimizer state "
-                                          r"cannot be re-split for tp=1, pp=1"):
+    with pytest.raises(ConfigError, match=r"ZeRO-0 pipeline checkpoint of parallel.tp=2 parallel.pp=2; its "
+                                          r"optimizer state cannot be re-split for tp=1, pp=1"):
         plan(parse_args(resume))
     assert _snapshot(tmp_path / "run") == before
