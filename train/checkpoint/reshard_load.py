@@ -82,10 +82,10 @@ def matched_groups(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -
     rate = {k: saved[0][k] for k in ("lr", "initial_lr") if saved and k in saved[0]}
     matched = []
     for group in current:
-        own = {k: v for k, v in group.items() if k != "params"}
         source = by_name.get(group.get("name"))
-        matched.append({**(source if source is not None else {**own, **rate}), "params": source.get("params", [])
-                        if source is not None else []})
+        if source is None:
+            source = {**{k: v for k, v in group.items() if k != "params"}, **rate, "params": []}
+        matched.append(source)
     return matched
 
 
