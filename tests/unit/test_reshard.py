@@ -23,7 +23,9 @@ from train.checkpoint.reshard import (
     resolve,
     zero_family,
 )
+from train.checkpoint.reshard_load import _fit_scheduler, matched_groups
 from train.checkpoint.writer import CheckpointError
+from train.checkpoint.zero_files import read_zero0
 from train.config.fields import ConfigError
 from train.loop.optim import param_groups
 
@@ -144,3 +146,33 @@ def test_reshard_tool_reports_bad_targets_in_one_line(tmp_path: Path, capsys: py
     (tag / "tessera.json").write_text(json.dumps(meta))
     assert reshard_main([str(tag), "--tp", "2", "--pp", "2", "--ep", "3"]) == 2
     assert "--ep 3 does not divide the 4 experts" in capsys.readouterr().err
+
+
+def test_zero0_adam_state_is_named_by_group_order_and_checked(tmp_path: Path) -> None:
+    weights = {"a.weight": torch.ones(2, 3), "b.weight": torch.ones(3)}
+    adam = {i: {"step": torch.tensor(4.0), "exp_avg": torch.full_like(w, i + 1.0), "exp_avg_sq": torch.ones_like(w)}
+            for i, w in enumerate(weights.values())}
+    optim = {"state": adam, "param_groups": [{"params": [0], "weight_decay": 0.1}, {"params": [1], "weight_decay": 0}]}
+    torch.save({"module": weights, "optimizer": optim, "ds_version": "0.19.8"}, tmp_path / "mp_rank_00_model_states.pt")
+    read = read_zero0(tmp_path, 0, [["a.weight"], ["b.weight"]])
+    assert torch.equal(read.states["b.weight"]["exp_avg"], torch.full((3,), 2.0)) and float(read.step) == 4.0
+    with pytest.raises(CheckpointError, match=r"hold \[1, 1\] parameters, the model the checkpoint records \[2\]"):
+        read_zero0(tmp_path, 0, [["a.weight", "b.weight"]])
+    with pytest.raises(CheckpointError, match="parameter b.weight .* no weight or Adam state of its shape"):
+        read_zero0(tmp_path, 0, [["b.weight"], ["a.weight"]])
+
+
+def test_parameter_groups_and_schedule_follow_the_expert_group_across_ep() -> None:
+    saved = [{"name": "decay", "lr": 1e-3, "weight_decay": 0.1, "params": [0]},
+             {"name": "no_decay", "lr": 1e-3, "weight_decay": 0.0, "params": [1]},
+             {"name": "ep_size_2", "moe": True, "lr": 1e-3, "weight_decay": 0.1, "params": [2]}]
+    now = [{"name": "decay", "lr": 5.0, "weight_decay": 0.1, "params": []},
+           {"name": "no_decay", "lr": 5.0, "weight_decay": 0.0, "params": []},
+           {"name": "ep_size_4", "moe": True, "lr": 5.0, "weight_decay": 0.1, "params": []}]
+    matched = matched_groups(saved, now)
+    assert [g["name"] for g in matched] == ["decay", "no_decay", "ep_size_4"] and matched[2]["lr"] == 1e-3
+    assert matched_groups(saved, now[:2]) == saved[:2]  # ep 2 -> 1: the expert group is gone
+    state = {"base_lrs": [3e-3] * 3, "_last_lr": [1e-3] * 3, "lr_lambdas": [{"lr": 3e-3}] * 3, "last_epoch": 10}
+    assert _fit_scheduler(state, 2) == {**state, "base_lrs": [3e-3] * 2, "_last_lr": [1e-3] * 2,
+                                        "lr_lambdas": [{"lr": 3e-3}] * 2}
+    assert _fit_scheduler(state, 3) is state
