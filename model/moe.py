@@ -20,7 +20,7 @@ all-to-all between them: `route` (router: choices and weights per token), `dispa
 by expert, apply the capacity limit, count), `experts(...)` on the sorted rows (one grouped GEMM per
 projection: `torch.nn.functional.grouped_mm` / `torch._grouped_mm` where this torch has it, else a loop over
 experts on contiguous slices with the same result) and `combine` (weight and scatter-add back to tokens).
-Three identity seams (`enter`, `into_experts`, `leave`) are where tensor parallelism puts its communication
+Three seams (`enter`, `into_experts`, `leave`: identities here) are where tensor parallelism puts its communication
 (`parallel.moe_tp`): the block's code is the same whether its experts hold all or a slice of their hidden units.
 
 Routing matches transformers: softmax over all experts in float32, top-k of the probabilities, then either
@@ -213,12 +213,13 @@ class MoEFeedForward(nn.Module):
 
     # The seams of tensor parallelism: identities here. `parallel.moe_tp.TensorParallelMoE` puts its communication
     # in them (its experts and shared expert hold a slice of every FFN's hidden units and give partial sums).
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's input -> every token of the micro-batch, as the router sees it."""
-        return x
+    def enter(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's input -> every token of the micro-batch (B, T, dim) twice: as the router sees it, and as
+        the experts (routed and shared) take it."""
+        return x, x
 
     def into_experts(self, t: torch.Tensor) -> torch.Tensor:
-        """A tensor the router side made (tokens, routing weights, shared gate) as the experts' side uses it."""
+        """A tensor the router side made (routing weights, shared gate) as the experts' side uses it."""
         return t
 
     def leave(self, out: torch.Tensor) -> torch.Tensor:
@@ -226,12 +227,12 @@ class MoEFeedForward(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.enter(x)
+        x, x_experts = self.enter(x)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, dim)
         logits, chosen, weights = self.gate(flat)
         d = self.dispatch(chosen, weights)
-        inner = self.into_experts(flat)  # (N, dim)
+        inner = x_experts.reshape(-1, shape[-1])  # (N, dim)
         rows = self.experts(inner[d.token], d.counts)  # (M, dim)
         out = self.combine(rows, d, flat.shape[0], self.into_experts(d.weight))  # (N, dim)
         if self.shared_expert is not None:

@@ -15,10 +15,12 @@ such tensors.
 
 The forward (`TensorParallelMoE`, the block's class swapped in place):
 
-    x (B, T, dim), or (B, T/tp, dim) under sequence parallelism -> all-gathered along T (the backward keeps this
-      rank's slice: what follows on the router's side is computed alike on every rank)
+    x (B, T, dim) -> the router's copy as it is, the experts' through `copy_to_tp` (its gradient, a partial sum
+      on each rank, is all-reduced); under sequence parallelism x (B, T/tp, dim) is all-gathered along T once
+      and its backward adds this rank's slice of the router side's gradient (alike on every rank: not summed)
+      to the reduce-scatter of the experts' side's (partial sums), one reduce-scatter as a dense MLP's
     router, top-k, dispatch, routing statistics: on every token, identical on the ranks of the group
-    tokens, routing weights, shared-expert gate -> `copy_to_tp` (their gradients are summed over the group)
+    routing weights, shared-expert gate -> `copy_to_tp` (their gradients are summed over the group)
     experts (grouped GEMMs, with the expert-parallel all-to-all when ep > 1) and shared expert on this rank's
       hidden units -> partial sums, combined -> one all-reduce (reduce-scatter along T under sequence parallelism)
 
@@ -38,16 +40,44 @@ import torch
 from torch import nn
 
 from model.moe import MoEFeedForward
-from parallel.comm import _Dual, _gather_seq, _split_seq, copy_to_tp, reduce_from_tp, reduce_scatter_seq
+from parallel.comm import (
+    _gather_seq,
+    _reduce_scatter_seq,
+    _split_seq,
+    copy_to_tp,
+    reduce_from_tp,
+    reduce_scatter_seq,
+)
 from parallel.layers import TPContext, mark_sharded
 
 GATE_UP_STRIDE = 2  # gate_up_proj holds two row blocks (gate, up), each split over the TP ranks
 
 
-def gather_seq_replicated(x: torch.Tensor, group: Any) -> torch.Tensor:
-    """(B, T/tp, ...) -> (B, T, ...) for a consumer computed alike on every TP rank: the backward keeps this
-    rank's slice of the (identical) gradient instead of summing the ranks' copies."""
-    return _Dual.apply(x, group, _gather_seq, _split_seq)
+class _GatherForRouterAndExperts(torch.autograd.Function):
+    """(B, T/tp, ...) -> (B, T, ...) twice from one all-gather: for the router (computed alike on every TP rank:
+    the backward keeps this rank's slice of its gradient) and for the split experts (partial gradients: the
+    backward reduce-scatters them), the two gradients added."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.group = group
+        full = _gather_seq(x, group)
+        return full, full.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g_router: torch.Tensor | None, g_experts: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, None]:
+        grad = None if g_experts is None else _reduce_scatter_seq(g_experts, ctx.group)
+        if g_router is not None:
+            own = _split_seq(g_router, ctx.group)
+            grad = own if grad is None else grad + own
+        return grad, None
+
+
+def gather_for_router_and_experts(x: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence parallelism at an MoE block: this rank's (B, T/tp, ...) -> the whole (B, T, ...) for the router
+    and for the experts (see `_GatherForRouterAndExperts`): one all-gather forward, one reduce-scatter backward."""
+    return _GatherForRouterAndExperts.apply(x, group)
 
 
 class TensorParallelMoE(MoEFeedForward):
@@ -56,8 +86,10 @@ class TensorParallelMoE(MoEFeedForward):
 
     tp_ctx: TPContext
 
-    def enter(self, x: torch.Tensor) -> torch.Tensor:
-        return gather_seq_replicated(x, self.tp_ctx.group) if self.tp_ctx.sequence_parallel else x
+    def enter(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tp_ctx.sequence_parallel:
+            return gather_for_router_and_experts(x, self.tp_ctx.group)
+        return x, copy_to_tp(x, self.tp_ctx.group)
 
     def into_experts(self, t: torch.Tensor) -> torch.Tensor:
         return copy_to_tp(t, self.tp_ctx.group)

@@ -18,9 +18,9 @@ figure differs from it by the routing's imbalance (a random router is nearly bal
 
 With ``--tp T`` the run has ep x T ranks (parallel.tp = T, the experts' FFNs split over each TP group): every
 TP rank routes its micro-batch's tokens and sends the same all-to-all as above over its expert-parallel group
-(ranks of equal TP rank), and the tensor-parallel collectives are counted too (`tools/bench_tp.py`'s counting)
-against the analytic figure of `tools/bench_tp.py` with the MoE layers' MLP part replaced by
-`tools.estimate_memory.analytic_moe_tp_bytes`.
+(ranks of equal TP rank, the whole micro-batch's rows also under ``--sp``), and the tensor-parallel
+collectives are counted too (`tools/bench_tp.py`'s counting) against the analytic figure of `tools/bench_tp.py`
+with the MoE layers' MLP part replaced by `tools.estimate_memory.analytic_moe_tp_bytes`.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def bench_ep_comm(preset: str, ep: int, batch: int, seq: int, overrides: dict[st
     if tp > 1:
         dense_mlp = args.n_moe_layers * 4 * (tp - 1) / tp * batch * seq * args.dim * 4  # what tp-comm counts for them
         tp_expected = analytic_bytes(args, tp, batch, seq, sp)["total_sent"] - dense_mlp + \
-            analytic_moe_tp_bytes(args, tp, batch * seq, sp)
+            analytic_moe_tp_bytes(args, tp, batch * seq)
         tp_sent = [per_rank[r]["tp"] for r in range(world)]
         result |= {"tp_sent_MB_per_rank": [round(b / 1e6, 3) for b in tp_sent],
                    "tp_analytic_MB_per_rank": round(tp_expected / 1e6, 3),

@@ -162,20 +162,19 @@ def expert_params(args: ModelArgs) -> int:
     return args.n_moe_layers * args.n_experts * 3 * args.expert_dim * args.dim
 
 
-def analytic_moe_tp_bytes(args: ModelArgs, tp: int, tokens: int, sp: bool, elem: int = 4) -> float:
+def analytic_moe_tp_bytes(args: ModelArgs, tp: int, tokens: int, elem: int = 4) -> float:
     """Tensor-parallel bytes one rank sends in a forward + backward of ``tokens`` tokens for its MoE layers
-    (`parallel.moe_tp`), ring-counted as `tools/bench.py tp-comm` counts them: per MoE layer the output all-reduce
-    forward and the experts' input all-reduce backward (as a dense MLP), the backward all-reduces of the routing
-    weights (tokens x top_k) and of the shared-expert gate (tokens, when gated); under sequence parallelism the
-    output is reduce-scattered (all-gathered back in backward) and the input all-gathered before routing, one
-    (tokens, dim) all-gather more than a dense MLP's."""
+    (`parallel.moe_tp`), ring-counted as `tools/bench.py tp-comm` counts them: per MoE layer what a dense MLP
+    sends, the output all-reduce forward and the experts' input all-reduce backward (under sequence parallelism
+    the input all-gathered before routing and the output reduce-scattered, forward, and their duals backward: the
+    same bytes), plus the backward all-reduces of the routing weights (tokens x top_k) and of the shared-expert gate
+    (tokens, when gated)."""
     if tp == 1 or not args.n_moe_layers:
         return 0.0
     ring = (tp - 1) / tp
     act = tokens * args.dim * elem
     small = 2 * ring * tokens * (args.moe_top_k + int(args.moe_shared_gate)) * elem
-    per_layer = (2 * ring * act + 3 * ring * act if sp else 4 * ring * act) + small
-    return args.n_moe_layers * per_layer
+    return args.n_moe_layers * (4 * ring * act + small)
 
 
 def analytic_ep_bytes(args: ModelArgs, ep: int, tokens: int, elem: int = 4) -> float:
@@ -311,7 +310,7 @@ def estimate(args: ModelArgs, lay: Layout) -> dict[str, float]:
             "buckets": buckets, "activations": acts, "logits": logits, "peak": static + transient,
             "host": states["host"], "expert_weights": expert_bytes,
             "all_to_all_sent": analytic_ep_bytes(args, lay.ep, tokens, elem) if lay.ep > 1 else 0.0,
-            "moe_tp_sent": analytic_moe_tp_bytes(args, lay.tp, tokens, lay.sequence_parallel, elem)}
+            "moe_tp_sent": analytic_moe_tp_bytes(args, lay.tp, tokens, elem)}
 
 
 def suggest(args: ModelArgs, device_gb: float, *, gpus: int, seq: int, reduce_bucket: int = 500_000_000

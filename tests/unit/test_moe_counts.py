@@ -110,5 +110,6 @@ def test_estimate_splits_experts_over_tp_and_counts_its_bytes() -> None:
     act, ring = 64 * 64 * 4, 0.5
     assert ep["moe_tp_sent"] == 0.0
     assert ep_tp["moe_tp_sent"] == 2 * (2 * 2 * ring * act + 2 * ring * 64 * 2 * 4)
-    sp = analytic_moe_tp_bytes(args, 2, 64, sp=True)
-    assert sp - ep_tp["moe_tp_sent"] == 2 * ring * act  # the all-gather before routing, per layer
+    # sequence parallel (all-gather before routing, reduce-scatter after, and their duals): the same bytes
+    assert estimate(args, Layout(gpus=8, tp=2, ep=2, sequence_parallel=True, **common))["moe_tp_sent"] == \
+        ep_tp["moe_tp_sent"] == analytic_moe_tp_bytes(args, 2, 64)
