@@ -26,6 +26,7 @@ router's aux-loss-free bias) come from the model-states file; they are the same 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -83,17 +84,19 @@ def _is_expert_group(sd: dict[str, Any], group: int, dp: int, ep: int) -> bool:
     return ep > 1 and int(sd["partition_count"][group]) == dp // ep
 
 
-class Zero12States:
-    """The full optimizer states of one model-parallel rank's files: ``states[name][key]`` (key in STATE_KEYS,
-    all experts joined), plus the Adam step, the parameter groups and the optimizer's global state."""
+@dataclasses.dataclass
+class ZeroStates:
+    """The full states of one model-parallel rank's files: ``states[name][key]`` (key in STATE_KEYS, all experts
+    joined), plus the Adam step, the parameter groups and the optimizer's global state."""
 
-    def __init__(self, states: dict[str, dict[str, torch.Tensor]], step: Any, param_groups: list[dict[str, Any]],
-                 global_state: dict[str, Any]) -> None:
-        self.states, self.step, self.param_groups, self.global_state = states, step, param_groups, global_state
+    states: dict[str, dict[str, torch.Tensor]]
+    step: Any  # the Adam step (one for every parameter)
+    param_groups: list[dict[str, Any]]  # the optimizer's groups, their settings as saved
+    global_state: dict[str, Any]  # what DeepSpeed's universal load reads besides the tensors (ds_version, ...)
 
 
 def read_zero12(tag_dir: Path, mp_rank: int, files: dict[int, Path], *, ep: int,
-                keys: tuple[str, ...] = STATE_KEYS) -> Zero12States:
+                keys: tuple[str, ...] = STATE_KEYS) -> ZeroStates:
     """Join model-parallel rank ``mp_rank``'s optimizer files (by data-parallel rank) of a run of expert-parallel
     degree ``ep`` into full tensors per engine parameter name."""
     dp = len(files)
@@ -108,7 +111,7 @@ def read_zero12(tag_dir: Path, mp_rank: int, files: dict[int, Path], *, ep: int,
     experts: set[str] = set()
     first: dict[str, Any] = {}
     for d in range(dp):
-        sd = load(files[d])["optimizer_state_dict"]
+        sd = load(files[d], mmap=True)["optimizer_state_dict"]  # read as the fragments are copied
         first = first or sd
         for group, mapping in enumerate(sd["param_slice_mappings"]):
             expert = _is_expert_group(sd, group, dp, ep)
@@ -135,12 +138,12 @@ def read_zero12(tag_dir: Path, mp_rank: int, files: dict[int, Path], *, ep: int,
             states[name][key] = (torch.cat(per_ep) if len(per_ep) > 1 else per_ep[0]).detach().clone()
     base = first["base_optimizer_state"]
     groups = base.get("param_groups", []) if isinstance(base, dict) else []
-    step = _group_states_step(first)
+    step = _adam_step(first)
     global_state = {k: v for k, v in first.items() if k not in PARTITION_KEYS}
-    return Zero12States(states, step, groups, global_state)
+    return ZeroStates(states, step, groups, global_state)
 
 
-def _group_states_step(sd: dict[str, Any]) -> Any:
+def _adam_step(sd: dict[str, Any]) -> Any:
     base = sd["base_optimizer_state"]
     if isinstance(base, dict):
         state = base.get("state", {})
@@ -158,7 +161,7 @@ def module_buffers(model_states: Path) -> dict[str, torch.Tensor]:
     return {name: module[name].clone() for name in saved.get("buffer_names") or [] if name in module}
 
 
-def read_zero0(tag_dir: Path, mp_rank: int, names: list[list[str]]) -> Zero12States:
+def read_zero0(tag_dir: Path, mp_rank: int, names: list[list[str]]) -> ZeroStates:
     """Model-parallel rank ``mp_rank``'s weights and Adam state of an fp32 ZeRO-0 checkpoint; ``names``: the
     parameter names of each optimizer group, in the optimizer's order."""
     path = tag_dir / MODEL_FILE.format(mp_rank)
@@ -186,4 +189,4 @@ def read_zero0(tag_dir: Path, mp_rank: int, names: list[list[str]]) -> Zero12Sta
             step = adam["step"] if step is None else step
     if step is None:
         raise CheckpointError(f"{path}: the optimizer holds no parameter")
-    return Zero12States(states, step, groups, {"ds_version": saved.get("ds_version")})
+    return ZeroStates(states, step, groups, {"ds_version": saved.get("ds_version")})
