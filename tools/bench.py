@@ -41,8 +41,8 @@ import yaml
 
 from model import ModelConfigError, Transformer, get_preset
 from tools import ToolParser, bench_data, report_error
-from tools.bench_step import bench_train_step
 from tools.bench_ep import bench_ep_comm
+from tools.bench_step import bench_train_step
 from tools.bench_tp import bench_tp_comm
 from train.checkpoint.resume import load_checkpoint
 from train.checkpoint.writer import CheckpointWriter, dir_bytes

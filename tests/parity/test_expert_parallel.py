@@ -115,8 +115,13 @@ def check_ep(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from model.model import build_model
-    from parallel.moe import (ExpertParallelExperts, all_to_all_rows, exchange_counts, local_expert_slice,
-                              restore_expert_weights)
+    from parallel.moe import (
+        ExpertParallelExperts,
+        all_to_all_rows,
+        exchange_counts,
+        local_expert_slice,
+        restore_expert_weights,
+    )
 
     # the all-to-all itself: rank r sends d + r + 1 rows to rank d; the backward brings each row's gradient home
     send = torch.tensor([[d + rank + 1] for d in range(world)])  # (ep, 1)

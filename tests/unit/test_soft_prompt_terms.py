@@ -14,7 +14,12 @@ from train.config.load import load_config
 from train.objectives.lm import lm_loss
 from train.research.api import RecipeContext, resolve_terms
 from train.research.soft_prompt import SoftPrompt, SoftPromptOptions
-from train.research.soft_prompt_terms import chunk_means, first_token_entropy, hidden_distance, latent_alignment
+from train.research.soft_prompt_terms import (
+    chunk_means,
+    first_token_entropy,
+    hidden_distance,
+    latent_alignment,
+)
 
 
 def test_the_term_functions() -> None:
