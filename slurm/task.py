@@ -17,8 +17,9 @@ job has been restarted fewer than ``max_requeues`` times (every restart counts, 
 requeued job resumes from the last checkpoint, on the nodes SLURM gives it then (a job submitted with
 ``--nodes MIN-MAX`` starts without a node that stays down or drained, at the smaller data-parallel size:
 SLURM would keep the last run's node and task counts, so the requeueing task sets the range again). A
-task that fails on its own (bad recipe, preflight, a training error) first leaves a mark in the submitit
-folder, so its job is not requeued only to fail again.
+task that fails on its own (bad recipe, preflight, a training error raised on every rank) first leaves a mark in
+the submitit folder, so its job is not requeued only to fail again; one that stops because a peer was lost (it
+gave up on a collective after ``train.dist_timeout_s``) leaves none.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import torch.distributed as torch_dist
 
 from slurm.env import DistVars, SlurmEnvError, dist_vars
 from slurm.preflight import EXIT_PREFLIGHT, run_preflight
@@ -117,6 +119,7 @@ class LostTaskRequeue:
         self.marks = Path(job_env.paths.folder)
         self.terminated = False  # SIGTERM came: this task is being ended, not failing by itself
         self.stopping = False  # a USR2 stop: the job requeues itself, no task was lost
+        self.peer_lost = False  # this task ended because another one was lost: not a failure of its own
         self._previous: Any = None
 
     def _mark(self, rank: int) -> Path:
@@ -130,7 +133,7 @@ class LostTaskRequeue:
             signal.signal(signal.SIGTERM, self._previous)
 
     def mark_own_failure(self) -> None:
-        if not (self.terminated or self.stopping):
+        if not (self.terminated or self.stopping or self.peer_lost):
             self._mark(self.rank).touch()
 
     def _on_term(self, signum: int, frame: Any) -> None:
@@ -239,6 +242,10 @@ class TrainTask(submitit.helpers.Checkpointable):
                 lost.stopping = True  # the USR2 requeue ends every task; nothing failed
             self._requeue(dist.rank, usr_sig, control)
         if code != 0:
+            # train/main.py leaves a lost peer's run without tearing the process group down (no one to leave
+            # with); every error it raises on all ranks together tears it down first
+            if lost is not None and torch_dist.is_available() and torch_dist.is_initialized():
+                lost.peer_lost = True
             sys.exit(code)  # the entry point printed its one-line error; the job is FAILED with this code
         summary_file = Path(run.out_dir) / "summary.json"
         summary = json.loads(summary_file.read_text()) if dist.rank == 0 and summary_file.is_file() else {}
