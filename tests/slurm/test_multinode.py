@@ -10,16 +10,14 @@ fixture if that test did not run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import pytest
 
 from slurm.jobs import JobRecord, wait_final
 from tests.conftest import REPO, SMOKE, child_env, python_main, read_rows, run_job, train_losses
+from tests.slurm.test_cluster import _last_step, record_of, submit, wait_until
 from train.config.load import load_config
 from train.data.setup import setup_data
 
@@ -116,32 +115,6 @@ def job_env(tmp_path_factory: pytest.TempPathFactory, data_cache: Path) -> dict[
     setup_data(load_config(str(SMOKE), [f"data.cache_dir={data_cache}"]).data)
     tmp = tmp_path_factory.mktemp("multinode_jobs")
     return {**child_env(tmp), "TESSERA_SLURM_JOBS": str(tmp / "jobs.jsonl")}
-
-
-def submit(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SUBMIT), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
-
-
-def record_of(out_dir: Path) -> JobRecord:
-    return JobRecord(**json.loads((out_dir / "slurm_job.json").read_text()))
-
-
-def wait_until(what: str, timeout_s: float, probe: Callable[[], Any], poll_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-def _last_step(out: Path) -> int:
-    try:
-        return max((r["step"] for r in read_rows(out) if "loss" in r), default=0)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
 
 
 def _task_pids(job_id: str, node: str) -> list[int]:
