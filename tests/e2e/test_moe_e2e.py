@@ -24,6 +24,19 @@ MOE = ("model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_dim=128", "model
 BIAS_KEY = "layers.1.mlp.gate.e_score_correction_bias"
 
 
+def export_gives_checkpoint_logits(tag: Path, out: Path) -> dict:
+    """Transformers' logits of the HF export in ``out`` equal those of checkpoint ``tag`` (1e-5); its config."""
+    meta = json.loads((tag / "tessera.json").read_text())
+    args = ModelArgs(**meta["model_args"])
+    model = Transformer(args).eval()
+    model.load_state_dict(consolidated_state_dict(tag))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").eval()
+    ids = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-5)
+    return json.loads((out / "config.json").read_text())
+
+
 def _bias(run: Path, step: int) -> torch.Tensor:
     state = torch.load(run / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
     return state["module"][BIAS_KEY]
@@ -64,15 +77,8 @@ def test_moe_run_exports_to_mixtral(tmp_path: Path, data_cache: Path) -> None:
     tag = run / "checkpoints" / "step_00000003"
     out = tmp_path / "hf"
     run_job(python_main_tool("export_hf.py", str(tag), "--out", str(out)), tmp_path)
-    config = json.loads((out / "config.json").read_text())
+    config = export_gives_checkpoint_logits(tag, out)
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
-    meta = json.loads((tag / "tessera.json").read_text())
-    model = Transformer(ModelArgs(**meta["model_args"])).eval()
-    model.load_state_dict(consolidated_state_dict(tag))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").eval()
-    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-5)
 
 
 def python_main_tool(name: str, *args: str) -> list[str]:
