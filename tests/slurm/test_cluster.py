@@ -50,14 +50,19 @@ def _controller_up() -> bool:
                           check=False).stdout.count("UP") > 0
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[None]:
-    """The local cluster: reused when one is already up, else started here and stopped (and wiped) after."""
+def skip_without_root_or_slurm() -> None:
+    """Skip where slurm/local_cluster.sh cannot run: it needs root and Debian's packages (or apt-get)."""
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root: slurm/local_cluster.sh installs packages and starts "
                     "munged, MariaDB, slurmdbd, slurmctld and slurmd")
     if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
         pytest.skip("no SLURM client and no apt-get to install Debian's slurm packages")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """The local cluster: reused when one is already up, else started here and stopped (and wiped) after."""
+    skip_without_root_or_slurm()
     if _controller_up():
         nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30,
                                check=False).stdout.split()

@@ -25,7 +25,7 @@ import pytest
 
 from slurm.jobs import JobRecord, wait_final
 from tests.conftest import REPO, SMOKE, child_env, python_main, read_rows, run_job, train_losses
-from tests.slurm.test_cluster import _last_step, record_of, submit, wait_until
+from tests.slurm.test_cluster import _last_step, record_of, skip_without_root_or_slurm, submit, wait_until
 from train.config.load import load_config
 from train.data.setup import setup_data
 
@@ -84,11 +84,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the local SLURM cluster needs root: slurm/local_cluster.sh installs packages and starts "
-                    "munged, MariaDB, slurmdbd, slurmctld and one slurmd per node")
-    if shutil.which("sbatch") is None and shutil.which("apt-get") is None:
-        pytest.skip("no SLURM client and no apt-get to install Debian's slurm packages")
+    skip_without_root_or_slurm()
     running = _running_nodes()
     if running is not None:
         if running != list(NODES):
